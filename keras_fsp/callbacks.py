@@ -1,0 +1,127 @@
+"""Callbacks that drive an `FSPDistiller`'s stages and loss weights in `fit`."""
+
+import keras
+
+from keras_fsp.stages import LOSS_TERMS
+
+
+def _distiller(callback):
+    model = callback.model
+    if not hasattr(model, "set_stage"):
+        raise ValueError(
+            f"{type(callback).__name__} drives a keras_fsp.FSPDistiller; it was "
+            f"given a {type(model).__name__}."
+        )
+    return model
+
+
+class StageSchedule(keras.callbacks.Callback):
+    """Switches the distiller's stage at given epochs within one `fit`.
+
+    The stage for epoch `e` is the one with the largest start epoch `<= e`,
+    so resuming with `fit(initial_epoch=...)` lands in the right stage.
+
+    Args:
+        schedule: `{start_epoch: stage}`, stages by name or `Stage`; must
+            start at epoch 0.
+        verbose: print a line at each switch.
+
+    Example:
+
+    >>> schedule = StageSchedule({0: "fsp", 30: "task"})
+    >>> schedule.stage_for_epoch(45)
+    'task'
+    """
+
+    def __init__(self, schedule, verbose=1):
+        super().__init__()
+        if not schedule or 0 not in schedule:
+            raise ValueError(
+                "StageSchedule needs a dict {start_epoch: stage} with an entry "
+                f"for epoch 0; got {schedule!r}."
+            )
+        if any(not isinstance(e, int) or e < 0 for e in schedule):
+            raise ValueError(
+                f"StageSchedule epochs must be integers >= 0; got {list(schedule)}."
+            )
+        self.schedule = dict(sorted(schedule.items()))
+        self.verbose = verbose
+
+    def stage_for_epoch(self, epoch):
+        start = max(e for e in self.schedule if e <= epoch)
+        return self.schedule[start]
+
+    def on_train_begin(self, logs=None):
+        distiller = _distiller(self)
+        for stage in self.schedule.values():  # fail before training starts
+            if isinstance(stage, str) and stage not in distiller.stages:
+                distiller.set_stage(stage)  # raises the ValueError listing names
+
+    def on_epoch_begin(self, epoch, logs=None):
+        distiller = _distiller(self)
+        before = distiller.stage
+        distiller.set_stage(self.stage_for_epoch(epoch))
+        if self.verbose and distiller.stage is not before:
+            print(f"\nEpoch {epoch + 1}: stage {distiller.stage.name!r}")
+
+    def get_config(self):
+        return {"schedule": self.schedule, "verbose": self.verbose}
+
+
+class LossWeightSchedule(keras.callbacks.Callback):
+    """Sets one loss term's weight at the start of every epoch.
+
+    Args:
+        term: `"fsp"`, `"hint"`, `"kd"` or `"task"`.
+        schedule: `epoch -> weight`, epochs counted from `start_epoch`.
+        start_epoch: epoch at which the schedule starts (e.g. the first
+            epoch of the stage it belongs to); before it nothing is changed.
+
+    Example, FitNets stage 2 (lambda from 4 down to 1 over 40 epochs):
+
+    >>> cb = LossWeightSchedule.linear("kd", 4.0, 1.0, epochs=40)
+    >>> cb.schedule(0), cb.schedule(39)
+    (4.0, 1.0)
+    """
+
+    def __init__(self, term, schedule, start_epoch=0):
+        super().__init__()
+        if term not in LOSS_TERMS:
+            raise ValueError(f"term must be one of {LOSS_TERMS}; got {term!r}.")
+        self.term = term
+        self.schedule = schedule
+        self.start_epoch = start_epoch
+
+    @classmethod
+    def linear(cls, term, start, end, epochs, start_epoch=0):
+        """Linear from `start` (first epoch) to `end` (epoch `epochs - 1`)."""
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1; got {epochs}.")
+
+        def schedule(epoch):
+            frac = min(max(epoch, 0), epochs - 1) / max(epochs - 1, 1)
+            return float(start + (end - start) * frac)
+
+        return cls(term, schedule, start_epoch)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        distiller = _distiller(self)
+        if epoch < self.start_epoch:
+            return
+        if self.term not in distiller.stage.losses:
+            raise ValueError(
+                f"LossWeightSchedule sets the {self.term!r} weight but the "
+                f"active stage {distiller.stage.name!r} has no such term "
+                f"({distiller.stage.terms})."
+            )
+        distiller._term_weights[self.term].assign(
+            self.schedule(epoch - self.start_epoch)
+        )
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and epoch >= self.start_epoch:
+            logs[f"{self.term}_weight"] = float(
+                _distiller(self)._term_weights[self.term].numpy()
+                if hasattr(_distiller(self)._term_weights[self.term], "numpy")
+                else keras.ops.convert_to_numpy(_distiller(self)._term_weights[self.term])
+            )

@@ -1,0 +1,595 @@
+"""`FSPDistiller`: a frozen teacher, a student, staged FSP / hint / KD / task
+losses, one forward pass per network. Backend-agnostic (`keras.ops`): the same
+model trains on TensorFlow (also under `tf.distribute`) and JAX.
+"""
+
+import keras
+from keras import ops
+
+from keras_fsp import taps
+from keras_fsp.fsp import fsp_matrix, pooled_spatial_size
+from keras_fsp.losses import FSPLoss, HintLoss, SoftTargetLoss
+from keras_fsp.stages import (
+    LOSS_TERMS,
+    UP_TO_TAPS,
+    Stage,
+    builtin_stages,
+    resolve_stage,
+)
+
+
+def _num_replicas():
+    """Replicas of the enclosing `tf.distribute` strategy (1 elsewhere)."""
+    if keras.backend.backend() != "tensorflow":
+        return 1
+    import tensorflow as tf  # already imported by Keras on this backend
+
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def _clone_optimizer(optimizer):
+    return keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
+
+
+class _Views:
+    """Cache of tap views, deliberately not tracked by Keras: the views share
+    the teacher's and student's layers, which are tracked already."""
+
+    def __init__(self):
+        self.cache = {}
+
+    def get(self, model, names, include_logits, role):
+        key = (id(model), tuple(names), include_logits)
+        if key not in self.cache:
+            self.cache[key] = taps.tap_model(model, names, include_logits, role)
+        return self.cache[key]
+
+
+class FSPDistiller(keras.Model):
+    """Distils a frozen teacher into a student with FSP, hint and soft-target
+    losses, in stages.
+
+    Both networks are functional models with one output (the logits). The
+    distiller taps their intermediate layers through multi-output views, so
+    one forward pass of each yields the logits and every feature map a stage
+    needs. The teacher is frozen (weights and batch-norm statistics), runs in
+    inference mode on exactly the student's batch, and does not run at all in
+    stages that do not need it (`"task"`).
+
+    `call`, `predict` and `evaluate` are the student's: the logits, and the
+    task loss plus the compiled metrics. In training mode (`training=True`)
+    `call` returns the dict of the student's tapped outputs that the active
+    stage needs.
+
+    Stages: `"fsp"`, `"hint"`, `"kd"`, `"task"` (see
+    `keras_fsp.stages.builtin_stages`) or any `keras_fsp.Stage`. Switch with
+    `set_stage`, or inside one `fit` with
+    `keras_fsp.callbacks.StageSchedule`. Each stage trains with its own
+    optimizer: the stage's, or a fresh copy of the one given to `compile`.
+
+    Args:
+        teacher: trained functional `keras.Model` returning logits.
+        student: functional `keras.Model` returning logits.
+        fsp_pairs: teacher layer pairs `[(first, second), ...]` whose FSP
+            matrices the student learns; `"auto"` (default) finds each
+            section's input and output (`keras_fsp.taps.section_pairs`);
+            `None` disables FSP.
+        student_fsp_pairs: the student's pairs, when its layer names differ
+            from the teacher's. With `fsp_pairs="auto"` they are found
+            automatically too.
+        fsp_weights: lambda_i per pair; default equal weights of 1.
+        fsp_pooling: `"max"` (the paper) or `"avg"`.
+        fsp_projection: if True, a student map whose channel count differs
+            from the teacher's goes through a learned 1x1 convolution;
+            if False (default) such a pair is an error.
+        hint_layer: teacher layer giving the FitNets hint.
+        guided_layer: student layer the hint guides. A regressor (convolution)
+            maps it to the hint's shape when the shapes differ.
+        hint_normalize: see `keras_fsp.losses.HintLoss`.
+        temperature: softmax temperature of the soft-target loss.
+        kd_weight: weight of the soft-target term in the built-in `"kd"`
+            stage; the labels get `1 - kd_weight`.
+        stages: extra named stages, `{name: Stage}`, usable by name.
+        stage: the initial stage; default `"fsp"` when FSP pairs exist,
+            otherwise `"kd"`.
+
+    Example:
+
+    ```python
+    from keras_fsp import FSPDistiller
+    from keras_fsp.callbacks import StageSchedule
+    from keras_fsp.models import cifar_resnet
+
+    teacher = cifar_resnet(26)  # trained
+    distiller = FSPDistiller(teacher, cifar_resnet(8))
+    distiller.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+                      metrics=["accuracy"])
+    distiller.fit(x, y, epochs=60,
+                  callbacks=[StageSchedule({0: "fsp", 20: "task"})])
+    student = distiller.student
+    ```
+    """
+
+    def __init__(
+        self,
+        teacher,
+        student,
+        fsp_pairs="auto",
+        student_fsp_pairs=None,
+        fsp_weights=None,
+        fsp_pooling="max",
+        fsp_projection=False,
+        hint_layer=None,
+        guided_layer=None,
+        hint_normalize=False,
+        temperature=4.0,
+        kd_weight=0.9,
+        stages=None,
+        stage=None,
+        name="fsp_distiller",
+        **kwargs,
+    ):
+        super().__init__(name=name, **kwargs)
+        taps._check_functional(teacher, "teacher")
+        taps._check_functional(student, "student")
+        self.teacher = teacher
+        self.student = student
+        self.teacher.trainable = False
+        self._views = _Views()
+        self._config = dict(
+            fsp_pairs=fsp_pairs,
+            student_fsp_pairs=student_fsp_pairs,
+            fsp_weights=fsp_weights,
+            fsp_pooling=fsp_pooling,
+            fsp_projection=fsp_projection,
+            hint_layer=hint_layer,
+            guided_layer=guided_layer,
+            hint_normalize=hint_normalize,
+            temperature=temperature,
+            kd_weight=kd_weight,
+        )
+
+        self.fsp_pairs, self.student_fsp_pairs = self._resolve_fsp_pairs(
+            fsp_pairs, student_fsp_pairs
+        )
+        self.fsp_pooling = fsp_pooling
+        self.fsp_loss = FSPLoss(weights=fsp_weights)
+        if fsp_weights is not None and len(fsp_weights) != len(self.fsp_pairs):
+            raise ValueError(
+                f"fsp_weights has {len(fsp_weights)} entries for "
+                f"{len(self.fsp_pairs)} FSP pairs {self.fsp_pairs}."
+            )
+        self.fsp_projections = self._check_fsp_pairs(fsp_projection)
+
+        if (hint_layer is None) != (guided_layer is None):
+            raise ValueError(
+                "hint_layer (teacher) and guided_layer (student) go together: "
+                f"got hint_layer={hint_layer!r}, guided_layer={guided_layer!r}."
+            )
+        self.hint_layer, self.guided_layer = hint_layer, guided_layer
+        self.hint_loss = HintLoss(normalize=hint_normalize)
+        self.regressor = self._make_regressor()
+        self.kd_loss = SoftTargetLoss(temperature=temperature)
+        self._task_loss = keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True
+        )
+
+        self.stages = {**builtin_stages(kd_weight), **(stages or {})}
+        self._term_weights = {
+            t: self.add_weight(
+                shape=(), initializer="zeros", trainable=False,
+                name=f"{t}_weight",
+            )
+            for t in LOSS_TERMS
+        }
+        self._term_trackers = {
+            t: keras.metrics.Mean(name=f"{t}_loss") for t in LOSS_TERMS
+        }
+        self._student_trainable = {l.name: l.trainable for l in student.layers}
+        self._optimizer_template = None
+        self._stage = None
+        if stage is None:
+            stage = "fsp" if self.fsp_pairs else "kd"
+        self.set_stage(stage)
+        self.built = True
+
+    # ------------------------------------------------------------------ setup
+
+    def _resolve_fsp_pairs(self, fsp_pairs, student_fsp_pairs):
+        if fsp_pairs is None or (
+            not isinstance(fsp_pairs, str) and len(fsp_pairs) == 0
+        ):
+            return [], []
+        if isinstance(fsp_pairs, str):
+            if fsp_pairs != "auto":
+                raise ValueError(
+                    f"fsp_pairs must be 'auto', None or a list of layer-name "
+                    f"pairs; got {fsp_pairs!r}."
+                )
+            teacher_pairs = taps.section_pairs(self.teacher)
+            student_pairs = (
+                taps.section_pairs(self.student)
+                if student_fsp_pairs is None
+                else student_fsp_pairs
+            )
+        else:
+            teacher_pairs = fsp_pairs
+            student_pairs = fsp_pairs if student_fsp_pairs is None else student_fsp_pairs
+        teacher_pairs = [tuple(p) for p in teacher_pairs]
+        student_pairs = [tuple(p) for p in student_pairs]
+        for pairs in (teacher_pairs, student_pairs):
+            for p in pairs:
+                if len(p) != 2:
+                    raise ValueError(
+                        f"Each FSP pair is (first_layer, second_layer); got {p!r}."
+                    )
+        if len(teacher_pairs) != len(student_pairs):
+            raise ValueError(
+                f"The teacher has {len(teacher_pairs)} FSP pairs "
+                f"{teacher_pairs} and the student {len(student_pairs)} "
+                f"{student_pairs}: they must match one to one."
+            )
+        return teacher_pairs, student_pairs
+
+    def _check_fsp_pairs(self, projection):
+        """Validates every pair's shapes; returns the student projections."""
+        projections = {}
+        for t_pair, s_pair in zip(self.fsp_pairs, self.student_fsp_pairs):
+            for model, pair, role in (
+                (self.teacher, t_pair, "teacher"),
+                (self.student, s_pair, "student"),
+            ):
+                shapes = [taps.output_shape(model, n, role) for n in pair]
+                try:
+                    pooled_spatial_size(*shapes)
+                except ValueError as e:
+                    raise ValueError(
+                        f"FSP pair {pair} of the {role}: {e}"
+                    ) from None
+            for t_name, s_name in zip(t_pair, s_pair):
+                t_shape = taps.output_shape(self.teacher, t_name, "teacher")
+                s_shape = taps.output_shape(self.student, s_name, "student")
+                if t_shape[-1] == s_shape[-1] or s_name in projections:
+                    continue
+                if not projection:
+                    raise ValueError(
+                        f"FSP pair mismatch: teacher layer {t_name!r} has shape "
+                        f"{t_shape} and student layer {s_name!r} has shape "
+                        f"{s_shape}; their channel counts must be equal for "
+                        "the FSP matrices to have the same size. Tap layers "
+                        "with equal channels, or pass fsp_projection=True to "
+                        "learn a 1x1 projection of the student's map."
+                    )
+                proj = keras.layers.Conv2D(
+                    t_shape[-1], 1, use_bias=False, name=f"fsp_projection_{s_name}"
+                )
+                proj.build(s_shape)
+                projections[s_name] = proj
+        return projections
+
+    def _make_regressor(self):
+        if self.hint_layer is None:
+            return None
+        hint = taps.output_shape(self.teacher, self.hint_layer, "teacher")
+        guided = taps.output_shape(self.student, self.guided_layer, "student")
+        if hint == guided:
+            return None
+        if len(hint) != 4 or len(guided) != 4:
+            raise ValueError(
+                f"Hint layer {self.hint_layer!r} {hint} and guided layer "
+                f"{self.guided_layer!r} {guided} differ in shape; the regressor "
+                "maps 4-D feature maps only."
+            )
+        if guided[1] % hint[1] or guided[2] % hint[2]:
+            raise ValueError(
+                f"The guided layer {self.guided_layer!r} {guided} must be at "
+                f"least as large as the hint {self.hint_layer!r} {hint}, by an "
+                "integer factor, for a strided regressor to map it."
+            )
+        strides = (guided[1] // hint[1], guided[2] // hint[2])
+        regressor = keras.layers.Conv2D(
+            hint[-1], 3, strides=strides, padding="same",
+            kernel_initializer="he_normal", name="hint_regressor",
+        )
+        regressor.build(guided)
+        return regressor
+
+    # ----------------------------------------------------------------- stages
+
+    @property
+    def stage(self):
+        """The active `Stage`."""
+        return self._stage
+
+    def set_stage(self, stage):
+        """Activates a stage (a name or a `Stage`).
+
+        Sets the loss weights and which student layers train, gives the stage
+        its optimizer, and rebuilds the train function, so the switch takes
+        effect also in the middle of `fit` (between epochs).
+
+        Raises:
+            ValueError: for an unknown name, or a stage whose losses this
+                distiller cannot compute (FSP without pairs, hint without
+                layers).
+        """
+        stage = resolve_stage(stage, self.stages)
+        if stage is self._stage:
+            return
+        if "fsp" in stage.losses and not self.fsp_pairs:
+            raise ValueError(
+                f"Stage {stage.name!r} uses the FSP loss but this distiller "
+                "has no FSP pairs (fsp_pairs=None)."
+            )
+        if "hint" in stage.losses and self.hint_layer is None:
+            raise ValueError(
+                f"Stage {stage.name!r} uses the hint loss: create the "
+                "distiller with hint_layer=... and guided_layer=...."
+            )
+        self._apply_trainable(stage)
+        for term, variable in self._term_weights.items():
+            variable.assign(stage.losses.get(term, 0.0))
+        self._stage = stage
+        if self._optimizer_template is not None:
+            self._install_optimizer(stage)
+
+    def _apply_trainable(self, stage):
+        selector = stage.trainable
+        if selector is None:
+            chosen = None
+        elif selector == UP_TO_TAPS:
+            names, _ = self._student_taps(stage)
+            if not names:
+                raise ValueError(
+                    f"Stage {stage.name!r} trains {UP_TO_TAPS!r} but taps no "
+                    "student layer (it has no 'fsp' or 'hint' term)."
+                )
+            view = self._views.get(self.student, names, False, "student")
+            chosen = {l.name for l in view.layers}
+        elif callable(selector):
+            chosen = {l.name for l in self.student.layers if selector(l)}
+        else:
+            for name in selector:
+                taps.get_layer(self.student, name, "student")
+            chosen = set(selector)
+        for layer in self.student.layers:
+            original = self._student_trainable[layer.name]
+            layer.trainable = original and (chosen is None or layer.name in chosen)
+        if self.regressor is not None:
+            self.regressor.trainable = "hint" in stage.losses
+        for proj in self.fsp_projections.values():
+            proj.trainable = "fsp" in stage.losses
+
+    def _install_optimizer(self, stage):
+        optimizer = stage.optimizer or _clone_optimizer(self._optimizer_template)
+        variables = self.trainable_variables
+        if not optimizer.built:
+            scope = getattr(self, "distribute_strategy", None)
+            if scope is not None:
+                with scope.scope():
+                    optimizer.build(variables)
+            else:
+                optimizer.build(variables)
+        elif len(optimizer._trainable_variables) != len(variables):
+            raise ValueError(
+                f"The optimizer of stage {stage.name!r} was built for "
+                f"{len(optimizer._trainable_variables)} variables but the stage "
+                f"trains {len(variables)}: give each Stage its own optimizer "
+                "instance."
+            )
+        self.optimizer = optimizer
+        # Keras builds the train function once per fit: rebuild it so the new
+        # stage's losses and variables are what gets computed.
+        self.train_function = None
+        self.make_train_function()
+
+    def compile(self, optimizer="sgd", loss=None, metrics=None, **kwargs):
+        """Configures training.
+
+        Args:
+            optimizer: the optimizer; each stage without its own optimizer
+                trains with a fresh copy of it.
+            loss: the task (hard-label) loss on the student's logits;
+                default `SparseCategoricalCrossentropy(from_logits=True)`.
+                A `keras.losses.Loss` instance.
+            metrics: metrics on the student's logits (e.g. `["accuracy"]`).
+            **kwargs: passed to `keras.Model.compile`.
+        """
+        if loss is not None:
+            if not isinstance(loss, keras.losses.Loss):
+                raise ValueError(
+                    "loss must be a keras.losses.Loss instance that takes the "
+                    "student's logits, e.g. keras.losses."
+                    "SparseCategoricalCrossentropy(from_logits=True); got "
+                    f"{loss!r}."
+                )
+            self._task_loss = loss
+        super().compile(optimizer=optimizer, loss=None, metrics=metrics, **kwargs)
+        self._optimizer_template = self.optimizer
+        self._install_optimizer(self._stage)
+
+    # ---------------------------------------------------------- forward pass
+
+    def _student_taps(self, stage):
+        names = []
+        if "fsp" in stage.losses:
+            names += [n for pair in self.student_fsp_pairs for n in pair]
+        if "hint" in stage.losses:
+            names.append(self.guided_layer)
+        # The head runs only when a term needs the logits.
+        with_logits = "kd" in stage.losses or "task" in stage.losses
+        return list(dict.fromkeys(names)), with_logits
+
+    def _teacher_taps(self, stage):
+        names = []
+        if "fsp" in stage.losses:
+            names += [n for pair in self.fsp_pairs for n in pair]
+        if "hint" in stage.losses:
+            names.append(self.hint_layer)
+        return list(dict.fromkeys(names)), "kd" in stage.losses
+
+    def call(self, inputs, training=None):
+        if not training:
+            return self.student(inputs, training=training)
+        names, with_logits = self._student_taps(self._stage)
+        if not names:
+            return {taps.LOGITS: self.student(inputs, training=True)}
+        view = self._views.get(self.student, names, with_logits, "student")
+        return view(inputs, training=True)
+
+    def _teacher_outputs(self, x, stage):
+        names, with_logits = self._teacher_taps(stage)
+        view = self._views.get(self.teacher, names, with_logits, "teacher")
+        outputs = view(x, training=False)
+        # Nothing flows back into the teacher: keep none of its activations.
+        return {k: ops.stop_gradient(v) for k, v in outputs.items()}
+
+    def _fsp_matrices(self, features, pairs, projections=None):
+        matrices = []
+        for a, b in pairs:
+            fa, fb = features[a], features[b]
+            if projections:
+                fa = projections[a](fa) if a in projections else fa
+                fb = projections[b](fb) if b in projections else fb
+            matrices.append(fsp_matrix(fa, fb, pooling=self.fsp_pooling))
+        return matrices
+
+    def fsp_matrices(self, x):
+        """The teacher's and the student's FSP matrices on `x` (inference).
+
+        Returns:
+            `(teacher, student)`: two lists of `(batch, m_i, n_i)` arrays.
+        """
+        t_names = list(dict.fromkeys(n for p in self.fsp_pairs for n in p))
+        s_names = list(dict.fromkeys(n for p in self.student_fsp_pairs for n in p))
+        t = self._views.get(self.teacher, t_names, False, "teacher")(x, training=False)
+        s = self._views.get(self.student, s_names, False, "student")(x, training=False)
+        return (
+            [ops.convert_to_numpy(g) for g in self._fsp_matrices(t, self.fsp_pairs)],
+            [
+                ops.convert_to_numpy(g)
+                for g in self._fsp_matrices(s, self.student_fsp_pairs, self.fsp_projections)
+            ],
+        )
+
+    # ----------------------------------------------------------------- losses
+
+    def _task_value(self, y, logits, sample_weight):
+        per_example = self._task_loss.call(y, ops.cast(logits, "float32"))
+        if sample_weight is not None:
+            sw = ops.cast(ops.reshape(sample_weight, ops.shape(per_example)), "float32")
+            per_example = per_example * sw
+        return ops.mean(per_example)
+
+    def _regularization(self):
+        losses = [self._aggregate_additional_loss(l) for l in self.losses]
+        return ops.sum(ops.stack(losses)) if losses else 0.0
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        if y_pred is None:
+            y_pred = self(x, training=training)
+        if not isinstance(y_pred, dict):
+            # Evaluation: the student's own loss.
+            task = self._task_value(y, y_pred, sample_weight)
+            return task / _num_replicas() + self._regularization()
+
+        stage = self._stage
+        teacher = self._teacher_outputs(x, stage) if stage.needs_teacher else None
+        values = {}
+        if "fsp" in stage.losses:
+            g_t = self._fsp_matrices(teacher, self.fsp_pairs)
+            g_s = self._fsp_matrices(
+                y_pred, self.student_fsp_pairs, self.fsp_projections
+            )
+            values["fsp"] = ops.mean(self.fsp_loss.call(g_t, g_s))
+        if "hint" in stage.losses:
+            guided = y_pred[self.guided_layer]
+            if self.regressor is not None:
+                guided = self.regressor(guided)
+            values["hint"] = ops.mean(
+                self.hint_loss.call(teacher[self.hint_layer], guided)
+            )
+        if "kd" in stage.losses:
+            values["kd"] = ops.mean(
+                self.kd_loss.call(teacher[taps.LOGITS], y_pred[taps.LOGITS])
+            )
+        if "task" in stage.losses:
+            values["task"] = self._task_value(y, y_pred[taps.LOGITS], sample_weight)
+
+        total = 0.0
+        for term, value in values.items():
+            self._term_trackers[term].update_state(value)
+            total = total + self._term_weights[term] * value
+        # Each replica averages over its share of the global batch; gradients
+        # are summed over replicas, so divide by their number.
+        total = total / _num_replicas()
+        if stage.regularization:
+            total = total + self._regularization()
+        return total
+
+    # ---------------------------------------------------------------- metrics
+
+    @property
+    def metrics(self):
+        metrics = super().metrics
+        trackers = getattr(self, "_term_trackers", None)
+        stage = getattr(self, "_stage", None)
+        if trackers is None or stage is None:
+            return metrics
+        if getattr(self, "_evaluating", False):
+            hidden = {id(m) for m in trackers.values()}  # the student's metrics only
+        else:
+            hidden = {id(m) for t, m in trackers.items() if t not in stage.losses}
+            if not self._student_taps(stage)[1]:
+                # No logits in this stage (fsp, hint): nothing to score.
+                hidden.add(id(self._compile_metrics))
+        return [m for m in metrics if id(m) not in hidden]
+
+    def evaluate(self, *args, **kwargs):
+        """The student's `evaluate`: its task loss and compiled metrics."""
+        self._evaluating = True
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self._evaluating = False
+
+    def reset_metrics(self):
+        super().reset_metrics()
+        for tracker in self._term_trackers.values():
+            tracker.reset_state()
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        if isinstance(y_pred, dict):
+            y_pred = y_pred.get(taps.LOGITS)
+            if y_pred is None:  # fsp/hint stages: the head does not run
+                return {m.name: m.result() for m in self.metrics}
+        return super().compute_metrics(x, y, y_pred, sample_weight)
+
+    # ---------------------------------------------------------- serialization
+
+    def get_config(self):
+        custom = {
+            name: stage.get_config()
+            for name, stage in self.stages.items()
+            if name not in builtin_stages(self._config["kd_weight"])
+        }
+        return {
+            "name": self.name,
+            "teacher": keras.saving.serialize_keras_object(self.teacher),
+            "student": keras.saving.serialize_keras_object(self.student),
+            **self._config,
+            "stages": custom,
+            "stage": self._stage.name,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["teacher"] = keras.saving.deserialize_keras_object(config["teacher"])
+        config["student"] = keras.saving.deserialize_keras_object(config["student"])
+        config["stages"] = {
+            n: Stage.from_config(c) for n, c in config.get("stages", {}).items()
+        }
+        return cls(**config)

@@ -1,0 +1,36 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="keras-fsp",
+    version="0.1.0",
+    description=(
+        "Knowledge distillation for Keras 3 with the FSP matrix (Yim et al. 2017), "
+        "FitNets hints, Hinton soft targets and dense sequential FSP"
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["keras_fsp", "keras_fsp.*"]),
+    python_requires=">=3.10",
+    # Versions that install and work together (BUILD_NOTES.md).
+    install_requires=[
+        "keras>=3.12,<4",
+        "tensorflow>=2.21,<2.22",
+        "tensorflow-datasets>=4.9,<5",
+        "importlib_resources>=6",  # tensorflow-datasets 4.9 fails to load without it
+        "numpy>=1.26",
+        "absl-py>=2.1",
+        "tf-keras-vis==0.8.7",
+    ],
+    extras_require={
+        # The offline Quickstart demo: bundled digits data and pictures.
+        "demo": ["scikit-learn>=1.4", "matplotlib>=3.8"],
+        "test": ["pytest>=8", "scikit-learn>=1.4", "matplotlib>=3.8"],
+        # The second test suite (the same tests on the JAX backend, CPU).
+        "jax": ["jax[cpu]>=0.4.30"],
+    },
+    entry_points={},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,24 @@
+"""Small models and data shared by the tests."""
+
+import keras
+import numpy as np
+
+from keras_fsp.models import cifar_resnet
+
+SHAPE = (16, 16, 3)
+
+
+def small_pair(weight_decay=0.0, seed=0):
+    keras.utils.set_random_seed(seed)
+    teacher = cifar_resnet(14, input_shape=SHAPE, weight_decay=weight_decay, name="teacher")
+    student = cifar_resnet(8, input_shape=SHAPE, weight_decay=weight_decay, name="student")
+    return teacher, student
+
+
+def data(n=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n,) + SHAPE).astype("float32"), rng.integers(0, 10, n)
+
+
+def weights_of(model):
+    return [np.array(keras.ops.convert_to_numpy(v)) for v in model.weights]

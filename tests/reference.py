@@ -1,0 +1,53 @@
+"""Independent numpy references for the maths (no keras_fsp code)."""
+
+import numpy as np
+
+
+def pool(x, size, mode="max"):
+    b, h, w, c = x.shape
+    rh, rw = h // size[0], w // size[1]
+    x = x.reshape(b, size[0], rh, size[1], rw, c)
+    return x.max(axis=(2, 4)) if mode == "max" else x.mean(axis=(2, 4))
+
+
+def fsp(f1, f2, mode="max"):
+    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    size = min(f1.shape[1:3], f2.shape[1:3])
+    f1, f2 = pool(f1, size, mode), pool(f2, size, mode)
+    b, h, w, m = f1.shape
+    out = np.zeros((b, m, f2.shape[-1]))
+    for i in range(m):
+        for j in range(f2.shape[-1]):
+            out[:, i, j] = (f1[..., i] * f2[..., j]).sum(axis=(1, 2)) / (h * w)
+    return out
+
+
+def fsp_loss(g_t, g_s, weights=None):
+    weights = weights or [1.0] * len(g_t)
+    per_example = sum(
+        w * ((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2).sum(axis=(1, 2))
+        for w, a, b in zip(weights, g_t, g_s)
+    )
+    return per_example.mean()
+
+
+def softmax(z):
+    z = np.asarray(z, np.float64)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def soft_target_loss(teacher_logits, student_logits, t):
+    p = softmax(np.asarray(teacher_logits) / t)
+    q = softmax(np.asarray(student_logits) / t)
+    return (t * t * -(p * np.log(q)).sum(axis=-1)).mean()
+
+
+def cross_entropy(labels, logits):
+    q = softmax(logits)
+    return -np.log(q[np.arange(len(labels)), labels]).mean()
+
+
+def hint_loss(hint, regressed):
+    d = np.asarray(hint, np.float64) - np.asarray(regressed, np.float64)
+    return 0.5 * (d ** 2).reshape(len(d), -1).sum(axis=1).mean()

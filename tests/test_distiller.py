@@ -1,0 +1,235 @@
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_fsp
+from keras_fsp import FSPDistiller, Stage, taps
+from keras_fsp.callbacks import LossWeightSchedule, StageSchedule
+from tests import reference
+from tests.helpers import data, small_pair, weights_of
+
+
+def _distiller(**kwargs):
+    teacher, student = small_pair()
+    d = FSPDistiller(teacher, student, **kwargs)
+    d.compile(optimizer=keras.optimizers.SGD(0.01), metrics=["accuracy"])
+    return d
+
+
+def _features(model, names, x, training):
+    out = taps.tap_model(model, names)(x, training=training)
+    return {k: ops.convert_to_numpy(v) for k, v in out.items()}
+
+
+def test_call_predict_and_evaluate_are_the_students():
+    d = _distiller()
+    x, y = data()
+    np.testing.assert_allclose(d.predict(x, verbose=0), d.student.predict(x, verbose=0), rtol=1e-6)
+    d.student.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    ours = d.evaluate(x, y, verbose=0, return_dict=True)
+    theirs = d.student.evaluate(x, y, verbose=0, return_dict=True)
+    assert set(ours) == {"loss", "accuracy"}
+    assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+    assert ours["accuracy"] == pytest.approx(theirs["accuracy"])
+
+
+def test_fsp_stage_loss_equals_numpy_reference_on_auto_pairs():
+    d = _distiller(stage="fsp")
+    assert d.fsp_pairs == [("stem", "stage1"), ("stage1", "stage2"), ("stage2", "stage3")]
+    x, y = data()
+    names = ["stem", "stage1", "stage2", "stage3"]
+    t = _features(d.teacher, names, x, training=False)
+    s = _features(d.student, names, x, training=True)  # batch statistics, as in the step
+    expected = reference.fsp_loss(
+        [reference.fsp(t[a], t[b]) for a, b in d.fsp_pairs],
+        [reference.fsp(s[a], s[b]) for a, b in d.fsp_pairs],
+    )
+    history = d.fit(x, y, batch_size=len(x), epochs=1, verbose=0).history
+    assert set(history) == {"loss", "fsp_loss"}
+    assert history["fsp_loss"][0] == pytest.approx(expected, rel=1e-4)
+
+
+def test_kd_stage_losses_equal_numpy_reference():
+    d = _distiller(stage="kd", temperature=3.0, kd_weight=0.75)
+    x, y = data()
+    t_logits = d.teacher.predict(x, verbose=0)
+    s_logits = ops.convert_to_numpy(d.student(x, training=True))
+    history = d.fit(x, y, batch_size=len(x), epochs=1, verbose=0).history
+    kd = reference.soft_target_loss(t_logits, s_logits, 3.0)
+    task = reference.cross_entropy(y, s_logits)
+    assert history["kd_loss"][0] == pytest.approx(kd, rel=1e-4)
+    assert history["task_loss"][0] == pytest.approx(task, rel=1e-4)
+    assert history["loss"][0] == pytest.approx(0.75 * kd + 0.25 * task, rel=1e-4)
+
+
+def test_teacher_weights_and_batchnorm_statistics_are_frozen():
+    d = _distiller()
+    before = weights_of(d.teacher)
+    bn_means = [v for v in d.teacher.weights if "moving_mean" in v.path]
+    assert bn_means
+    x, y = data()
+    d.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[StageSchedule({0: "fsp", 1: "kd"}, verbose=0)])
+    for a, b in zip(before, weights_of(d.teacher)):
+        np.testing.assert_array_equal(a, b)
+    # ... while the student did train, its statistics included.
+    student_bn = [v for v in d.student.weights if "moving_mean" in v.path]
+    assert any(np.abs(ops.convert_to_numpy(v)).sum() > 0 for v in student_bn)
+
+
+def test_stage_schedule_switches_what_is_computed_within_one_fit():
+    d = _distiller()
+    x, y = data()
+    history = d.fit(
+        x, y, batch_size=16, epochs=4, verbose=0,
+        callbacks=[StageSchedule({0: "fsp", 1: "kd", 3: "task"}, verbose=0)],
+    ).history
+    # Each term is logged only in the epochs of the stages that compute it.
+    assert len(history["fsp_loss"]) == 1
+    assert len(history["kd_loss"]) == 2
+    assert len(history["task_loss"]) == 3  # kd (x2) and task
+    assert d.stage.name == "task"
+    # In the task stage the loss is the task loss alone.
+    assert history["loss"][-1] == pytest.approx(history["task_loss"][-1], rel=1e-5)
+
+
+class _CallCounter(keras.layers.Layer):
+    """Counts how often its call is traced or run (eagerly)."""
+
+    calls = 0
+
+    def call(self, x):
+        type(self).calls += 1
+        return x
+
+
+def test_task_stage_never_runs_the_teacher():
+    inputs = keras.Input((16, 16, 3))
+    counted = _CallCounter(name="counter")(inputs)
+    _, student = small_pair()
+    body = small_pair()[0]
+    teacher = keras.Model(inputs, body(counted), name="counted_teacher")
+    d = FSPDistiller(teacher, student, fsp_pairs=None, stage="task")
+    d.compile(optimizer="sgd")
+    x, y = data()
+    _CallCounter.calls = 0
+    d.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    assert _CallCounter.calls == 0
+    d.set_stage("kd")
+    d.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert _CallCounter.calls > 0  # the counter does see the teacher when it runs
+
+
+def test_hint_stage_trains_only_up_to_the_guided_layer_and_the_regressor():
+    d = _distiller(hint_layer="stage2", guided_layer="stage1", stage="hint")
+    # Teacher hint (8, 8, 32) vs guided (16, 16, 16): a strided regressor.
+    assert d.regressor is not None and d.regressor.strides == (2, 2)
+    x, y = data()
+    t = _features(d.teacher, ["stage2"], x, training=False)["stage2"]
+    guided = _features(d.student, ["stage1"], x, training=True)["stage1"]
+    expected = reference.hint_loss(t, ops.convert_to_numpy(d.regressor(guided)))
+    before = {v.path: ops.convert_to_numpy(v) for v in d.student.trainable_weights}
+    reg_before = ops.convert_to_numpy(d.regressor.kernel)
+    history = d.fit(x, y, batch_size=len(x), epochs=1, verbose=0).history
+    assert history["hint_loss"][0] == pytest.approx(expected, rel=1e-4)
+    changed = {p for p, v in before.items()
+               if not np.array_equal(v, ops.convert_to_numpy(next(w for w in d.student.weights if w.path == p)))}
+    assert any("stage1" in p for p in changed)
+    assert not any(p.split("/")[0].startswith(("stage2", "stage3", "logits")) for p in changed)
+    assert not np.array_equal(reg_before, ops.convert_to_numpy(d.regressor.kernel))
+    # Back to the whole student for the next stage.
+    assert not d.student.get_layer("stage2_block1_conv1").trainable
+    d.set_stage("kd")
+    assert all(layer.trainable for layer in d.student.layers)
+    assert not d.regressor.trainable
+
+
+def test_custom_stage_and_linear_weight_schedule():
+    # FitNets stage 2: task + lambda * soft targets, lambda 4 -> 1.
+    fitnets_kd = Stage("fitnets_kd", losses={"kd": 4.0, "task": 1.0})
+    d = _distiller(stages={"fitnets_kd": fitnets_kd}, stage="fitnets_kd")
+    x, y = data()
+    schedule = LossWeightSchedule.linear("kd", 4.0, 1.0, epochs=4)
+    history = d.fit(x, y, batch_size=len(x), epochs=4, verbose=0, callbacks=[schedule]).history
+    assert history["kd_weight"] == pytest.approx([4.0, 3.0, 2.0, 1.0])
+    for w, kd, task, loss in zip(history["kd_weight"], history["kd_loss"], history["task_loss"], history["loss"]):
+        assert loss == pytest.approx(w * kd + task, rel=1e-4)
+
+
+def test_stage_weights_and_optimizer_are_per_stage():
+    d = _distiller()
+    first = d.optimizer
+    d.set_stage("task")
+    assert d.optimizer is not first and int(ops.convert_to_numpy(d.optimizer.iterations)) == 0
+    own = keras.optimizers.Adam(1e-3)
+    d.set_stage(Stage("own", {"task": 1.0}, optimizer=own))
+    assert d.optimizer is own
+
+
+def test_fsp_projection_for_unequal_channels():
+    teacher, _ = small_pair()
+    student = keras_fsp.models.cifar_resnet(8, input_shape=(16, 16, 3), width_multiplier=2, name="wide")
+    with pytest.raises(ValueError, match=r"teacher layer 'stem' has shape \(None, 16, 16, 16\) and student layer 'stem' has shape \(None, 16, 16, 32\)"):
+        FSPDistiller(teacher, student)
+    d = FSPDistiller(teacher, student, fsp_projection=True)
+    d.compile(optimizer="sgd")
+    assert sorted(d.fsp_projections) == ["stage1", "stage2", "stage3", "stem"]
+    x, y = data()
+    t, s = d.fsp_matrices(x)
+    assert [g.shape for g in t] == [g.shape for g in s] == [(32, 16, 16), (32, 16, 32), (32, 32, 64)]
+    d.fit(x, y, batch_size=16, epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(fsp_pairs=[("stem", "stage_2")]), r"no layer named 'stage_2'.*Closest layer names: \['stage2'"),
+        (dict(fsp_pairs=[("stem", "stage1")], student_fsp_pairs=[]), "1 FSP pairs.*0"),
+        (dict(hint_layer="stage2"), "go together"),
+        (dict(stage="distill"), r"Unknown stage 'distill'. Valid stage names are \['fsp', 'hint', 'kd', 'task'\]"),
+        (dict(fsp_pairs=None, stage="fsp"), "no FSP pairs"),
+        (dict(stage="hint"), "hint_layer"),
+        (dict(fsp_weights=[1.0]), "fsp_weights has 1 entries for 3"),
+        (dict(fsp_pairs="sections"), "'auto', None or a list"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, message):
+    teacher, student = small_pair()
+    with pytest.raises(ValueError, match=message):
+        FSPDistiller(teacher, student, **kwargs)
+
+
+def test_bad_stage_definitions():
+    with pytest.raises(ValueError, match="unknown loss term"):
+        Stage("x", {"fitnet": 1.0})
+    with pytest.raises(ValueError, match="non-empty"):
+        Stage("x", {})
+    d = _distiller()
+    with pytest.raises(ValueError, match="Valid stage names"):
+        d.set_stage("warmup")
+    with pytest.raises(ValueError, match="keras.losses.Loss instance"):
+        d.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    with pytest.raises(ValueError, match="Valid stage names"):
+        d.fit(*data(), epochs=1, verbose=0, callbacks=[StageSchedule({0: "fsp", 1: "tsak"})])
+
+
+def test_unpoolable_pair_is_reported_with_layer_names():
+    teacher, student = small_pair()
+    # stage3 (4x4) with the 16x16 stem is poolable; a 16x16 map with a
+    # 6x6 one is not: build such a student.
+    inputs = keras.Input((16, 16, 3))
+    a = keras.layers.Conv2D(16, 3, padding="same", name="a")(inputs)
+    b = keras.layers.Conv2D(16, 5, padding="valid", name="b")(keras.layers.MaxPooling2D(2)(a))  # 4x4
+    c = keras.layers.Conv2D(16, 3, padding="valid", name="c")(a)  # 14x14
+    out = keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(keras.layers.Concatenate()([keras.layers.GlobalAveragePooling2D()(b)[:, None, None], keras.layers.GlobalAveragePooling2D()(c)[:, None, None]])))
+    odd = keras.Model(inputs, out)
+    with pytest.raises(ValueError, match=r"FSP pair \('a', 'c'\) of the student.*\(None, 16, 16, 16\) and \(None, 14, 14, 16\)"):
+        FSPDistiller(teacher, odd, fsp_pairs=[("stem", "stem")], student_fsp_pairs=[("a", "c")])
+
+
+def test_get_config_round_trip():
+    d = _distiller(temperature=2.0, stages={"mix": Stage("mix", {"fsp": 0.1, "kd": 1.0})}, stage="mix")
+    clone = FSPDistiller.from_config(d.get_config())
+    assert clone.fsp_pairs == d.fsp_pairs
+    assert clone.kd_loss.temperature == 2.0
+    assert clone.stage.losses == {"fsp": 0.1, "kd": 1.0}

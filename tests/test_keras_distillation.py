@@ -1,0 +1,48 @@
+import keras
+import numpy as np
+import pytest
+
+from keras_fsp import taps
+from keras_fsp.keras_distillation import (
+    HintDistillation,
+    SoftTargetDistillation,
+    fsp_distillation_losses,
+)
+from tests import reference
+from tests.helpers import data, small_pair
+
+PAIRS = [("stem", "stage1"), ("stage1", "stage2"), ("stage2", "stage3")]
+
+
+def test_fsp_and_soft_targets_in_keras_own_distiller():
+    teacher, student = small_pair()
+    x, y = data()
+    names = ["stem", "stage1", "stage2", "stage3"]
+    t = {k: keras.ops.convert_to_numpy(v) for k, v in taps.tap_model(teacher, names)(x, training=False).items()}
+    # Keras' Distiller taps the student in a second pass, in training mode.
+    s = {k: keras.ops.convert_to_numpy(v) for k, v in taps.tap_model(student, names)(x, training=True).items()}
+    distiller = keras.distillation.Distiller(
+        teacher, student,
+        distillation_losses=fsp_distillation_losses(PAIRS) + [SoftTargetDistillation(temperature=2.0)],
+        student_loss_weight=0.0,
+    )
+    distiller.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    loss = distiller.compute_loss(x, y, distiller(x, training=False), training=False)
+    expected = reference.fsp_loss(
+        [reference.fsp(t[a], t[b]) for a, b in PAIRS],
+        [reference.fsp(s[a], s[b]) for a, b in PAIRS],
+    ) + reference.soft_target_loss(t["logits"], student.predict(x, verbose=0), 2.0)
+    assert float(keras.ops.convert_to_numpy(loss)) == pytest.approx(expected, rel=1e-4)
+    history = distiller.fit(x, y, batch_size=16, epochs=1, verbose=0).history
+    assert np.isfinite(history["loss"][0])
+
+
+def test_hint_distillation_needs_equal_shapes():
+    teacher, student = small_pair()
+    distiller = keras.distillation.Distiller(
+        teacher, student, distillation_losses=[HintDistillation("stage2", "stage1")]
+    )
+    distiller.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = data()
+    with pytest.raises(ValueError, match="regressor"):
+        distiller.compute_loss(x, y, distiller(x), training=True)
