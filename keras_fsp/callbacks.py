@@ -2,7 +2,7 @@
 
 import keras
 
-from keras_fsp.stages import LOSS_TERMS
+from keras_fsp.stages import LOSS_TERMS, resolve_stage
 
 
 def _distiller(callback):
@@ -53,9 +53,8 @@ class StageSchedule(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         distiller = _distiller(self)
-        for stage in self.schedule.values():  # fail before training starts
-            if isinstance(stage, str) and stage not in distiller.stages:
-                distiller.set_stage(stage)  # raises the ValueError listing names
+        for stage in self.schedule.values():  # fail before any training
+            resolve_stage(stage, distiller.stages)
 
     def on_epoch_begin(self, epoch, logs=None):
         distiller = _distiller(self)
@@ -120,8 +119,5 @@ class LossWeightSchedule(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None and epoch >= self.start_epoch:
-            logs[f"{self.term}_weight"] = float(
-                _distiller(self)._term_weights[self.term].numpy()
-                if hasattr(_distiller(self)._term_weights[self.term], "numpy")
-                else keras.ops.convert_to_numpy(_distiller(self)._term_weights[self.term])
-            )
+            weight = _distiller(self)._term_weights[self.term]
+            logs[f"{self.term}_weight"] = float(keras.ops.convert_to_numpy(weight))

@@ -7,7 +7,7 @@ import keras
 from keras import ops
 
 from keras_fsp import taps
-from keras_fsp.fsp import fsp_matrix, pooled_spatial_size
+from keras_fsp.fsp import POOLING_MODES, fsp_matrix, pooled_spatial_size
 from keras_fsp.losses import FSPLoss, HintLoss, SoftTargetLoss
 from keras_fsp.stages import (
     LOSS_TERMS,
@@ -16,6 +16,10 @@ from keras_fsp.stages import (
     builtin_stages,
     resolve_stage,
 )
+
+
+# Key of the augmented batch in the training-mode outputs of `call`.
+AUGMENTED_INPUTS = "augmented_inputs"
 
 
 def _num_replicas():
@@ -90,6 +94,9 @@ class FSPDistiller(keras.Model):
         kd_weight: weight of the soft-target term in the built-in `"kd"`
             stage; the labels get `1 - kd_weight`.
         stages: extra named stages, `{name: Stage}`, usable by name.
+        augment: optional layer (e.g. `keras_fsp.augment.PadCropFlip()`)
+            applied to each training batch inside the step, before both
+            forward passes: teacher and student see the same augmented batch.
         stage: the initial stage; default `"fsp"` when FSP pairs exist,
             otherwise `"kd"`.
 
@@ -126,6 +133,7 @@ class FSPDistiller(keras.Model):
         kd_weight=0.9,
         stages=None,
         stage=None,
+        augment=None,
         name="fsp_distiller",
         **kwargs,
     ):
@@ -135,6 +143,7 @@ class FSPDistiller(keras.Model):
         self.teacher = teacher
         self.student = student
         self.teacher.trainable = False
+        self.augment = augment
         self._views = _Views()
         self._config = dict(
             fsp_pairs=fsp_pairs,
@@ -152,6 +161,10 @@ class FSPDistiller(keras.Model):
         self.fsp_pairs, self.student_fsp_pairs = self._resolve_fsp_pairs(
             fsp_pairs, student_fsp_pairs
         )
+        if fsp_pooling not in POOLING_MODES:
+            raise ValueError(
+                f"fsp_pooling must be one of {POOLING_MODES}; got {fsp_pooling!r}."
+            )
         self.fsp_pooling = fsp_pooling
         self.fsp_loss = FSPLoss(weights=fsp_weights)
         if fsp_weights is not None and len(fsp_weights) != len(self.fsp_pairs):
@@ -321,6 +334,14 @@ class FSPDistiller(keras.Model):
                 f"Stage {stage.name!r} uses the FSP loss but this distiller "
                 "has no FSP pairs (fsp_pairs=None)."
             )
+        if stage.fsp_pairs is not None and not all(
+            0 <= i < len(self.fsp_pairs) for i in stage.fsp_pairs
+        ):
+            raise ValueError(
+                f"Stage {stage.name!r} selects FSP pairs {list(stage.fsp_pairs)} "
+                f"but the distiller has {len(self.fsp_pairs)} pairs "
+                f"(indices 0..{len(self.fsp_pairs) - 1}): {self.fsp_pairs}."
+            )
         if "hint" in stage.losses and self.hint_layer is None:
             raise ValueError(
                 f"Stage {stage.name!r} uses the hint loss: create the "
@@ -410,10 +431,17 @@ class FSPDistiller(keras.Model):
 
     # ---------------------------------------------------------- forward pass
 
+    def _pair_indices(self, stage):
+        if "fsp" not in stage.losses:
+            return []
+        if stage.fsp_pairs is None:
+            return list(range(len(self.fsp_pairs)))
+        return list(stage.fsp_pairs)
+
     def _student_taps(self, stage):
         names = []
-        if "fsp" in stage.losses:
-            names += [n for pair in self.student_fsp_pairs for n in pair]
+        for i in self._pair_indices(stage):
+            names += list(self.student_fsp_pairs[i])
         if "hint" in stage.losses:
             names.append(self.guided_layer)
         # The head runs only when a term needs the logits.
@@ -422,8 +450,8 @@ class FSPDistiller(keras.Model):
 
     def _teacher_taps(self, stage):
         names = []
-        if "fsp" in stage.losses:
-            names += [n for pair in self.fsp_pairs for n in pair]
+        for i in self._pair_indices(stage):
+            names += list(self.fsp_pairs[i])
         if "hint" in stage.losses:
             names.append(self.hint_layer)
         return list(dict.fromkeys(names)), "kd" in stage.losses
@@ -431,11 +459,17 @@ class FSPDistiller(keras.Model):
     def call(self, inputs, training=None):
         if not training:
             return self.student(inputs, training=training)
+        outputs = {}
+        if self.augment is not None:
+            inputs = self.augment(inputs, training=True)
+            outputs[AUGMENTED_INPUTS] = inputs  # for the teacher
         names, with_logits = self._student_taps(self._stage)
         if not names:
-            return {taps.LOGITS: self.student(inputs, training=True)}
-        view = self._views.get(self.student, names, with_logits, "student")
-        return view(inputs, training=True)
+            outputs[taps.LOGITS] = self.student(inputs, training=True)
+        else:
+            view = self._views.get(self.student, names, with_logits, "student")
+            outputs.update(view(inputs, training=True))
+        return outputs
 
     def _teacher_outputs(self, x, stage):
         names, with_logits = self._teacher_taps(stage)
@@ -496,14 +530,22 @@ class FSPDistiller(keras.Model):
             return task / _num_replicas() + self._regularization()
 
         stage = self._stage
+        x = y_pred.get(AUGMENTED_INPUTS, x)
         teacher = self._teacher_outputs(x, stage) if stage.needs_teacher else None
         values = {}
         if "fsp" in stage.losses:
-            g_t = self._fsp_matrices(teacher, self.fsp_pairs)
+            index = self._pair_indices(stage)
+            g_t = self._fsp_matrices(teacher, [self.fsp_pairs[i] for i in index])
             g_s = self._fsp_matrices(
-                y_pred, self.student_fsp_pairs, self.fsp_projections
+                y_pred,
+                [self.student_fsp_pairs[i] for i in index],
+                self.fsp_projections,
             )
-            values["fsp"] = ops.mean(self.fsp_loss.call(g_t, g_s))
+            weights = self.fsp_loss.weights
+            loss = self.fsp_loss if stage.fsp_pairs is None else FSPLoss(
+                weights=None if weights is None else [weights[i] for i in index]
+            )
+            values["fsp"] = ops.mean(loss.call(g_t, g_s))
         if "hint" in stage.losses:
             guided = y_pred[self.guided_layer]
             if self.regressor is not None:
@@ -528,6 +570,18 @@ class FSPDistiller(keras.Model):
         if stage.regularization:
             total = total + self._regularization()
         return total
+
+    @property
+    def non_trainable_variables(self):
+        variables = super().non_trainable_variables
+        stage = getattr(self, "_stage", None)
+        if stage is None or stage.needs_teacher:
+            return variables
+        # A stage without the teacher leaves its variables out of the step's
+        # state: on JAX each one is otherwise an argument and a result of the
+        # compiled step, which measurably slows the "task" stage down.
+        teacher = {id(v) for v in self.teacher.variables}
+        return [v for v in variables if id(v) not in teacher]
 
     # ---------------------------------------------------------------- metrics
 
@@ -580,6 +634,9 @@ class FSPDistiller(keras.Model):
             "teacher": keras.saving.serialize_keras_object(self.teacher),
             "student": keras.saving.serialize_keras_object(self.student),
             **self._config,
+            "augment": None
+            if self.augment is None
+            else keras.saving.serialize_keras_object(self.augment),
             "stages": custom,
             "stage": self._stage.name,
         }
@@ -589,6 +646,8 @@ class FSPDistiller(keras.Model):
         config = dict(config)
         config["teacher"] = keras.saving.deserialize_keras_object(config["teacher"])
         config["student"] = keras.saving.deserialize_keras_object(config["student"])
+        if config.get("augment") is not None:
+            config["augment"] = keras.saving.deserialize_keras_object(config["augment"])
         config["stages"] = {
             n: Stage.from_config(c) for n, c in config.get("stages", {}).items()
         }

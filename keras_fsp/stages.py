@@ -38,6 +38,9 @@ class Stage:
             each stage, as the papers' per-stage learning-rate schedules do).
         regularization: whether the student's regularization losses (weight
             decay) are added.
+        fsp_pairs: indices of the distiller's FSP pairs this stage uses
+            (`None`: all). Dense sequential FSP (Yeo et al. 2018) trains on
+            the pairs of section 1 first, then of sections 1-2, and so on.
 
     Example:
 
@@ -51,6 +54,7 @@ class Stage:
     trainable: Union[None, str, Sequence[str], Callable] = None
     optimizer: Optional[keras.optimizers.Optimizer] = None
     regularization: bool = True
+    fsp_pairs: Optional[Sequence[int]] = None
 
     def __post_init__(self):
         if not isinstance(self.losses, Mapping) or not self.losses:
@@ -76,6 +80,15 @@ class Stage:
             )
         if isinstance(self.trainable, (list, tuple)):
             object.__setattr__(self, "trainable", tuple(self.trainable))
+        if self.fsp_pairs is not None:
+            pairs = tuple(int(i) for i in self.fsp_pairs)
+            if not pairs or "fsp" not in self.losses:
+                raise ValueError(
+                    f"Stage {self.name!r}: fsp_pairs={self.fsp_pairs!r} selects "
+                    "FSP pairs, which needs a non-empty selection and an 'fsp' "
+                    "loss term."
+                )
+            object.__setattr__(self, "fsp_pairs", pairs)
 
     @property
     def terms(self):
@@ -101,6 +114,7 @@ class Stage:
             if self.optimizer is None
             else keras.optimizers.serialize(self.optimizer),
             "regularization": self.regularization,
+            "fsp_pairs": None if self.fsp_pairs is None else list(self.fsp_pairs),
         }
 
     @classmethod

@@ -77,8 +77,8 @@ def tap_model(model, layer_names, include_logits=True, role="model"):
     if include_logits:
         outputs[LOGITS] = model.outputs[0]
     for name in layer_names:
-        if name == LOGITS:
-            raise ValueError(f"{LOGITS!r} is reserved for the model output.")
+        if name in (LOGITS, "augmented_inputs"):
+            raise ValueError(f"The tap name {name!r} is reserved by keras_fsp.")
         layer = get_layer(model, name, role)
         outputs[name] = layer.output
     if not outputs:

@@ -191,6 +191,7 @@ def test_fsp_projection_for_unequal_channels():
         (dict(stage="hint"), "hint_layer"),
         (dict(fsp_weights=[1.0]), "fsp_weights has 1 entries for 3"),
         (dict(fsp_pairs="sections"), "'auto', None or a list"),
+        (dict(fsp_pooling="mean"), r"fsp_pooling must be one of \('max', 'avg'\)"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, message):

@@ -108,3 +108,42 @@ def block_names(model):
         if layer.name.startswith("stage") and layer.name.count("_") == 1
         and "_block" in layer.name
     ]
+
+
+def _blocks_per_section(model):
+    names = block_names(model)
+    return sum(1 for n in names if n.startswith("stage1_"))
+
+
+def dense_taps(model, points_per_section):
+    """Evenly spaced taps inside each section of a `cifar_resnet`, for dense FSP.
+
+    Positions are counted in half blocks: a block's first ReLU
+    (`"stage{s}_block{b}_relu1"`) is half-way through it, its output
+    (`"stage{s}_block{b}"`) at its end. Point `j` of `P` in a section of `B`
+    blocks sits at `j * B / P` blocks, so a ResNet-8 (B = 1) with P = 2 taps
+    the middle and the end of its one block per section, and a ResNet-26
+    (B = 4) with P = 2 the outputs of blocks 2 and 4: the same relative
+    depths.
+
+    Returns:
+        `["stem", section 1's P taps, section 2's P taps, section 3's P taps]`.
+
+    Raises:
+        ValueError: if `j * B / P` is not a whole or half block.
+    """
+    blocks = _blocks_per_section(model)
+    taps = ["stem"]
+    for stage in (1, 2, 3):
+        for j in range(1, points_per_section + 1):
+            halves = 2 * j * blocks / points_per_section
+            if halves != int(halves):
+                raise ValueError(
+                    f"{points_per_section} taps per section do not fall on whole "
+                    f"or half blocks of {model.name!r} ({blocks} blocks per section)."
+                )
+            halves = int(halves)
+            block = (halves + 1) // 2
+            suffix = "" if halves % 2 == 0 else "_relu1"
+            taps.append(f"stage{stage}_block{block}{suffix}")
+    return taps

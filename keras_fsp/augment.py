@@ -1,0 +1,69 @@
+"""Data augmentation inside the compiled step (backend-agnostic).
+
+Doing pad-and-crop and flips on the device, in the same step as the forward
+passes, keeps the accelerator from waiting for the CPU, and lets the distiller
+hand the teacher exactly the augmented batch the student sees.
+"""
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="keras_fsp")
+class PadCropFlip(keras.layers.Layer):
+    """Zero-pad by `pad` pixels, crop back at a random offset, flip at random.
+
+    The CIFAR augmentation of He et al. and the FSP paper (4-pixel pad, random
+    32x32 crop, horizontal flip). Each image gets its own offset and flip.
+    Identity when not training.
+
+    Args:
+        pad: pixels of zero padding on each side (0 disables cropping).
+        flip: random horizontal flips.
+        seed: seed of the layer's random generator.
+
+    Example:
+
+    >>> import numpy as np
+    >>> layer = PadCropFlip(pad=4, seed=0)
+    >>> tuple(layer(np.zeros((2, 32, 32, 3)), training=True).shape)
+    (2, 32, 32, 3)
+    """
+
+    def __init__(self, pad=4, flip=True, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if pad < 0:
+            raise ValueError(f"pad must be >= 0; got {pad}.")
+        self.pad, self.flip, self.seed = int(pad), bool(flip), seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def _crop(self, x):
+        p = self.pad
+        b = ops.shape(x)[0]
+        h, w = x.shape[1], x.shape[2]
+        padded = ops.pad(x, [[0, 0], [p, p], [p, p], [0, 0]])
+        dy = keras.random.randint((b,), 0, 2 * p + 1, seed=self.seed_generator)
+        dx = keras.random.randint((b,), 0, 2 * p + 1, seed=self.seed_generator)
+        # One-hot selection matrices: an exact, gather-free crop per image.
+        rows = ops.one_hot(dy[:, None] + ops.arange(h)[None, :], h + 2 * p, dtype=x.dtype)
+        cols = ops.one_hot(dx[:, None] + ops.arange(w)[None, :], w + 2 * p, dtype=x.dtype)
+        out = ops.einsum("bih,bhwc->biwc", rows, padded)
+        return ops.einsum("bjw,biwc->bijc", cols, out)
+
+    def call(self, inputs, training=None):
+        if not training:
+            return inputs
+        x = inputs
+        if self.pad:
+            x = self._crop(x)
+        if self.flip:
+            b = ops.shape(x)[0]
+            coin = keras.random.uniform((b, 1, 1, 1), seed=self.seed_generator)
+            x = ops.where(coin < 0.5, ops.flip(x, axis=2), x)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "pad": self.pad, "flip": self.flip, "seed": self.seed}

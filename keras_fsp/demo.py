@@ -1,0 +1,542 @@
+"""Offline Quickstart: FSP distillation on scikit-learn's handwritten digits.
+
+    python -m keras_fsp.demo [--output_dir DIR] [--epochs_scale F] [--seed N]
+
+Trains, on the 1,797 bundled 8x8 digit images (no network needed):
+
+1. a teacher, a CIFAR ResNet-14 (two residual blocks per section);
+2. the student alone, a ResNet-8 (one block per section), on labels only;
+3. the same student (same initial weights) distilled with FSP in the paper's
+   two stages within one `fit`: stage 1 fits the student's FSP matrices to the
+   teacher's, stage 2 trains it on the labels with the same budget as (2).
+
+Both networks have three sections (8x8, 4x4 and 2x2 maps, 16/32/64
+channels), found automatically by `keras_fsp.taps.section_pairs`. The demo
+prints a table of test accuracies and of the task epochs each student needed
+to reach the student-alone's final accuracy, exports the distilled student
+(SavedModel and `.keras`) and draws its FSP matrices and training curves.
+About two minutes on two CPU cores. `run(...)` does everything and returns
+the results as a dict; `main` only parses the flags.
+"""
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from keras_fsp import FSPDistiller, export_student, taps  # noqa: E402
+from keras_fsp.callbacks import StageSchedule  # noqa: E402
+from keras_fsp.fsp import fsp_matrix  # noqa: E402
+from keras_fsp.models import cifar_resnet  # noqa: E402
+
+DEFAULT_OUTPUT_DIR = "fsp_demo_output"
+INPUT_SHAPE = (8, 8, 1)
+NUM_CLASSES = 10
+TEST_SIZE = 500
+TEACHER_DEPTH = 14
+STUDENT_DEPTH = 8
+# Epochs at epochs_scale=1.
+TEACHER_EPOCHS = 30
+TASK_EPOCHS = 10  # the student alone, and stage 2 of the FSP student
+FSP_EPOCHS = 5  # stage 1 of the FSP student
+BATCH_SIZE = 64
+LEARNING_RATE = 2e-3
+# Test images whose FSP matrices are averaged for the picture.
+FSP_BATCH = 256
+
+
+# ---------------------------------------------------------------------- data
+
+
+def load_data(seed=0, test_size=TEST_SIZE):
+    """The digits as `(x_train, y_train, x_test, y_test)`.
+
+    Pixels scaled from 0..16 to [0, 1], shape `(N, 8, 8, 1)` float32, labels
+    int32; a stratified split (1,297 / 500 by default) fixed by `seed`.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = (digits.images / 16.0).astype("float32")[..., None]
+    y = digits.target.astype("int32")
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=test_size, stratify=y, random_state=seed
+    )
+    return x_train, y_train, x_test, y_test
+
+
+def scaled_epochs(epochs, scale):
+    """`epochs * scale`, rounded, at least 1."""
+    return max(1, int(round(epochs * scale)))
+
+
+def epochs_to_reach(val_accuracy, target, num_examples):
+    """1-based epoch at which `val_accuracy` first reaches `target`, or None.
+
+    Accuracies are compared as counts of correct examples out of
+    `num_examples`, so float round-off cannot hide a tie.
+    """
+    goal = int(round(target * num_examples))
+    for epoch, acc in enumerate(val_accuracy, start=1):
+        if int(round(acc * num_examples)) >= goal:
+            return epoch
+    return None
+
+
+# -------------------------------------------------------------------- models
+
+
+def _optimizer(epochs, steps_per_epoch):
+    """Adam with a cosine decay over `epochs`.
+
+    Adam rather than the paper's SGD: the FSP loss on these maps is of order
+    1e4 at the start (the teacher's matrices have entries up to tens), and SGD
+    with a learning rate that trains the task diverges on it. The
+    `FSPDistiller` gives each stage a fresh copy, so the schedule restarts at
+    the task stage exactly as it runs for the student alone.
+    """
+    schedule = keras.optimizers.schedules.CosineDecay(
+        LEARNING_RATE, decay_steps=epochs * steps_per_epoch
+    )
+    return keras.optimizers.Adam(schedule)
+
+
+def _compile_classifier(model, epochs, steps_per_epoch):
+    model.compile(
+        optimizer=_optimizer(epochs, steps_per_epoch),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+
+
+class _Recorder(keras.callbacks.Callback):
+    """Per-epoch logs, wall time, and the FSP matrices at the stage switch."""
+
+    def __init__(self, capture_after_epoch=None, x_fsp=None):
+        super().__init__()
+        self.logs = []
+        self.capture_after_epoch = capture_after_epoch
+        self.x_fsp = x_fsp
+        self.captured = None
+
+    def on_train_begin(self, logs=None):
+        self.start = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.logs.append(dict(logs or {}))
+        if epoch == self.capture_after_epoch:
+            self.captured = self.model.fsp_matrices(self.x_fsp)
+
+    def on_train_end(self, logs=None):
+        self.seconds = time.time() - self.start
+
+    def series(self, key):
+        return [float(log[key]) if key in log else None for log in self.logs]
+
+
+def _fsp_of_model(model, pairs, x, pooling):
+    """FSP matrices of any model for `pairs`, without wrapping it in a
+    distiller (which would change its layers' `trainable` flags)."""
+    names = list(dict.fromkeys(n for p in pairs for n in p))
+    features = taps.tap_model(model, names, include_logits=False)(x, training=False)
+    return [
+        keras.ops.convert_to_numpy(fsp_matrix(features[a], features[b], pooling))
+        for a, b in pairs
+    ]
+
+
+def _fsp_distance(teacher_gs, student_gs):
+    """Per pair: batch mean of `||G_T - G_S||_F^2` (the FSP loss terms)."""
+    return [
+        float(np.mean(np.sum((t - s) ** 2, axis=(1, 2))))
+        for t, s in zip(teacher_gs, student_gs)
+    ]
+
+
+# ------------------------------------------------------------------ pictures
+
+
+def plot_fsp_matrices(path, pairs, columns, distances):
+    """Grid of mean FSP matrices: one row per section pair, one column per
+    network/moment, one colour scale (and colour bar) per row.
+
+    Args:
+        columns: `[(title, [matrix per pair, each (batch, m, n)]), ...]`, the
+            teacher first.
+        distances: `{title: [distance to the teacher per pair]}`.
+    """
+    from matplotlib.figure import Figure
+
+    rows = len(pairs)
+    fig = Figure(figsize=(3.2 * len(columns) + 1.0, 3.0 * rows + 0.8), layout="constrained")
+    axes = fig.subplots(rows, len(columns), squeeze=False)
+    for r, pair in enumerate(pairs):
+        means = [np.mean(gs[r], axis=0) for _, gs in columns]
+        # The maps are ReLU outputs, so G >= 0: a sequential scale from 0,
+        # shared by the row so the columns compare.
+        vmin = min(0.0, min(float(np.min(m)) for m in means))
+        vmax = max(float(np.max(m)) for m in means)
+        image = None
+        for c, ((title, _), mean) in enumerate(zip(columns, means)):
+            ax = axes[r, c]
+            image = ax.imshow(mean, cmap="viridis", vmin=vmin, vmax=vmax,
+                              interpolation="nearest", aspect="auto")
+            label = f"{title}\n{pair[0]} -> {pair[1]} ({mean.shape[0]}x{mean.shape[1]})"
+            if title in distances:
+                label += f"\n||G_T - G_S||^2 = {distances[title][r]:.3g}"
+            ax.set_title(label, fontsize=8)
+            ax.set_xlabel(f"channel of {pair[1]}", fontsize=7)
+            ax.set_ylabel(f"channel of {pair[0]}", fontsize=7)
+            ax.tick_params(labelsize=6)
+        fig.colorbar(image, ax=list(axes[r]), shrink=0.9, label="mean G")
+    fig.suptitle(
+        f"FSP matrices G, mean over {columns[0][1][0].shape[0]} test images: "
+        "the teacher, and the student before and after distillation "
+        "(||G_T - G_S||^2: batch mean of the FSP loss term)"
+    )
+    fig.savefig(path, dpi=110)
+
+
+def plot_training_curves(path, alone_acc, fsp_acc, fsp_loss, fsp_epochs, target):
+    """Val accuracy per epoch, task-stage epochs aligned (stage 1 of the FSP
+    student drawn at epochs <= 0): the whole range, a zoom on the task
+    stage, and the FSP loss of stage 1."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(14, 4.2), layout="constrained")
+    ax_full, ax_zoom, ax_loss = fig.subplots(1, 3, width_ratios=[1.2, 1.2, 0.9])
+    alone_x = np.arange(1, len(alone_acc) + 1)
+    fsp_x = np.arange(1, len(fsp_acc) + 1) - fsp_epochs
+    task_values = list(alone_acc) + list(fsp_acc[fsp_epochs:])
+    low = max(0.0, min(task_values) - 0.01)
+    for ax, zoom in ((ax_full, False), (ax_zoom, True)):
+        ax.axvspan(fsp_x[0] - 0.5, 0.5, color="tab:orange", alpha=0.12,
+                   label="FSP student, stage 1 (FSP loss;\nhead untrained: chance)")
+        ax.axvline(0.5, color="tab:orange", linestyle="--", linewidth=1,
+                   label="stage switch: fsp -> task")
+        ax.plot(alone_x, alone_acc, "o-", color="tab:blue", label="student alone")
+        ax.plot(fsp_x, fsp_acc, "s-", color="tab:orange", label="FSP student")
+        ax.axhline(target, color="gray", linestyle=":", linewidth=1,
+                   label=f"student alone, final ({target:.3f})")
+        ax.set_xlabel("task-stage epoch (FSP stage at <= 0)")
+        ax.set_ylabel("test (validation) accuracy")
+        ax.grid(alpha=0.3)
+        if zoom:
+            ax.set_xlim(0.5, max(len(alone_acc), len(fsp_acc) - fsp_epochs) + 0.5)
+            ax.set_ylim(low, min(1.0, max(task_values) + 0.005))
+            ax.set_title("Task stage, zoomed")
+        else:
+            ax.set_ylim(0.0, 1.0)
+            ax.set_title("Student alone vs FSP student")
+            ax.legend(loc="center right", fontsize=7)
+    loss = [v for v in fsp_loss if v is not None]
+    ax_loss.plot(np.arange(1, len(loss) + 1), loss, "s-", color="tab:orange")
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("FSP-stage epoch")
+    ax_loss.set_ylabel("FSP loss (training batches)")
+    ax_loss.set_title("Stage 1: FSP loss")
+    ax_loss.grid(alpha=0.3)
+    fig.savefig(path, dpi=110)
+
+
+# ------------------------------------------------------------------- results
+
+
+def _fmt_epochs(n, budget):
+    return "not reached" if n is None else f"{n} of {budget}"
+
+
+def format_table(results):
+    """The results table as plain-text lines and as Markdown lines."""
+    acc = results["accuracy"]
+    reach = results["task_epochs_to_reach_target"]
+    budget = results["epochs"]["task"]
+    target = results["target_accuracy"]
+    m = results["models"]
+    rows = [
+        (f"teacher ({m['teacher']})", f"{acc['teacher']:.4f}", "-"),
+        (f"student alone ({m['student']})", f"{acc['student_alone']:.4f}",
+         _fmt_epochs(reach["student_alone"], budget)),
+        (f"FSP student ({m['student']})", f"{acc['fsp_student']:.4f}",
+         _fmt_epochs(reach["fsp_student"], budget)
+         + f" (after {results['epochs']['fsp_stage']} FSP epochs)"),
+    ]
+    header = ("model", "test accuracy", f"task epochs to reach {target:.4f}")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+    text = [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
+    md = ["| " + " | ".join(header) + " |", "| --- | ---: | --- |"]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    return text, md
+
+
+def _write_markdown(path, results, md_table):
+    e = results["epochs"]
+    d = results["fsp_distance_to_teacher"]
+    lines = [
+        "# keras_fsp demo: FSP distillation on the digits",
+        "",
+        f"{results['data']['train']} training and {results['data']['test']} test "
+        f"images (scikit-learn digits, 8x8), seed {results['seed']}. Teacher "
+        f"{results['models']['teacher']} trained {e['teacher']} epochs; the "
+        f"student alone {e['task']} epochs on the labels; the FSP student "
+        f"{e['fsp_stage']} epochs of FSP loss, then {e['task']} epochs on the "
+        "labels (same schedule as the student alone), from the same initial "
+        "weights. The target is the student alone's final test accuracy.",
+        "",
+        *md_table,
+        "",
+        "FSP distance to the teacher, sum over pairs of the mean "
+        "`||G_T - G_S||_F^2` (per pair in results.json):",
+        "",
+        "| student | distance |",
+        "| --- | ---: |",
+        *[f"| {k.replace('_', ' ')} | {sum(v):.4g} |" for k, v in d.items()],
+        "",
+        f"Wall time {results['seconds']['total']:.0f} s.",
+        "",
+        "![FSP matrices](fsp_matrices.png)",
+        "",
+        "![Training curves](training_curves.png)",
+        "",
+    ]
+    Path(path).write_text("\n".join(lines), encoding="utf-8")
+
+
+def _prepare_output_dir(out):
+    """Creates `out`; removes a SavedModel left there by an earlier run (the
+    exporter refuses to overwrite), and refuses anything else in its place."""
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "student_savedmodel"
+    if saved.exists():
+        if (saved / "saved_model.pb").is_file():
+            shutil.rmtree(saved)
+        else:
+            raise FileExistsError(
+                f"{saved} exists and is not a SavedModel from an earlier demo "
+                "run; choose another --output_dir."
+            )
+
+
+# ----------------------------------------------------------------------- run
+
+
+def run(output_dir=DEFAULT_OUTPUT_DIR, epochs_scale=1.0, seed=0, verbose=2,
+        return_models=False):
+    """Runs the whole demo and writes its outputs into `output_dir`.
+
+    Args:
+        output_dir: where results.json, results.md, the pictures and the
+            exported student go (created if needed).
+        epochs_scale: multiplies every epoch count (at least 1 epoch each);
+            0.05 gives a smoke test of a few seconds of training.
+        seed: seeds the split, the initial weights and the shuffling.
+        verbose: Keras `fit` verbosity (2: one line per epoch; 0: none).
+            The stage lines and the table are printed in any case.
+        return_models: also return the Keras models under `"models_"`
+            (`teacher`, `student_alone`, `fsp_student`, `distiller`).
+
+    Returns:
+        a JSON-serialisable dict (also saved as results.json): accuracies,
+        task epochs to reach the target, per-epoch histories, FSP distances,
+        epochs, timings and the paths written.
+    """
+    if not epochs_scale > 0:
+        raise ValueError(f"epochs_scale must be > 0; got {epochs_scale!r}.")
+    t_start = time.time()
+    out = Path(output_dir)
+    _prepare_output_dir(out)
+
+    x_train, y_train, x_test, y_test = load_data(seed)
+    steps = int(np.ceil(len(x_train) / BATCH_SIZE))
+    n_test = len(x_test)
+    x_fsp = x_test[:FSP_BATCH]
+    e_teacher = scaled_epochs(TEACHER_EPOCHS, epochs_scale)
+    e_task = scaled_epochs(TASK_EPOCHS, epochs_scale)
+    e_fsp = scaled_epochs(FSP_EPOCHS, epochs_scale)
+    fit_kw = dict(batch_size=BATCH_SIZE, validation_data=(x_test, y_test), verbose=verbose)
+    print(f"Digits: {len(x_train)} training, {n_test} test images, 8x8x1; seed {seed}.")
+
+    # 1. Teacher.
+    keras.utils.set_random_seed(seed)
+    teacher = cifar_resnet(TEACHER_DEPTH, NUM_CLASSES, INPUT_SHAPE, name="teacher")
+    print(f"\n[1/3] teacher ResNet-{TEACHER_DEPTH} ({teacher.count_params():,} "
+          f"parameters), {e_teacher} epochs ...", flush=True)
+    _compile_classifier(teacher, e_teacher, steps)
+    rec_teacher = _Recorder()
+    teacher.fit(x_train, y_train, epochs=e_teacher, callbacks=[rec_teacher], **fit_kw)
+    teacher_acc = float(teacher.evaluate(x_test, y_test, verbose=0, return_dict=True)["accuracy"])
+
+    # 2. Student alone. Its initial weights are kept for the FSP student.
+    keras.utils.set_random_seed(seed + 1)
+    student_alone = cifar_resnet(STUDENT_DEPTH, NUM_CLASSES, INPUT_SHAPE, name="student_alone")
+    initial_weights = student_alone.get_weights()
+    pairs = taps.section_pairs(teacher)
+    student_pairs = taps.section_pairs(student_alone)
+    print(f"\n[2/3] student alone ResNet-{STUDENT_DEPTH} "
+          f"({student_alone.count_params():,} parameters), {e_task} epochs on the "
+          "labels ...", flush=True)
+    _compile_classifier(student_alone, e_task, steps)
+    rec_alone = _Recorder()
+    student_alone.fit(x_train, y_train, epochs=e_task, callbacks=[rec_alone], **fit_kw)
+    alone_acc = float(
+        student_alone.evaluate(x_test, y_test, verbose=0, return_dict=True)["accuracy"]
+    )
+
+    # 3. FSP student: the same initial weights, FSP stage then task stage.
+    keras.utils.set_random_seed(seed + 2)
+    student = cifar_resnet(STUDENT_DEPTH, NUM_CLASSES, INPUT_SHAPE, name="fsp_student")
+    student.set_weights(initial_weights)
+    distiller = FSPDistiller(teacher, student)  # pairs found automatically
+    print(f"\n[3/3] FSP student ResNet-{STUDENT_DEPTH}: stage 1 'fsp' for {e_fsp} "
+          f"epochs (FSP pairs {distiller.fsp_pairs}; the student's head does not "
+          "train, so its val accuracy stays at chance), then stage 2 'task' for "
+          f"{e_task} epochs ...", flush=True)
+    fsp_before = distiller.fsp_matrices(x_fsp)
+    distiller.compile(optimizer=_optimizer(e_task, steps), metrics=["accuracy"])
+    rec_fsp = _Recorder(capture_after_epoch=e_fsp - 1, x_fsp=x_fsp)
+    distiller.fit(
+        x_train, y_train, epochs=e_fsp + e_task,
+        callbacks=[StageSchedule({0: "fsp", e_fsp: "task"}), rec_fsp], **fit_kw,
+    )
+    fsp_acc = float(distiller.evaluate(x_test, y_test, verbose=0, return_dict=True)["accuracy"])
+    teacher_gs, fsp_final = distiller.fsp_matrices(x_fsp)
+    _, fsp_after_stage1 = rec_fsp.captured
+    alone_gs = _fsp_of_model(student_alone, student_pairs, x_fsp, distiller.fsp_pooling)
+
+    # Table.
+    alone_hist = rec_alone.series("val_accuracy")
+    fsp_hist = rec_fsp.series("val_accuracy")
+    results = {
+        "seed": seed,
+        "epochs_scale": epochs_scale,
+        "data": {"train": int(len(x_train)), "test": int(n_test)},
+        "models": {
+            "teacher": f"ResNet-{TEACHER_DEPTH}",
+            "student": f"ResNet-{STUDENT_DEPTH}",
+            "teacher_parameters": int(teacher.count_params()),
+            "student_parameters": int(student.count_params()),
+        },
+        "fsp_pairs": {"teacher": [list(p) for p in distiller.fsp_pairs],
+                      "student": [list(p) for p in distiller.student_fsp_pairs]},
+        "epochs": {"teacher": e_teacher, "task": e_task, "fsp_stage": e_fsp},
+        "optimizer": f"Adam, lr {LEARNING_RATE} cosine decay, batch {BATCH_SIZE}",
+        "accuracy": {"teacher": teacher_acc, "student_alone": alone_acc,
+                     "fsp_student": fsp_acc},
+        "target_accuracy": alone_acc,
+        "task_epochs_to_reach_target": {
+            "student_alone": epochs_to_reach(alone_hist, alone_acc, n_test),
+            "fsp_student": epochs_to_reach(fsp_hist[e_fsp:], alone_acc, n_test),
+        },
+        "history": {
+            "teacher_val_accuracy": rec_teacher.series("val_accuracy"),
+            "student_alone_val_accuracy": alone_hist,
+            # Every epoch of the one fit: e_fsp FSP-stage epochs, then the task.
+            "fsp_student_val_accuracy": fsp_hist,
+            "fsp_student_fsp_loss": rec_fsp.series("fsp_loss")[:e_fsp],
+        },
+        "fsp_distance_to_teacher": {
+            "student_before": _fsp_distance(teacher_gs, fsp_before[1]),
+            "fsp_student_after_stage_1": _fsp_distance(teacher_gs, fsp_after_stage1),
+            "fsp_student_final": _fsp_distance(teacher_gs, fsp_final),
+            "student_alone_final": _fsp_distance(teacher_gs, alone_gs),
+        },
+    }
+    text_table, md_table = format_table(results)
+    print("\n" + "\n".join(text_table), flush=True)
+
+    # Export.
+    print("\nExporting the distilled student ...", flush=True)
+    files = {}
+    if keras.backend.backend() == "tensorflow":
+        files["savedmodel"] = str(export_student(distiller, str(out / "student_savedmodel")))
+    else:
+        print("  (SavedModel export needs KERAS_BACKEND=tensorflow: skipped)")
+    files["keras"] = str(export_student(distiller, str(out / "student.keras"), format="keras"))
+
+    # Pictures.
+    print("Drawing the pictures ...", flush=True)
+    files["fsp_matrices"] = str(out / "fsp_matrices.png")
+    columns = [
+        (f"teacher {results['models']['teacher']}", teacher_gs),
+        ("student before distillation", fsp_before[1]),
+        ("FSP student after stage 1", fsp_after_stage1),
+        ("FSP student, final", fsp_final),
+        ("student alone, final", alone_gs),
+    ]
+    d = results["fsp_distance_to_teacher"]
+    plot_fsp_matrices(
+        files["fsp_matrices"], distiller.fsp_pairs, columns,
+        {
+            "student before distillation": d["student_before"],
+            "FSP student after stage 1": d["fsp_student_after_stage_1"],
+            "FSP student, final": d["fsp_student_final"],
+            "student alone, final": d["student_alone_final"],
+        },
+    )
+    files["training_curves"] = str(out / "training_curves.png")
+    plot_training_curves(
+        files["training_curves"], alone_hist, fsp_hist,
+        results["history"]["fsp_student_fsp_loss"], e_fsp, alone_acc,
+    )
+
+    files["results_json"] = str(out / "results.json")
+    files["results_md"] = str(out / "results.md")
+    results["files"] = files
+    results["seconds"] = {
+        "teacher": round(rec_teacher.seconds, 1),
+        "student_alone": round(rec_alone.seconds, 1),
+        "fsp_student": round(rec_fsp.seconds, 1),
+        "total": round(time.time() - t_start, 1),
+    }
+    Path(files["results_json"]).write_text(json.dumps(results, indent=2), encoding="utf-8")
+    _write_markdown(files["results_md"], results, md_table)
+
+    print(f"\nDone in {results['seconds']['total']:.0f} s. Outputs in {out.resolve()}/:")
+    for name in sorted(os.listdir(out)):
+        print(f"  {out / name}")
+    if return_models:
+        results["models_"] = {
+            "teacher": teacher, "student_alone": student_alone,
+            "fsp_student": student, "distiller": distiller,
+        }
+    return results
+
+
+# ---------------------------------------------------------------------- main
+
+
+def _define_flags():
+    """Defines the command-line flags once (importing the module defines none)."""
+    from absl import flags
+
+    if "epochs_scale" in flags.FLAGS:
+        return flags.FLAGS
+    flags.DEFINE_string("output_dir", DEFAULT_OUTPUT_DIR, "Where the outputs go.")
+    flags.DEFINE_float("epochs_scale", 1.0, "Multiplies every epoch count.")
+    flags.DEFINE_integer("seed", 0, "Seed of the split, the weights and the shuffling.")
+    return flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # no TensorFlow INFO lines on export
+    FLAGS = _define_flags()
+    run(FLAGS.output_dir, epochs_scale=FLAGS.epochs_scale, seed=FLAGS.seed)
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

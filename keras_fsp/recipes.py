@@ -1,0 +1,240 @@
+"""The papers' training procedures as recipes: stages, per-stage optimizers
+and learning-rate schedules, and callbacks, so an experiment is a few lines.
+
+    recipe = recipes.fsp_paper(teacher, student, steps_per_epoch=391)
+    recipe.compile(metrics=["accuracy"])
+    recipe.fit(train_dataset, validation_data=test_dataset)
+
+Schedules are given in iterations, as in the papers, and converted to whole
+epochs (rounded up) with `steps_per_epoch`. Every stage has its own SGD
+(momentum 0.9) whose step count starts at 0, so each stage's learning-rate
+boundaries count from the stage's start. Weight decay is the models' own
+(`cifar_resnet(weight_decay=1e-4)`).
+"""
+
+import dataclasses
+import math
+from typing import Dict, List, Optional
+
+import keras
+
+from keras_fsp.callbacks import LossWeightSchedule, StageSchedule
+from keras_fsp.distiller import FSPDistiller
+from keras_fsp.models.cifar_resnet import dense_taps
+from keras_fsp.stages import UP_TO_TAPS, Stage
+
+
+def sgd(rates, boundaries=(), momentum=0.9):
+    """SGD with a piecewise-constant learning rate (boundaries in steps)."""
+    rates, boundaries = [float(r) for r in rates], [int(b) for b in boundaries]
+    if len(rates) != len(boundaries) + 1:
+        raise ValueError(f"{len(rates)} rates need {len(rates) - 1} boundaries; got {boundaries}.")
+    lr = (
+        keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, rates)
+        if boundaries
+        else rates[0]
+    )
+    return keras.optimizers.SGD(learning_rate=lr, momentum=momentum)
+
+
+def _epochs(iterations, steps_per_epoch):
+    return max(1, math.ceil(iterations / steps_per_epoch))
+
+
+def _scaled(values, scale):
+    return [max(1, int(round(v * scale))) for v in values]
+
+
+@dataclasses.dataclass
+class Recipe:
+    """A model to train, its stages by start epoch, and its callbacks.
+
+    Attributes:
+        name: the method's name.
+        model: the `FSPDistiller` (or, for supervised recipes, the model).
+        schedule: `{start_epoch: Stage}`; empty for supervised recipes.
+        epochs: total epochs.
+        callbacks: callbacks the recipe needs (the stage schedule included).
+        student: the network being trained.
+    """
+
+    name: str
+    model: keras.Model
+    schedule: Dict[int, Stage]
+    epochs: int
+    callbacks: List[keras.callbacks.Callback]
+    student: keras.Model
+    optimizer: Optional[keras.optimizers.Optimizer] = None
+
+    def compile(self, metrics=("accuracy",), **kwargs):
+        if isinstance(self.model, FSPDistiller):
+            # Every stage brings its own optimizer; "sgd" is only the template.
+            self.model.compile(optimizer="sgd", metrics=list(metrics), **kwargs)
+        else:
+            self.model.compile(
+                optimizer=self.optimizer,
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                metrics=list(metrics),
+                **kwargs,
+            )
+        return self
+
+    def fit(self, x=None, y=None, callbacks=(), **kwargs):
+        """`model.fit` with the recipe's epochs and callbacks (and yours)."""
+        kwargs.setdefault("epochs", self.epochs)
+        return self.model.fit(x, y, callbacks=list(self.callbacks) + list(callbacks), **kwargs)
+
+
+def supervised(model, steps_per_epoch, iterations=64000, boundaries=(32000, 48000),
+               rates=(0.1, 0.01, 0.001), augment=None, scale=1.0, name="supervised"):
+    """Plain training with labels: the papers' teachers and the student alone.
+
+    He et al.'s CIFAR recipe: SGD momentum 0.9, 0.1 -> 0.01 -> 0.001 at 32k
+    and 48k of 64k iterations. `augment` (e.g. `PadCropFlip()`) runs inside
+    the step, in training only; `scale` shrinks every iteration count.
+    """
+    iterations, *boundaries = _scaled([iterations, *boundaries], scale)
+    trained = model
+    if augment is not None:
+        inputs = keras.Input(model.input_shape[1:])
+        trained = keras.Model(inputs, model(augment(inputs)), name=f"{model.name}_augmented")
+    return Recipe(name, trained, {}, _epochs(iterations, steps_per_epoch), [], model,
+                  optimizer=sgd(rates, boundaries))
+
+
+def student_alone(student, steps_per_epoch, iterations=64000, augment=None, scale=1.0):
+    """The baseline: the student trained with labels on the stage-2 budget."""
+    return supervised(student, steps_per_epoch, iterations, augment=augment,
+                      scale=scale, name="student_alone")
+
+
+def _task_stage(iterations, scale):
+    """Stage 2 of the FSP paper: labels only, 0.1 -> 0.01 -> 0.001 at 50%/75%."""
+    iterations, b1, b2 = _scaled([iterations, iterations // 2, iterations * 3 // 4], scale)
+    return Stage("task", {"task": 1.0}, optimizer=sgd((0.1, 0.01, 0.001), (b1, b2))), iterations
+
+
+def fsp_paper(teacher, student, steps_per_epoch, stage1_iterations=21000,
+              stage2_iterations=64000, pairs="sections", pooling="max",
+              projection=False, augment=None, scale=1.0):
+    """FSP as published (Yim et al. 2017).
+
+    Stage 1: FSP loss only on each section's input/output pair, max pooling,
+    equal lambdas; learning rate 1e-3 -> 1e-4 -> 1e-5 at 11k and 16k of 21k.
+    Stage 2: labels only, 0.1 -> 0.01 -> 0.001 at 32k and 48k of 64k; the
+    teacher does not run.
+
+    Args:
+        pairs: `"sections"` (the paper) or `"consecutive"` (consecutive section
+            outputs, the PyTorch toolkits' reading), or an explicit list.
+        pooling: `"max"` (the paper) or `"avg"`.
+        projection: learn 1x1 projections for unequal channel counts.
+    """
+    if pairs == "sections":
+        fsp_pairs = "auto"
+    elif pairs == "consecutive":
+        fsp_pairs = [("stage1", "stage2"), ("stage2", "stage3")]
+    else:
+        fsp_pairs = pairs
+    s1, b1, b2 = _scaled([stage1_iterations, stage1_iterations * 11 / 21,
+                          stage1_iterations * 16 / 21], scale)
+    fsp = Stage("fsp", {"fsp": 1.0}, trainable=UP_TO_TAPS,
+                optimizer=sgd((1e-3, 1e-4, 1e-5), (b1, b2)))
+    task, s2 = _task_stage(stage2_iterations, scale)
+    distiller = FSPDistiller(teacher, student, fsp_pairs=fsp_pairs, fsp_pooling=pooling,
+                             fsp_projection=projection, augment=augment,
+                             stages={"fsp": fsp, "task": task}, stage="fsp")
+    e1 = _epochs(s1, steps_per_epoch)
+    schedule = {0: fsp, e1: task}
+    return Recipe("fsp", distiller, schedule, e1 + _epochs(s2, steps_per_epoch),
+                  [StageSchedule(schedule)], student)
+
+
+def dense_fsp(teacher, student, steps_per_epoch, points_per_section=2,
+              stage1_iterations=21000, stage2_iterations=64000, augment=None, scale=1.0):
+    """Dense, sequential FSP (Yeo et al. 2018).
+
+    Taps `points_per_section` evenly spaced maps per section of both
+    `cifar_resnet`s (`keras_fsp.models.dense_taps`) and pairs consecutive
+    taps, across the down-sampling points (max pooling). Stage 1 is split
+    into one step per section: step k trains on the pairs that end in
+    sections 1..k, a third of the stage-1 iterations each, at 1e-3 then 1e-4
+    for its last third (the slides give no schedule: this is our reading).
+    Then the task stage, as in `fsp_paper`.
+    """
+    t_taps = dense_taps(teacher, points_per_section)
+    s_taps = dense_taps(student, points_per_section)
+    t_pairs, s_pairs = list(zip(t_taps[:-1], t_taps[1:])), list(zip(s_taps[:-1], s_taps[1:]))
+    section_of = [int(b.split("_")[0][-1]) for _, b in s_pairs]  # "stage2_block1" -> 2
+    step_iters = stage1_iterations / 3
+    n, b = _scaled([step_iters, step_iters * 2 / 3], scale)
+    stages = {}
+    for k in (1, 2, 3):
+        index = [i for i, s in enumerate(section_of) if s <= k]
+        stages[f"dense_fsp_{k}"] = Stage(
+            f"dense_fsp_{k}", {"fsp": 1.0}, trainable=UP_TO_TAPS, fsp_pairs=index,
+            optimizer=sgd((1e-3, 1e-4), (b,)),
+        )
+    task, s2 = _task_stage(stage2_iterations, scale)
+    stages["task"] = task
+    distiller = FSPDistiller(teacher, student, fsp_pairs=t_pairs, student_fsp_pairs=s_pairs,
+                             augment=augment, stages=stages, stage="dense_fsp_1")
+    step_epochs = _epochs(n, steps_per_epoch)
+    schedule = {(k - 1) * step_epochs: stages[f"dense_fsp_{k}"] for k in (1, 2, 3)}
+    schedule[3 * step_epochs] = task
+    return Recipe("dense_fsp", distiller, schedule,
+                  3 * step_epochs + _epochs(s2, steps_per_epoch),
+                  [StageSchedule(schedule)], student)
+
+
+def fitnets(teacher, student, steps_per_epoch, hint_layer="stage2", guided_layer="stage2",
+            stage1_iterations=35000, stage2_iterations=64000, temperature=3.0,
+            lambda_start=4.0, lambda_end=1.0, augment=None, scale=1.0):
+    """FitNets as the FSP paper ran it (Romero et al. 2015).
+
+    Stage 1: hint loss, training the student up to the guided layer and the
+    regressor, learning rate 1e-4 then 1e-5 after 25k of 35k iterations.
+    Stage 2: `task + lambda * soft targets` at temperature 3, lambda falling
+    linearly from 4 to 1 over the stage (epoch by epoch), 0.1 -> 0.01 ->
+    0.001 at 50% and 75%.
+    """
+    s1, b1 = _scaled([stage1_iterations, stage1_iterations * 25 / 35], scale)
+    hint = Stage("hint", {"hint": 1.0}, trainable=UP_TO_TAPS, optimizer=sgd((1e-4, 1e-5), (b1,)))
+    task, s2 = _task_stage(stage2_iterations, scale)
+    kd = Stage("fitnets_kd", {"kd": lambda_start, "task": 1.0}, optimizer=task.optimizer)
+    distiller = FSPDistiller(teacher, student, fsp_pairs=None, hint_layer=hint_layer,
+                             guided_layer=guided_layer, temperature=temperature,
+                             augment=augment, stages={"hint": hint, "fitnets_kd": kd},
+                             stage="hint")
+    e1, e2 = _epochs(s1, steps_per_epoch), _epochs(s2, steps_per_epoch)
+    schedule = {0: hint, e1: kd}
+    decay = LossWeightSchedule.linear("kd", lambda_start, lambda_end, epochs=e2, start_epoch=e1)
+    return Recipe("fitnet", distiller, schedule, e1 + e2, [StageSchedule(schedule), decay], student)
+
+
+def hinton_kd(teacher, student, steps_per_epoch, iterations=64000, temperature=4.0,
+              kd_weight=0.9, augment=None, scale=1.0):
+    """Hinton soft targets: `kd_weight * T^2 H(soft) + (1 - kd_weight) * H(labels)`,
+    one stage, the student's usual schedule."""
+    task, its = _task_stage(iterations, scale)
+    kd = Stage("kd", {"kd": kd_weight, "task": 1.0 - kd_weight}, optimizer=task.optimizer)
+    distiller = FSPDistiller(teacher, student, fsp_pairs=None, temperature=temperature,
+                             augment=augment, stages={"kd": kd}, stage="kd")
+    return Recipe("kd", distiller, {0: kd}, _epochs(its, steps_per_epoch),
+                  [StageSchedule({0: kd})], student)
+
+
+RECIPES = {
+    "fsp": fsp_paper,
+    "dense_fsp": dense_fsp,
+    "fitnet": fitnets,
+    "kd": hinton_kd,
+}
+
+
+def get(method):
+    """The recipe function for a method name: fsp, dense_fsp, fitnet, kd."""
+    if method not in RECIPES:
+        raise ValueError(f"Unknown method {method!r}; choose one of {sorted(RECIPES)} "
+                         "(or student_alone / supervised for training without a teacher).")
+    return RECIPES[method]
