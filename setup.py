@@ -20,15 +20,16 @@ setup(
         "numpy>=1.26",
         "absl-py>=2.1",
         "tf-keras-vis==0.8.7",
+        "matplotlib>=3.8",  # the pictures (keras-fsp visualize, the demo)
     ],
     extras_require={
         # The offline Quickstart demo: bundled digits data and pictures.
-        "demo": ["scikit-learn>=1.4", "matplotlib>=3.8"],
-        "test": ["pytest>=8", "scikit-learn>=1.4", "matplotlib>=3.8"],
+        "demo": ["scikit-learn>=1.4"],
+        "test": ["pytest>=8", "scikit-learn>=1.4"],
         # The second test suite (the same tests on the JAX backend, CPU).
         "jax": ["jax[cpu]>=0.4.30"],
     },
-    entry_points={},
+    entry_points={"console_scripts": ["keras-fsp = keras_fsp.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

@@ -2,8 +2,9 @@
 (Yim et al., CVPR 2017), FitNets hints, Hinton soft targets and dense,
 sequential FSP.
 
-Importing keras_fsp does not import TensorFlow: the TensorFlow-only parts
-(`export_student`) import it when called.
+keras_fsp itself never imports TensorFlow at import time (on the TensorFlow
+backend Keras does): on JAX it runs without TensorFlow installed, and the
+TensorFlow-only parts (`export_student`, `keras_fsp.data`) import it when used.
 """
 
 from keras_fsp import callbacks, models, stages, taps

@@ -353,6 +353,8 @@ class FSPDistiller(keras.Model):
         self._stage = stage
         if self._optimizer_template is not None:
             self._install_optimizer(stage)
+        if not getattr(self, "_in_fit", False):
+            self._restore_student_trainable()
 
     def _apply_trainable(self, stage):
         selector = stage.trainable
@@ -427,7 +429,9 @@ class FSPDistiller(keras.Model):
             self._task_loss = loss
         super().compile(optimizer=optimizer, loss=None, metrics=metrics, **kwargs)
         self._optimizer_template = self.optimizer
+        self._apply_trainable(self._stage)
         self._install_optimizer(self._stage)
+        self._restore_student_trainable()
 
     # ---------------------------------------------------------- forward pass
 
@@ -561,8 +565,9 @@ class FSPDistiller(keras.Model):
             values["task"] = self._task_value(y, y_pred[taps.LOGITS], sample_weight)
 
         total = 0.0
+        batch = ops.shape(x)[0]  # weight like Keras' own loss tracker
         for term, value in values.items():
-            self._term_trackers[term].update_state(value)
+            self._term_trackers[term].update_state(value, sample_weight=batch)
             total = total + self._term_weights[term] * value
         # Each replica averages over its share of the global batch; gradients
         # are summed over replicas, so divide by their number.
@@ -601,6 +606,21 @@ class FSPDistiller(keras.Model):
                 hidden.add(id(self._compile_metrics))
         return [m for m in metrics if id(m) not in hidden]
 
+    def fit(self, *args, **kwargs):
+        """`keras.Model.fit`; the student's own trainable flags are restored
+        afterwards (stages freeze parts of it only while training)."""
+        self._apply_trainable(self._stage)
+        self._in_fit = True
+        try:
+            return super().fit(*args, **kwargs)
+        finally:
+            self._in_fit = False
+            self._restore_student_trainable()
+
+    def _restore_student_trainable(self):
+        for layer in self.student.layers:
+            layer.trainable = self._student_trainable[layer.name]
+
     def evaluate(self, *args, **kwargs):
         """The student's `evaluate`: its task loss and compiled metrics."""
         self._evaluating = True
@@ -624,10 +644,11 @@ class FSPDistiller(keras.Model):
     # ---------------------------------------------------------- serialization
 
     def get_config(self):
+        builtin = builtin_stages(self._config["kd_weight"])
         custom = {
             name: stage.get_config()
             for name, stage in self.stages.items()
-            if name not in builtin_stages(self._config["kd_weight"])
+            if builtin.get(name) != stage  # user stages, overrides included
         }
         return {
             "name": self.name,

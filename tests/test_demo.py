@@ -2,7 +2,11 @@
 scale: one training run shared by the tests of this module."""
 
 import json
+import os
 import struct
+import subprocess
+import sys
+import textwrap
 
 import keras
 import numpy as np
@@ -19,6 +23,9 @@ N_TEST = 500
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
+    if keras.backend.backend() != "tensorflow":
+        # It runs on JAX too (less the SavedModel), but takes ~100 s there.
+        pytest.skip("the demo's training run is tested on TensorFlow")
     out = tmp_path_factory.mktemp("fsp_demo")
     results = demo.run(out, epochs_scale=0.05, seed=0, verbose=0, return_models=True)
     return out, results
@@ -67,7 +74,7 @@ def test_fsp_stage_moves_student_towards_teacher(demo_run):
     d = r["fsp_distance_to_teacher"]
     assert all(len(v) == 3 for v in d.values())
     # One epoch of the FSP stage reduces the FSP loss (several-fold on the digits).
-    assert sum(d["fsp_student_after_stage_1"]) < 0.7 * sum(d["student_before"])
+    assert sum(d["fsp_student_after_stage_1"]) < 0.8 * sum(d["student_before"])
     assert r["history"]["fsp_student_fsp_loss"][0] > 0
 
 
@@ -153,6 +160,14 @@ def test_epochs_to_reach():
     assert demo.epochs_to_reach([0.982], 0.984, 500) is None
 
 
+def test_task_epochs_to_reach_skips_the_fsp_stage():
+    # FSP stage of 2 epochs (at chance), then the task stage.
+    reach = demo.task_epochs_to_reach([0.9, 0.97, 0.98], [0.1, 0.99, 0.98, 0.99], 2, 0.98, 500)
+    assert reach == {"student_alone": 3, "fsp_student": 1}
+    reach = demo.task_epochs_to_reach([0.98], [0.99, 0.97], 1, 0.98, 500)
+    assert reach == {"student_alone": 1, "fsp_student": None}
+
+
 def test_scaled_epochs():
     assert demo.scaled_epochs(30, 1.0) == 30
     assert demo.scaled_epochs(30, 0.05) == 2
@@ -177,19 +192,33 @@ def test_run_rejects_bad_scale(tmp_path):
         demo.run(tmp_path, epochs_scale=0)
 
 
-def test_flags_and_main(monkeypatch):
-    from absl import flags
+def test_command_line_flags_reach_run():
+    """`python -m keras_fsp.demo` flags, parsed by absl's app.run, in a
+    subprocess (the flags are global state): importing the module defines
+    none, defining them twice is harmless, and main hands them to run."""
+    script = textwrap.dedent(
+        """
+        import json
+        from absl import app, flags
+        from keras_fsp import demo
 
-    # Importing the demo defines no flags; defining them twice is harmless.
-    assert "epochs_scale" not in flags.FLAGS
-    fl = demo._define_flags()
-    assert demo._define_flags() is fl
-    calls = []
-    monkeypatch.setattr(demo, "run", lambda *a, **k: calls.append((a, k)))
-    fl(["demo", "--output_dir=somewhere", "--epochs_scale=0.25", "--seed=7"])
-    try:
-        demo.main([])
-    finally:
-        fl.unparse_flags()
-    assert calls == [(("somewhere",), {"epochs_scale": 0.25, "seed": 7})]
-    assert fl is flags.FLAGS
+        assert "epochs_scale" not in flags.FLAGS, "importing defined flags"
+        calls = []
+        demo.run = lambda *a, **k: calls.append([list(a), k])
+        demo._define_flags()
+        demo._define_flags()
+        try:
+            app.run(demo.main, argv=["demo", "--output_dir=somewhere",
+                                     "--epochs_scale=0.25", "--seed=7"])
+        except SystemExit as e:
+            assert not e.code, e.code
+        print("CALLS", json.dumps(calls))
+        """
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = [l for l in done.stdout.splitlines() if l.startswith("CALLS ")][-1]
+    assert json.loads(line[6:]) == [[["somewhere"], {"epochs_scale": 0.25, "seed": 7}]]

@@ -20,5 +20,8 @@ def test_api_tour_runs(tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), namespace)
     distiller = namespace["distiller"]
     assert distiller.stage.name == "task"
+    import numpy as np
+    losses = namespace["history"].history
+    assert np.all(np.isfinite(losses["fsp_loss"])) and np.all(np.isfinite(losses["task_loss"]))
     assert distiller.fsp_pairs == [("stem", "stage1"), ("stage1", "stage2"), ("stage2", "stage3")]
     assert os.path.exists(tmp_path / "student_savedmodel" / "saved_model.pb")

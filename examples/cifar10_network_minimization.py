@@ -1,0 +1,136 @@
+"""Network minimization on CIFAR-10 (FSP paper, table 3): a ResNet-26 teacher,
+a ResNet-8 student trained alone or distilled with FSP, dense FSP, FitNets or KD.
+
+    # the teacher (paper recipe: 64k iterations), then the students
+    python examples/cifar10_network_minimization.py --method teacher --out_dir runs/c10
+    python examples/cifar10_network_minimization.py --method fsp \
+        --teacher_weights runs/c10/teacher_seed0.weights.h5 --out_dir runs/c10
+
+Data: the real CIFAR-10 of `../shared/data` (`--data_dir`, the folder holding
+its `datasets.py`), per-channel normalisation, 4-pixel pad + random crop +
+flip inside the compiled step. `--scale` shrinks every iteration count of the
+papers' schedules; `--smoke` runs a seconds-long check on random data.
+Writes `<method>_seed<seed>.json` (and `.weights.h5`) into `--out_dir`.
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+
+flags.DEFINE_enum("method", "fsp", ["teacher", "student_alone", "fsp", "dense_fsp", "fitnet", "kd"],
+                  "What to train.")
+flags.DEFINE_integer("teacher_depth", 26, "Teacher ResNet depth (6n+2).")
+flags.DEFINE_integer("student_depth", 8, "Student ResNet depth (6n+2).")
+flags.DEFINE_string("teacher_weights", None, "Teacher weights (.weights.h5) for distillation.")
+flags.DEFINE_float("scale", 1.0, "Multiplies every iteration count of the schedules.")
+flags.DEFINE_integer("batch_size", 128, "Batch size.")
+flags.DEFINE_integer("seed", 0, "Random seed.")
+flags.DEFINE_string("data_dir", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"),
+                    "Folder of the shared datasets.py and cifar10.npz.")
+flags.DEFINE_string("out_dir", "runs/cifar10", "Where results and weights go.")
+flags.DEFINE_bool("smoke", False, "Seconds-long run on random data (for tests).")
+flags.DEFINE_float("max_minutes", None, "Stop after the epoch that passes this wall time "
+                   "(the result then says completed: false).")
+FLAGS = flags.FLAGS
+
+
+def load_cifar10(data_dir, smoke=False):
+    import numpy as np
+
+    if smoke:
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8)
+        y = rng.integers(0, 10, 256)
+        return (x, y), (x[:64], y[:64]), None
+    sys.path.insert(0, os.path.abspath(data_dir))
+    import datasets  # ../shared/data/datasets.py
+
+    (x_train, y_train), (x_test, y_test) = datasets.load_cifar10()
+    genuine = datasets.load_cifar10_genuine_test_subset()
+    return (x_train, y_train), (x_test, y_test), genuine
+
+
+def run(method="fsp", teacher_depth=26, student_depth=8, teacher_weights=None, scale=1.0,
+        batch_size=128, seed=0, data_dir=".", out_dir="runs/cifar10", smoke=False,
+        max_minutes=None):
+    import keras
+    import numpy as np
+
+    from keras_fsp import recipes
+    from keras_fsp.augment import PadCropFlip
+    from keras_fsp.models import cifar_resnet
+
+    keras.utils.set_random_seed(seed)
+    (x_train, y_train), (x_test, y_test), genuine = load_cifar10(data_dir, smoke)
+    mean = x_train.reshape(-1, 3).mean(axis=0)
+    std = x_train.reshape(-1, 3).std(axis=0)
+    norm = lambda x: ((x.astype("float32") - mean) / std).astype("float32")  # noqa: E731
+    x_train, x_test = norm(x_train), norm(x_test)
+    steps = -(-len(x_train) // batch_size)  # batches per epoch, the last one partial
+    if smoke:
+        scale = min(scale, 2 * steps / 64000)
+    augment = PadCropFlip(pad=4, flip=True, seed=seed)
+
+    if method == "teacher":
+        net = cifar_resnet(teacher_depth, name=f"resnet{teacher_depth}")
+        recipe = recipes.supervised(net, steps, augment=augment, scale=scale, name="teacher")
+    else:
+        student = cifar_resnet(student_depth, name=f"resnet{student_depth}")
+        if method == "student_alone":
+            recipe = recipes.student_alone(student, steps, augment=augment, scale=scale)
+        else:
+            teacher = cifar_resnet(teacher_depth, name=f"resnet{teacher_depth}")
+            if teacher_weights:
+                teacher.load_weights(teacher_weights)
+            elif not smoke:
+                raise app.UsageError("--teacher_weights is needed to distil.")
+            maker = {"fsp": recipes.fsp_paper, "dense_fsp": recipes.dense_fsp,
+                     "fitnet": recipes.fitnets, "kd": recipes.hinton_kd}[method]
+            recipe = maker(teacher, student, steps, augment=augment, scale=scale)
+        net = recipe.student
+    recipe.compile(metrics=["accuracy"])
+    start = time.time()
+
+    class _Deadline(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if max_minutes and time.time() - start > 60 * max_minutes:
+                self.model.stop_training = True
+
+    history = recipe.fit(x_train, y_train, batch_size=batch_size,
+                         validation_data=(x_test, y_test), validation_freq=max(1, recipe.epochs // 8),
+                         callbacks=[_Deadline()], verbose=2)
+    seconds = time.time() - start
+    logits = net.predict(x_test, batch_size=1000, verbose=0)
+    result = {
+        "method": method, "seed": seed, "scale": scale, "epochs": recipe.epochs,
+        "steps_per_epoch": steps, "batch_size": batch_size, "train_seconds": round(seconds, 1),
+        "test_accuracy": float((logits.argmax(-1) == y_test).mean()),
+        "epochs_run": len(history.history["loss"]),
+        "completed": len(history.history["loss"]) == recipe.epochs,
+        "backend": keras.backend.backend(),
+        "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
+    }
+    if genuine is not None:
+        images, labels, _ = genuine
+        g = net.predict(norm(images), batch_size=1000, verbose=0)
+        result["genuine_subset_accuracy"] = float((g.argmax(-1) == labels).mean())
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"{method}_seed{seed}")
+    net.save_weights(stem + ".weights.h5")
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps({k: v for k, v in result.items() if k != "history"}))
+    return result
+
+
+def main(_):
+    run(FLAGS.method, FLAGS.teacher_depth, FLAGS.student_depth, FLAGS.teacher_weights,
+        FLAGS.scale, FLAGS.batch_size, FLAGS.seed, FLAGS.data_dir, FLAGS.out_dir, FLAGS.smoke,
+        FLAGS.max_minutes)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,724 @@
+"""The `keras-fsp` command: train a teacher, distil a student, evaluate,
+export and visualise, with runs that resume after an interruption.
+
+    keras-fsp SUBCOMMAND [--flag=value ...]
+    python -m keras_fsp.cli SUBCOMMAND [--flag=value ...]
+
+Subcommands:
+    train-teacher   train the teacher (ResNet-<teacher_depth>) on the labels
+    distill         distil a student (ResNet-<student_depth>) from a teacher:
+                    --method fsp | dense-fsp | fitnet | kd | none
+                    (none: the student alone, on the labels)
+    evaluate        test accuracy of a trained model (--model)
+    export          SavedModel and .keras file of a trained model (--model)
+    visualize       pictures comparing the teacher and a student
+
+A training run writes into --model_dir: config.json (every flag's value),
+log.txt, metrics.csv (one row per epoch), checkpoints/ (one per epoch,
+written atomically), metrics.json (test accuracy etc.) and, once the run is
+complete, export/ (the trained network as a SavedModel) and teacher.keras or
+student.keras. Running the same
+command again continues from the last checkpoint and ends with the weights an
+uninterrupted run would have. `--epochs N` stops after N epochs in all (run
+again without it to continue).
+
+Examples (the digits data set is bundled with scikit-learn, no download):
+
+    keras-fsp train-teacher --dataset digits --teacher_depth 14 --schedule_scale 0.01
+    keras-fsp distill --method fsp --dataset digits --teacher_depth 14 --schedule_scale 0.01
+    keras-fsp evaluate --dataset digits --model runs/distill-fsp-digits
+
+`run(argv)` does the work and returns a dict; `main` maps errors to one-line
+messages and exit codes (2: bad input, 1: training failed, 130: interrupted).
+"""
+
+import json
+import os
+import shutil
+import sys
+import time
+
+SUBCOMMANDS = ("train-teacher", "distill", "evaluate", "export", "visualize")
+TRAINING = ("train-teacher", "distill")
+# --method -> keras_fsp.recipes function name.
+METHODS = {
+    "fsp": "fsp_paper",
+    "dense-fsp": "dense_fsp",
+    "fitnet": "fitnets",
+    "kd": "hinton_kd",
+    "none": "student_alone",
+}
+TEACHER_RECIPE = "supervised"
+# Flags that may change between the runs of one model_dir (everything else
+# must stay as it was for a resumed run to be the same run).
+RESUMABLE_CHANGES = ("epochs", "verbose", "overwrite", "data_dir", "model_dir", "num_images")
+# Model files of a run folder, in the order they are looked for.
+MODEL_FILES = ("student.keras", "teacher.keras", "model.keras")
+TEACHER_FILES = ("teacher.keras", "model.keras")
+FSP_IMAGES = 256
+
+USAGE = f"""Usage: keras-fsp SUBCOMMAND [--flag=value ...]
+
+Subcommands: {", ".join(SUBCOMMANDS)}
+  train-teacher  train the teacher ResNet-<teacher_depth> on the labels
+  distill        distil ResNet-<student_depth> from --teacher with --method
+                 ({", ".join(METHODS)}; none = the student alone)
+  evaluate       test accuracy of --model (a .keras file or a run folder)
+  export         SavedModel + .keras file of --model into --model_dir
+  visualize      pictures of --teacher vs --model (student) into --model_dir
+
+Run `keras-fsp --help` for every flag."""
+
+
+class CLIError(SystemExit):
+    """A one-line error for the user; `main` prints it without a traceback.
+
+    A `SystemExit`, so that an uncaught one also ends the program with its
+    message and no traceback.
+    """
+
+    def __init__(self, message, code=2):
+        super().__init__(code)
+        self.message = " ".join(str(message).split())
+
+    def __str__(self):
+        return self.message
+
+
+# -------------------------------------------------------------------- flags
+
+
+def _flag_values():
+    """A fresh set of flags (no global state: `run` can be called again)."""
+    from absl import flags
+
+    fv = flags.FlagValues()
+    d = dict(flag_values=fv)
+    flags.DEFINE_string("dataset", "digits", "cifar10 | cifar100 | digits | npz:PATH "
+                        "(an .npz file with x_train, y_train, x_test, y_test).", **d)
+    flags.DEFINE_string("data_dir", None, "Where tensorflow-datasets keeps its data.", **d)
+    flags.DEFINE_string("model_dir", None, "The run's folder; default "
+                        "runs/<subcommand>-<dataset> (distill: runs/distill-<method>-<dataset>).", **d)
+    flags.DEFINE_string("method", "fsp", f"distill: one of {', '.join(METHODS)}.", **d)
+    flags.DEFINE_integer("teacher_depth", 26, "Depth of the teacher CIFAR ResNet (6n+2).", **d)
+    flags.DEFINE_integer("student_depth", 8, "Depth of the student CIFAR ResNet (6n+2).", **d)
+    flags.DEFINE_string("teacher", None, "distill/visualize: the teacher, a .keras or "
+                        ".weights.h5 file or a train-teacher run folder; default the "
+                        "train-teacher-<dataset> folder beside --model_dir.", **d)
+    flags.DEFINE_string("model", None, "evaluate/export/visualize: the trained network, "
+                        "a .keras file or a run folder; default the distill-fsp-<dataset> "
+                        "folder beside --model_dir.", **d)
+    flags.DEFINE_float("schedule_scale", 1.0, "Multiplies every iteration count of the "
+                       "recipe (the papers' schedules): 0.01 trains 1% as long.", **d)
+    flags.DEFINE_integer("epochs", None, "Stop after this many epochs in all (default: "
+                         "the whole schedule); run again without it to continue.", **d)
+    flags.DEFINE_integer("batch_size", 128, "Training batch size.", **d)
+    flags.DEFINE_integer("seed", 0, "Seed of the weights, the data order and the augmentation.", **d)
+    flags.DEFINE_float("temperature", None, "Soft-target temperature (kd: default 4, "
+                       "fitnet: default 3); other methods have none.", **d)
+    flags.DEFINE_float("learning_rate_scale", 1.0, "Multiplies every learning rate of "
+                       "the recipe (each stage's schedule).", **d)
+    flags.DEFINE_float("weight_decay", 1e-4, "L2 weight decay of the ResNets.", **d)
+    flags.DEFINE_boolean("overwrite", False, "Start over: delete the run's checkpoints and "
+                         "outputs in --model_dir instead of continuing.", **d)
+    flags.DEFINE_integer("num_images", 6, "visualize: how many test images.", **d)
+    flags.DEFINE_integer("verbose", 2, "Keras fit verbosity (0, 1, 2).", **d)
+    return fv
+
+
+def _help():
+    import textwrap
+
+    fv = _flag_values()
+    lines = [USAGE.rsplit("\n\n", 1)[0], "", "Flags (--name=value; booleans --name / --noname):"]
+    for name in sorted(fv):
+        flag = fv[name]
+        if name in ("flagfile", "undefok") or flag.help is None:
+            continue
+        default = "" if flag.default is None else f" (default: {flag.default})"
+        lines.append(textwrap.fill(f"--{name}: {flag.help}{default}", width=79,
+                                   initial_indent="  ", subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def _slug(dataset):
+    if dataset.startswith("npz:"):
+        base = os.path.basename(dataset[4:])
+        return "npz-" + (base[:-4] if base.endswith(".npz") else base)
+    return dataset
+
+
+def _parse(argv):
+    from absl import flags
+
+    argv = list(argv)
+    if not argv:
+        argv = ["keras-fsp"]
+    fv = _flag_values()
+    try:
+        rest = fv(argv)[1:]
+    except flags.Error as e:
+        raise CLIError(f"{e}. Run `keras-fsp --help` for the flags.") from None
+    if not rest:
+        raise CLIError(f"no subcommand; choose one of {', '.join(SUBCOMMANDS)}.")
+    if len(rest) > 1:
+        raise CLIError(f"unexpected arguments {rest[1:]}: flags take the form --name=value.")
+    sub = rest[0]
+    if sub not in SUBCOMMANDS:
+        raise CLIError(f"unknown subcommand {sub!r}; choose one of {', '.join(SUBCOMMANDS)}.")
+    cfg = {name: fv[name].value for name in fv}
+    cfg = {k: cfg[k] for k in sorted(cfg) if k not in ("help", "helpfull", "helpshort",
+                                                      "helpxml", "flagfile", "undefok")}
+    cfg["subcommand"] = sub
+    if cfg["method"] not in METHODS:
+        raise CLIError(f"unknown method {cfg['method']!r}; choose one of {', '.join(METHODS)}.")
+    if not cfg["schedule_scale"] > 0:
+        raise CLIError(f"--schedule_scale must be > 0; got {cfg['schedule_scale']}.")
+    if not cfg["learning_rate_scale"] > 0:
+        raise CLIError(f"--learning_rate_scale must be > 0; got {cfg['learning_rate_scale']}.")
+    if cfg["batch_size"] < 1:
+        raise CLIError(f"--batch_size must be >= 1; got {cfg['batch_size']}.")
+    if cfg["epochs"] is not None and cfg["epochs"] < 1:
+        raise CLIError(f"--epochs must be >= 1; got {cfg['epochs']}.")
+    if cfg["temperature"] is not None and not cfg["temperature"] > 0:
+        raise CLIError(f"--temperature must be > 0; got {cfg['temperature']}.")
+    for flag in ("teacher_depth", "student_depth"):
+        depth = cfg[flag]
+        if depth < 8 or (depth - 2) % 6:
+            raise CLIError(f"--{flag} must be 6n+2 (8, 14, 20, 26, 32, 56, 110, ...); got {depth}.")
+    slug = _slug(cfg["dataset"])
+    if cfg["model_dir"] is None:
+        name = f"distill-{cfg['method']}-{slug}" if sub == "distill" else f"{sub}-{slug}"
+        cfg["model_dir"] = os.path.join("runs", name)
+    parent = os.path.dirname(os.path.abspath(cfg["model_dir"]))
+    if sub == "distill" and cfg["method"] == "none":
+        cfg["teacher"] = None  # the student alone has no teacher
+    elif sub in ("distill", "visualize") and cfg["teacher"] is None:
+        cfg["teacher"] = os.path.join(parent, f"train-teacher-{slug}")
+    if sub in ("evaluate", "export", "visualize") and cfg["model"] is None:
+        cfg["model"] = os.path.join(parent, f"distill-fsp-{slug}")
+    return cfg
+
+
+# --------------------------------------------------------------------- log
+
+
+class _Log:
+    """Lines to stdout and, once the run's folder exists, to log.txt."""
+
+    def __init__(self):
+        self.path = None
+        self.pending = []
+
+    def open(self, path):
+        self.path = path
+        for line in self.pending:
+            self._write(line)
+        self.pending = []
+
+    def _write(self, line):
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    def __call__(self, message, echo=True):
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
+        if echo:
+            print(message, flush=True)
+        if self.path is None:
+            self.pending.append(line)
+        else:
+            self._write(line)
+
+
+def _epoch_logger(log, total, echo):
+    import keras
+
+    class EpochLog(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            stage = getattr(getattr(self.model, "stage", None), "name", None)
+            values = " ".join(
+                f"{k}={float(v):.4g}" for k, v in sorted((logs or {}).items())
+                if isinstance(v, (int, float)) or hasattr(v, "__float__")
+            )
+            where = f" [{stage}]" if stage else ""
+            log(f"epoch {epoch + 1}/{total}{where} {values}", echo=echo)
+
+    return EpochLog()
+
+
+# -------------------------------------------------------------------- data
+
+
+def _load_data(cfg):
+    from keras_fsp import data
+
+    name = cfg["dataset"]
+    try:
+        (x_train, y_train), (x_test, y_test), info = data.load_arrays(name, data_dir=cfg["data_dir"])
+    except data.DatasetError as e:
+        raise CLIError(f"--dataset {name}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - any loader failure is the user's input
+        raise CLIError(f"--dataset {name}: cannot load it ({type(e).__name__}: {e}).") from None
+    if len(x_train) == 0 or len(x_test) == 0:
+        raise CLIError(f"--dataset {name}: the training or test split is empty.")
+    return (x_train, y_train), (x_test, y_test), info
+
+
+def _normalizer(info):
+    """Maps a raw training batch to the model's input with exactly the
+    arithmetic of `keras_fsp.data.make_dataset` (which the test set goes
+    through), `(x - mean) * (1 / std)` in float32."""
+    import numpy as np
+    import tensorflow as tf
+
+    mean = tf.constant(np.asarray(info["mean"], "float32").reshape(-1))
+    inv_std = tf.constant(1.0 / np.asarray(info["std"], "float32").reshape(-1))
+
+    def normalize(x):
+        return (tf.cast(x, tf.float32) - mean) * inv_std
+
+    return normalize
+
+
+def _test_dataset(cfg, x, y, info):
+    from keras_fsp import data
+
+    return data.make_dataset(x, y, cfg["batch_size"], training=False,
+                             mean=info["mean"], std=info["std"], augment=False)
+
+
+# ------------------------------------------------------------------ models
+
+
+def _resnet(cfg, depth, info, name):
+    from keras_fsp.models import cifar_resnet
+
+    return cifar_resnet(depth, num_classes=int(info["num_classes"]),
+                        input_shape=tuple(info["input_shape"]),
+                        weight_decay=cfg["weight_decay"], name=name)
+
+
+def _count_h5_variables(path_or_file):
+    import h5py
+
+    count = []
+    with h5py.File(path_or_file, "r") as f:
+        f.visititems(lambda k, v: count.append(k) if isinstance(v, h5py.Dataset) else None)
+    return len(count)
+
+
+def _variables_in_file(path):
+    """How many variables a .keras or .weights.h5 file holds."""
+    if path.endswith(".keras"):
+        import io
+        import zipfile
+
+        with zipfile.ZipFile(path) as z:
+            with z.open("model.weights.h5") as f:
+                return _count_h5_variables(io.BytesIO(f.read()))
+    return _count_h5_variables(path)
+
+
+def _resolve_model_file(path, names, flag):
+    if os.path.isdir(path):
+        for name in names:
+            candidate = os.path.join(path, name)
+            if os.path.isfile(candidate):
+                return candidate
+        raise CLIError(f"--{flag} {path}: the folder has none of {', '.join(names)}.")
+    if not os.path.exists(path):
+        raise CLIError(f"--{flag} {path}: no such file or folder.")
+    if not (path.endswith(".keras") or path.endswith(".h5")):
+        raise CLIError(f"--{flag} {path}: expected a .keras or .weights.h5 file or a run folder.")
+    return path
+
+
+def _load_into(model, path, flag, what):
+    """Loads `path` into `model`, turning any mismatch into a CLIError."""
+    try:
+        n = _variables_in_file(path)
+    except Exception as e:  # noqa: BLE001
+        raise CLIError(f"--{flag} {path}: unreadable ({type(e).__name__}: {e}).") from None
+    if n != len(model.weights):
+        raise CLIError(f"--{flag} {path} does not match {what}: the file has {n} variables, "
+                       f"the model {len(model.weights)}.")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model.load_weights(path)
+        except Exception as e:  # noqa: BLE001
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CLIError(f"--{flag} {path} does not match {what}: {first}") from None
+    skipped = [str(w.message) for w in caught if "skipping" in str(w.message).lower()]
+    if skipped:  # Keras loads what it can and warns about the rest
+        raise CLIError(f"--{flag} {path} does not match {what}: {skipped[0]}")
+    return model
+
+
+def _load_teacher(cfg, info):
+    missing = (
+        f"--teacher {cfg['teacher']}: no such file or folder; train one with `keras-fsp "
+        f"train-teacher --dataset {cfg['dataset']} --teacher_depth {cfg['teacher_depth']} "
+        f"--model_dir {cfg['teacher']}` or pass --teacher PATH (a .keras or .weights.h5 "
+        "file, or a train-teacher run folder)."
+    )
+    if not os.path.exists(cfg["teacher"]):
+        raise CLIError(missing)
+    path = _resolve_model_file(cfg["teacher"], TEACHER_FILES, "teacher")
+    teacher = _resnet(cfg, cfg["teacher_depth"], info, "teacher")
+    what = (f"a ResNet-{cfg['teacher_depth']} (--teacher_depth) for {cfg['dataset']} "
+            f"({tuple(info['input_shape'])}, {info['num_classes']} classes)")
+    return _load_into(teacher, path, "teacher", what), path
+
+
+def _load_trained(cfg, info, flag="model", names=MODEL_FILES):
+    """A trained network from a .keras file or a run folder (any depth)."""
+    import keras
+
+    path = _resolve_model_file(cfg[flag], names, flag)
+    if not path.endswith(".keras"):
+        raise CLIError(f"--{flag} {path}: evaluate/export/visualize need a .keras file or a run folder.")
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as e:  # noqa: BLE001
+        raise CLIError(f"--{flag} {path}: cannot load it ({type(e).__name__}: {e}).") from None
+    shape, classes = tuple(model.input_shape[1:]), model.output_shape[-1]
+    want_shape = tuple(info["input_shape"])
+    if (len(shape) != len(want_shape) or shape[-1] != want_shape[-1]
+            or classes != int(info["num_classes"])):
+        raise CLIError(f"--{flag} {path} takes {shape} images and has {classes} classes; "
+                       f"--dataset {cfg['dataset']} has {want_shape} and {info['num_classes']}.")
+    return model, path
+
+
+# ---------------------------------------------------------------- run folder
+
+
+def _outputs():
+    return ["config.json", "log.txt", "metrics.csv", "metrics.json", "checkpoints",
+            "export", *MODEL_FILES]
+
+
+def _check_model_dir(cfg):
+    """Decides between a fresh run, a resumed one, and a refusal (before
+    anything is written)."""
+    from keras_fsp.runs import ResumableRun
+
+    model_dir = cfg["model_dir"]
+    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+        raise CLIError(f"--model_dir {model_dir} is a file.")
+    latest = ResumableRun(model_dir).latest()
+    if cfg["subcommand"] not in TRAINING:
+        if latest is not None:
+            raise CLIError(f"--model_dir {model_dir} holds a training run; {cfg['subcommand']} "
+                           "writes its config.json and metrics.json: choose another --model_dir.")
+        return None
+    if cfg["overwrite"]:
+        return None
+    config_path = os.path.join(model_dir, "config.json")
+    if latest is None:
+        return None
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        raise CLIError(f"--model_dir {model_dir} has checkpoints but no readable config.json; "
+                       "pass --overwrite to start over or choose another --model_dir.") from None
+    changed = [k for k in cfg if k not in RESUMABLE_CHANGES and old.get(k) != cfg[k]]
+    if changed:
+        diffs = ", ".join(f"--{k}={cfg[k]!r} (was {old.get(k)!r})" for k in changed)
+        raise CLIError(f"--model_dir {model_dir} holds a run with other settings: {diffs}; "
+                       "pass --overwrite to start over or choose another --model_dir.")
+    return latest
+
+
+def _prepare_model_dir(cfg, log):
+    model_dir = cfg["model_dir"]
+    os.makedirs(model_dir, exist_ok=True)
+    if cfg["overwrite"] and cfg["subcommand"] in TRAINING:
+        for name in _outputs():
+            path = os.path.join(model_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    from keras_fsp.runs import atomic_write_text
+
+    atomic_write_text(os.path.join(model_dir, "config.json"), json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    log.open(os.path.join(model_dir, "log.txt"))
+
+
+def _export(model, model_dir, keras_name):
+    """`export/` (SavedModel, TensorFlow only) and `<keras_name>`, replacing
+    earlier ones only once the new ones are complete."""
+    import keras
+
+    from keras_fsp import export_student
+
+    files = {}
+    keras_path = os.path.join(model_dir, keras_name)
+    tmp_keras = os.path.join(model_dir, ".tmp-" + keras_name)
+    export_student(model, tmp_keras, format="keras")
+    os.replace(tmp_keras, keras_path)
+    files["keras"] = keras_path
+    if keras.backend.backend() == "tensorflow":
+        final = os.path.join(model_dir, "export")
+        tmp = os.path.join(model_dir, ".tmp-export")
+        shutil.rmtree(tmp, ignore_errors=True)
+        export_student(model, tmp)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        files["saved_model"] = final
+    return files
+
+
+def _evaluate(model, dataset, y):
+    """Test accuracy and mean cross-entropy of a logits model."""
+    import numpy as np
+
+    logits = np.asarray(model.predict(dataset, verbose=0), dtype="float64")
+    y = np.asarray(y).reshape(-1)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return {
+        "accuracy": float(np.mean(np.argmax(logits, axis=1) == y)),
+        "loss": float(-np.mean(log_probs[np.arange(len(y)), y])),
+        "examples": int(len(y)),
+    }
+
+
+def _write_json(path, obj):
+    from keras_fsp.runs import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+# ------------------------------------------------------------ subcommands
+
+
+def _scale_learning_rates(recipe, factor):
+    import keras
+
+    if factor == 1.0:
+        return
+    optimizers = [recipe.optimizer] + [s.optimizer for s in recipe.schedule.values()]
+    seen = set()
+    for opt in optimizers:
+        if opt is None or id(opt) in seen:
+            continue
+        seen.add(id(opt))
+        lr = opt._learning_rate
+        schedules = keras.optimizers.schedules
+        if isinstance(lr, schedules.PiecewiseConstantDecay):
+            opt.learning_rate = schedules.PiecewiseConstantDecay(
+                list(lr.boundaries), [float(v) * factor for v in lr.values])
+        else:
+            opt.learning_rate = float(keras.ops.convert_to_numpy(lr)) * factor
+
+
+def _recipe(cfg, teacher, student, steps, augment):
+    from keras_fsp import recipes
+
+    kw = dict(augment=augment, scale=cfg["schedule_scale"])
+    if cfg["subcommand"] == "train-teacher":
+        return recipes.supervised(student, steps, **kw)
+    fn = getattr(recipes, METHODS[cfg["method"]])
+    if cfg["method"] == "none":
+        return fn(student, steps, **kw)
+    if cfg["temperature"] is not None and cfg["method"] in ("kd", "fitnet"):
+        kw["temperature"] = cfg["temperature"]
+    return fn(teacher, student, steps, **kw)
+
+
+def _train(cfg, log):
+    import keras
+
+    from keras_fsp.augment import PadCropFlip
+    from keras_fsp.runs import (
+        MetricsCSV, NonFiniteLossError, ResumableRun, steps_per_epoch, truncate_csv)
+
+    started = time.time()
+    sub = cfg["subcommand"]
+    (x_train, y_train), (x_test, y_test), info = _load_data(cfg)
+    teacher = teacher_path = None
+    if sub == "distill" and cfg["method"] != "none":
+        teacher, teacher_path = _load_teacher(cfg, info)
+    latest = _check_model_dir(cfg)
+    # Validated: from here on the run's folder is written.
+    _prepare_model_dir(cfg, log)
+    log(f"keras-fsp {sub} " + " ".join(f"--{k}={v}" for k, v in cfg.items() if k != "subcommand"))
+    log(f"{cfg['dataset']}: {len(x_train)} training and {len(x_test)} test images "
+        f"{tuple(info['input_shape'])}, {info['num_classes']} classes")
+
+    keras.utils.set_random_seed(cfg["seed"])
+    depth = cfg["teacher_depth"] if sub == "train-teacher" else cfg["student_depth"]
+    network = _resnet(cfg, depth, info, "teacher" if sub == "train-teacher" else "student")
+    aug = dict(info.get("augment") or {})
+    pad, flip = int(aug.get("pad", 0)), bool(aug.get("flip", False))
+    augment = PadCropFlip(pad=pad, flip=flip, seed=cfg["seed"]) if (pad or flip) else None
+    steps = steps_per_epoch(len(x_train), cfg["batch_size"])
+    recipe = _recipe(cfg, teacher, network, steps, augment)
+    _scale_learning_rates(recipe, cfg["learning_rate_scale"])
+    recipe.compile(metrics=["accuracy"])
+    stages = {int(e): s.name for e, s in sorted(recipe.schedule.items())}
+    log(f"recipe {recipe.name}: {recipe.epochs} epochs of {steps} steps"
+        + (f", stages {stages}" if stages else "")
+        + (f"; teacher {teacher_path}" if teacher_path else ""))
+
+    run = ResumableRun(cfg["model_dir"])
+    done = latest.epoch if latest is not None else 0
+    csv_path = os.path.join(cfg["model_dir"], "metrics.csv")
+    truncate_csv(csv_path, done)
+    end = recipe.epochs if cfg["epochs"] is None else min(cfg["epochs"], recipe.epochs)
+    if done:
+        log(f"resuming from {latest.path} (epoch {done}, stage {latest.stage!r})")
+    test_ds = _test_dataset(cfg, x_test, y_test, info)
+    callbacks = [MetricsCSV(csv_path), _epoch_logger(log, recipe.epochs, echo=not cfg["verbose"])]
+    advice = (f"lower the learning rate (--learning_rate_scale, now "
+              f"{cfg['learning_rate_scale']:g}) or check the data for NaN/inf values")
+    try:
+        _, initial_epoch = run.fit(
+            recipe.model, x_train, y_train, epochs=recipe.epochs,
+            batch_size=cfg["batch_size"], seed=cfg["seed"],
+            callbacks=list(recipe.callbacks) + callbacks, validation_data=test_ds,
+            preprocess=_normalizer(info), stop_after=end, verbose=cfg["verbose"],
+            nan_advice=advice,
+        )
+    except NonFiniteLossError as e:
+        log(f"error: {e}")
+        raise CLIError(e, code=1) from None
+    except KeyboardInterrupt:
+        last = run.latest()
+        message = (f"interrupted; the last checkpoint is epoch {last.epoch if last else 0} "
+                   f"in {run.checkpoint_dir}: run the same command again to continue")
+        log(message)
+        raise CLIError(message, code=130) from None
+    done = max(end, initial_epoch)  # a checkpoint may be past a smaller --epochs
+    if initial_epoch >= end:
+        log(f"{initial_epoch} epochs were already done")
+
+    student = recipe.student
+    metrics = {"test": _evaluate(student, test_ds, y_test)}
+    if teacher is not None:
+        metrics["teacher_test"] = _evaluate(teacher, test_ds, y_test)
+    keras_name = "teacher.keras" if sub == "train-teacher" else "student.keras"
+    files = {}
+    if done == recipe.epochs:  # only the finished network is exported
+        files = _export(student, cfg["model_dir"], keras_name)
+    result = {
+        "subcommand": sub,
+        "method": cfg["method"] if sub == "distill" else "supervised",
+        "dataset": cfg["dataset"],
+        "test_accuracy": metrics["test"]["accuracy"],
+        "test_loss": metrics["test"]["loss"],
+        "teacher_test_accuracy": metrics.get("teacher_test", {}).get("accuracy"),
+        "epochs_done": done,
+        "epochs_total": recipe.epochs,
+        "complete": done == recipe.epochs,
+        "initial_epoch": initial_epoch,
+        "stages": {str(k): v for k, v in stages.items()},
+        "steps_per_epoch": steps,
+        "parameters": int(student.count_params()),
+        "seconds": round(time.time() - started, 1),
+        "files": files,
+    }
+    _write_json(os.path.join(cfg["model_dir"], "metrics.json"), result)
+    log(f"test accuracy {result['test_accuracy']:.4f}"
+        + (f" (teacher {result['teacher_test_accuracy']:.4f})" if teacher is not None else "")
+        + f" after {done}/{recipe.epochs} epochs; outputs in {cfg['model_dir']}")
+    return result
+
+
+def _evaluate_cmd(cfg, log):
+    (_, _), (x_test, y_test), info = _load_data(cfg)
+    model, path = _load_trained(cfg, info)
+    _check_model_dir(cfg)
+    _prepare_model_dir(cfg, log)
+    test = _evaluate(model, _test_dataset(cfg, x_test, y_test, info), y_test)
+    result = {"subcommand": "evaluate", "model": path, "dataset": cfg["dataset"],
+              "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+              "examples": test["examples"]}
+    _write_json(os.path.join(cfg["model_dir"], "metrics.json"), result)
+    log(f"{path}: test accuracy {test['accuracy']:.4f}, loss {test['loss']:.4f} "
+        f"on {test['examples']} {cfg['dataset']} images")
+    return result
+
+
+def _export_cmd(cfg, log):
+    (_, _), (_, _), info = _load_data(cfg)
+    model, path = _load_trained(cfg, info)
+    _check_model_dir(cfg)
+    _prepare_model_dir(cfg, log)
+    files = _export(model, cfg["model_dir"], "model.keras")
+    result = {"subcommand": "export", "model": path, "files": files}
+    _write_json(os.path.join(cfg["model_dir"], "metrics.json"), result)
+    log(f"exported {path} to {', '.join(files.values())}")
+    return result
+
+
+def _visualize_cmd(cfg, log):
+    import numpy as np
+
+    from keras_fsp import visualize
+
+    (_, _), (x_test, y_test), info = _load_data(cfg)
+    student, path = _load_trained(cfg, info)
+    teacher, teacher_path = _load_trained(cfg, info, flag="teacher", names=TEACHER_FILES)
+    _check_model_dir(cfg)
+    _prepare_model_dir(cfg, log)
+    # The FSP matrices are averaged over up to FSP_IMAGES test images; the
+    # attribution grid shows the first --num_images.
+    raw = np.asarray(x_test[:max(FSP_IMAGES, cfg["num_images"])])
+    images = np.asarray(_normalizer(info)(raw))
+    written = visualize.visualize_distillation(
+        (teacher, student), images, np.asarray(y_test[:len(raw)]), info.get("class_names"),
+        cfg["model_dir"], num_images=cfg["num_images"], display_images=raw)
+    result = {"subcommand": "visualize", "model": path, "teacher": teacher_path,
+              "files": [str(p) for p in written]}
+    _write_json(os.path.join(cfg["model_dir"], "metrics.json"), result)
+    log(f"wrote {', '.join(result['files'])}")
+    return result
+
+
+def run(argv):
+    """Runs the command line `argv` (`argv[0]` is the program name).
+
+    Returns:
+        the run's result as a dict (what metrics.json holds).
+
+    Raises:
+        CLIError: bad input (exit code 2, nothing trained or overwritten),
+            a NaN/inf loss (1) or an interruption (130), with a one-line
+            message.
+    """
+    cfg = _parse(argv)
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+    log = _Log()
+    handlers = {
+        "train-teacher": _train, "distill": _train, "evaluate": _evaluate_cmd,
+        "export": _export_cmd, "visualize": _visualize_cmd,
+    }
+    return handlers[cfg["subcommand"]](cfg, log)
+
+
+def main(argv=None):
+    """The `keras-fsp` console script."""
+    argv = sys.argv if argv is None else argv
+    if any(a in ("-h", "--help", "-help", "--helpfull", "help") for a in argv[1:]):
+        print(_help())
+        return 0
+    try:
+        run(argv)
+    except CLIError as e:
+        print(f"keras-fsp: error: {e.message}", file=sys.stderr)
+        return e.code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

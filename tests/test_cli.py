@@ -1,0 +1,263 @@
+"""The `keras-fsp` command, end to end on tiny runs (in-process `cli.run`)."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+
+from keras_fsp import cli, data  # noqa: E402
+
+if keras.backend.backend() != "tensorflow":
+    pytest.skip("the CLI's SavedModel export needs TensorFlow", allow_module_level=True)
+
+# Digits: 1,297 training images; batch 432 -> 3 steps per epoch. Scale
+# 1e-4: a teacher trains 64000 * 1e-4 = 6 iterations (2 epochs); the FSP
+# recipe 2 iterations of FSP (1 epoch), then 6 of the task (2 epochs).
+TINY = ["--dataset=digits", "--teacher_depth=8", "--student_depth=8", "--batch_size=432",
+        "--schedule_scale=0.0001", "--verbose=0"]
+
+
+def _run(*args):
+    return cli.run(["keras-fsp", *args])
+
+
+def _csv(path):
+    lines = path.read_text().splitlines()
+    header = lines[0].split(",")
+    return [dict(zip(header, line.split(","))) for line in lines[1:]]
+
+
+def _snapshot(folder):
+    """Every file under `folder` with its size and modification time."""
+    found = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            stat = os.stat(path)
+            found[os.path.relpath(path, folder)] = (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+def _normalize(x, info):
+    return ((x.astype("float32") - info["mean"]) * (1.0 / info["std"])).astype("float32")
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("runs") / "train-teacher-digits"
+    result = _run("train-teacher", *TINY, f"--model_dir={model_dir}")
+    return model_dir, result
+
+
+def test_train_teacher_writes_config_metrics_logs_checkpoints_and_export(teacher_run):
+    import tensorflow as tf
+
+    model_dir, result = teacher_run
+    config = json.loads((model_dir / "config.json").read_text())
+    expected = {
+        "subcommand": "train-teacher", "dataset": "digits", "teacher_depth": 8,
+        "student_depth": 8, "batch_size": 432, "verbose": 0, "schedule_scale": 0.0001,
+        "model_dir": str(model_dir), "seed": 0, "epochs": None, "learning_rate_scale": 1.0,
+        "weight_decay": 1e-4, "temperature": None, "data_dir": None, "overwrite": False,
+        "method": "fsp", "teacher": None, "model": None, "num_images": 6,
+    }
+    assert config == expected
+
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(result))
+    assert metrics["epochs_done"] == metrics["epochs_total"] == 2 and metrics["complete"]
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["steps_per_epoch"] == 3
+    rows = _csv(model_dir / "metrics.csv")
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert float(rows[-1]["val_accuracy"]) == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+    assert sorted(os.listdir(model_dir / "checkpoints")) == ["epoch-000001", "epoch-000002", "latest"]
+    log = (model_dir / "log.txt").read_text()
+    assert "epoch 2/2 " in log and "test accuracy" in log
+
+    # The exports compute the trained network's logits.
+    (_, _), (x_test, y_test), info = data.load_arrays("digits")
+    x = _normalize(x_test[:64], info)
+    teacher = keras.saving.load_model(model_dir / "teacher.keras")
+    logits = np.asarray(teacher.predict(x, verbose=0))
+    served = tf.saved_model.load(str(model_dir / "export")).signatures["serving_default"]
+    np.testing.assert_allclose(served(inputs=tf.constant(x))["logits"].numpy(), logits,
+                               rtol=1e-5, atol=1e-5)
+    full = np.argmax(teacher.predict(_normalize(x_test, info), verbose=0), axis=1)
+    assert metrics["test_accuracy"] == pytest.approx(float(np.mean(full == y_test)), abs=1e-6)
+
+
+def test_distill_stops_at_epochs_then_resumes_at_the_right_epoch(teacher_run, tmp_path):
+    teacher_dir, _ = teacher_run
+    model_dir = tmp_path / "distill-fsp-digits"
+    args = ["distill", "--method=fsp", *TINY, f"--teacher={teacher_dir}", f"--model_dir={model_dir}"]
+    first = _run(*args, "--epochs=1")
+    assert (first["epochs_done"], first["epochs_total"], first["complete"]) == (1, 3, False)
+    assert first["files"] == {} and not (model_dir / "student.keras").exists()  # unfinished
+    assert first["stages"] == {"0": "fsp", "1": "task"}
+    assert 0.0 <= first["teacher_test_accuracy"] <= 1.0
+
+    second = _run(*args)  # resumes in stage fsp, switches to task at once
+    assert second["initial_epoch"] == 1 and second["complete"] and second["epochs_done"] == 3
+    rows = _csv(model_dir / "metrics.csv")
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"]
+    assert [r["stage"] for r in rows] == ["fsp", "task", "task"]
+    assert rows[0]["fsp_loss"] and rows[0]["accuracy"] == "" and rows[2]["accuracy"]
+    assert "resuming from" in (model_dir / "log.txt").read_text()
+    assert json.loads((model_dir / "config.json").read_text())["epochs"] is None
+    assert sorted(os.listdir(model_dir / "checkpoints")) == ["epoch-000002", "epoch-000003", "latest"]
+    assert second["files"] == {"keras": str(model_dir / "student.keras"),
+                               "saved_model": str(model_dir / "export")}
+
+    # Changing a setting of a run with checkpoints is refused.
+    before = _snapshot(model_dir)
+    with pytest.raises(cli.CLIError, match=r"other settings: --seed=1 \(was 0\).*--overwrite"):
+        _run(*args, "--seed=1")
+    assert _snapshot(model_dir) == before
+
+
+@pytest.mark.parametrize("method", ["dense-fsp", "fitnet", "kd"])
+def test_every_method_trains_an_epoch(teacher_run, tmp_path, method):
+    teacher_dir, _ = teacher_run
+    result = _run("distill", f"--method={method}", *TINY, "--epochs=1", "--temperature=2", f"--teacher={teacher_dir}",
+                  f"--model_dir={tmp_path / method}")
+    assert result["epochs_done"] == 1 and 0.0 <= result["test_accuracy"] <= 1.0
+    first_stage = {"dense-fsp": "dense_fsp_1", "fitnet": "hint", "kd": "kd"}[method]
+    rows = _csv(tmp_path / method / "metrics.csv")
+    assert rows[0]["stage"] == first_stage and len(rows) == 1
+    assert 0.0 <= result["teacher_test_accuracy"] <= 1.0
+
+
+def test_npz_dataset_student_alone_then_evaluate_and_export(tmp_path):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    arrays = tmp_path / "tiny.npz"
+    np.savez(arrays, x_train=rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8),
+             y_train=np.arange(40) % 3, x_test=rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8),
+             y_test=np.arange(12) % 3, class_names=np.array(["a", "b", "c"]))
+    dataset = f"--dataset=npz:{arrays}"
+    run_dir = tmp_path / "alone"
+    # The student alone (no teacher needed): 64000 * 3e-5 = 2 iterations, 1 epoch of 40 // 16.
+    trained = _run("distill", "--method=none", dataset, "--student_depth=8", "--batch_size=16",
+                   "--schedule_scale=0.00003", f"--model_dir={run_dir}", "--verbose=0")
+    assert (trained["epochs_total"], trained["steps_per_epoch"], trained["complete"]) == (1, 2, True)
+    assert trained["teacher_test_accuracy"] is None and trained["stages"] == {}
+    assert trained["test_accuracy"] in {k / 12 for k in range(13)}
+    assert json.loads((run_dir / "config.json").read_text())["teacher"] is None
+
+    evaluated = _run("evaluate", dataset, f"--model={run_dir}", f"--model_dir={tmp_path / 'eval'}")
+    assert evaluated["model"] == str(run_dir / "student.keras")
+    assert evaluated["test_accuracy"] == trained["test_accuracy"]
+    assert evaluated["test_loss"] == pytest.approx(trained["test_loss"], rel=1e-6)
+
+    exported = _run("export", dataset, f"--model={run_dir}", f"--model_dir={tmp_path / 'export'}")
+    assert exported["model"] == str(run_dir / "student.keras")
+    model = keras.saving.load_model(tmp_path / "export" / "model.keras")
+    assert model.output_shape == (None, 3)
+    (_, _), (x_test, _), info = data.load_arrays(f"npz:{arrays}")
+    x = _normalize(x_test, info)
+    served = tf.saved_model.load(str(tmp_path / "export" / "export"))
+    logits = served.signatures["serving_default"](inputs=tf.constant(x))["logits"].numpy()
+    np.testing.assert_allclose(logits, np.asarray(model.predict(x, verbose=0)), rtol=1e-5, atol=1e-5)
+
+
+def test_cifar10_through_mocked_tfds(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=24):
+        # 64000 * 1e-5 -> 1 iteration: the whole schedule is 1 epoch of 1 step.
+        result = _run("train-teacher", "--dataset=cifar10", "--teacher_depth=8", "--batch_size=24",
+                      "--schedule_scale=0.00001", f"--model_dir={tmp_path / 'c10'}", "--verbose=0")
+    assert result["complete"] and result["epochs_done"] == 1 and result["steps_per_epoch"] == 1
+    assert 0.0 <= result["test_accuracy"] <= 1.0
+    model = keras.saving.load_model(tmp_path / "c10" / "teacher.keras")
+    assert model.input_shape == (None, 32, 32, 3) and model.output_shape == (None, 10)
+
+
+def test_visualize_draws_teacher_and_student(teacher_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tf_keras_vis")
+    teacher_dir, _ = teacher_run
+    result = _run("visualize", "--dataset=digits", f"--teacher={teacher_dir}",
+                  f"--model={teacher_dir / 'teacher.keras'}", "--num_images=2",
+                  f"--model_dir={tmp_path / 'pictures'}", "--verbose=0")
+    assert [os.path.basename(p) for p in result["files"]] == ["attributions.png", "fsp_matrices.png"]
+    for path in result["files"]:
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_nan_loss_stops_with_one_line_and_writes_no_results(teacher_run, tmp_path):
+    teacher_dir, _ = teacher_run
+    model_dir = tmp_path / "nan"
+    with pytest.raises(cli.CLIError) as error:
+        _run("distill", "--method=fsp", *TINY, "--learning_rate_scale=1e30", f"--teacher={teacher_dir}", f"--model_dir={model_dir}")
+    message = error.value.message
+    assert error.value.code == 1 and "\n" not in message
+    assert "in stage 'fsp' at epoch 1, batch 2;" in message and "became" in message
+    assert "no checkpoint had been written yet" in message and "--learning_rate_scale" in message
+    assert not (model_dir / "metrics.json").exists() and not (model_dir / "export").exists()
+    assert "error: fsp_loss became" in (model_dir / "log.txt").read_text()
+
+
+def test_bad_inputs_give_one_line_and_touch_nothing(teacher_run, tmp_path, capsys):
+    teacher_dir, _ = teacher_run
+    before = _snapshot(teacher_dir)
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip file")
+    distill = ["distill", *TINY, f"--model_dir={tmp_path / 'd'}"]
+    cases = {
+        "unknown subcommand 'train'; choose one of train-teacher, distill, evaluate, export, visualize":
+            ["train"],
+        "unknown method 'fsp2'; choose one of fsp, dense-fsp, fitnet, kd, none":
+            ["distill", "--method=fsp2"],
+        "Unknown command line flag 'learning_rate'":
+            ["distill", "--learning_rate=0.1"],
+        "--teacher_depth must be 6n+2": ["train-teacher", "--teacher_depth=10"],
+        f"npz:{tmp_path}/missing.npz: no such file":
+            ["train-teacher", f"--dataset=npz:{tmp_path}/missing.npz"],
+        "not a readable .npz file": ["train-teacher", f"--dataset=npz:{garbage}"],
+        f"--teacher {tmp_path}/none: no such file or folder; train one with `keras-fsp train-teacher":
+            [*distill, f"--teacher={tmp_path}/none"],
+        "does not match a ResNet-14 (--teacher_depth) for digits":
+            [*distill, "--teacher_depth=14", f"--teacher={teacher_dir}"],
+        "does not match a ResNet-8 (--teacher_depth) for npz":
+            ["distill", f"--dataset=npz:{_npz(tmp_path, classes=4)}", f"--teacher={teacher_dir}",
+             "--teacher_depth=8", f"--model_dir={tmp_path / 'd'}"],
+        # Bad input aimed at an existing run: refused before anything is written.
+        "--teacher_depth must be 6n+2 (8, 14, 20, 26, 32, 56, 110, ...); got 9.":
+            ["train-teacher", f"--model_dir={teacher_dir}", "--teacher_depth=9"],
+        "other settings: --teacher_depth=14 (was 8)":
+            ["train-teacher", *TINY, f"--model_dir={teacher_dir}", "--teacher_depth=14"],
+        "holds a training run; evaluate writes its config.json and metrics.json":
+            ["evaluate", f"--model={teacher_dir}", f"--model_dir={teacher_dir}"],
+    }
+    for expected, argv in cases.items():
+        with pytest.raises(cli.CLIError) as error:
+            _run(*argv)
+        assert expected in error.value.message, (argv, error.value.message)
+        assert "\n" not in error.value.message and error.value.code == 2
+    assert not (tmp_path / "d").exists()
+    assert _snapshot(teacher_dir) == before
+
+    # main: one line on stderr, exit status 2, no traceback.
+    assert cli.main(["keras-fsp", "distill", "--method=nope"]) == 2
+    err = capsys.readouterr().err
+    assert err == "keras-fsp: error: unknown method 'nope'; choose one of fsp, dense-fsp, fitnet, kd, none.\n"
+
+
+def _npz(folder, classes):
+    path = folder / f"classes{classes}.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x_train=rng.random((8, 8, 8, 1), dtype=np.float32), y_train=np.arange(8) % classes,
+             x_test=rng.random((4, 8, 8, 1), dtype=np.float32), y_test=np.arange(4) % classes)
+    return path
+
+
+def test_help(capsys):
+    assert cli.main(["keras-fsp", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "Subcommands: train-teacher, distill, evaluate, export, visualize" in out
+    assert "--schedule_scale" in out and "--learning_rate_scale" in out

@@ -1,0 +1,199 @@
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from keras_fsp import FSPDistiller, Stage, recipes, runs
+from keras_fsp.augment import PadCropFlip
+from keras_fsp.models import cifar_resnet
+from keras_fsp.stages import UP_TO_TAPS
+
+SHAPE = (8, 8, 3)
+N, BATCH, SEED = 32, 16, 3  # 2 steps per epoch
+
+
+def _data(n=N):
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(n,) + SHAPE).astype("float32"), rng.integers(0, 10, n)
+
+
+def _fsp_recipe(init_seed):
+    """FSP paper recipe, tiny: 1 epoch of FSP, then 2 of the task, in-step
+    augmentation. `init_seed` sets the initial weights (and the augmentation's
+    seed): a resumed run must get everything from the checkpoint."""
+    keras.utils.set_random_seed(init_seed)
+    teacher = cifar_resnet(8, input_shape=SHAPE, name="teacher")
+    student = cifar_resnet(8, input_shape=SHAPE, name="student")
+    r = recipes.fsp_paper(teacher, student, steps_per_epoch=2, stage1_iterations=2,
+                          stage2_iterations=4, augment=PadCropFlip(2, seed=init_seed))
+    r.compile()
+    return r
+
+
+class _KillAtEpochEnd(keras.callbacks.Callback):
+    """Ctrl-C at the end of an epoch, before its checkpoint is written."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def _values(variables):
+    return [np.array(keras.ops.convert_to_numpy(v)) for v in variables]
+
+
+def test_interrupted_and_resumed_run_ends_with_the_uninterrupted_weights(tmp_path):
+    x, y = _data()
+    fit = dict(batch_size=BATCH, seed=SEED, verbose=0)
+
+    full = _fsp_recipe(0)
+    assert full.epochs == 3 and {e: s.name for e, s in full.schedule.items()} == {0: "fsp", 1: "task"}
+    runs.ResumableRun(tmp_path / "full").fit(full.model, x, y, full.epochs, callbacks=full.callbacks, **fit)
+
+    # The same run stopped after epoch 1 (the FSP stage). Each later part
+    # has new objects (a new process) with other initial weights (the
+    # teacher's too) and another augmentation seed: all must come from the
+    # checkpoint.
+    run = runs.ResumableRun(tmp_path / "cut")
+    part = _fsp_recipe(0)
+    run.fit(part.model, x, y, part.epochs, callbacks=part.callbacks, stop_after=1, **fit)
+    assert (run.latest().epoch, run.latest().stage) == (1, "fsp")
+
+    # Resumed in stage fsp, switched to task at once, and killed at the end
+    # of epoch 3, before its checkpoint: the next part resumes from epoch 2,
+    # with the task stage's SGD state (step count, momentum).
+    part = _fsp_recipe(2)
+    csv = runs.MetricsCSV(tmp_path / "cut" / "metrics.csv")
+    with pytest.raises(KeyboardInterrupt):
+        run.fit(part.model, x, y, part.epochs,
+                callbacks=part.callbacks + [csv, _KillAtEpochEnd(2)], **fit)
+    assert (run.latest().epoch, run.latest().stage) == (2, "task")
+    assert sorted(os.listdir(run.checkpoint_dir)) == ["epoch-000001", "epoch-000002", "latest"]
+
+    resumed = _fsp_recipe(3)
+    csv = runs.MetricsCSV(tmp_path / "cut" / "metrics.csv")
+    history, initial_epoch = run.fit(resumed.model, x, y, resumed.epochs,
+                                     callbacks=resumed.callbacks + [csv], **fit)
+    assert initial_epoch == 2 and len(history.history["loss"]) == 1
+
+    a, b = full.model, resumed.model
+    assert len(b.student.weights) == 47 and len(a.variables) == len(b.variables)
+    for name, va, vb in zip([v.path for v in a.variables], _values(a.variables), _values(b.variables)):
+        assert np.array_equal(va, vb), name  # student, teacher, term weights, augmentation seed
+    for va, vb in zip(_values(a.optimizer.variables), _values(b.optimizer.variables)):
+        assert np.array_equal(va, vb)
+    assert int(keras.ops.convert_to_numpy(b.optimizer.iterations)) == 4
+
+    # Two checkpoints kept; the CSV has one row per epoch with its stage (the
+    # row of the epoch killed before its checkpoint was replaced).
+    assert sorted(os.listdir(run.checkpoint_dir)) == ["epoch-000002", "epoch-000003", "latest"]
+    lines = (tmp_path / "cut" / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    assert [r.split(",")[0] for r in lines[1:]] == ["1", "2"]
+    assert [r.split(",")[header.index("stage")] for r in lines[1:]] == ["task", "task"]
+    assert "task_loss" in header and "accuracy" in header
+
+    # Everything done: running again trains nothing.
+    again = _fsp_recipe(5)
+    history, initial_epoch = run.fit(again.model, x, y, again.epochs, callbacks=again.callbacks, **fit)
+    assert history is None and initial_epoch == 3
+    for va, vb in zip(_values(a.student.weights), _values(again.student.weights)):
+        assert np.array_equal(va, vb)
+
+
+def test_epoch_stream_depends_on_seed_and_epoch_only():
+    x = np.arange(10, dtype="float32")[:, None]
+    y = np.arange(10)
+    whole, steps = runs.epoch_stream(x, y, 4, seed=7, initial_epoch=0, epochs=3,
+                                     drop_remainder=False)
+    late, _ = runs.epoch_stream(x, y, 4, seed=7, initial_epoch=2, epochs=3, drop_remainder=False)
+    batches = [b[1].numpy().tolist() for b in whole]
+    assert steps == 3 and len(batches) == 9
+    assert [b[1].numpy().tolist() for b in late] == batches[6:]
+    for e in range(3):
+        assert sorted(sum(batches[3 * e: 3 * e + 3], [])) == list(range(10))
+    assert batches[:3] != batches[3:6]  # reshuffled every epoch
+    dropped, steps = runs.epoch_stream(x, y, 4, seed=7, initial_epoch=0, epochs=3)
+    assert steps == 2  # one batch shape: the step is traced once
+    assert [b[1].numpy().tolist() for b in dropped] == [b for i, b in enumerate(batches) if i % 3 < 2]
+
+
+def _small_model():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(2)])
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(np.ones((4, 3)), np.zeros(4), verbose=0)
+    return model
+
+
+def test_a_write_that_fails_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    run = runs.ResumableRun(tmp_path, keep=1)
+    model = _small_model()
+    run.save(model, 1)
+    good = _values(model.weights) + _values(model.optimizer.variables)
+    model.fit(np.ones((4, 3)), np.ones(4), verbose=0)  # the weights move on
+
+    def savez_then_die(*args, **kwargs):  # the weights file is written by now
+        raise OSError("disk full")
+
+    monkeypatch.setattr(runs.np, "savez", savez_then_die)
+    with pytest.raises(OSError, match="disk full"):
+        run.save(model, 2)
+    monkeypatch.undo()
+    assert sorted(os.listdir(run.checkpoint_dir)) == ["epoch-000001", "latest"]
+
+    # A process killed mid-write leaves a temporary folder; a damaged folder
+    # named like a checkpoint and a pointer to it must not be taken either.
+    partial = tmp_path / "checkpoints" / ".tmp-epoch-000002-abc"
+    partial.mkdir()
+    (partial / runs.WEIGHTS_FILE).write_bytes(b"half")
+    damaged = tmp_path / "checkpoints" / "epoch-000003"
+    damaged.mkdir()
+    (damaged / runs.WEIGHTS_FILE).write_bytes(b"half")
+    (tmp_path / "checkpoints" / "latest").write_text("epoch-000003\n")
+    assert run.latest().epoch == 1
+
+    fresh = _small_model()
+    fresh.fit(np.ones((4, 3)), np.full(4, 1), verbose=0)
+    assert runs.ResumableRun(tmp_path).restore(fresh) == 1
+    for va, vb in zip(good, _values(fresh.weights) + _values(fresh.optimizer.variables)):
+        assert np.array_equal(va, vb)
+    assert not partial.exists()  # cleaned up by restore
+
+
+def test_nan_guard_stops_with_the_term_and_stage_and_keeps_the_last_good_checkpoint(tmp_path):
+    x, y = _data()
+    keras.utils.set_random_seed(0)
+    teacher = cifar_resnet(8, input_shape=SHAPE, name="teacher")
+    student = cifar_resnet(8, input_shape=SHAPE, name="student")
+    # A sane learning rate for epoch 1, an absurd one for the update of
+    # epoch 2's first batch: the loss of its second batch is NaN.
+    fsp = Stage("fsp", {"fsp": 1.0}, trainable=UP_TO_TAPS,
+                optimizer=recipes.sgd((1e-3, 1e30), (1,)))
+    distiller = FSPDistiller(teacher, student, stages={"fsp": fsp}, stage="fsp")
+    distiller.compile(metrics=["accuracy"])
+    run = runs.ResumableRun(tmp_path)
+    with pytest.raises(runs.NonFiniteLossError) as error:
+        run.fit(distiller, x, y, epochs=4, batch_size=BATCH, seed=SEED, verbose=0)
+    message = str(error.value)
+    assert message.startswith("fsp_loss became ")
+    assert "in stage 'fsp' at epoch 2, batch 2;" in message
+    assert f"the last good checkpoint (epoch 1) is kept in {run.checkpoint_dir}" in message
+    assert "learning rate" in message
+    assert sorted(os.listdir(run.checkpoint_dir)) == ["epoch-000001", "latest"]
+    info = json.loads((tmp_path / "checkpoints" / "epoch-000001" / "state.json").read_text())
+    assert info["stage"] == "fsp" and np.isfinite(info["logs"]["fsp_loss"])
+    fresh = FSPDistiller(cifar_resnet(8, input_shape=SHAPE, name="teacher"),
+                         cifar_resnet(8, input_shape=SHAPE, name="student"),
+                         stages={"fsp": Stage("fsp", {"fsp": 1.0}, trainable=UP_TO_TAPS,
+                                              optimizer=recipes.sgd((1e-3, 1e30), (1,)))}, stage="fsp")
+    fresh.compile()
+    assert run.restore(fresh) == 1
+    assert all(np.all(np.isfinite(v)) for v in _values(fresh.student.weights))
