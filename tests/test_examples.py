@@ -1,0 +1,151 @@
+"""The example scripts of examples/, run in-process in --smoke mode (random
+data, one or two tiny epochs) and checked on the values they report."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def _load(name):
+    """Imports examples/<name>.py once per process, as module `name` (the
+    scripts' absl flags are global: the CIFAR-10 example's cannot be defined
+    twice; cifar10_fast_optimization imports it under the same name)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(EXAMPLES, name + ".py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
+
+
+def _saved(tmp_path, result):
+    stem = tmp_path / f"{result['method']}_seed{result['seed']}"
+    assert (tmp_path / f"{stem.name}.weights.h5").is_file()
+    with open(f"{stem}.json") as f:
+        saved = json.load(f)
+    assert saved == json.loads(json.dumps(result))
+    return saved
+
+
+def test_mnist_hinton_teacher_then_kd_and_omitted_class(tmp_path):
+    mnist = _load("mnist_hinton")
+    teacher = mnist.run("teacher", epochs=5, seed=1, out_dir=str(tmp_path), smoke=True)
+    _saved(tmp_path, teacher)
+    assert teacher["method"] == "teacher" and teacher["seed"] == 1
+    assert teacher["epochs"] == 2 and teacher["epochs_run"] == 2  # --smoke caps the epochs
+    assert teacher["hidden_units"] == [1200, 1200]
+    assert teacher["test_size"] == 64 and 0 <= teacher["test_errors"] <= 64
+    assert teacher["test_accuracy"] == pytest.approx(1 - teacher["test_errors"] / 64)
+    model = mnist.teacher_mlp()
+    assert [l.name for l in model.layers if "dropout" in l.name] == [
+        "input_dropout", "dropout1", "dropout2"]
+    assert mnist.student_mlp().count_params() == 784 * 800 + 800 + 800 * 800 + 800 + 8010
+
+    weights = str(tmp_path / "teacher_seed1.weights.h5")
+    kd = mnist.run("kd", epochs=1, seed=1, teacher_weights=weights, out_dir=str(tmp_path),
+                   smoke=True)
+    _saved(tmp_path, kd)
+    assert kd["method"] == "kd" and kd["epochs"] == kd["epochs_run"] == 1
+    assert kd["hidden_units"] == [800, 800] and kd["teacher_hidden_units"] == [1200, 1200]
+    assert kd["temperature"] == 20.0
+    # the loaded teacher is the one just trained
+    assert kd["teacher_test_errors"] == teacher["test_errors"]
+    assert "kd_loss" in kd["history"] and all(v >= 0 for v in kd["history"]["kd_loss"])
+    assert 0 <= kd["test_errors"] <= 64
+
+    omitted = mnist.run("omitted_class", epochs=1, seed=1, teacher_weights=weights,
+                        omitted_digit=3, bias_shift=50.0, out_dir=str(tmp_path), smoke=True)
+    _saved(tmp_path, omitted)
+    assert omitted["train_size"] < 256 and omitted["omitted_test_count"] > 0
+    assert 0.0 <= omitted["omitted_accuracy_before"] <= 1.0
+    # a huge bias on class 3 makes every test 3 a 3
+    assert omitted["omitted_accuracy_after"] == 1.0
+    assert omitted["test_errors_after"] == 64 - omitted["omitted_test_count"]
+
+
+def test_mnist_real_data_loads_when_present():
+    mnist = _load("mnist_hinton")
+    data_dir = os.path.join(EXAMPLES, "..", "..", "shared", "data")
+    if not os.path.isfile(os.path.join(data_dir, "mnist.npz")):
+        pytest.skip("../shared/data/mnist.npz is absent")
+    (x_train, y_train), (x_test, y_test) = mnist.load_mnist(data_dir)
+    assert x_train.shape == (60000, 28, 28, 1) and x_test.shape == (10000, 28, 28, 1)
+    assert x_train.dtype == "float32" and 0.0 <= x_train.min() and x_train.max() <= 1.0
+    assert sorted(set(y_test.tolist())) == list(range(10))
+
+
+def test_cifar10_fast_optimization_fsp(tmp_path):
+    fast = _load("cifar10_fast_optimization")
+    result = fast.run("fsp", seed=2, out_dir=str(tmp_path), smoke=True)
+    _saved(tmp_path, result)
+    assert result["method"] == "fsp" and result["depth"] == 26
+    assert result["stage_epochs"] == {"0": "fsp", "1": "task"}  # 21k + 21k, one epoch each here
+    assert result["epochs"] == result["epochs_run"] == 2 and result["completed"]
+    assert 0.0 <= result["test_accuracy"] <= 1.0
+    assert result["history"]["fsp_loss"][0] > 0.0
+
+    baseline = fast.run("teacher_21k", depth=8, out_dir=str(tmp_path), smoke=True)
+    _saved(tmp_path, baseline)
+    assert baseline["method"] == "teacher_21k" and baseline["stage_epochs"] == {}
+    assert baseline["epochs"] == baseline["epochs_run"] == 1 and baseline["completed"]
+
+
+def test_cifar100_network_minimization_fsp(tmp_path):
+    c100 = _load("cifar100_network_minimization")
+    result = c100.run("fsp", seed=0, out_dir=str(tmp_path), smoke=True)
+    _saved(tmp_path, result)
+    assert result["method"] == "fsp" and result["num_classes"] == 100
+    assert (result["teacher_depth"], result["student_depth"]) == (32, 14)
+    # smoke scale 2/64000: stage 1 (21k) -> 1 epoch, stage 2 (64k) -> 2 epochs
+    assert result["stage_epochs"] == {"0": "fsp", "1": "task"}
+    assert result["epochs"] == result["epochs_run"] == 3 and result["completed"]
+    assert 0.0 <= result["test_accuracy"] <= 1.0
+
+
+def test_cifar100_through_mocked_tfds(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    c100 = _load("cifar100_network_minimization")
+    with tfds.testing.mock_data(num_examples=24):
+        # 64000 * 1e-5 -> 1 iteration: 1 epoch of 1 step.
+        result = c100.run("student_alone", student_depth=8, scale=1e-5, batch_size=24,
+                          out_dir=str(tmp_path))
+    _saved(tmp_path, result)
+    assert result["steps_per_epoch"] == 1 and result["epochs_run"] == 1
+    assert result["num_classes"] == 100 and 0.0 <= result["test_accuracy"] <= 1.0
+
+
+def test_scripts_flags_parse_in_one_process():
+    """All examples import side by side (absl flags are global), and each
+    script parses its own flags when run (absl's --only_check_args exits 0
+    after parsing, before main)."""
+    for name in ("cifar10_network_minimization", "mnist_hinton", "cifar10_fast_optimization",
+                 "cifar100_network_minimization"):
+        _load(name)
+
+    def parse(script, *args):
+        return subprocess.run(
+            [sys.executable, os.path.join(EXAMPLES, script), "--only_check_args", *args],
+            capture_output=True, text=True, timeout=120,
+            env={**os.environ, "PYTHONPATH": os.path.dirname(EXAMPLES)})
+
+    ok = [("mnist_hinton.py", "--method=omitted_class", "--omitted_digit=7", "--bias_shift=2"),
+          ("cifar10_fast_optimization.py", "--method=teacher_21k", "--depth=8"),
+          ("cifar100_network_minimization.py", "--method=dense_fsp", "--stage1_iterations=32000")]
+    for args in ok:
+        out = parse(*args)
+        assert out.returncode == 0, (args, out.stderr[-2000:])
+    bad = [("mnist_hinton.py", "--method=fsp"),  # not a method of this script
+           ("cifar10_fast_optimization.py", "--method=student_alone")]
+    for args in bad:
+        out = parse(*args)
+        assert out.returncode != 0 and "method" in out.stderr, args
