@@ -19,11 +19,13 @@ count of the schedules; `--smoke` runs a seconds-long check on random data with
 `--out_dir`.
 """
 
-import json
 import os
-import time
+import sys
 
 from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (examples/common.py)
 
 _O = dict(allow_override=True)  # these examples share flag names (absl flags are global)
 flags.DEFINE_enum("method", "fsp", ["teacher", "student_alone", "fsp", "dense_fsp", "fitnet", "kd"],
@@ -73,9 +75,7 @@ def run(method="fsp", teacher_depth=32, student_depth=14, teacher_weights=None,
 
     keras.utils.set_random_seed(seed)
     (x_train, y_train), (x_test, y_test) = load_cifar100(tfds_data_dir, smoke)
-    mean = x_train.reshape(-1, 3).mean(axis=0)
-    std = x_train.reshape(-1, 3).std(axis=0)
-    norm = lambda x: ((x.astype("float32") - mean) / std).astype("float32")  # noqa: E731
+    norm = common.normalizer(x_train)
     x_train, x_test = norm(x_train), norm(x_test)
     steps = -(-len(x_train) // batch_size)
     if smoke:
@@ -103,37 +103,9 @@ def run(method="fsp", teacher_depth=32, student_depth=14, teacher_weights=None,
                 extra["stage1_iterations"] = stage1_iterations
             recipe = maker(teacher, student, steps, augment=augment, scale=scale, **extra)
         net = recipe.student
-    recipe.compile(metrics=["accuracy"])
-    start = time.time()
-
-    class _Deadline(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            if max_minutes and time.time() - start > 60 * max_minutes:
-                self.model.stop_training = True
-
-    history = recipe.fit(x_train, y_train, batch_size=batch_size,
-                         validation_data=(x_test, y_test), validation_freq=max(1, recipe.epochs // 8),
-                         callbacks=[_Deadline()], verbose=2)
-    seconds = time.time() - start
-    logits = net.predict(x_test, batch_size=1000, verbose=0)
-    epochs_run = len(history.history["loss"])
-    result = {
-        "method": method, "teacher_depth": teacher_depth, "student_depth": student_depth,
-        "num_classes": int(logits.shape[-1]), "seed": seed, "scale": scale,
-        "epochs": recipe.epochs, "stage_epochs": {str(e): s.name for e, s in recipe.schedule.items()},
-        "steps_per_epoch": steps, "batch_size": batch_size, "train_seconds": round(seconds, 1),
-        "test_accuracy": float((logits.argmax(-1) == y_test).mean()),
-        "epochs_run": epochs_run, "completed": epochs_run == recipe.epochs,
-        "backend": keras.backend.backend(),
-        "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
-    }
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"{method}_seed{seed}")
-    net.save_weights(stem + ".weights.h5")
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps({k: v for k, v in result.items() if k != "history"}))
-    return result
+    return common.fit_and_report(
+        recipe, net, (x_train, y_train), (x_test, y_test), out_dir, method, seed,
+        {"teacher_depth": teacher_depth, "student_depth": student_depth, "num_classes": NUM_CLASSES, "scale": scale, "steps_per_epoch": steps}, batch_size, max_minutes)
 
 
 def main(_):

@@ -20,12 +20,13 @@ data. Writes `<method>_seed<seed>.json` (and `.weights.h5`) into `--out_dir`.
 """
 
 import importlib.util
-import json
 import os
 import sys
-import time
 
 from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (examples/common.py)
 
 
 def _load_example(name):
@@ -76,9 +77,7 @@ def run(method="fsp", depth=26, teacher_weights=None, scale=1.0, batch_size=128,
     (x_train, y_train), (x_test, y_test), genuine = load_cifar10(data_dir, smoke)
     if smoke:  # ResNet-26 is slow on a CPU: keep the check to one batch
         (x_train, y_train), (x_test, y_test) = (x_train[:64], y_train[:64]), (x_test[:32], y_test[:32])
-    mean = x_train.reshape(-1, 3).mean(axis=0)
-    std = x_train.reshape(-1, 3).std(axis=0)
-    norm = lambda x: ((x.astype("float32") - mean) / std).astype("float32")  # noqa: E731
+    norm = common.normalizer(x_train)
     x_train, x_test = norm(x_train), norm(x_test)
     steps = -(-len(x_train) // batch_size)
     if smoke:
@@ -101,40 +100,13 @@ def run(method="fsp", depth=26, teacher_weights=None, scale=1.0, batch_size=128,
                                    stage2_iterations=21000, augment=augment, scale=scale)
     else:
         raise ValueError(f"Unknown method {method!r}.")
-    recipe.compile(metrics=["accuracy"])
-    start = time.time()
-
-    class _Deadline(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            if max_minutes and time.time() - start > 60 * max_minutes:
-                self.model.stop_training = True
-
-    history = recipe.fit(x_train, y_train, batch_size=batch_size,
-                         validation_data=(x_test, y_test), validation_freq=max(1, recipe.epochs // 8),
-                         callbacks=[_Deadline()], verbose=2)
-    seconds = time.time() - start
-    logits = student.predict(x_test, batch_size=1000, verbose=0)
-    epochs_run = len(history.history["loss"])
-    result = {
-        "method": method, "depth": depth, "seed": seed, "scale": scale, "epochs": recipe.epochs,
-        "stage_epochs": {str(e): s.name for e, s in recipe.schedule.items()},
-        "steps_per_epoch": steps, "batch_size": batch_size, "train_seconds": round(seconds, 1),
-        "test_accuracy": float((logits.argmax(-1) == y_test).mean()),
-        "epochs_run": epochs_run, "completed": epochs_run == recipe.epochs,
-        "backend": keras.backend.backend(),
-        "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
-    }
+    extra = {}
     if genuine is not None:
         images, labels, _ = genuine
-        g = student.predict(norm(images), batch_size=1000, verbose=0)
-        result["genuine_subset_accuracy"] = float((g.argmax(-1) == labels).mean())
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"{method}_seed{seed}")
-    student.save_weights(stem + ".weights.h5")
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps({k: v for k, v in result.items() if k != "history"}))
-    return result
+        extra["genuine_subset"] = (norm(images), labels)
+    return common.fit_and_report(
+        recipe, student, (x_train, y_train), (x_test, y_test), out_dir, method, seed,
+        {"depth": depth, "scale": scale, "steps_per_epoch": steps}, batch_size, max_minutes, extra)
 
 
 def main(_):

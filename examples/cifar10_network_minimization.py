@@ -13,27 +13,30 @@ papers' schedules; `--smoke` runs a seconds-long check on random data.
 Writes `<method>_seed<seed>.json` (and `.weights.h5`) into `--out_dir`.
 """
 
-import json
 import os
 import sys
-import time
 
 from absl import app, flags
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (examples/common.py)
+
+_O = dict(allow_override=True)  # the examples share flag names (absl flags are global)
+
 flags.DEFINE_enum("method", "fsp", ["teacher", "student_alone", "fsp", "dense_fsp", "fitnet", "kd"],
-                  "What to train.")
-flags.DEFINE_integer("teacher_depth", 26, "Teacher ResNet depth (6n+2).")
-flags.DEFINE_integer("student_depth", 8, "Student ResNet depth (6n+2).")
-flags.DEFINE_string("teacher_weights", None, "Teacher weights (.weights.h5) for distillation.")
-flags.DEFINE_float("scale", 1.0, "Multiplies every iteration count of the schedules.")
-flags.DEFINE_integer("batch_size", 128, "Batch size.")
-flags.DEFINE_integer("seed", 0, "Random seed.")
+                  "What to train.", **_O)
+flags.DEFINE_integer("teacher_depth", 26, "Teacher ResNet depth (6n+2).", **_O)
+flags.DEFINE_integer("student_depth", 8, "Student ResNet depth (6n+2).", **_O)
+flags.DEFINE_string("teacher_weights", None, "Teacher weights (.weights.h5) for distillation.", **_O)
+flags.DEFINE_float("scale", 1.0, "Multiplies every iteration count of the schedules.", **_O)
+flags.DEFINE_integer("batch_size", 128, "Batch size.", **_O)
+flags.DEFINE_integer("seed", 0, "Random seed.", **_O)
 flags.DEFINE_string("data_dir", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"),
-                    "Folder of the shared datasets.py and cifar10.npz.")
-flags.DEFINE_string("out_dir", "runs/cifar10", "Where results and weights go.")
-flags.DEFINE_bool("smoke", False, "Seconds-long run on random data (for tests).")
+                    "Folder of the shared datasets.py and cifar10.npz.", **_O)
+flags.DEFINE_string("out_dir", "runs/cifar10", "Where results and weights go.", **_O)
+flags.DEFINE_bool("smoke", False, "Seconds-long run on random data (for tests).", **_O)
 flags.DEFINE_float("max_minutes", None, "Stop after the epoch that passes this wall time "
-                   "(the result then says completed: false).")
+                   "(the result then says completed: false).", **_O)
 FLAGS = flags.FLAGS
 
 
@@ -57,7 +60,6 @@ def run(method="fsp", teacher_depth=26, student_depth=8, teacher_weights=None, s
         batch_size=128, seed=0, data_dir=".", out_dir="runs/cifar10", smoke=False,
         max_minutes=None):
     import keras
-    import numpy as np
 
     from keras_fsp import recipes
     from keras_fsp.augment import PadCropFlip
@@ -65,9 +67,7 @@ def run(method="fsp", teacher_depth=26, student_depth=8, teacher_weights=None, s
 
     keras.utils.set_random_seed(seed)
     (x_train, y_train), (x_test, y_test), genuine = load_cifar10(data_dir, smoke)
-    mean = x_train.reshape(-1, 3).mean(axis=0)
-    std = x_train.reshape(-1, 3).std(axis=0)
-    norm = lambda x: ((x.astype("float32") - mean) / std).astype("float32")  # noqa: E731
+    norm = common.normalizer(x_train)
     x_train, x_test = norm(x_train), norm(x_test)
     steps = -(-len(x_train) // batch_size)  # batches per epoch, the last one partial
     if smoke:
@@ -91,39 +91,13 @@ def run(method="fsp", teacher_depth=26, student_depth=8, teacher_weights=None, s
                      "fitnet": recipes.fitnets, "kd": recipes.hinton_kd}[method]
             recipe = maker(teacher, student, steps, augment=augment, scale=scale)
         net = recipe.student
-    recipe.compile(metrics=["accuracy"])
-    start = time.time()
-
-    class _Deadline(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            if max_minutes and time.time() - start > 60 * max_minutes:
-                self.model.stop_training = True
-
-    history = recipe.fit(x_train, y_train, batch_size=batch_size,
-                         validation_data=(x_test, y_test), validation_freq=max(1, recipe.epochs // 8),
-                         callbacks=[_Deadline()], verbose=2)
-    seconds = time.time() - start
-    logits = net.predict(x_test, batch_size=1000, verbose=0)
-    result = {
-        "method": method, "seed": seed, "scale": scale, "epochs": recipe.epochs,
-        "steps_per_epoch": steps, "batch_size": batch_size, "train_seconds": round(seconds, 1),
-        "test_accuracy": float((logits.argmax(-1) == y_test).mean()),
-        "epochs_run": len(history.history["loss"]),
-        "completed": len(history.history["loss"]) == recipe.epochs,
-        "backend": keras.backend.backend(),
-        "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
-    }
+    extra = {}
     if genuine is not None:
         images, labels, _ = genuine
-        g = net.predict(norm(images), batch_size=1000, verbose=0)
-        result["genuine_subset_accuracy"] = float((g.argmax(-1) == labels).mean())
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"{method}_seed{seed}")
-    net.save_weights(stem + ".weights.h5")
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps({k: v for k, v in result.items() if k != "history"}))
-    return result
+        extra["genuine_subset"] = (norm(images), labels)
+    return common.fit_and_report(
+        recipe, net, (x_train, y_train), (x_test, y_test), out_dir, method, seed,
+        {"scale": scale, "steps_per_epoch": steps}, batch_size, max_minutes, extra)
 
 
 def main(_):

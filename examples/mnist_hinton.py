@@ -112,7 +112,6 @@ def run(method="kd", epochs=30, batch_size=128, temperature=20.0, kd_weight=0.9,
         teacher_weights=None, omitted_digit=3, bias_shift=3.5, seed=0, data_dir=".",
         out_dir="runs/mnist", smoke=False):
     import keras
-    import numpy as np
 
     from keras_fsp import recipes
     from keras_fsp.augment import PadCropFlip

@@ -85,14 +85,17 @@ class Recipe:
         return self.model.fit(x, y, callbacks=list(self.callbacks) + list(callbacks), **kwargs)
 
 
-def supervised(model, steps_per_epoch, iterations=64000, boundaries=(32000, 48000),
+def supervised(model, steps_per_epoch, iterations=64000, boundaries=None,
                rates=(0.1, 0.01, 0.001), augment=None, scale=1.0, name="supervised"):
     """Plain training with labels: the papers' teachers and the student alone.
 
     He et al.'s CIFAR recipe: SGD momentum 0.9, 0.1 -> 0.01 -> 0.001 at 32k
-    and 48k of 64k iterations. `augment` (e.g. `PadCropFlip()`) runs inside
-    the step, in training only; `scale` shrinks every iteration count.
+    and 48k of 64k iterations (by default the boundaries sit at 50% and 75% of
+    `iterations`). `augment` (e.g. `PadCropFlip()`) runs inside the step, in
+    training only; `scale` shrinks every iteration count.
     """
+    if boundaries is None:
+        boundaries = (iterations // 2, iterations * 3 // 4)
     iterations, *boundaries = _scaled([iterations, *boundaries], scale)
     trained = model
     if augment is not None:

@@ -149,3 +149,30 @@ def test_scripts_flags_parse_in_one_process():
     for args in bad:
         out = parse(*args)
         assert out.returncode != 0 and "method" in out.stderr, args
+
+
+def test_cifar10_network_minimization_student_alone(tmp_path):
+    c10 = _load("cifar10_network_minimization")
+    result = c10.run("student_alone", seed=1, out_dir=str(tmp_path), smoke=True, student_depth=8)
+    _saved(tmp_path, result)
+    assert result["method"] == "student_alone" and result["seed"] == 1
+    assert result["completed"] and 0.0 <= result["test_accuracy"] <= 1.0
+    assert "genuine_subset_accuracy" not in result  # random data in smoke mode
+
+
+def test_cub200_transfer_finetune_then_fsp(tmp_path):
+    cub = _load("cub200_transfer")
+    source = tmp_path / "source.weights.h5"
+    from keras_fsp.models import cifar_resnet
+
+    src = cifar_resnet(8, num_classes=100, input_shape=(16, 16, 3), name="resnet8")
+    src.save_weights(str(source))
+    teacher = cub.run("teacher_finetune", teacher_depth=8, image_size=16, source_weights=str(source),
+                      batch_size=16, out_dir=str(tmp_path), smoke=True)
+    _saved(tmp_path, teacher)
+    assert teacher["source_weights"] == str(source) and teacher["completed"]
+    student = cub.run("fsp", teacher_depth=8, student_depth=8, image_size=16, batch_size=16,
+                      teacher_weights=str(tmp_path / "teacher_finetune_seed0.weights.h5"),
+                      out_dir=str(tmp_path), smoke=True)
+    assert student["stage_epochs"] == {"0": "fsp", "1": "task"}
+    assert 0.0 <= student["test_accuracy"] <= 1.0
