@@ -168,7 +168,7 @@ def load_arrays(name, data_dir=None, download=True):
         class_names, num_classes = list(spec["class_names"]), spec["num_classes"]
         augment = dict(spec["augment"])
     elif name == "digits":
-        (x_train, y_train), (x_test, y_test) = _load_digits()
+        (x_train, y_train), (x_test, y_test) = load_digits_split()
         spec = DATASETS[name]
         class_names, num_classes = list(spec["class_names"]), spec["num_classes"]
         augment = dict(spec["augment"])
@@ -285,7 +285,10 @@ def _load_npz(path):
     return train, test, class_names
 
 
-def _load_digits():
+def load_digits_split(seed=DIGITS_SEED, test_size=DIGITS_TEST_SIZE):
+    """scikit-learn's digits as `((x_train, y_train), (x_test, y_test))`:
+    pixels in [0, 1], `(N, 8, 8, 1)` float32, int32 labels, a stratified split
+    fixed by `seed` (the `"digits"` dataset is `seed=0`, 1,297 / 500)."""
     try:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
@@ -299,7 +302,7 @@ def _load_digits():
     x = (digits.images / 16.0).astype("float32")[..., None]
     y = digits.target.astype("int32")
     x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=DIGITS_TEST_SIZE, stratify=y, random_state=DIGITS_SEED
+        x, y, test_size=test_size, stratify=y, random_state=seed
     )
     return (x_train, y_train), (x_test, y_test)
 

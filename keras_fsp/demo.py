@@ -58,15 +58,9 @@ def load_data(seed=0, test_size=TEST_SIZE):
     Pixels scaled from 0..16 to [0, 1], shape `(N, 8, 8, 1)` float32, labels
     int32; a stratified split (1,297 / 500 by default) fixed by `seed`.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    from keras_fsp.data import load_digits_split
 
-    digits = load_digits()
-    x = (digits.images / 16.0).astype("float32")[..., None]
-    y = digits.target.astype("int32")
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=test_size, stratify=y, random_state=seed
-    )
+    (x_train, y_train), (x_test, y_test) = load_digits_split(seed, test_size)
     return x_train, y_train, x_test, y_test
 
 
