@@ -19,7 +19,6 @@ shrinks every iteration count; `--smoke` runs a seconds-long check on random
 data. Writes `<method>_seed<seed>.json` (and `.weights.h5`) into `--out_dir`.
 """
 
-import importlib.util
 import os
 import sys
 
@@ -27,27 +26,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (examples/common.py)
-
-
-def _load_example(name):
-    """Imports examples/<name>.py once per process (as module `name`): its
-    absl flags cannot be defined twice."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(
-        name, os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
-
-
-# Imported before this script's flags, which re-define the names it shares.
-load_cifar10 = _load_example("cifar10_network_minimization").load_cifar10
+from cifar10_network_minimization import load_cifar10  # noqa: E402  (same data path)
 
 _O = dict(allow_override=True)
 flags.DEFINE_enum("method", "fsp", ["teacher_21k", "teacher_64k", "fsp"], "What to train.", **_O)
