@@ -1,12 +1,18 @@
 """Training-step time of the student alone and of each distillation stage.
 
     python benchmarks/step_times.py --teacher_depth 26 --student_depth 8 --batch_size 128
+    python benchmarks/step_times.py --stages fsp,kd --cached_teacher --steps 10
 
 Times `fit` over random CIFAR-shaped arrays held in memory: one short `fit`
 first (it traces/compiles the step), then a timed `fit` of `--steps` steps,
 and prints milliseconds per step and images per second. `train_on_batch` is
 not used: on JAX it syncs every variable, the teacher's too, at every call,
 which `fit` does once per epoch. Runs on any Keras backend (KERAS_BACKEND).
+
+With `--cached_teacher`, each stage that uses the teacher is timed a second
+time right after, fitting on `FSPDistiller.teacher_outputs` (the teacher's
+targets computed once, not timed in the steps; its one-off cost is reported as
+`teacher_cache_seconds`): results `stage_{name}_cached_teacher`.
 """
 
 import json
@@ -20,6 +26,8 @@ flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first.")
 flags.DEFINE_integer("steps", 20, "Timed steps.")
 flags.DEFINE_list("stages", ["student_alone", "fsp", "kd", "task"], "What to time.")
+flags.DEFINE_bool("cached_teacher", False,
+                  "Also time each teacher stage on a teacher cache.")
 flags.DEFINE_string("json_out", None, "Also write the results here.")
 FLAGS = flags.FLAGS
 
@@ -33,8 +41,21 @@ def _time_fit(model, x, y, batch_size, warmup, steps):
     return (time.perf_counter() - start) / steps
 
 
+def _result(name, batch_size, seconds, **extra):
+    result = {
+        "name": name,
+        "batch_size": batch_size,
+        "ms_per_step": round(seconds * 1e3, 1),
+        "images_per_sec": round(batch_size / seconds, 1),
+        **extra,
+    }
+    print(f"{name:>28}: {seconds * 1e3:8.1f} ms/step "
+          f"{batch_size / seconds:9.1f} images/s", flush=True)
+    return result
+
+
 def run(teacher_depth=26, student_depth=8, batch_size=128, warmup=3, steps=20,
-        stages=("student_alone", "fsp", "kd", "task")):
+        stages=("student_alone", "fsp", "kd", "task"), cached_teacher=False):
     import keras
     import numpy as np
 
@@ -45,34 +66,44 @@ def run(teacher_depth=26, student_depth=8, batch_size=128, warmup=3, steps=20,
     n = batch_size * max(steps, warmup)
     x = rng.normal(size=(n, 32, 32, 3)).astype("float32")
     y = rng.integers(0, 10, n)
+    def distiller(name):
+        model = FSPDistiller(cifar_resnet(teacher_depth), cifar_resnet(student_depth),
+                             stage=name)
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+        return model
+
     results = []
     for name in stages:
-        teacher = cifar_resnet(teacher_depth)
-        student = cifar_resnet(student_depth)
         if name == "student_alone":
-            model = student
+            model = cifar_resnet(student_depth)
             model.compile(
                 optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             )
-        else:
-            model = FSPDistiller(teacher, student, stage=name)
-            model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+            seconds = _time_fit(model, x, y, batch_size, warmup, steps)
+            results.append(_result(name, batch_size, seconds))
+            continue
+        model = distiller(name)
         seconds = _time_fit(model, x, y, batch_size, warmup, steps)
-        results.append({
-            "name": name if name == "student_alone" else f"stage_{name}",
-            "batch_size": batch_size,
-            "ms_per_step": round(seconds * 1e3, 1),
-            "images_per_sec": round(batch_size / seconds, 1),
-        })
-        print(f"{results[-1]['name']:>16}: {seconds * 1e3:8.1f} ms/step "
-              f"{batch_size / seconds:9.1f} images/s", flush=True)
+        results.append(_result(f"stage_{name}", batch_size, seconds))
+        if cached_teacher and model.stage.needs_teacher:
+            model = distiller(name)
+            start = time.perf_counter()
+            cache = model.teacher_outputs(x, batch_size=batch_size)
+            cache_seconds = time.perf_counter() - start
+            seconds = _time_fit(model, {"inputs": x, "teacher": cache}, y,
+                                batch_size, warmup, steps)
+            results.append(_result(
+                f"stage_{name}_cached_teacher", batch_size, seconds,
+                teacher_cache_seconds=round(cache_seconds, 2),
+                teacher_cache_examples=len(x),
+            ))
     return {"backend": keras.backend.backend(), "results": results}
 
 
 def main(_):
     out = run(FLAGS.teacher_depth, FLAGS.student_depth, FLAGS.batch_size,
-              FLAGS.warmup, FLAGS.steps, FLAGS.stages)
+              FLAGS.warmup, FLAGS.steps, FLAGS.stages, FLAGS.cached_teacher)
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w") as f:
             json.dump(out, f, indent=2)

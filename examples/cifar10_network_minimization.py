@@ -35,6 +35,16 @@ flags.DEFINE_string("data_dir", os.path.join(os.path.dirname(__file__), "..", ".
                     "Folder of the shared datasets.py and cifar10.npz.", **_O)
 flags.DEFINE_string("out_dir", "runs/cifar10", "Where results and weights go.", **_O)
 flags.DEFINE_bool("smoke", False, "Seconds-long run on random data (for tests).", **_O)
+flags.DEFINE_bool("restore_kernel_norms", None, "fsp/dense_fsp: rescale the student's "
+                  "batch-normalised kernels to their initial norms when stage 2 starts "
+                  "(default: the recipe's).", **_O)
+flags.DEFINE_bool("stage1_weight_decay", True, "fsp: weight decay during stage 1.", **_O)
+flags.DEFINE_enum("fsp_pairs", "sections", ["sections", "consecutive"],
+                  "fsp: each section's input/output (the paper) or consecutive section outputs.", **_O)
+flags.DEFINE_enum("fsp_pooling", "max", ["max", "avg"], "fsp: pooling to the smaller map.", **_O)
+flags.DEFINE_bool("device_data", True, "Keep the training set on the device "
+                  "(keras_fsp.inputs.DeviceArrays) instead of feeding host arrays.", **_O)
+flags.DEFINE_string("tag", "", "Suffix of the result's name: <method><tag>_seed<seed>.", **_O)
 flags.DEFINE_float("max_minutes", None, "Stop after the epoch that passes this wall time "
                    "(the result then says completed: false).", **_O)
 FLAGS = flags.FLAGS
@@ -58,7 +68,8 @@ def load_cifar10(data_dir, smoke=False):
 
 def run(method="fsp", teacher_depth=26, student_depth=8, teacher_weights=None, scale=1.0,
         batch_size=128, seed=0, data_dir=".", out_dir="runs/cifar10", smoke=False,
-        max_minutes=None):
+        max_minutes=None, restore_kernel_norms=None, stage1_weight_decay=True,
+        fsp_pairs="sections", fsp_pooling="max", device_data=True, tag=""):
     import keras
 
     from keras_fsp import recipes
@@ -73,6 +84,7 @@ def run(method="fsp", teacher_depth=26, student_depth=8, teacher_weights=None, s
     if smoke:
         scale = min(scale, 2 * steps / 64000)
     augment = PadCropFlip(pad=4, flip=True, seed=seed)
+    options = {}  # recipe options beyond the defaults, recorded in the result
 
     if method == "teacher":
         net = cifar_resnet(teacher_depth, name=f"resnet{teacher_depth}")
@@ -87,9 +99,14 @@ def run(method="fsp", teacher_depth=26, student_depth=8, teacher_weights=None, s
                 teacher.load_weights(teacher_weights)
             elif not smoke:
                 raise app.UsageError("--teacher_weights is needed to distil.")
+            if method in ("fsp", "dense_fsp") and restore_kernel_norms is not None:
+                options["restore_kernel_norms"] = restore_kernel_norms
+            if method == "fsp":
+                options.update(stage1_weight_decay=stage1_weight_decay, pairs=fsp_pairs,
+                               pooling=fsp_pooling)
             maker = {"fsp": recipes.fsp_paper, "dense_fsp": recipes.dense_fsp,
                      "fitnet": recipes.fitnets, "kd": recipes.hinton_kd}[method]
-            recipe = maker(teacher, student, steps, augment=augment, scale=scale)
+            recipe = maker(teacher, student, steps, augment=augment, scale=scale, **options)
         net = recipe.student
     extra = {}
     if genuine is not None:
@@ -97,13 +114,17 @@ def run(method="fsp", teacher_depth=26, student_depth=8, teacher_weights=None, s
         extra["genuine_subset"] = (norm(images), labels)
     return common.fit_and_report(
         recipe, net, (x_train, y_train), (x_test, y_test), out_dir, method, seed,
-        {"scale": scale, "steps_per_epoch": steps}, batch_size, max_minutes, extra)
+        {"scale": scale, "steps_per_epoch": steps, "tag": tag,
+         "options": options},
+        batch_size, max_minutes, extra, device_data=device_data,
+        name=f"{method}{tag}_seed{seed}")
 
 
 def main(_):
     run(FLAGS.method, FLAGS.teacher_depth, FLAGS.student_depth, FLAGS.teacher_weights,
         FLAGS.scale, FLAGS.batch_size, FLAGS.seed, FLAGS.data_dir, FLAGS.out_dir, FLAGS.smoke,
-        FLAGS.max_minutes)
+        FLAGS.max_minutes, FLAGS.restore_kernel_norms, FLAGS.stage1_weight_decay,
+        FLAGS.fsp_pairs, FLAGS.fsp_pooling, FLAGS.device_data, FLAGS.tag)
 
 
 if __name__ == "__main__":

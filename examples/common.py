@@ -15,7 +15,8 @@ def normalizer(x_train):
 
 
 def fit_and_report(recipe, net, train, test, out_dir, method, seed, fields,
-                   batch_size=128, max_minutes=None, extra_scores=None):
+                   batch_size=128, max_minutes=None, extra_scores=None,
+                   device_data=True, name=None):
     """Compiles and fits `recipe`, scores `net` on `test`, writes the results.
 
     Args:
@@ -26,23 +27,44 @@ def fit_and_report(recipe, net, train, test, out_dir, method, seed, fields,
         max_minutes: stop after the epoch that passes this wall time; the
             result then says `completed: false`.
         extra_scores: `{name: (x, y)}` more test sets, e.g. exact pixels.
+        device_data: feed the training set from the device
+            (`keras_fsp.inputs.DeviceArrays`) instead of host arrays.
+        name: file stem of the result (default `<method>_seed<seed>`).
 
     Returns:
         the result dict (also written as `<out_dir>/<method>_seed<seed>.json`).
     """
     import keras
+    import numpy as np
+
+    from keras_fsp.inputs import DeviceArrays
+    from keras_fsp.kernel_norms import kernel_norms
 
     recipe.compile(metrics=["accuracy"])
     start = time.time()
+    initial_norms = kernel_norms(net)
+
+    class _KernelNorms(keras.callbacks.Callback):
+        """Logs how far the batch-normalised kernels are from their initial norms."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is not None and initial_norms:
+                ratios = [n / initial_norms[k] for k, n in kernel_norms(net).items()]
+                logs["kernel_norm_ratio_median"] = float(np.median(ratios))
+                logs["kernel_norm_ratio_max"] = float(np.max(ratios))
 
     class _Deadline(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             if max_minutes and time.time() - start > 60 * max_minutes:
                 self.model.stop_training = True
 
-    history = recipe.fit(*train, batch_size=batch_size, validation_data=test,
+    if device_data:
+        data = dict(x=DeviceArrays(*train, batch_size=batch_size, seed=seed))
+    else:
+        data = dict(x=train[0], y=train[1], batch_size=batch_size)
+    history = recipe.fit(**data, validation_data=test,
                          validation_freq=max(1, recipe.epochs // 8),
-                         callbacks=[_Deadline()], verbose=2)
+                         callbacks=[_Deadline(), _KernelNorms()], verbose=2)
     seconds = time.time() - start
 
     def accuracy(x, y):
@@ -52,16 +74,17 @@ def fit_and_report(recipe, net, train, test, out_dir, method, seed, fields,
     result = {
         "method": method, "seed": seed, **fields, "epochs": recipe.epochs,
         "stage_epochs": {str(e): s.name for e, s in recipe.schedule.items()},
-        "batch_size": batch_size, "train_seconds": round(seconds, 1),
+        "batch_size": batch_size, "device_data": device_data,
+        "train_seconds": round(seconds, 1),
         "test_accuracy": accuracy(*test),
         "epochs_run": epochs_run, "completed": epochs_run == recipe.epochs,
         "backend": keras.backend.backend(),
         "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
     }
-    for name, (x, y) in (extra_scores or {}).items():
-        result[f"{name}_accuracy"] = accuracy(x, y)
+    for score, (x, y) in (extra_scores or {}).items():
+        result[f"{score}_accuracy"] = accuracy(x, y)
     os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"{method}_seed{seed}")
+    stem = os.path.join(out_dir, name or f"{method}_seed{seed}")
     net.save_weights(stem + ".weights.h5")
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)

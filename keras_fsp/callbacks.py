@@ -2,6 +2,7 @@
 
 import keras
 
+from keras_fsp import kernel_norms
 from keras_fsp.stages import LOSS_TERMS, resolve_stage
 
 
@@ -65,6 +66,55 @@ class StageSchedule(keras.callbacks.Callback):
 
     def get_config(self):
         return {"schedule": self.schedule, "verbose": self.verbose}
+
+
+class RestoreKernelNorms(keras.callbacks.Callback):
+    """Rescales the student's batch-normalised kernels to their initial norms
+    when a given stage starts.
+
+    FSP stage 1 inflates these norms several times over (its loss is a sum of
+    squared differences in the thousands), which lowers the effective learning
+    rate of the following task stage by the square of that factor; see
+    `keras_fsp.kernel_norms`. The rescaling does not change what the student
+    computes. Place it after the `StageSchedule` in the callback list.
+
+    Args:
+        student: the student; its norms are recorded now, so create the
+            callback before training.
+        at_stage: name of the stage at whose start the norms are restored.
+        verbose: print the range of the factors applied.
+
+    Example:
+
+    ```python
+    callbacks = [StageSchedule({0: "fsp", 20: "task"}),
+                 RestoreKernelNorms(student, at_stage="task")]
+    ```
+    """
+
+    def __init__(self, student, at_stage="task", verbose=1):
+        super().__init__()
+        self.student = student
+        self.at_stage = at_stage
+        self.verbose = verbose
+        self.initial_norms = kernel_norms.kernel_norms(student)
+        if not self.initial_norms:
+            raise ValueError(
+                f"{student.name!r} has no kernel followed by batch normalisation: "
+                "nothing to restore."
+            )
+        self.factors = None
+        self._last_stage = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        stage = _distiller(self).stage.name
+        if stage == self.at_stage and self._last_stage not in (None, stage):
+            self.factors = kernel_norms.restore_kernel_norms(self.student, self.initial_norms)
+            if self.verbose:
+                values = list(self.factors.values())
+                print(f"\nEpoch {epoch + 1}: kernel norms restored "
+                      f"(factors {min(values):.3f} to {max(values):.3f})")
+        self._last_stage = stage
 
 
 class LossWeightSchedule(keras.callbacks.Callback):

@@ -3,10 +3,12 @@ losses, one forward pass per network. Backend-agnostic (`keras.ops`): the same
 model trains on TensorFlow (also under `tf.distribute`) and JAX.
 """
 
+import collections
+
 import keras
 from keras import ops
 
-from keras_fsp import taps
+from keras_fsp import taps, teacher_cache
 from keras_fsp.fsp import POOLING_MODES, fsp_matrix, pooled_spatial_size
 from keras_fsp.losses import FSPLoss, HintLoss, SoftTargetLoss
 from keras_fsp.stages import (
@@ -35,6 +37,10 @@ def _clone_optimizer(optimizer):
     return keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
 
 
+# What a stage needs from the teacher: FSP pair indices, hint map, logits.
+_TeacherNeeds = collections.namedtuple("_TeacherNeeds", "pairs hint logits")
+
+
 class _Views:
     """Cache of tap views, deliberately not tracked by Keras: the views share
     the teacher's and student's layers, which are tracked already."""
@@ -47,6 +53,23 @@ class _Views:
         if key not in self.cache:
             self.cache[key] = taps.tap_model(model, names, include_logits, role)
         return self.cache[key]
+
+
+class _LossScaled:
+    """The `LossScaleOptimizer` wrapping each stage's own optimizer, made once
+    so that returning to a stage resumes its loss scale (not tracked)."""
+
+    def __init__(self):
+        self.wrappers = {}  # id(inner) -> (inner, wrapper)
+
+    def get(self, optimizer):
+        key = id(optimizer)
+        if key not in self.wrappers:
+            wrapper = keras.optimizers.LossScaleOptimizer(
+                optimizer, name="loss_scale_optimizer"
+            )
+            self.wrappers[key] = (optimizer, wrapper)
+        return self.wrappers[key][1]
 
 
 class FSPDistiller(keras.Model):
@@ -70,6 +93,18 @@ class FSPDistiller(keras.Model):
     `set_stage`, or inside one `fit` with
     `keras_fsp.callbacks.StageSchedule`. Each stage trains with its own
     optimizer: the stage's, or a fresh copy of the one given to `compile`.
+
+    Teacher caching: with fixed inputs (no `augment`), compute the teacher's
+    targets once with `teacher_outputs(x)` and fit on
+    `{"inputs": x, "teacher": cache}`; the teacher then does not run in the
+    step (see `keras_fsp.teacher_cache`).
+
+    Mixed precision: build the teacher and student under
+    `keras.mixed_precision.set_dtype_policy("mixed_float16")` (or
+    `"mixed_bfloat16"`). FSP matrices and every loss are computed in float32;
+    when the student computes in float16, every stage's optimizer is wrapped
+    in a `keras.optimizers.LossScaleOptimizer` (once; `compile(...,
+    auto_scale_loss=False)` turns this off).
 
     Args:
         teacher: trained functional `keras.Model` returning logits.
@@ -145,6 +180,9 @@ class FSPDistiller(keras.Model):
         self.teacher.trainable = False
         self.augment = augment
         self._views = _Views()
+        self._loss_scaled = _LossScaled()
+        self._auto_scale_loss = True
+        self._teacher_cached = False  # fitting on a teacher cache
         self._config = dict(
             fsp_pairs=fsp_pairs,
             student_fsp_pairs=student_fsp_pairs,
@@ -347,6 +385,14 @@ class FSPDistiller(keras.Model):
                 f"Stage {stage.name!r} uses the hint loss: create the "
                 "distiller with hint_layer=... and guided_layer=...."
             )
+        if getattr(self, "_jax_state", None) is not None:
+            # JAX, inside fit: write the last step's state back while the
+            # variable lists still match it, and drop it. Otherwise, if the
+            # new stage's first step fails, fit's cleanup assigns the stale
+            # state to the new stage's variables, and that shape error hides
+            # the real one.
+            self.jax_state_sync()
+            self._jax_state = None
         self._apply_trainable(stage)
         for term, variable in self._term_weights.items():
             variable.assign(stage.losses.get(term, 0.0))
@@ -383,8 +429,43 @@ class FSPDistiller(keras.Model):
         for proj in self.fsp_projections.values():
             proj.trainable = "fsp" in stage.losses
 
+    def _needs_loss_scaling(self):
+        """Whether training computes in float16, as Keras' `compile` checks
+        (there: the model's policy is `"mixed_float16"`); here also when only
+        the student (or one of its layers) computes in float16."""
+        if not self._auto_scale_loss:
+            return False
+        layers = [self, self.student, *self.student.layers]
+        layers += list(self.fsp_projections.values())
+        if self.regressor is not None:
+            layers.append(self.regressor)
+        return any(getattr(l, "compute_dtype", None) == "float16" for l in layers)
+
+    def _stage_optimizer(self, stage):
+        """The stage's optimizer, loss-scaled (once) when training in float16.
+
+        `keras.Model.compile` wraps the compiled optimizer in a
+        `LossScaleOptimizer` under `"mixed_float16"`; a stage's own optimizer
+        and the per-stage copies would bypass it, so the wrapping is done
+        here, for every stage. An optimizer that is a `LossScaleOptimizer`
+        already is used as it is.
+        """
+        if stage.optimizer is not None:
+            optimizer = stage.optimizer
+        else:
+            optimizer = _clone_optimizer(self._optimizer_template)
+        if not self._needs_loss_scaling() or isinstance(
+            optimizer, keras.optimizers.LossScaleOptimizer
+        ):
+            return optimizer
+        if stage.optimizer is not None:
+            return self._loss_scaled.get(optimizer)  # the same wrapper each time
+        return keras.optimizers.LossScaleOptimizer(
+            optimizer, name="loss_scale_optimizer"
+        )
+
     def _install_optimizer(self, stage):
-        optimizer = stage.optimizer or _clone_optimizer(self._optimizer_template)
+        optimizer = self._stage_optimizer(stage)
         variables = self.trainable_variables
         if not optimizer.built:
             scope = getattr(self, "distribute_strategy", None)
@@ -406,7 +487,10 @@ class FSPDistiller(keras.Model):
         self.train_function = None
         self.make_train_function()
 
-    def compile(self, optimizer="sgd", loss=None, metrics=None, **kwargs):
+    def compile(
+        self, optimizer="sgd", loss=None, metrics=None, auto_scale_loss=True,
+        **kwargs,
+    ):
         """Configures training.
 
         Args:
@@ -416,7 +500,14 @@ class FSPDistiller(keras.Model):
                 default `SparseCategoricalCrossentropy(from_logits=True)`.
                 A `keras.losses.Loss` instance.
             metrics: metrics on the student's logits (e.g. `["accuracy"]`).
+            auto_scale_loss: if True (default) and the distiller or the
+                student computes in float16 (`"mixed_float16"`), every
+                stage's optimizer is wrapped in a
+                `keras.optimizers.LossScaleOptimizer` (unless it is one).
             **kwargs: passed to `keras.Model.compile`.
+
+        Raises:
+            ValueError: if `loss` is not a `keras.losses.Loss` instance.
         """
         if loss is not None:
             if not isinstance(loss, keras.losses.Loss):
@@ -427,7 +518,12 @@ class FSPDistiller(keras.Model):
                     f"{loss!r}."
                 )
             self._task_loss = loss
-        super().compile(optimizer=optimizer, loss=None, metrics=metrics, **kwargs)
+        self._auto_scale_loss = bool(auto_scale_loss)
+        # Loss scaling is applied per stage (`_stage_optimizer`), not here.
+        super().compile(
+            optimizer=optimizer, loss=None, metrics=metrics,
+            auto_scale_loss=False, **kwargs,
+        )
         self._optimizer_template = self.optimizer
         self._apply_trainable(self._stage)
         self._install_optimizer(self._stage)
@@ -452,18 +548,120 @@ class FSPDistiller(keras.Model):
         with_logits = "kd" in stage.losses or "task" in stage.losses
         return list(dict.fromkeys(names)), with_logits
 
-    def _teacher_taps(self, stage):
+    def _teacher_needs(self, stages):
+        """What the stages' losses need from the teacher (`_TeacherNeeds`)."""
+        pairs, hint, logits = [], False, False
+        for stage in stages:
+            pairs += self._pair_indices(stage)
+            hint = hint or "hint" in stage.losses
+            logits = logits or "kd" in stage.losses
+        return _TeacherNeeds(tuple(sorted(set(pairs))), hint, logits)
+
+    def _teacher_keys(self, needs):
+        """`{cache key: per-example shape}` of the teacher's targets."""
+        def shape(name):
+            return taps.output_shape(self.teacher, name, "teacher")
+
+        keys = {}
+        for i in needs.pairs:
+            a, b = self.fsp_pairs[i]
+            key = teacher_cache.fsp_key((a, b), self.fsp_pooling)
+            keys[key] = (shape(a)[-1], shape(b)[-1])
+        if needs.hint:
+            keys[teacher_cache.hint_key(self.hint_layer)] = shape(self.hint_layer)[1:]
+        if needs.logits:
+            keys[teacher_cache.LOGITS_KEY] = tuple(self.teacher.outputs[0].shape)[1:]
+        return keys
+
+    def _teacher_view(self, needs):
         names = []
-        for i in self._pair_indices(stage):
+        for i in needs.pairs:
             names += list(self.fsp_pairs[i])
-        if "hint" in stage.losses:
+        if needs.hint:
             names.append(self.hint_layer)
-        return list(dict.fromkeys(names)), "kd" in stage.losses
+        names = list(dict.fromkeys(names))
+        return self._views.get(self.teacher, names, needs.logits, "teacher")
+
+    def _teacher_targets(self, features, needs):
+        """The teacher's targets (keyed as in the cache) from its view's
+        outputs: FSP matrices of the needed pairs, hint map, logits."""
+        # Nothing flows back into the teacher: keep none of its activations.
+        features = {k: ops.stop_gradient(v) for k, v in features.items()}
+        targets = {}
+        for i in needs.pairs:
+            a, b = self.fsp_pairs[i]
+            key = teacher_cache.fsp_key((a, b), self.fsp_pooling)
+            targets[key] = fsp_matrix(features[a], features[b], pooling=self.fsp_pooling)
+        if needs.hint:
+            targets[teacher_cache.hint_key(self.hint_layer)] = features[self.hint_layer]
+        if needs.logits:
+            targets[teacher_cache.LOGITS_KEY] = features[taps.LOGITS]
+        return targets
+
+    def teacher_outputs(self, x, batch_size=None, stage=None, verbose=0):
+        """The teacher's targets on `x`, computed once, for `fit` to reuse.
+
+        Runs the teacher's tapped view in inference mode over `x` in batches
+        and returns exactly what the stages' losses need from it, one row
+        per example: the FSP matrices of the active pairs (float32; far
+        smaller than the feature maps), the hint map and the logits (before
+        the temperature). Fit on `{"inputs": x, "teacher": cache}` and the
+        teacher does not run in the step. Only valid for fixed inputs: the
+        cache belongs to `x` example by example.
+
+        Args:
+            x: the training inputs (arrays), in the order given to `fit`.
+            batch_size: batch size of the teacher's passes (default 32).
+            stage: the stage to cache for, a name, a `Stage`, or a list of
+                them (e.g. `["fsp", "kd"]` for a `StageSchedule` over both);
+                default the active stage.
+            verbose: `predict`'s verbosity.
+
+        Returns:
+            dict `{key: numpy array}`; keys `"fsp/{pooling}/{a}/{b}"`,
+            `"hint/{layer}"`, `"logits"` (see `keras_fsp.teacher_cache`).
+
+        Raises:
+            ValueError: if the distiller has an `augment` layer (the teacher
+                must see each augmented batch), or no stage given uses the
+                teacher.
+
+        Example:
+
+        ```python
+        distiller = FSPDistiller(teacher, student, stage="fsp")
+        distiller.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+        cache = distiller.teacher_outputs(x, batch_size=256)
+        distiller.fit({"inputs": x, "teacher": cache}, y, batch_size=128)
+        ```
+        """
+        teacher_cache.refuse_augment(self.augment)
+        if stage is None:
+            stages = [self._stage]
+        elif isinstance(stage, (list, tuple)):
+            stages = [resolve_stage(s, self.stages) for s in stage]
+        else:
+            stages = [resolve_stage(stage, self.stages)]
+        if not any(s.needs_teacher for s in stages):
+            raise ValueError(
+                f"Stage(s) {[s.name for s in stages]} do not use the teacher "
+                "(no 'fsp', 'hint' or 'kd' term): there is nothing to cache. "
+                "Pass the stage(s) the cache is for, e.g. stage='fsp'."
+            )
+        needs = self._teacher_needs(stages)
+        return teacher_cache.compute(
+            self._teacher_view(needs),
+            lambda features: self._teacher_targets(features, needs),
+            x, batch_size=batch_size, verbose=verbose,
+        )
 
     def call(self, inputs, training=None):
+        inputs, cache = teacher_cache.split(inputs)
         if not training:
             return self.student(inputs, training=training)
         outputs = {}
+        if cache is not None:
+            teacher_cache.refuse_augment(self.augment)
         if self.augment is not None:
             inputs = self.augment(inputs, training=True)
             outputs[AUGMENTED_INPUTS] = inputs  # for the teacher
@@ -474,13 +672,6 @@ class FSPDistiller(keras.Model):
             view = self._views.get(self.student, names, with_logits, "student")
             outputs.update(view(inputs, training=True))
         return outputs
-
-    def _teacher_outputs(self, x, stage):
-        names, with_logits = self._teacher_taps(stage)
-        view = self._views.get(self.teacher, names, with_logits, "teacher")
-        outputs = view(x, training=False)
-        # Nothing flows back into the teacher: keep none of its activations.
-        return {k: ops.stop_gradient(v) for k, v in outputs.items()}
 
     def _fsp_matrices(self, features, pairs, projections=None):
         matrices = []
@@ -534,12 +725,25 @@ class FSPDistiller(keras.Model):
             return task / _num_replicas() + self._regularization()
 
         stage = self._stage
+        x, cache = teacher_cache.split(x)
         x = y_pred.get(AUGMENTED_INPUTS, x)
-        teacher = self._teacher_outputs(x, stage) if stage.needs_teacher else None
+        teacher = None
+        if stage.needs_teacher:
+            needs = self._teacher_needs([stage])
+            if cache is None:
+                features = self._teacher_view(needs)(x, training=False)
+                teacher = self._teacher_targets(features, needs)
+            else:  # the teacher does not run
+                teacher = teacher_cache.select(
+                    cache, self._teacher_keys(needs), stage.name
+                )
         values = {}
         if "fsp" in stage.losses:
             index = self._pair_indices(stage)
-            g_t = self._fsp_matrices(teacher, [self.fsp_pairs[i] for i in index])
+            g_t = [
+                teacher[teacher_cache.fsp_key(self.fsp_pairs[i], self.fsp_pooling)]
+                for i in index
+            ]
             g_s = self._fsp_matrices(
                 y_pred,
                 [self.student_fsp_pairs[i] for i in index],
@@ -554,12 +758,13 @@ class FSPDistiller(keras.Model):
             guided = y_pred[self.guided_layer]
             if self.regressor is not None:
                 guided = self.regressor(guided)
-            values["hint"] = ops.mean(
-                self.hint_loss.call(teacher[self.hint_layer], guided)
-            )
+            hint = teacher[teacher_cache.hint_key(self.hint_layer)]
+            values["hint"] = ops.mean(self.hint_loss.call(hint, guided))
         if "kd" in stage.losses:
             values["kd"] = ops.mean(
-                self.kd_loss.call(teacher[taps.LOGITS], y_pred[taps.LOGITS])
+                self.kd_loss.call(
+                    teacher[teacher_cache.LOGITS_KEY], y_pred[taps.LOGITS]
+                )
             )
         if "task" in stage.losses:
             values["task"] = self._task_value(y, y_pred[taps.LOGITS], sample_weight)
@@ -580,11 +785,14 @@ class FSPDistiller(keras.Model):
     def non_trainable_variables(self):
         variables = super().non_trainable_variables
         stage = getattr(self, "_stage", None)
-        if stage is None or stage.needs_teacher:
+        if stage is None or (
+            stage.needs_teacher and not getattr(self, "_teacher_cached", False)
+        ):
             return variables
-        # A stage without the teacher leaves its variables out of the step's
-        # state: on JAX each one is otherwise an argument and a result of the
-        # compiled step, which measurably slows the "task" stage down.
+        # A stage without the teacher (or fitting on a teacher cache) leaves
+        # its variables out of the step's state: on JAX each one is otherwise
+        # an argument and a result of the compiled step, which measurably
+        # slows the "task" stage down.
         teacher = {id(v) for v in self.teacher.variables}
         return [v for v in variables if id(v) not in teacher]
 
@@ -606,15 +814,33 @@ class FSPDistiller(keras.Model):
                 hidden.add(id(self._compile_metrics))
         return [m for m in metrics if id(m) not in hidden]
 
-    def fit(self, *args, **kwargs):
+    def fit(self, x=None, y=None, *args, **kwargs):
         """`keras.Model.fit`; the student's own trainable flags are restored
-        afterwards (stages freeze parts of it only while training)."""
+        afterwards (stages freeze parts of it only while training).
+
+        `x` may carry a teacher cache: `{"inputs": x, "teacher": cache}` with
+        `cache = self.teacher_outputs(x)`; the teacher then does not run.
+
+        Raises:
+            ValueError: for a cache with an `augment` layer, a cache of
+                another length than `x`, or one lacking what the stage needs
+                (also when a `StageSchedule` switches to such a stage).
+        """
+        inputs, cache = teacher_cache.split(x)
+        if cache is not None:
+            teacher_cache.refuse_augment(self.augment)
+            teacher_cache.check_lengths(inputs, cache)
+            if self._stage.needs_teacher:
+                needs = self._teacher_needs([self._stage])
+                teacher_cache.select(cache, self._teacher_keys(needs), self._stage.name)
         self._apply_trainable(self._stage)
         self._in_fit = True
+        self._teacher_cached = cache is not None
         try:
-            return super().fit(*args, **kwargs)
+            return super().fit(x, y, *args, **kwargs)
         finally:
             self._in_fit = False
+            self._teacher_cached = False
             self._restore_student_trainable()
 
     def _restore_student_trainable(self):

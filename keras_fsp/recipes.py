@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 
 import keras
 
-from keras_fsp.callbacks import LossWeightSchedule, StageSchedule
+from keras_fsp.callbacks import LossWeightSchedule, RestoreKernelNorms, StageSchedule
 from keras_fsp.distiller import FSPDistiller
 from keras_fsp.models.cifar_resnet import dense_taps
 from keras_fsp.stages import UP_TO_TAPS, Stage
@@ -111,15 +111,24 @@ def student_alone(student, steps_per_epoch, iterations=64000, augment=None, scal
                       scale=scale, name="student_alone")
 
 
-def _task_stage(iterations, scale):
+def _task_stage(iterations, scale, lr=0.1):
     """Stage 2 of the FSP paper: labels only, 0.1 -> 0.01 -> 0.001 at 50%/75%."""
     iterations, b1, b2 = _scaled([iterations, iterations // 2, iterations * 3 // 4], scale)
-    return Stage("task", {"task": 1.0}, optimizer=sgd((0.1, 0.01, 0.001), (b1, b2))), iterations
+    rates = (lr, lr / 10, lr / 100)
+    return Stage("task", {"task": 1.0}, optimizer=sgd(rates, (b1, b2))), iterations
+
+
+def _stage_callbacks(schedule, student, restore_kernel_norms):
+    callbacks = [StageSchedule(schedule)]
+    if restore_kernel_norms:
+        callbacks.append(RestoreKernelNorms(student, at_stage="task"))
+    return callbacks
 
 
 def fsp_paper(teacher, student, steps_per_epoch, stage1_iterations=21000,
               stage2_iterations=64000, pairs="sections", pooling="max",
-              projection=False, augment=None, scale=1.0):
+              projection=False, restore_kernel_norms=True, stage1_weight_decay=True,
+              augment=None, scale=1.0):
     """FSP as published (Yim et al. 2017).
 
     Stage 1: FSP loss only on each section's input/output pair, max pooling,
@@ -132,6 +141,10 @@ def fsp_paper(teacher, student, steps_per_epoch, stage1_iterations=21000,
             outputs, the PyTorch toolkits' reading), or an explicit list.
         pooling: `"max"` (the paper) or `"avg"`.
         projection: learn 1x1 projections for unequal channel counts.
+        restore_kernel_norms: rescale the student's batch-normalised kernels
+            to their initial norms when stage 2 starts
+            (`keras_fsp.callbacks.RestoreKernelNorms`; not in the paper).
+        stage1_weight_decay: keep the student's weight decay in stage 1.
     """
     if pairs == "sections":
         fsp_pairs = "auto"
@@ -141,7 +154,7 @@ def fsp_paper(teacher, student, steps_per_epoch, stage1_iterations=21000,
         fsp_pairs = pairs
     s1, b1, b2 = _scaled([stage1_iterations, stage1_iterations * 11 / 21,
                           stage1_iterations * 16 / 21], scale)
-    fsp = Stage("fsp", {"fsp": 1.0}, trainable=UP_TO_TAPS,
+    fsp = Stage("fsp", {"fsp": 1.0}, trainable=UP_TO_TAPS, regularization=stage1_weight_decay,
                 optimizer=sgd((1e-3, 1e-4, 1e-5), (b1, b2)))
     task, s2 = _task_stage(stage2_iterations, scale)
     distiller = FSPDistiller(teacher, student, fsp_pairs=fsp_pairs, fsp_pooling=pooling,
@@ -150,11 +163,12 @@ def fsp_paper(teacher, student, steps_per_epoch, stage1_iterations=21000,
     e1 = _epochs(s1, steps_per_epoch)
     schedule = {0: fsp, e1: task}
     return Recipe("fsp", distiller, schedule, e1 + _epochs(s2, steps_per_epoch),
-                  [StageSchedule(schedule)], student)
+                  _stage_callbacks(schedule, student, restore_kernel_norms), student)
 
 
 def dense_fsp(teacher, student, steps_per_epoch, points_per_section=2,
-              stage1_iterations=21000, stage2_iterations=64000, augment=None, scale=1.0):
+              stage1_iterations=21000, stage2_iterations=64000, restore_kernel_norms=True,
+              augment=None, scale=1.0):
     """Dense, sequential FSP (Yeo et al. 2018).
 
     Taps `points_per_section` evenly spaced maps per section of both
@@ -163,7 +177,7 @@ def dense_fsp(teacher, student, steps_per_epoch, points_per_section=2,
     into one step per section: step k trains on the pairs that end in
     sections 1..k, a third of the stage-1 iterations each, at 1e-3 then 1e-4
     for its last third (the slides give no schedule: this is our reading).
-    Then the task stage, as in `fsp_paper`.
+    Then the task stage, as in `fsp_paper` (`restore_kernel_norms` too).
     """
     t_taps = dense_taps(teacher, points_per_section)
     s_taps = dense_taps(student, points_per_section)
@@ -187,7 +201,7 @@ def dense_fsp(teacher, student, steps_per_epoch, points_per_section=2,
     schedule[3 * step_epochs] = task
     return Recipe("dense_fsp", distiller, schedule,
                   3 * step_epochs + _epochs(s2, steps_per_epoch),
-                  [StageSchedule(schedule)], student)
+                  _stage_callbacks(schedule, student, restore_kernel_norms), student)
 
 
 def fitnets(teacher, student, steps_per_epoch, hint_layer="stage2", guided_layer="stage2",
@@ -216,10 +230,11 @@ def fitnets(teacher, student, steps_per_epoch, hint_layer="stage2", guided_layer
 
 
 def hinton_kd(teacher, student, steps_per_epoch, iterations=64000, temperature=4.0,
-              kd_weight=0.9, augment=None, scale=1.0):
+              kd_weight=0.9, lr=0.1, augment=None, scale=1.0):
     """Hinton soft targets: `kd_weight * T^2 H(soft) + (1 - kd_weight) * H(labels)`,
-    one stage, the student's usual schedule."""
-    task, its = _task_stage(iterations, scale)
+    one stage, the student's usual schedule (`lr` -> `lr/10` -> `lr/100` at
+    50% and 75%)."""
+    task, its = _task_stage(iterations, scale, lr)
     kd = Stage("kd", {"kd": kd_weight, "task": 1.0 - kd_weight}, optimizer=task.optimizer)
     distiller = FSPDistiller(teacher, student, fsp_pairs=None, temperature=temperature,
                              augment=augment, stages={"kd": kd}, stage="kd")

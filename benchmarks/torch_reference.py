@@ -1,0 +1,125 @@
+"""A plain PyTorch version of keras_fsp's training steps, the peer reference of
+`gpu_throughput.py`: the same CIFAR ResNets (6n+2, 16/32/64 channels, 1x1
+projection shortcuts with batch norm), the same losses (KD: 0.9 * T^2 soft
+cross-entropy + 0.1 labels at T = 4; FSP: eq. 2 over the three section pairs,
+max pooling), SGD with momentum and weight decay 1e-4; eager, float32,
+channels-last, cuDNN autotuning. The teacher runs under `no_grad` in eval mode.
+
+    python benchmarks/torch_reference.py   # prints seconds per step
+"""
+
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout, momentum=0.1, eps=1e-5)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout, momentum=0.1, eps=1e-5)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return F.relu(y + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class CifarResNet(nn.Module):
+    """Returns the logits and the maps at the stem and the three section ends."""
+
+    def __init__(self, depth, num_classes=10):
+        super().__init__()
+        n = (depth - 2) // 6
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        sections, cin = [], 16
+        for i, width in enumerate((16, 32, 64)):
+            blocks = []
+            for b in range(n):
+                blocks.append(Block(cin, width, 2 if i > 0 and b == 0 else 1))
+                cin = width
+            sections.append(nn.Sequential(*blocks))
+        self.sections = nn.ModuleList(sections)
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+
+    def forward(self, x, logits=True):
+        maps = [self.stem(x)]
+        for section in self.sections:
+            maps.append(section(maps[-1]))
+        out = self.fc(maps[-1].mean((2, 3))) if logits else None
+        return out, maps
+
+
+def fsp_matrix(a, b):
+    if a.shape[2] != b.shape[2]:
+        a = F.max_pool2d(a, a.shape[2] // b.shape[2])
+    h, w = b.shape[2], b.shape[3]
+    return torch.bmm(a.flatten(2), b.flatten(2).transpose(1, 2)) / (h * w)
+
+
+def fsp_loss(t_maps, s_maps):
+    loss = 0.0
+    for i in range(3):  # (stem, stage1), (stage1, stage2), (stage2, stage3)
+        gt = fsp_matrix(t_maps[i], t_maps[i + 1])
+        gs = fsp_matrix(s_maps[i], s_maps[i + 1])
+        loss = loss + (gt - gs).pow(2).sum((1, 2)).mean()
+    return loss
+
+
+def kd_loss(t_logits, s_logits, y, temperature=4.0, weight=0.9):
+    soft = -(F.softmax(t_logits / temperature, 1) * F.log_softmax(s_logits / temperature, 1)).sum(1).mean()
+    return weight * temperature ** 2 * soft + (1 - weight) * F.cross_entropy(s_logits, y)
+
+
+def run(teacher_depth=26, student_depth=8, batch_size=128, iters=200, warmup=20):
+    """Seconds per step of `torch_reference_kd`, `torch_reference_fsp` and
+    `torch_student_alone` on the first CUDA device."""
+    torch.backends.cudnn.benchmark = True
+    dev = torch.device("cuda")
+    teacher = CifarResNet(teacher_depth).to(dev, memory_format=torch.channels_last).eval()
+    x = torch.randn(batch_size, 3, 32, 32, device=dev).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch_size,), device=dev)
+    results = {}
+    for name in ("torch_student_alone", "torch_reference_kd", "torch_reference_fsp"):
+        student = CifarResNet(student_depth).to(dev, memory_format=torch.channels_last).train()
+        opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+        def step():
+            if name == "torch_student_alone":
+                loss = F.cross_entropy(student(x)[0], y)
+            else:
+                with torch.no_grad():
+                    t_logits, t_maps = teacher(x, logits=name.endswith("kd"))
+                s_logits, s_maps = student(x, logits=name.endswith("kd"))
+                loss = (kd_loss(t_logits, s_logits, y) if name.endswith("kd")
+                        else fsp_loss(t_maps, s_maps))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        for _ in range(warmup):
+            step()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+        results[name] = (time.perf_counter() - start) / iters
+    return results
+
+
+if __name__ == "__main__":
+    for b in (128, 512):
+        for k, v in run(batch_size=b).items():
+            print(f"{k:>22} batch {b}: {1e3 * v:.2f} ms/step, {b / v:,.0f} images/s")
