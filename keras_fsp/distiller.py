@@ -4,9 +4,10 @@ model trains on TensorFlow (also under `tf.distribute`) and JAX.
 """
 
 import collections
+import contextlib
 
 import keras
-from keras import ops
+from keras import ops, tree
 
 from keras_fsp import taps, teacher_cache
 from keras_fsp.fsp import POOLING_MODES, fsp_matrix, pooled_spatial_size
@@ -31,6 +32,17 @@ def _num_replicas():
     import tensorflow as tf  # already imported by Keras on this backend
 
     return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def _multi_worker(strategy):
+    """Whether `strategy` is a MultiWorkerMirroredStrategy with several workers."""
+    if strategy is None or keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return isinstance(
+        strategy, tf.distribute.MultiWorkerMirroredStrategy
+    ) and strategy.extended._in_multi_worker_mode()
 
 
 def _clone_optimizer(optimizer):
@@ -465,16 +477,16 @@ class FSPDistiller(keras.Model):
         )
 
     def _install_optimizer(self, stage):
-        optimizer = self._stage_optimizer(stage)
         variables = self.trainable_variables
-        if not optimizer.built:
-            scope = getattr(self, "distribute_strategy", None)
-            if scope is not None:
-                with scope.scope():
-                    optimizer.build(variables)
-            else:
+        strategy = getattr(self, "distribute_strategy", None)
+        # A Keras optimizer remembers the strategy it was created under: make
+        # (clone) and build it inside the model's, or a stage switch inside
+        # `fit` raises "Mixing different tf.distribute.Strategy objects".
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            optimizer = self._stage_optimizer(stage)
+            if not optimizer.built:
                 optimizer.build(variables)
-        elif len(optimizer._trainable_variables) != len(variables):
+        if len(optimizer._trainable_variables) != len(variables):
             raise ValueError(
                 f"The optimizer of stage {stage.name!r} was built for "
                 f"{len(optimizer._trainable_variables)} variables but the stage "
@@ -861,11 +873,35 @@ class FSPDistiller(keras.Model):
             tracker.reset_state()
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        logs = None
         if isinstance(y_pred, dict):
             y_pred = y_pred.get(taps.LOGITS)
             if y_pred is None:  # fsp/hint stages: the head does not run
-                return {m.name: m.result() for m in self.metrics}
-        return super().compute_metrics(x, y, y_pred, sample_weight)
+                logs = {m.name: m.result() for m in self.metrics}
+        if logs is None:
+            logs = super().compute_metrics(x, y, y_pred, sample_weight)
+        if _multi_worker(getattr(self, "_distribute_strategy", None)):
+            # With several workers Keras reduces each step's logs with
+            # `strategy.reduce("MEAN", v, axis=0)`, which fails on scalars
+            # ("Invalid reduction dimension 0"): give them one axis, which
+            # the reduction removes (tensorflow/tensorflow#72388).
+            logs = {k: ops.reshape(v, (1,)) for k, v in logs.items()}
+        return logs
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras (TensorFlow trainer) builds from the first distributed batch
+        # with `strategy.reduce("MEAN", (x, y), axis=None)`, which fails on
+        # per-replica values with several workers (keras-team/keras#20585):
+        # build from this worker's first replica's share (shapes only).
+        strategy = getattr(self, "_distribute_strategy", None)
+        if iterator is not None and _multi_worker(strategy):
+            for _, _, it in iterator:
+                data_batch = tree.map_structure(
+                    lambda v: strategy.experimental_local_results(v)[0], next(it)
+                )
+                break
+            iterator = None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     # ---------------------------------------------------------- serialization
 

@@ -57,64 +57,12 @@ def dataset():
     return ds.with_options(options)
 
 
-def _in_multi_worker_mode(strategy):
-    import tensorflow as tf
-
-    return isinstance(
-        strategy, tf.distribute.MultiWorkerMirroredStrategy
-    ) and strategy.extended._in_multi_worker_mode()
-
-
-def distiller_class():
-    """`FSPDistiller`, or, while keras_fsp lacks them, a subclass with the two
-    overrides that Keras 3 `fit` needs under MultiWorkerMirroredStrategy with
-    several workers (tensorflow/tensorflow#72388, keras-team/keras#20585;
-    Keras 3.15 included)."""
-    from keras import ops, tree
-
-    from keras_fsp import FSPDistiller
-
-    if "_maybe_symbolic_build" in vars(FSPDistiller):
-        return FSPDistiller  # keras_fsp has the fix
-
-    class MultiWorkerFSPDistiller(FSPDistiller):
-        def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-            # Keras builds the model from the first distributed batch with
-            # `strategy.reduce("MEAN", (x, y), axis=None)`, which raises
-            # "Attempt to convert a value (PerReplica...) to a Tensor" with
-            # several workers. Only shapes and dtypes matter there: this
-            # worker's first replica's share will do.
-            strategy = self._distribute_strategy
-            if iterator is not None and _in_multi_worker_mode(strategy):
-                for _, _, it in iterator:
-                    data_batch = tree.map_structure(
-                        lambda v: strategy.experimental_local_results(v)[0],
-                        next(it),
-                    )
-                    break
-                iterator = None
-            return super()._maybe_symbolic_build(
-                iterator=iterator, data_batch=data_batch
-            )
-
-        def compute_metrics(self, x, y, y_pred, sample_weight=None):
-            # Keras reduces each replica's step logs with
-            # `strategy.reduce("MEAN", value, axis=0)` with several workers,
-            # which raises "Invalid reduction dimension 0 for input with 0
-            # dimensions" on the scalar logs: give them one axis (the
-            # reduction removes it again).
-            logs = super().compute_metrics(x, y, y_pred, sample_weight)
-            if _in_multi_worker_mode(self._distribute_strategy):
-                logs = {k: ops.reshape(v, (1,)) for k, v in logs.items()}
-            return logs
-
-    return MultiWorkerFSPDistiller
 
 
 def build():
     import keras
 
-    from keras_fsp import Stage
+    from keras_fsp import FSPDistiller, Stage
     from keras_fsp.models import cifar_resnet
 
     keras.utils.set_random_seed(0)
@@ -125,7 +73,7 @@ def build():
     for layer in student.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
-    distiller = distiller_class()(
+    distiller = FSPDistiller(
         teacher, student, stages={"mix": Stage("mix", MIX)}, stage="mix"
     )
     # jit_compile=True fails under the MirroredStrategy family on CPUs.
@@ -187,7 +135,6 @@ def worker(out_dir):
         "task_type": resolver.task_type,
         "task_id": task,
         "num_replicas_in_sync": strategy.num_replicas_in_sync,
-        "distiller_class": distiller_class().__name__,
         "history": history,
     }
     # Only the chief (worker 0) writes results: every worker holds the same
