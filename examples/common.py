@@ -32,7 +32,8 @@ def fit_and_report(recipe, net, train, test, out_dir, method, seed, fields,
         name: file stem of the result (default `<method>_seed<seed>`).
 
     Returns:
-        the result dict (also written as `<out_dir>/<method>_seed<seed>.json`).
+        the result dict (also written as `<out_dir>/<name>.json`, with the
+        weights as `<out_dir>/<name>.weights.h5`).
     """
     import keras
     import numpy as np

@@ -2,7 +2,6 @@
 
 import keras
 
-from keras_fsp import kernel_norms
 from keras_fsp.stages import LOSS_TERMS, resolve_stage
 
 
@@ -69,48 +68,51 @@ class StageSchedule(keras.callbacks.Callback):
 
 
 class RestoreKernelNorms(keras.callbacks.Callback):
-    """Rescales the student's batch-normalised kernels to their initial norms
-    when a given stage starts.
+    """Rescales the student's batch-normalised kernels to the norms they had
+    when the distiller was created, when a given stage starts.
 
-    FSP stage 1 inflates these norms several times over (its loss is a sum of
-    squared differences in the thousands), which lowers the effective learning
-    rate of the following task stage by the square of that factor; see
-    `keras_fsp.kernel_norms`. The rescaling does not change what the student
-    computes. Place it after the `StageSchedule` in the callback list.
+    FSP stage 1 inflates these norms many times over (its loss is a sum of
+    squared differences in the thousands), which divides the effective
+    learning rate of the following task stage by the square of that factor;
+    see `keras_fsp.kernel_norms`. The rescaling does not change what the
+    student computes. The target norms are variables of the distiller, so
+    they are checkpointed with it. Place this callback after the
+    `StageSchedule` in the callback list.
 
     Args:
-        student: the student; its norms are recorded now, so create the
-            callback before training.
         at_stage: name of the stage at whose start the norms are restored.
+        start_epoch: the epoch at which that stage starts, if known (the
+            recipes pass it): then the norms are restored at that epoch
+            even when `fit` resumes there (`initial_epoch`). Without it, at
+            the first epoch whose stage is `at_stage` after one that was not.
         verbose: print the range of the factors applied.
 
     Example:
 
     ```python
     callbacks = [StageSchedule({0: "fsp", 20: "task"}),
-                 RestoreKernelNorms(student, at_stage="task")]
+                 RestoreKernelNorms(at_stage="task", start_epoch=20)]
     ```
     """
 
-    def __init__(self, student, at_stage="task", verbose=1):
+    def __init__(self, at_stage="task", start_epoch=None, verbose=1):
         super().__init__()
-        self.student = student
         self.at_stage = at_stage
+        self.start_epoch = start_epoch
         self.verbose = verbose
-        self.initial_norms = kernel_norms.kernel_norms(student)
-        if not self.initial_norms:
-            raise ValueError(
-                f"{student.name!r} has no kernel followed by batch normalisation: "
-                "nothing to restore."
-            )
         self.factors = None
         self._last_stage = None
 
     def on_epoch_begin(self, epoch, logs=None):
-        stage = _distiller(self).stage.name
-        if stage == self.at_stage and self._last_stage not in (None, stage):
-            self.factors = kernel_norms.restore_kernel_norms(self.student, self.initial_norms)
-            if self.verbose:
+        distiller = _distiller(self)
+        stage = distiller.stage.name
+        if self.start_epoch is not None:
+            due = epoch == self.start_epoch
+        else:
+            due = stage == self.at_stage and self._last_stage not in (None, stage)
+        if due:
+            self.factors = distiller.restore_kernel_norms()
+            if self.verbose and self.factors:
                 values = list(self.factors.values())
                 print(f"\nEpoch {epoch + 1}: kernel norms restored "
                       f"(factors {min(values):.3f} to {max(values):.3f})")

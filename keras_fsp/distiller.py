@@ -9,7 +9,7 @@ import contextlib
 import keras
 from keras import ops, tree
 
-from keras_fsp import taps, teacher_cache
+from keras_fsp import kernel_norms, taps, teacher_cache
 from keras_fsp.fsp import POOLING_MODES, fsp_matrix, pooled_spatial_size
 from keras_fsp.losses import FSPLoss, HintLoss, SoftTargetLoss
 from keras_fsp.stages import (
@@ -247,6 +247,16 @@ class FSPDistiller(keras.Model):
         }
         self._term_trackers = {
             t: keras.metrics.Mean(name=f"{t}_loss") for t in LOSS_TERMS
+        }
+        # The student's batch-normalised kernel norms as created, as variables
+        # so that checkpoints keep them: a resumed run restores to the same
+        # targets (`keras_fsp.callbacks.RestoreKernelNorms`).
+        self._initial_kernel_norms = {
+            name: self.add_weight(
+                shape=(), trainable=False, name=f"initial_norm_{name}",
+                initializer=keras.initializers.Constant(norm),
+            )
+            for name, norm in kernel_norms.kernel_norms(student).items()
         }
         self._student_trainable = {l.name: l.trainable for l in student.layers}
         self._optimizer_template = None
@@ -807,6 +817,20 @@ class FSPDistiller(keras.Model):
         # slows the "task" stage down.
         teacher = {id(v) for v in self.teacher.variables}
         return [v for v in variables if id(v) not in teacher]
+
+    def restore_kernel_norms(self):
+        """Rescales the student's batch-normalised kernels to the norms they
+        had when the distiller was created, without changing the student's
+        function (see `keras_fsp.kernel_norms`).
+
+        Returns:
+            `{layer name: factor applied}`.
+        """
+        targets = {
+            name: float(ops.convert_to_numpy(v))
+            for name, v in self._initial_kernel_norms.items()
+        }
+        return kernel_norms.restore_kernel_norms(self.student, targets)
 
     # ---------------------------------------------------------------- metrics
 

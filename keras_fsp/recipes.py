@@ -118,10 +118,11 @@ def _task_stage(iterations, scale, lr=0.1):
     return Stage("task", {"task": 1.0}, optimizer=sgd(rates, (b1, b2))), iterations
 
 
-def _stage_callbacks(schedule, student, restore_kernel_norms):
+def _stage_callbacks(schedule, restore_kernel_norms):
     callbacks = [StageSchedule(schedule)]
     if restore_kernel_norms:
-        callbacks.append(RestoreKernelNorms(student, at_stage="task"))
+        start = max(schedule)  # the task stage comes last
+        callbacks.append(RestoreKernelNorms(at_stage=schedule[start].name, start_epoch=start))
     return callbacks
 
 
@@ -163,7 +164,7 @@ def fsp_paper(teacher, student, steps_per_epoch, stage1_iterations=21000,
     e1 = _epochs(s1, steps_per_epoch)
     schedule = {0: fsp, e1: task}
     return Recipe("fsp", distiller, schedule, e1 + _epochs(s2, steps_per_epoch),
-                  _stage_callbacks(schedule, student, restore_kernel_norms), student)
+                  _stage_callbacks(schedule, restore_kernel_norms), student)
 
 
 def dense_fsp(teacher, student, steps_per_epoch, points_per_section=2,
@@ -201,7 +202,7 @@ def dense_fsp(teacher, student, steps_per_epoch, points_per_section=2,
     schedule[3 * step_epochs] = task
     return Recipe("dense_fsp", distiller, schedule,
                   3 * step_epochs + _epochs(s2, steps_per_epoch),
-                  _stage_callbacks(schedule, student, restore_kernel_norms), student)
+                  _stage_callbacks(schedule, restore_kernel_norms), student)
 
 
 def fitnets(teacher, student, steps_per_epoch, hint_layer="stage2", guided_layer="stage2",

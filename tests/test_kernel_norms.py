@@ -53,7 +53,8 @@ def test_unknown_layer_is_refused():
         restore_kernel_norms(student, {"logits": 1.0})
 
 
-def test_callback_restores_the_initial_norms_when_the_task_stage_starts():
+@pytest.mark.parametrize("start_epoch", [None, 1])
+def test_callback_restores_the_initial_norms_when_the_task_stage_starts(start_epoch):
     teacher, student = small_pair()
     initial = kernel_norms(student)
     fsp = Stage("fsp", {"fsp": 1.0}, trainable="up_to_taps",
@@ -66,7 +67,7 @@ def test_callback_restores_the_initial_norms_when_the_task_stage_starts():
         def on_epoch_begin(self, epoch, logs=None):
             seen[epoch] = kernel_norms(student)
 
-    restore = RestoreKernelNorms(student, at_stage="task", verbose=0)
+    restore = RestoreKernelNorms(at_stage="task", start_epoch=start_epoch, verbose=0)
     x, y = data(n=32)
     distiller.fit(x, y, batch_size=16, epochs=2, verbose=0,
                   callbacks=[StageSchedule({0: "fsp", 1: "task"}, verbose=0), restore, Probe()])
@@ -80,5 +81,8 @@ def test_fsp_recipes_restore_norms_by_default():
     for maker in (recipes.fsp_paper, recipes.dense_fsp):
         default = maker(*small_pair(), steps_per_epoch=100)
         assert [type(c).__name__ for c in default.callbacks] == ["StageSchedule", "RestoreKernelNorms"]
+        task_start = max(default.schedule)
+        assert default.schedule[task_start].name == "task"
+        assert default.callbacks[1].start_epoch == task_start  # also when fit resumes there
         paper = maker(*small_pair(), steps_per_epoch=100, restore_kernel_norms=False)
         assert [type(c).__name__ for c in paper.callbacks] == ["StageSchedule"]
