@@ -35,7 +35,7 @@ from absl import app, flags
 flags.DEFINE_list("batch_sizes", ["128", "512"], "Batch sizes.")
 flags.DEFINE_list("pairs", ["26:8"], "teacher_depth:student_depth pairs.")
 flags.DEFINE_list("steps", ["student_alone", "teacher_inference", "stage_fsp", "stage_kd",
-                            "stage_task", "stage_hint", "stage_dense_fsp"],
+                            "stage_kd_fsp", "stage_task", "stage_hint", "stage_dense_fsp"],
                   "Compiled steps to time.")
 flags.DEFINE_list("fits", ["fit_student_alone", "fit_stage_fsp", "fit_stage_kd",
                            "fit_numpy_student_alone", "fit_numpy_stage_kd"], "fit paths to time.")
@@ -75,6 +75,8 @@ def _distiller(stage, teacher_depth, student_depth, augment=None):
 
     teacher, student = cifar_resnet(teacher_depth), cifar_resnet(student_depth)
     options = {}
+    if stage == "kd_fsp":  # KD plus the FSP term: what the FSP matrices add to a KD step
+        options = dict(stages={"kd_fsp": Stage("kd_fsp", {"kd": 0.9, "task": 0.1, "fsp": 1e-3})})
     if stage == "hint":
         options = dict(fsp_pairs=None, hint_layer="stage2", guided_layer="stage2")
     if stage == "dense_fsp":
