@@ -42,7 +42,13 @@ def normalized_kernels(model):
         if len(consumers) != 1:
             continue
         (bn,) = consumers.values()
-        if isinstance(bn, keras.layers.BatchNormalization) and bn.axis in (-1, len(layer.output.shape) - 1):
+        if not isinstance(bn, keras.layers.BatchNormalization):
+            continue
+        try:
+            rank = len(layer.output.shape)
+        except (AttributeError, ValueError):  # a layer called more than once
+            continue
+        if bn.axis in (-1, rank - 1):
             found.append((layer, bn))
     return found
 
