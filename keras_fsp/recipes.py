@@ -146,8 +146,8 @@ def fsp_paper(teacher, student, steps_per_epoch, stage1_iterations=21000,
             to their initial norms when stage 2 starts
             (`keras_fsp.callbacks.RestoreKernelNorms`; not in the paper).
             Stage 1 inflates them about 25x on CIFAR-10, which slows stage 2
-            down; restoring them gained 1.2 points (RESULTS.md). `False` is
-            the paper's procedure exactly.
+            down; restoring them gained 1.2-2.5 points (RESULTS.md).
+            `False` is the paper's procedure exactly.
         stage1_weight_decay: keep the student's weight decay in stage 1.
     """
     if pairs == "sections":
