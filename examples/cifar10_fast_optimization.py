@@ -41,11 +41,15 @@ flags.DEFINE_string("out_dir", "runs/cifar10_fast", "Where results and weights g
 flags.DEFINE_bool("smoke", False, "Seconds-long run on random data (for tests).", **_O)
 flags.DEFINE_float("max_minutes", None, "Stop after the epoch that passes this wall time "
                    "(the result then says completed: false).", **_O)
+flags.DEFINE_string("tag", "", "Suffix of the result's name: <method><tag>_seed<seed> "
+                    "(e.g. which teacher an fsp student had).", **_O)
+flags.DEFINE_bool("resume", False, "Checkpoint every epoch into <out_dir>/<name>.run/ and go on "
+                  "from the latest checkpoint there (a run cut by --max_minutes continues).", **_O)
 FLAGS = flags.FLAGS
 
 
 def run(method="fsp", depth=26, teacher_weights=None, scale=1.0, batch_size=128, seed=0,
-        data_dir=".", out_dir="runs/cifar10_fast", smoke=False, max_minutes=None):
+        data_dir=".", out_dir="runs/cifar10_fast", smoke=False, max_minutes=None, tag="", resume=False):
     import keras
 
     from keras_fsp import recipes
@@ -85,12 +89,15 @@ def run(method="fsp", depth=26, teacher_weights=None, scale=1.0, batch_size=128,
         extra["genuine_subset"] = (norm(images), labels)
     return common.fit_and_report(
         recipe, student, (x_train, y_train), (x_test, y_test), out_dir, method, seed,
-        {"depth": depth, "scale": scale, "steps_per_epoch": steps}, batch_size, max_minutes, extra)
+        {"depth": depth, "scale": scale, "steps_per_epoch": steps, "tag": tag,
+         "teacher_weights": teacher_weights},
+        batch_size, max_minutes, extra, name=f"{method}{tag}_seed{seed}", resume=resume)
 
 
 def main(_):
     run(FLAGS.method, FLAGS.depth, FLAGS.teacher_weights, FLAGS.scale, FLAGS.batch_size,
-        FLAGS.seed, FLAGS.data_dir, FLAGS.out_dir, FLAGS.smoke, FLAGS.max_minutes)
+        FLAGS.seed, FLAGS.data_dir, FLAGS.out_dir, FLAGS.smoke, FLAGS.max_minutes,
+        FLAGS.tag, FLAGS.resume)
 
 
 if __name__ == "__main__":

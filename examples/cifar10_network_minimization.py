@@ -47,6 +47,11 @@ flags.DEFINE_bool("device_data", True, "Keep the training set on the device "
 flags.DEFINE_string("tag", "", "Suffix of the result's name: <method><tag>_seed<seed>.", **_O)
 flags.DEFINE_float("max_minutes", None, "Stop after the epoch that passes this wall time "
                    "(the result then says completed: false).", **_O)
+flags.DEFINE_enum("dtype_policy", "float32", ["float32", "mixed_bfloat16", "mixed_float16"],
+                  "Keras dtype policy of teacher and student (mixed: float32 variables, "
+                  "FSP matrices accumulated in float32).", **_O)
+flags.DEFINE_bool("resume", False, "Checkpoint every epoch into <out_dir>/<name>.run/ and go on "
+                  "from the latest checkpoint there (a run cut by --max_minutes continues).", **_O)
 FLAGS = flags.FLAGS
 
 
@@ -69,7 +74,8 @@ def load_cifar10(data_dir, smoke=False):
 def run(method="fsp", teacher_depth=26, student_depth=8, teacher_weights=None, scale=1.0,
         batch_size=128, seed=0, data_dir=".", out_dir="runs/cifar10", smoke=False,
         max_minutes=None, restore_kernel_norms=None, stage1_weight_decay=True,
-        fsp_pairs="sections", fsp_pooling="max", device_data=True, tag=""):
+        fsp_pairs="sections", fsp_pooling="max", device_data=True, tag="", resume=False,
+        dtype_policy="float32"):
     import keras
 
     from keras_fsp import recipes
@@ -77,6 +83,7 @@ def run(method="fsp", teacher_depth=26, student_depth=8, teacher_weights=None, s
     from keras_fsp.models import cifar_resnet
 
     keras.utils.set_random_seed(seed)
+    keras.config.set_dtype_policy(dtype_policy)
     (x_train, y_train), (x_test, y_test), genuine = load_cifar10(data_dir, smoke)
     norm = common.normalizer(x_train)
     x_train, x_test = norm(x_train), norm(x_test)
@@ -115,16 +122,17 @@ def run(method="fsp", teacher_depth=26, student_depth=8, teacher_weights=None, s
     return common.fit_and_report(
         recipe, net, (x_train, y_train), (x_test, y_test), out_dir, method, seed,
         {"scale": scale, "steps_per_epoch": steps, "tag": tag,
-         "options": options},
+         "options": options, "dtype_policy": dtype_policy},
         batch_size, max_minutes, extra, device_data=device_data,
-        name=f"{method}{tag}_seed{seed}")
+        name=f"{method}{tag}_seed{seed}", resume=resume)
 
 
 def main(_):
     run(FLAGS.method, FLAGS.teacher_depth, FLAGS.student_depth, FLAGS.teacher_weights,
         FLAGS.scale, FLAGS.batch_size, FLAGS.seed, FLAGS.data_dir, FLAGS.out_dir, FLAGS.smoke,
         FLAGS.max_minutes, FLAGS.restore_kernel_norms, FLAGS.stage1_weight_decay,
-        FLAGS.fsp_pairs, FLAGS.fsp_pooling, FLAGS.device_data, FLAGS.tag)
+        FLAGS.fsp_pairs, FLAGS.fsp_pooling, FLAGS.device_data, FLAGS.tag,
+        FLAGS.resume, FLAGS.dtype_policy)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ def normalizer(x_train):
 
 def fit_and_report(recipe, net, train, test, out_dir, method, seed, fields,
                    batch_size=128, max_minutes=None, extra_scores=None,
-                   device_data=True, name=None):
+                   device_data=True, name=None, resume=False):
     """Compiles and fits `recipe`, scores `net` on `test`, writes the results.
 
     Args:
@@ -30,6 +30,11 @@ def fit_and_report(recipe, net, train, test, out_dir, method, seed, fields,
         device_data: feed the training set from the device
             (`keras_fsp.inputs.DeviceArrays`) instead of host arrays.
         name: file stem of the result (default `<method>_seed<seed>`).
+        resume: checkpoint every epoch into `<out_dir>/<name>.run/`
+            (`keras_fsp.runs.ResumableRun`) and continue from the latest
+            checkpoint there: a run cut by `max_minutes` (or killed) goes on
+            where it stopped when the same command runs again. The result's
+            history and seconds cover every part.
 
     Returns:
         the result dict (also written as `<out_dir>/<name>.json`, with the
@@ -40,10 +45,21 @@ def fit_and_report(recipe, net, train, test, out_dir, method, seed, fields,
 
     from keras_fsp.inputs import DeviceArrays
     from keras_fsp.kernel_norms import kernel_norms
+    from keras_fsp.runs import ResumableRun
 
     recipe.compile(metrics=["accuracy"])
     start = time.time()
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, name or f"{method}_seed{seed}")
     initial_norms = kernel_norms(net)
+    run, initial_epoch = None, 0
+    before = {"history": {}, "train_seconds": 0.0, "epochs": 0}
+    if resume:
+        run = ResumableRun(stem + ".run")
+        initial_epoch = run.restore(recipe.model)
+        if initial_epoch and os.path.exists(stem + ".parts.json"):
+            with open(stem + ".parts.json") as f:
+                before = json.load(f)
 
     class _KernelNorms(keras.callbacks.Callback):
         """Logs how far the batch-normalised kernels are from their initial norms."""
@@ -59,19 +75,31 @@ def fit_and_report(recipe, net, train, test, out_dir, method, seed, fields,
             if max_minutes and time.time() - start > 60 * max_minutes:
                 self.model.stop_training = True
 
-    if device_data:
-        data = dict(x=DeviceArrays(*train, batch_size=batch_size, seed=seed))
+    if device_data:  # a resumed part draws new permutations, not the first part's again
+        data = dict(x=DeviceArrays(*train, batch_size=batch_size, seed=seed + 1000 * initial_epoch))
     else:
         data = dict(x=train[0], y=train[1], batch_size=batch_size)
-    history = recipe.fit(**data, validation_data=test,
-                         validation_freq=max(1, recipe.epochs // 8),
-                         callbacks=[_Deadline(), _KernelNorms()], verbose=2)
-    seconds = time.time() - start
+    callbacks = [_Deadline(), _KernelNorms()] + ([run.checkpoint_callback()] if run else [])
+    if initial_epoch < recipe.epochs:
+        fitted = recipe.fit(**data, validation_data=test, initial_epoch=initial_epoch,
+                            validation_freq=max(1, recipe.epochs // 8),
+                            callbacks=callbacks, verbose=2).history
+    else:  # every epoch was already done: only score and write
+        fitted = {}
+    seconds = time.time() - start + before["train_seconds"]
+    history = dict(before["history"])
+    for k, vals in fitted.items():
+        # validation entries are sparse (validation_freq): keep them as logged
+        history[k] = history.get(k, []) + [float(v) for v in vals]
+    if resume:
+        with open(stem + ".parts.json", "w") as f:
+            json.dump({"history": history, "train_seconds": seconds,
+                   "epochs": initial_epoch + len(fitted.get("loss", []))}, f)
 
     def accuracy(x, y):
         return float((net.predict(x, batch_size=1000, verbose=0).argmax(-1) == y).mean())
 
-    epochs_run = len(history.history["loss"])
+    epochs_run = initial_epoch + len(fitted.get("loss", []))
     result = {
         "method": method, "seed": seed, **fields, "epochs": recipe.epochs,
         "stage_epochs": {str(e): s.name for e, s in recipe.schedule.items()},
@@ -79,13 +107,13 @@ def fit_and_report(recipe, net, train, test, out_dir, method, seed, fields,
         "train_seconds": round(seconds, 1),
         "test_accuracy": accuracy(*test),
         "epochs_run": epochs_run, "completed": epochs_run == recipe.epochs,
+        # a part killed before its end leaves epochs out of the history
+        "history_complete": before["epochs"] == initial_epoch,
         "backend": keras.backend.backend(),
-        "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
+        "history": history,
     }
     for score, (x, y) in (extra_scores or {}).items():
         result[f"{score}_accuracy"] = accuracy(x, y)
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, name or f"{method}_seed{seed}")
     net.save_weights(stem + ".weights.h5")
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)

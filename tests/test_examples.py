@@ -160,6 +160,26 @@ def test_cifar10_network_minimization_student_alone(tmp_path):
     assert "genuine_subset_accuracy" not in result  # random data in smoke mode
 
 
+def test_cifar10_run_cut_by_the_deadline_resumes_where_it_stopped(tmp_path):
+    c10 = _load("cifar10_network_minimization")
+    args = dict(method="fsp", teacher_depth=8, student_depth=8, seed=4, out_dir=str(tmp_path),
+                smoke=True, resume=True)
+    first = c10.run(max_minutes=1e-9, **args)  # stops after the first epoch (stage fsp)
+    assert first["epochs"] == 3 and first["epochs_run"] == 1 and not first["completed"]
+    assert first["stage_epochs"] == {"0": "fsp", "1": "task"}
+    assert len(first["history"]["loss"]) == 1 and "task_loss" not in first["history"]
+
+    second = c10.run(**args)  # the same command again: only epochs 2-3, in stage task
+    _saved(tmp_path, second)
+    assert second["epochs_run"] == 3 and second["completed"] and second["history_complete"]
+    assert second["history"]["fsp_loss"][0] == first["history"]["fsp_loss"][0]
+    assert len(second["history"]["loss"]) == 3 and len(second["history"]["task_loss"]) == 2
+    assert second["train_seconds"] >= first["train_seconds"]
+
+    third = c10.run(**args)  # nothing left to train: scored and written again, unchanged
+    assert third["history"] == second["history"] and third["test_accuracy"] == second["test_accuracy"]
+
+
 def test_cub200_transfer_finetune_then_fsp(tmp_path):
     cub = _load("cub200_transfer")
     source = tmp_path / "source.weights.h5"
