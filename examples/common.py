@@ -70,9 +70,17 @@ def fit_and_report(recipe, net, train, test, out_dir, method, seed, fields,
                 logs["kernel_norm_ratio_median"] = float(np.median(ratios))
                 logs["kernel_norm_ratio_max"] = float(np.max(ratios))
 
+    diverged = []
+
     class _Deadline(keras.callbacks.Callback):
+        """Stops at the wall-time limit, and after an epoch whose loss is
+        NaN/inf (checked per epoch: a per-batch check syncs the device)."""
+
         def on_epoch_end(self, epoch, logs=None):
             if max_minutes and time.time() - start > 60 * max_minutes:
+                self.model.stop_training = True
+            if logs and not np.isfinite(float(logs.get("loss", 0.0))):
+                diverged.append(epoch + 1)
                 self.model.stop_training = True
 
     if device_data:  # a resumed part draws new permutations, not the first part's again
@@ -109,6 +117,7 @@ def fit_and_report(recipe, net, train, test, out_dir, method, seed, fields,
         "epochs_run": epochs_run, "completed": epochs_run == recipe.epochs,
         # a part killed before its end leaves epochs out of the history
         "history_complete": before["epochs"] == initial_epoch,
+        "diverged_at_epoch": diverged[0] if diverged else None,
         "backend": keras.backend.backend(),
         "history": history,
     }
