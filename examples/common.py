@@ -34,7 +34,9 @@ def fit_and_report(recipe, net, train, test, out_dir, method, seed, fields,
             (`keras_fsp.runs.ResumableRun`) and continue from the latest
             checkpoint there: a run cut by `max_minutes` (or killed) goes on
             where it stopped when the same command runs again. The result's
-            history and seconds cover every part.
+            history and seconds cover every part: the epochs that
+            followed the resumed checkpoint in an earlier part (a part
+            killed, or stopped by a NaN loss) are dropped from it.
 
     Returns:
         the result dict (also written as `<out_dir>/<name>.json`, with the
@@ -53,13 +55,19 @@ def fit_and_report(recipe, net, train, test, out_dir, method, seed, fields,
     stem = os.path.join(out_dir, name or f"{method}_seed{seed}")
     initial_norms = kernel_norms(net)
     run, initial_epoch = None, 0
-    before = {"history": {}, "train_seconds": 0.0, "epochs": 0}
+    before = {"epoch_logs": [], "train_seconds": 0.0}
     if resume:
         run = ResumableRun(stem + ".run")
         initial_epoch = run.restore(recipe.model)
         if initial_epoch and os.path.exists(stem + ".parts.json"):
             with open(stem + ".parts.json") as f:
                 before = json.load(f)
+
+    epoch_logs = []  # one dict per epoch of this part
+
+    class _EpochLogs(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            epoch_logs.append({k: float(v) for k, v in (logs or {}).items()})
 
     class _KernelNorms(keras.callbacks.Callback):
         """Logs how far the batch-normalised kernels are from their initial norms."""
@@ -87,27 +95,28 @@ def fit_and_report(recipe, net, train, test, out_dir, method, seed, fields,
         data = dict(x=DeviceArrays(*train, batch_size=batch_size, seed=seed + 1000 * initial_epoch))
     else:
         data = dict(x=train[0], y=train[1], batch_size=batch_size)
-    callbacks = [_Deadline(), _KernelNorms()] + ([run.checkpoint_callback()] if run else [])
+    callbacks = [_KernelNorms(), _EpochLogs(), _Deadline()]
+    callbacks += [run.checkpoint_callback()] if run else []
     if initial_epoch < recipe.epochs:
-        fitted = recipe.fit(**data, validation_data=test, initial_epoch=initial_epoch,
-                            validation_freq=max(1, recipe.epochs // 8),
-                            callbacks=callbacks, verbose=2).history
-    else:  # every epoch was already done: only score and write
-        fitted = {}
+        recipe.fit(**data, validation_data=test, initial_epoch=initial_epoch,
+                   validation_freq=max(1, recipe.epochs // 8), callbacks=callbacks, verbose=2)
     seconds = time.time() - start + before["train_seconds"]
-    history = dict(before["history"])
-    for k, vals in fitted.items():
-        # validation entries are sparse (validation_freq): keep them as logged
-        history[k] = history.get(k, []) + [float(v) for v in vals]
+    # The epochs before the restored checkpoint, then this part's.
+    earlier = before["epoch_logs"][:initial_epoch]
+    history_complete = len(earlier) == initial_epoch
+    all_logs = earlier + epoch_logs
     if resume:
         with open(stem + ".parts.json", "w") as f:
-            json.dump({"history": history, "train_seconds": seconds,
-                   "epochs": initial_epoch + len(fitted.get("loss", []))}, f)
+            json.dump({"epoch_logs": all_logs, "train_seconds": seconds}, f)
+    history = {}  # per key; validation entries are sparse (validation_freq)
+    for logs in all_logs:
+        for k, v in logs.items():
+            history.setdefault(k, []).append(v)
 
     def accuracy(x, y):
         return float((net.predict(x, batch_size=1000, verbose=0).argmax(-1) == y).mean())
 
-    epochs_run = initial_epoch + len(fitted.get("loss", []))
+    epochs_run = initial_epoch + len(epoch_logs)
     result = {
         "method": method, "seed": seed, **fields, "epochs": recipe.epochs,
         "stage_epochs": {str(e): s.name for e, s in recipe.schedule.items()},
@@ -116,7 +125,7 @@ def fit_and_report(recipe, net, train, test, out_dir, method, seed, fields,
         "test_accuracy": accuracy(*test),
         "epochs_run": epochs_run, "completed": epochs_run == recipe.epochs,
         # a part killed before its end leaves epochs out of the history
-        "history_complete": before["epochs"] == initial_epoch,
+        "history_complete": history_complete,
         "diverged_at_epoch": diverged[0] if diverged else None,
         "backend": keras.backend.backend(),
         "history": history,

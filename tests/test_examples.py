@@ -169,11 +169,21 @@ def test_cifar10_run_cut_by_the_deadline_resumes_where_it_stopped(tmp_path):
     assert first["stage_epochs"] == {"0": "fsp", "1": "task"}
     assert len(first["history"]["loss"]) == 1 and "task_loss" not in first["history"]
 
+    # An epoch that ran after the checkpoint and was lost (a NaN loss writes
+    # no checkpoint; a killed part neither): the resumed history drops it.
+    parts = tmp_path / "fsp_seed4.parts.json"
+    saved = json.loads(parts.read_text())
+    assert len(saved["epoch_logs"]) == 1
+    saved["epoch_logs"].append({"loss": float("nan"), "fsp_loss": float("nan")})
+    parts.write_text(json.dumps(saved))
+
     second = c10.run(**args)  # the same command again: only epochs 2-3, in stage task
     _saved(tmp_path, second)
     assert second["epochs_run"] == 3 and second["completed"] and second["history_complete"]
     assert second["history"]["fsp_loss"][0] == first["history"]["fsp_loss"][0]
     assert len(second["history"]["loss"]) == 3 and len(second["history"]["task_loss"]) == 2
+    assert all(v == v for v in second["history"]["loss"])  # no NaN from the dropped epoch
+    assert second["diverged_at_epoch"] is None
     assert second["train_seconds"] >= first["train_seconds"]
 
     third = c10.run(**args)  # nothing left to train: scored and written again, unchanged
