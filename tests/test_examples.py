@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import keras
 import pytest
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
@@ -86,9 +87,12 @@ def test_mnist_real_data_loads_when_present():
 
 def test_cifar10_fast_optimization_fsp(tmp_path):
     fast = _load("cifar10_fast_optimization")
-    result = fast.run("fsp", seed=2, out_dir=str(tmp_path), smoke=True)
-    _saved(tmp_path, result)
-    assert result["method"] == "fsp" and result["depth"] == 26
+    # ResNet-8 for speed (the default depth, 26, is the same code)
+    result = fast.run("fsp", depth=8, seed=2, out_dir=str(tmp_path), smoke=True, tag="_t64k")
+    stem = tmp_path / "fsp_t64k_seed2"
+    assert (tmp_path / f"{stem.name}.weights.h5").is_file()
+    assert json.loads(open(f"{stem}.json").read()) == json.loads(json.dumps(result))
+    assert result["method"] == "fsp" and result["depth"] == 8 and result["tag"] == "_t64k"
     assert result["stage_epochs"] == {"0": "fsp", "1": "task"}  # 21k + 21k, one epoch each here
     assert result["epochs"] == result["epochs_run"] == 2 and result["completed"]
     assert 0.0 <= result["test_accuracy"] <= 1.0
@@ -100,6 +104,9 @@ def test_cifar10_fast_optimization_fsp(tmp_path):
     assert baseline["epochs"] == baseline["epochs_run"] == 1 and baseline["completed"]
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="tfds-fed example: its data path is tf.data; the models and "
+                           "recipes it runs are covered on JAX by the CIFAR-10 examples")
 def test_cifar100_network_minimization_fsp(tmp_path):
     c100 = _load("cifar100_network_minimization")
     result = c100.run("fsp", seed=0, out_dir=str(tmp_path), smoke=True)
@@ -112,6 +119,9 @@ def test_cifar100_network_minimization_fsp(tmp_path):
     assert 0.0 <= result["test_accuracy"] <= 1.0
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="tfds-fed example: its data path is tf.data; the models and "
+                           "recipes it runs are covered on JAX by the CIFAR-10 examples")
 def test_cifar100_through_mocked_tfds(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     c100 = _load("cifar100_network_minimization")
@@ -190,6 +200,9 @@ def test_cifar10_run_cut_by_the_deadline_resumes_where_it_stopped(tmp_path):
     assert third["history"] == second["history"] and third["test_accuracy"] == second["test_accuracy"]
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="tfds-fed example: its data path is tf.data; the models and "
+                           "recipes it runs are covered on JAX by the CIFAR-10 examples")
 def test_cub200_transfer_finetune_then_fsp(tmp_path):
     cub = _load("cub200_transfer")
     source = tmp_path / "source.weights.h5"
