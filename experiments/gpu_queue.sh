@@ -1,4 +1,4 @@
-# Sourced by the GPU queue scripts (gpu_run6.sh, gpu_run7.sh): a queue of
+# Sourced by the GPU queue scripts (gpu_run6-8.sh): a queue of
 # resumable runs (`--resume`: each run checkpoints every epoch and goes on from
 # there), K at a time under CUDA MPS, none started later than 90 s before
 # BUDGET_S seconds after the start. `finish` waits, then writes results.tgz
