@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (examples/common.py)
 
 _O = dict(allow_override=True)  # these examples share flag names (absl flags are global)
+common.define_run_flags("runs/cifar100")
 flags.DEFINE_enum("method", "fsp", ["teacher", "student_alone", "fsp", "dense_fsp", "fitnet", "kd"],
                   "What to train.", **_O)
 flags.DEFINE_integer("teacher_depth", 32, "Teacher ResNet depth (6n+2).", **_O)
@@ -35,14 +36,7 @@ flags.DEFINE_integer("student_depth", 14, "Student ResNet depth (6n+2).", **_O)
 flags.DEFINE_string("teacher_weights", None, "Teacher weights (.weights.h5) for distillation.", **_O)
 flags.DEFINE_integer("stage1_iterations", None, "fsp / dense_fsp: stage-1 iterations "
                      "(default the recipe's 21k).", **_O)
-flags.DEFINE_float("scale", 1.0, "Multiplies every iteration count of the schedules.", **_O)
-flags.DEFINE_integer("batch_size", 128, "Batch size.", **_O)
-flags.DEFINE_integer("seed", 0, "Random seed.", **_O)
 flags.DEFINE_string("tfds_data_dir", None, "tensorflow-datasets data_dir holding cifar100.", **_O)
-flags.DEFINE_string("out_dir", "runs/cifar100", "Where results and weights go.", **_O)
-flags.DEFINE_bool("smoke", False, "Seconds-long run on random data (for tests).", **_O)
-flags.DEFINE_float("max_minutes", None, "Stop after the epoch that passes this wall time "
-                   "(the result then says completed: false).", **_O)
 FLAGS = flags.FLAGS
 
 NUM_CLASSES = 100

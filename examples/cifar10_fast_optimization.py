@@ -29,22 +29,10 @@ import common  # noqa: E402  (examples/common.py)
 from cifar10_network_minimization import load_cifar10  # noqa: E402  (same data path)
 
 _O = dict(allow_override=True)
+common.define_run_flags("runs/cifar10_fast", data_file="cifar10.npz", resumable=True)
 flags.DEFINE_enum("method", "fsp", ["teacher_21k", "teacher_64k", "fsp"], "What to train.", **_O)
 flags.DEFINE_integer("depth", 26, "ResNet depth (6n+2) of teacher and student.", **_O)
 flags.DEFINE_string("teacher_weights", None, "Teacher weights (.weights.h5), for fsp.", **_O)
-flags.DEFINE_float("scale", 1.0, "Multiplies every iteration count of the schedules.", **_O)
-flags.DEFINE_integer("batch_size", 128, "Batch size.", **_O)
-flags.DEFINE_integer("seed", 0, "Random seed.", **_O)
-flags.DEFINE_string("data_dir", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"),
-                    "Folder of the shared datasets.py and cifar10.npz.", **_O)
-flags.DEFINE_string("out_dir", "runs/cifar10_fast", "Where results and weights go.", **_O)
-flags.DEFINE_bool("smoke", False, "Seconds-long run on random data (for tests).", **_O)
-flags.DEFINE_float("max_minutes", None, "Stop after the epoch that passes this wall time "
-                   "(the result then says completed: false).", **_O)
-flags.DEFINE_string("tag", "", "Suffix of the result's name: <method><tag>_seed<seed> "
-                    "(e.g. which teacher an fsp student had).", **_O)
-flags.DEFINE_bool("resume", False, "Checkpoint every epoch into <out_dir>/<name>.run/ and go on "
-                  "from the latest checkpoint there (a run cut by --max_minutes continues).", **_O)
 FLAGS = flags.FLAGS
 
 

@@ -23,18 +23,12 @@ import common  # noqa: E402  (examples/common.py)
 
 _O = dict(allow_override=True)  # the examples share flag names (absl flags are global)
 
+common.define_run_flags("runs/cifar10", data_file="cifar10.npz", resumable=True)
 flags.DEFINE_enum("method", "fsp", ["teacher", "student_alone", "fsp", "dense_fsp", "fitnet", "kd"],
                   "What to train.", **_O)
 flags.DEFINE_integer("teacher_depth", 26, "Teacher ResNet depth (6n+2).", **_O)
 flags.DEFINE_integer("student_depth", 8, "Student ResNet depth (6n+2).", **_O)
 flags.DEFINE_string("teacher_weights", None, "Teacher weights (.weights.h5) for distillation.", **_O)
-flags.DEFINE_float("scale", 1.0, "Multiplies every iteration count of the schedules.", **_O)
-flags.DEFINE_integer("batch_size", 128, "Batch size.", **_O)
-flags.DEFINE_integer("seed", 0, "Random seed.", **_O)
-flags.DEFINE_string("data_dir", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"),
-                    "Folder of the shared datasets.py and cifar10.npz.", **_O)
-flags.DEFINE_string("out_dir", "runs/cifar10", "Where results and weights go.", **_O)
-flags.DEFINE_bool("smoke", False, "Seconds-long run on random data (for tests).", **_O)
 flags.DEFINE_bool("restore_kernel_norms", None, "fsp/dense_fsp: rescale the student's "
                   "batch-normalised kernels to their initial norms when stage 2 starts "
                   "(default: the recipe's).", **_O)
@@ -44,14 +38,9 @@ flags.DEFINE_enum("fsp_pairs", "sections", ["sections", "consecutive"],
 flags.DEFINE_enum("fsp_pooling", "max", ["max", "avg"], "fsp: pooling to the smaller map.", **_O)
 flags.DEFINE_bool("device_data", True, "Keep the training set on the device "
                   "(keras_fsp.inputs.DeviceArrays) instead of feeding host arrays.", **_O)
-flags.DEFINE_string("tag", "", "Suffix of the result's name: <method><tag>_seed<seed>.", **_O)
-flags.DEFINE_float("max_minutes", None, "Stop after the epoch that passes this wall time "
-                   "(the result then says completed: false).", **_O)
 flags.DEFINE_enum("dtype_policy", "float32", ["float32", "mixed_bfloat16", "mixed_float16"],
                   "Keras dtype policy of teacher and student (mixed: float32 variables, "
                   "FSP matrices accumulated in float32).", **_O)
-flags.DEFINE_bool("resume", False, "Checkpoint every epoch into <out_dir>/<name>.run/ and go on "
-                  "from the latest checkpoint there (a run cut by --max_minutes continues).", **_O)
 FLAGS = flags.FLAGS
 
 

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (examples/common.py)
 
 _O = dict(allow_override=True)  # the examples share flag names (absl flags are global)
+common.define_run_flags("runs/cub200", batch_size=64)
 flags.DEFINE_enum("method", "fsp", ["teacher_finetune", "student_alone", "fsp"],
                   "What to train.", **_O)
 flags.DEFINE_integer("teacher_depth", 32, "Teacher ResNet depth (6n+2).", **_O)
@@ -34,13 +35,7 @@ flags.DEFINE_integer("student_depth", 20, "Student ResNet depth (6n+2), the pape
 flags.DEFINE_string("source_weights", None, "Teacher weights from the source task.", **_O)
 flags.DEFINE_string("teacher_weights", None, "Fine-tuned teacher weights, for --method fsp.", **_O)
 flags.DEFINE_integer("image_size", 64, "Images are resized to this square size.", **_O)
-flags.DEFINE_float("scale", 1.0, "Multiplies every iteration count of the schedules.", **_O)
-flags.DEFINE_integer("batch_size", 64, "Batch size.", **_O)
-flags.DEFINE_integer("seed", 0, "Random seed.", **_O)
 flags.DEFINE_string("tfds_data_dir", None, "tensorflow-datasets data_dir with caltech_birds2011.", **_O)
-flags.DEFINE_string("out_dir", "runs/cub200", "Where results and weights go.", **_O)
-flags.DEFINE_bool("smoke", False, "Seconds-long run on random data (for tests).", **_O)
-flags.DEFINE_float("max_minutes", None, "Stop after the epoch that passes this wall time.", **_O)
 FLAGS = flags.FLAGS
 
 NUM_CLASSES = 200

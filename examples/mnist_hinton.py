@@ -36,13 +36,16 @@ import time
 
 from absl import app, flags
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (examples/common.py)
+
 # allow_override: these examples may be imported into one process (tests), and
 # absl flags are global; each script re-defines the names it shares.
 _O = dict(allow_override=True)
+common.define_run_flags("runs/mnist", data_file="mnist.npz", schedules=False)
 flags.DEFINE_enum("method", "kd", ["teacher", "student_alone", "kd", "omitted_class"],
                   "What to train.", **_O)
 flags.DEFINE_integer("epochs", 30, "Training epochs (the paper does not say).", **_O)
-flags.DEFINE_integer("batch_size", 128, "Batch size.", **_O)
 flags.DEFINE_float("temperature", 20.0, "Distillation temperature T.", **_O)
 flags.DEFINE_float("kd_weight", 0.9, "Weight of the soft-target term (labels get the rest).", **_O)
 flags.DEFINE_string("teacher_weights", None, "Teacher weights (.weights.h5) for kd / omitted_class.",
@@ -54,11 +57,6 @@ flags.DEFINE_float("lr", 0.1, "Initial learning rate (then /10 at 50% and /100 a
                    "the labels' one: distillation needs a smaller rate (0.1 diverged on one seed "
                    "of three; RESULTS.md).", **_O)
 flags.DEFINE_float("teacher_dropout", 0.5, "Teacher's dropout on the hidden units.", **_O)
-flags.DEFINE_integer("seed", 0, "Random seed.", **_O)
-flags.DEFINE_string("data_dir", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"),
-                    "Folder of the shared datasets.py and mnist.npz.", **_O)
-flags.DEFINE_string("out_dir", "runs/mnist", "Where results and weights go.", **_O)
-flags.DEFINE_bool("smoke", False, "Seconds-long run on random data (for tests).", **_O)
 FLAGS = flags.FLAGS
 
 TEACHER_HIDDEN = (1200, 1200)
