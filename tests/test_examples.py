@@ -219,3 +219,33 @@ def test_cub200_transfer_finetune_then_fsp(tmp_path):
                       out_dir=str(tmp_path), smoke=True)
     assert student["stage_epochs"] == {"0": "fsp", "1": "task"}
     assert 0.0 <= student["test_accuracy"] <= 1.0
+
+
+def test_run_stops_after_an_epoch_with_a_nan_loss_and_writes_no_checkpoint(tmp_path):
+    """A diverged run stops at the end of its first NaN epoch (not at the end
+    of the schedule), says so, and writes no checkpoint of that epoch."""
+    import numpy as np
+
+    from keras_fsp import recipes, runs
+    from keras_fsp.models import cifar_resnet
+
+    _load("cifar10_network_minimization")
+    common = sys.modules["common"]  # examples/common.py, as the examples import it
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 8, 8, 3)).astype("float32")
+    y = rng.integers(0, 10, 32)
+    x_bad = x.copy()
+    x_bad[3, 0, 0, 0] = np.nan  # one bad pixel poisons the batch norm statistics
+    net = cifar_resnet(8, input_shape=(8, 8, 3))
+    recipe = recipes.student_alone(net, steps_per_epoch=2, iterations=6)
+    assert recipe.epochs == 3
+    result = common.fit_and_report(recipe, net, (x_bad, y), (x, y), str(tmp_path), "student_alone",
+                                   0, {}, batch_size=16, resume=True)
+    # On TensorFlow the first epoch's loss is NaN; XLA's max(NaN, 0) = 0 in
+    # the ReLUs hides it on JAX until the weights turn NaN in the second.
+    epoch = result["diverged_at_epoch"]
+    assert epoch in (1, 2) and result["epochs_run"] == epoch < recipe.epochs
+    assert not result["completed"] and np.isnan(result["history"]["loss"][epoch - 1])
+    assert np.all(np.isfinite(result["history"]["loss"][: epoch - 1]))
+    latest = runs.ResumableRun(tmp_path / "student_alone_seed0.run").latest()
+    assert latest is None or latest.epoch < epoch  # no checkpoint of the NaN epoch
