@@ -135,6 +135,16 @@ def _non_finite_term(logs, terms=GUARDED_TERMS):
     return None
 
 
+def _non_finite_weight(model):
+    """The path of the first weight holding a NaN/inf, or None. A loss can
+    stay finite while batch-norm statistics are already NaN (XLA's
+    max(NaN, 0) is 0, so the ReLUs hide them)."""
+    for variable in model.weights:
+        if not np.all(np.isfinite(keras.ops.convert_to_numpy(variable))):
+            return variable.path
+    return None
+
+
 def _stage_name(model):
     stage = getattr(model, "stage", None)
     return getattr(stage, "name", None)
@@ -447,7 +457,8 @@ class ResumableRun:
 
 class CheckpointCallback(keras.callbacks.Callback):
     """Saves a `ResumableRun` checkpoint at the end of every epoch, unless a
-    training loss of the epoch is NaN/inf (the last good one is kept)."""
+    training loss of the epoch or a weight is NaN/inf (the last good one is
+    kept)."""
 
     def __init__(self, run):
         super().__init__()
@@ -456,10 +467,14 @@ class CheckpointCallback(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         bad = _non_finite_term(logs)
-        if bad is not None:
+        what = None if bad is None else f"{bad[0]} is {bad[1]}"
+        if what is None:
+            weight = _non_finite_weight(self.model)
+            what = None if weight is None else f"weight {weight} is not finite"
+        if what is not None:
             warnings.warn(
-                f"{bad[0]} is {bad[1]} at the end of epoch {epoch + 1}: no "
-                "checkpoint written; the last good one is kept.",
+                f"{what} at the end of epoch {epoch + 1}: no checkpoint written; "
+                "the last good one is kept.",
                 stacklevel=2,
             )
             return

@@ -247,5 +247,6 @@ def test_run_stops_after_an_epoch_with_a_nan_loss_and_writes_no_checkpoint(tmp_p
     assert epoch in (1, 2) and result["epochs_run"] == epoch < recipe.epochs
     assert not result["completed"] and np.isnan(result["history"]["loss"][epoch - 1])
     assert np.all(np.isfinite(result["history"]["loss"][: epoch - 1]))
-    latest = runs.ResumableRun(tmp_path / "student_alone_seed0.run").latest()
-    assert latest is None or latest.epoch < epoch  # no checkpoint of the NaN epoch
+    # No checkpoint at all: on JAX epoch 1's loss is finite but its batch-norm
+    # statistics are NaN already, and the checkpoint guard checks the weights too.
+    assert runs.ResumableRun(tmp_path / "student_alone_seed0.run").latest() is None
