@@ -10,7 +10,9 @@ models as `gpu_throughput.py`) and each device count, the model is built
 under `DataParallel(devices[:n])` (variables replicated), the batch of
 `n * per_device_batch` images is sharded over the devices, and the jitted
 `train_step` (what `fit` runs) is timed in a loop after warm-up. XLA
-inserts the gradient all-reduce. Scaling efficiency is
+inserts the all-reduces: one for the weight gradients, and one for every
+batch norm's statistics over the global batch and their gradients (Keras'
+`DataParallel` gives synchronised batch norm). Scaling efficiency is
 `images_per_sec(n) / (n * images_per_sec(1))`.
 
 On a CPU, `XLA_FLAGS=--xla_force_host_platform_device_count=2` gives two
