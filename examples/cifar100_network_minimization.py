@@ -27,7 +27,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (examples/common.py)
 
-_O = dict(allow_override=True)  # these examples share flag names (absl flags are global)
+_O = common.FLAG_OPTIONS
 common.define_run_flags("runs/cifar100")
 flags.DEFINE_enum("method", "fsp", ["teacher", "student_alone", "fsp", "dense_fsp", "fitnet", "kd"],
                   "What to train.", **_O)

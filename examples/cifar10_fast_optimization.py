@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (examples/common.py)
 from cifar10_network_minimization import load_cifar10  # noqa: E402  (same data path)
 
-_O = dict(allow_override=True)
+_O = common.FLAG_OPTIONS
 common.define_run_flags("runs/cifar10_fast", data_file="cifar10.npz", resumable=True)
 flags.DEFINE_enum("method", "fsp", ["teacher_21k", "teacher_64k", "fsp"], "What to train.", **_O)
 flags.DEFINE_integer("depth", 26, "ResNet depth (6n+2) of teacher and student.", **_O)

@@ -6,7 +6,7 @@ import os
 import time
 
 SHARED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
-_O = dict(allow_override=True)  # the examples share flag names (absl flags are global)
+FLAG_OPTIONS = dict(allow_override=True)  # the examples share flag names (absl flags are global)
 
 
 def define_run_flags(out_dir, batch_size=128, data_file=None, schedules=True, resumable=False):
@@ -16,22 +16,22 @@ def define_run_flags(out_dir, batch_size=128, data_file=None, schedules=True, re
     with `resumable` `--tag --resume`."""
     from absl import flags
 
-    flags.DEFINE_integer("batch_size", batch_size, "Batch size.", **_O)
-    flags.DEFINE_integer("seed", 0, "Random seed.", **_O)
-    flags.DEFINE_string("out_dir", out_dir, "Where results and weights go.", **_O)
-    flags.DEFINE_bool("smoke", False, "Seconds-long run on random data (for tests).", **_O)
+    flags.DEFINE_integer("batch_size", batch_size, "Batch size.", **FLAG_OPTIONS)
+    flags.DEFINE_integer("seed", 0, "Random seed.", **FLAG_OPTIONS)
+    flags.DEFINE_string("out_dir", out_dir, "Where results and weights go.", **FLAG_OPTIONS)
+    flags.DEFINE_bool("smoke", False, "Seconds-long run on random data (for tests).", **FLAG_OPTIONS)
     if data_file:
         flags.DEFINE_string("data_dir", SHARED_DATA,
-                            f"Folder of the shared datasets.py and {data_file}.", **_O)
+                            f"Folder of the shared datasets.py and {data_file}.", **FLAG_OPTIONS)
     if schedules:
-        flags.DEFINE_float("scale", 1.0, "Multiplies every iteration count of the schedules.", **_O)
+        flags.DEFINE_float("scale", 1.0, "Multiplies every iteration count of the schedules.", **FLAG_OPTIONS)
         flags.DEFINE_float("max_minutes", None, "Stop after the epoch that passes this wall time "
-                           "(the result then says completed: false).", **_O)
+                           "(the result then says completed: false).", **FLAG_OPTIONS)
     if resumable:
-        flags.DEFINE_string("tag", "", "Suffix of the result's name: <method><tag>_seed<seed>.", **_O)
+        flags.DEFINE_string("tag", "", "Suffix of the result's name: <method><tag>_seed<seed>.", **FLAG_OPTIONS)
         flags.DEFINE_bool("resume", False, "Checkpoint every epoch into <out_dir>/<name>.run/ and "
                           "go on from the latest checkpoint there (a run cut by --max_minutes "
-                          "continues).", **_O)
+                          "continues).", **FLAG_OPTIONS)
 
 
 def normalizer(x_train):

@@ -26,7 +26,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (examples/common.py)
 
-_O = dict(allow_override=True)  # the examples share flag names (absl flags are global)
+_O = common.FLAG_OPTIONS
 common.define_run_flags("runs/cub200", batch_size=64)
 flags.DEFINE_enum("method", "fsp", ["teacher_finetune", "student_alone", "fsp"],
                   "What to train.", **_O)

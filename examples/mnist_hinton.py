@@ -39,9 +39,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (examples/common.py)
 
-# allow_override: these examples may be imported into one process (tests), and
-# absl flags are global; each script re-defines the names it shares.
-_O = dict(allow_override=True)
+_O = common.FLAG_OPTIONS
 common.define_run_flags("runs/mnist", data_file="mnist.npz", schedules=False)
 flags.DEFINE_enum("method", "kd", ["teacher", "student_alone", "kd", "omitted_class"],
                   "What to train.", **_O)

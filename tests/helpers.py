@@ -22,3 +22,13 @@ def data(n=32, seed=0):
 
 def weights_of(model):
     return [np.array(keras.ops.convert_to_numpy(v)) for v in model.weights]
+
+
+class CallCounter(keras.layers.Layer):
+    """Counts how often its call is traced or run (eagerly), in `CallCounter.calls`."""
+
+    calls = 0
+
+    def call(self, x):
+        type(self).calls += 1
+        return x

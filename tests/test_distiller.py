@@ -7,7 +7,7 @@ import keras_fsp
 from keras_fsp import FSPDistiller, Stage, taps
 from keras_fsp.callbacks import LossWeightSchedule, StageSchedule
 from tests import reference
-from tests.helpers import data, small_pair, weights_of
+from tests.helpers import CallCounter, data, small_pair, weights_of
 
 
 def _distiller(**kwargs):
@@ -93,31 +93,21 @@ def test_stage_schedule_switches_what_is_computed_within_one_fit():
     assert history["loss"][-1] == pytest.approx(history["task_loss"][-1], rel=1e-5)
 
 
-class _CallCounter(keras.layers.Layer):
-    """Counts how often its call is traced or run (eagerly)."""
-
-    calls = 0
-
-    def call(self, x):
-        type(self).calls += 1
-        return x
-
-
 def test_task_stage_never_runs_the_teacher():
     inputs = keras.Input((16, 16, 3))
-    counted = _CallCounter(name="counter")(inputs)
+    counted = CallCounter(name="counter")(inputs)
     _, student = small_pair()
     body = small_pair()[0]
     teacher = keras.Model(inputs, body(counted), name="counted_teacher")
     d = FSPDistiller(teacher, student, fsp_pairs=None, stage="task")
     d.compile(optimizer="sgd")
     x, y = data()
-    _CallCounter.calls = 0
+    CallCounter.calls = 0
     d.fit(x, y, batch_size=16, epochs=2, verbose=0)
-    assert _CallCounter.calls == 0
+    assert CallCounter.calls == 0
     d.set_stage("kd")
     d.fit(x, y, batch_size=16, epochs=1, verbose=0)
-    assert _CallCounter.calls > 0  # the counter does see the teacher when it runs
+    assert CallCounter.calls > 0  # the counter does see the teacher when it runs
 
 
 def test_hint_stage_trains_only_up_to_the_guided_layer_and_the_regressor():

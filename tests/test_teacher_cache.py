@@ -9,7 +9,7 @@ from keras_fsp import FSPDistiller, Stage, taps
 from keras_fsp.augment import PadCropFlip
 from keras_fsp.callbacks import StageSchedule
 from tests import reference
-from tests.helpers import SHAPE, data, small_pair
+from tests.helpers import SHAPE, CallCounter, data, small_pair
 
 # Every teacher term at once; small weights keep 2 SGD steps finite.
 ALL_TERMS = Stage("all", {"fsp": 1e-5, "hint": 1e-3, "kd": 0.5, "task": 0.5})
@@ -102,20 +102,10 @@ def test_cache_is_shuffled_together_with_its_inputs():
         assert misaligned[term][0] != pytest.approx(expected[term][0], rel=1e-3)
 
 
-class _CallCounter(keras.layers.Layer):
-    """Counts how often its call is traced or run (eagerly)."""
-
-    calls = 0
-
-    def call(self, x):
-        type(self).calls += 1
-        return x
-
-
 def _counted_teacher():
     """A teacher with the student's tap names and widths, counting its runs."""
     inputs = keras.Input(SHAPE)
-    x = _CallCounter(name="counter")(inputs)
+    x = CallCounter(name="counter")(inputs)
     x = layers.Conv2D(16, 3, padding="same", activation="relu", name="stem")(x)
     x = layers.Conv2D(16, 3, padding="same", activation="relu", name="stage1")(x)
     x = layers.Conv2D(32, 3, strides=2, padding="same", activation="relu", name="stage2")(x)
@@ -130,7 +120,7 @@ def test_cached_step_never_runs_the_teacher():
     d.compile(optimizer=keras.optimizers.SGD(1e-6))
     x, y = data()
     cache = d.teacher_outputs(x, stage=["fsp", "kd"])
-    assert _CallCounter.calls > 0  # computing the cache does run it
+    assert CallCounter.calls > 0  # computing the cache does run it
     teacher_variables = {id(v) for v in teacher.variables}
     in_state = []
     spy = keras.callbacks.LambdaCallback(
@@ -138,17 +128,17 @@ def test_cached_step_never_runs_the_teacher():
             any(id(v) in teacher_variables for v in d.non_trainable_variables)
         )
     )
-    _CallCounter.calls = 0
+    CallCounter.calls = 0
     history = d.fit(
         {"inputs": x, "teacher": cache}, y, batch_size=16, epochs=2, verbose=0,
         callbacks=[StageSchedule({0: "fsp", 1: "kd"}, verbose=0), spy],
     ).history
-    assert _CallCounter.calls == 0
+    assert CallCounter.calls == 0
     assert len(history["fsp_loss"]) == 1 and len(history["kd_loss"]) == 1
     # Nor are its variables part of the step's state (on JAX: arguments).
     assert in_state and not any(in_state)
     d.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[spy])
-    assert _CallCounter.calls > 0 and all(in_state[-2:])  # without the cache it runs
+    assert CallCounter.calls > 0 and all(in_state[-2:])  # without the cache it runs
 
 
 def test_cache_with_augmentation_is_refused():
