@@ -33,11 +33,13 @@ common.define_run_flags("runs/cifar10_fast", data_file="cifar10.npz", resumable=
 flags.DEFINE_enum("method", "fsp", ["teacher_21k", "teacher_64k", "fsp"], "What to train.", **_O)
 flags.DEFINE_integer("depth", 26, "ResNet depth (6n+2) of teacher and student.", **_O)
 flags.DEFINE_string("teacher_weights", None, "Teacher weights (.weights.h5), for fsp.", **_O)
+common.define_stage1_flags()
 FLAGS = flags.FLAGS
 
 
 def run(method="fsp", depth=26, teacher_weights=None, scale=1.0, batch_size=128, seed=0,
-        data_dir=".", out_dir="runs/cifar10_fast", smoke=False, max_minutes=None, tag="", resume=False):
+        data_dir=".", out_dir="runs/cifar10_fast", smoke=False, max_minutes=None, tag="", resume=False,
+        restore_kernel_norms=None, stage1_optimizer=None, stage1_clipnorm=None):
     import keras
 
     from keras_fsp import recipes
@@ -56,6 +58,7 @@ def run(method="fsp", depth=26, teacher_weights=None, scale=1.0, batch_size=128,
     augment = PadCropFlip(pad=4, flip=True, seed=seed)
 
     student = cifar_resnet(depth, name=f"resnet{depth}")
+    options = {}  # recipe options beyond the defaults, recorded in the result
     if method == "teacher_64k":
         recipe = recipes.supervised(student, steps, augment=augment, scale=scale, name=method)
     elif method == "teacher_21k":
@@ -67,8 +70,10 @@ def run(method="fsp", depth=26, teacher_weights=None, scale=1.0, batch_size=128,
             teacher.load_weights(teacher_weights)
         elif not smoke:
             raise app.UsageError("--teacher_weights (a teacher_64k run) is needed for fsp.")
+        options = common.stage1_options(restore_kernel_norms, stage1_optimizer, stage1_clipnorm)
         recipe = recipes.fsp_paper(teacher, student, steps, stage1_iterations=21000,
-                                   stage2_iterations=21000, augment=augment, scale=scale)
+                                   stage2_iterations=21000, augment=augment, scale=scale,
+                                   **options)
     else:
         raise ValueError(f"Unknown method {method!r}.")
     extra = {}
@@ -78,14 +83,15 @@ def run(method="fsp", depth=26, teacher_weights=None, scale=1.0, batch_size=128,
     return common.fit_and_report(
         recipe, student, (x_train, y_train), (x_test, y_test), out_dir, method, seed,
         {"depth": depth, "scale": scale, "steps_per_epoch": steps, "tag": tag,
-         "teacher_weights": teacher_weights},
+         "teacher_weights": teacher_weights, "options": options},
         batch_size, max_minutes, extra, name=f"{method}{tag}_seed{seed}", resume=resume)
 
 
 def main(_):
     run(FLAGS.method, FLAGS.depth, FLAGS.teacher_weights, FLAGS.scale, FLAGS.batch_size,
         FLAGS.seed, FLAGS.data_dir, FLAGS.out_dir, FLAGS.smoke, FLAGS.max_minutes,
-        FLAGS.tag, FLAGS.resume)
+        FLAGS.tag, FLAGS.resume, FLAGS.restore_kernel_norms, FLAGS.stage1_optimizer,
+        FLAGS.stage1_clipnorm)
 
 
 if __name__ == "__main__":

@@ -29,10 +29,8 @@ flags.DEFINE_enum("method", "fsp", ["teacher", "student_alone", "fsp", "dense_fs
 flags.DEFINE_integer("teacher_depth", 26, "Teacher ResNet depth (6n+2).", **_O)
 flags.DEFINE_integer("student_depth", 8, "Student ResNet depth (6n+2).", **_O)
 flags.DEFINE_string("teacher_weights", None, "Teacher weights (.weights.h5) for distillation.", **_O)
-flags.DEFINE_bool("restore_kernel_norms", None, "fsp/dense_fsp: rescale the student's "
-                  "batch-normalised kernels to their initial norms when stage 2 starts "
-                  "(default: the recipe's).", **_O)
 flags.DEFINE_bool("stage1_weight_decay", True, "fsp: weight decay during stage 1.", **_O)
+common.define_stage1_flags()
 flags.DEFINE_enum("fsp_pairs", "sections", ["sections", "consecutive"],
                   "fsp: each section's input/output (the paper) or consecutive section outputs.", **_O)
 flags.DEFINE_enum("fsp_pooling", "max", ["max", "avg"], "fsp: pooling to the smaller map.", **_O)
@@ -64,7 +62,7 @@ def run(method="fsp", teacher_depth=26, student_depth=8, teacher_weights=None, s
         batch_size=128, seed=0, data_dir=".", out_dir="runs/cifar10", smoke=False,
         max_minutes=None, restore_kernel_norms=None, stage1_weight_decay=True,
         fsp_pairs="sections", fsp_pooling="max", device_data=True, tag="", resume=False,
-        dtype_policy="float32"):
+        dtype_policy="float32", stage1_optimizer=None, stage1_clipnorm=None):
     import keras
 
     from keras_fsp import recipes
@@ -95,8 +93,9 @@ def run(method="fsp", teacher_depth=26, student_depth=8, teacher_weights=None, s
                 teacher.load_weights(teacher_weights)
             elif not smoke:
                 raise app.UsageError("--teacher_weights is needed to distil.")
-            if method in ("fsp", "dense_fsp") and restore_kernel_norms is not None:
-                options["restore_kernel_norms"] = restore_kernel_norms
+            if method in ("fsp", "dense_fsp"):
+                options.update(common.stage1_options(restore_kernel_norms, stage1_optimizer,
+                                                     stage1_clipnorm))
             if method == "fsp":
                 options.update(stage1_weight_decay=stage1_weight_decay, pairs=fsp_pairs,
                                pooling=fsp_pooling)
@@ -121,7 +120,7 @@ def main(_):
         FLAGS.scale, FLAGS.batch_size, FLAGS.seed, FLAGS.data_dir, FLAGS.out_dir, FLAGS.smoke,
         FLAGS.max_minutes, FLAGS.restore_kernel_norms, FLAGS.stage1_weight_decay,
         FLAGS.fsp_pairs, FLAGS.fsp_pooling, FLAGS.device_data, FLAGS.tag,
-        FLAGS.resume, FLAGS.dtype_policy)
+        FLAGS.resume, FLAGS.dtype_policy, FLAGS.stage1_optimizer, FLAGS.stage1_clipnorm)
 
 
 if __name__ == "__main__":

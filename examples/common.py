@@ -13,7 +13,7 @@ def define_run_flags(out_dir, batch_size=128, data_file=None, schedules=True, re
     """Defines the absl flags the example scripts share (all optional):
     `--seed --batch_size --out_dir --smoke`, with `data_file` `--data_dir`
     (the shared datasets folder), with `schedules` `--scale --max_minutes`,
-    with `resumable` `--tag --resume`."""
+    with `resumable` `--max_minutes --tag --resume`."""
     from absl import flags
 
     flags.DEFINE_integer("batch_size", batch_size, "Batch size.", **FLAG_OPTIONS)
@@ -25,6 +25,7 @@ def define_run_flags(out_dir, batch_size=128, data_file=None, schedules=True, re
                             f"Folder of the shared datasets.py and {data_file}.", **FLAG_OPTIONS)
     if schedules:
         flags.DEFINE_float("scale", 1.0, "Multiplies every iteration count of the schedules.", **FLAG_OPTIONS)
+    if schedules or resumable:
         flags.DEFINE_float("max_minutes", None, "Stop after the epoch that passes this wall time "
                            "(the result then says completed: false).", **FLAG_OPTIONS)
     if resumable:
@@ -32,6 +33,32 @@ def define_run_flags(out_dir, batch_size=128, data_file=None, schedules=True, re
         flags.DEFINE_bool("resume", False, "Checkpoint every epoch into <out_dir>/<name>.run/ and "
                           "go on from the latest checkpoint there (a run cut by --max_minutes "
                           "continues).", **FLAG_OPTIONS)
+
+
+def define_stage1_flags():
+    """The FSP recipes' stage-1 options as absl flags (default: the recipe's)."""
+    from absl import flags
+
+    flags.DEFINE_bool("restore_kernel_norms", None, "fsp/dense_fsp: rescale the student's "
+                      "batch-normalised kernels to their initial norms when stage 2 starts.",
+                      **FLAG_OPTIONS)
+    flags.DEFINE_enum("stage1_optimizer", None, ["sgd", "adam"],
+                      "fsp/dense_fsp: stage 1's optimizer, at the paper's rates.", **FLAG_OPTIONS)
+    flags.DEFINE_float("stage1_clipnorm", None, "fsp/dense_fsp: clip stage 1's gradients to "
+                       "this global norm (0: no clipping).", **FLAG_OPTIONS)
+
+
+def stage1_options(restore_kernel_norms=None, stage1_optimizer=None, stage1_clipnorm=None):
+    """The recipe keyword arguments for the stage-1 flags that were given
+    (`stage1_clipnorm=0` asks for no clipping)."""
+    options = {}
+    if restore_kernel_norms is not None:
+        options["restore_kernel_norms"] = restore_kernel_norms
+    if stage1_optimizer is not None:
+        options["stage1_optimizer"] = stage1_optimizer
+    if stage1_clipnorm is not None:
+        options["stage1_clipnorm"] = stage1_clipnorm or None
+    return options
 
 
 def normalizer(x_train):

@@ -18,21 +18,22 @@ optimiser or epoch count: every method here trains `--epochs` epochs with SGD
 stage-2 schedule). The teacher's dropout is 0.2 on the inputs and 0.5 on the
 hidden units (Hinton et al. 2012's setting; the paper only says "dropout");
 its jitter is `PadCropFlip(pad=2, flip=False)`, a shift of up to 2 pixels in
-each direction inside the compiled step; no max-norm constraint. Distillation
+each direction inside the compiled step; `--max_norm` adds the 2012 paper's
+cap on each hidden unit's incoming weights (default: none). Distillation
 uses `recipes.hinton_kd` (one stage, `kd_weight * T^2 H(soft) + (1 - kd_weight)
 H(labels)`), the training set as transfer set, no jitter.
 
 Reports `test_errors` (out of the 10,000 test images, as the paper does:
 teacher 67, student alone 146, distilled 74; omitted class: 98.6% of the test
 3s right after raising the bias by 3.5). `--smoke` runs a seconds-long check
-on random data. Writes `<method>_seed<seed>.json` (and `.weights.h5`) into
-`--out_dir`.
+on random data. Writes `<method><tag>_seed<seed>.json` (and `.weights.h5`)
+into `--out_dir`; `--resume` checkpoints every epoch and continues a run cut
+by `--max_minutes` (`examples/common.py`).
 """
 
 import json
 import os
 import sys
-import time
 
 from absl import app, flags
 
@@ -40,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (examples/common.py)
 
 _O = common.FLAG_OPTIONS
-common.define_run_flags("runs/mnist", data_file="mnist.npz", schedules=False)
+common.define_run_flags("runs/mnist", data_file="mnist.npz", schedules=False, resumable=True)
 flags.DEFINE_enum("method", "kd", ["teacher", "student_alone", "kd", "omitted_class"],
                   "What to train.", **_O)
 flags.DEFINE_integer("epochs", 30, "Training epochs (the paper does not say).", **_O)
@@ -55,6 +56,8 @@ flags.DEFINE_float("lr", 0.1, "Initial learning rate (then /10 at 50% and /100 a
                    "the labels' one: distillation needs a smaller rate (0.1 diverged on one seed "
                    "of three; RESULTS.md).", **_O)
 flags.DEFINE_float("teacher_dropout", 0.5, "Teacher's dropout on the hidden units.", **_O)
+flags.DEFINE_float("max_norm", None, "Teacher: cap the L2 norm of each hidden unit's incoming "
+                   "weights (Hinton et al. 2012's weight constraint; default none).", **_O)
 FLAGS = flags.FLAGS
 
 TEACHER_HIDDEN = (1200, 1200)
@@ -80,9 +83,10 @@ def load_mnist(data_dir, smoke=False):
     return (prep(x_train), y_train.astype("int64")), (prep(x_test), y_test.astype("int64"))
 
 
-def mlp(hidden, dropout=0.0, input_dropout=0.0, name=None):
+def mlp(hidden, dropout=0.0, input_dropout=0.0, max_norm=None, name=None):
     """A functional MLP on (28, 28, 1) images returning 10 logits; layers
-    `hidden1`, `hidden2`, ... (ReLU) and `logits`."""
+    `hidden1`, `hidden2`, ... (ReLU) and `logits`. `max_norm` caps the L2 norm
+    of each hidden unit's incoming weights."""
     import keras
     from keras import layers
 
@@ -91,14 +95,17 @@ def mlp(hidden, dropout=0.0, input_dropout=0.0, name=None):
     if input_dropout:
         x = layers.Dropout(input_dropout, name="input_dropout")(x)
     for i, units in enumerate(hidden, 1):
-        x = layers.Dense(units, activation="relu", name=f"hidden{i}")(x)
+        constraint = keras.constraints.MaxNorm(max_norm, axis=0) if max_norm else None
+        x = layers.Dense(units, activation="relu", kernel_constraint=constraint,
+                         name=f"hidden{i}")(x)
         if dropout:
             x = layers.Dropout(dropout, name=f"dropout{i}")(x)
     return keras.Model(inputs, layers.Dense(10, name="logits")(x), name=name)
 
 
-def teacher_mlp(dropout=0.5):
-    return mlp(TEACHER_HIDDEN, dropout=dropout, input_dropout=0.2, name="teacher_1200x2")
+def teacher_mlp(dropout=0.5, max_norm=None):
+    return mlp(TEACHER_HIDDEN, dropout=dropout, input_dropout=0.2, max_norm=max_norm,
+               name="teacher_1200x2")
 
 
 def student_mlp():
@@ -111,7 +118,8 @@ def hidden_units(model):
 
 def run(method="kd", epochs=30, batch_size=128, temperature=20.0, kd_weight=0.9,
         teacher_weights=None, omitted_digit=3, bias_shift=3.5, seed=0, data_dir=".",
-        out_dir="runs/mnist", smoke=False, lr=0.1, teacher_dropout=0.5):
+        out_dir="runs/mnist", smoke=False, lr=0.1, teacher_dropout=0.5, max_norm=None,
+        max_minutes=None, tag="", resume=False):
     import keras
 
     from keras_fsp import recipes
@@ -131,14 +139,14 @@ def run(method="kd", epochs=30, batch_size=128, temperature=20.0, kd_weight=0.9,
 
     teacher = None
     if method == "teacher":
-        net = teacher_mlp(teacher_dropout)
+        net = teacher_mlp(teacher_dropout, max_norm)
         recipe = recipes.supervised(net, steps, augment=PadCropFlip(pad=2, flip=False, seed=seed),
                                     name="teacher", **schedule)
     elif method == "student_alone":
         net = student_mlp()
         recipe = recipes.supervised(net, steps, name="student_alone", **schedule)
     elif method in ("kd", "omitted_class"):
-        teacher, net = teacher_mlp(teacher_dropout), student_mlp()
+        teacher, net = teacher_mlp(teacher_dropout, max_norm), student_mlp()
         if teacher_weights:
             teacher.load_weights(teacher_weights)
         elif not smoke:
@@ -147,41 +155,26 @@ def run(method="kd", epochs=30, batch_size=128, temperature=20.0, kd_weight=0.9,
                                    temperature=temperature, kd_weight=kd_weight, lr=lr)
     else:
         raise ValueError(f"Unknown method {method!r}.")
-    recipe.compile(metrics=["accuracy"])
-    start = time.time()
-    from keras_fsp.inputs import DeviceArrays
+    fields = {"steps_per_epoch": steps, "lr": lr, "teacher_dropout": teacher_dropout,
+              "max_norm": max_norm, "tag": tag, "train_size": int(len(x_train)),
+              "hidden_units": hidden_units(net)}
+    name = f"{method}{tag}_seed{seed}"
+    result = common.fit_and_report(recipe, net, (x_train, y_train), (x_test, y_test), out_dir,
+                                   method, seed, fields, batch_size, max_minutes, name=name,
+                                   resume=resume)
 
-    history = recipe.fit(DeviceArrays(x_train, y_train, batch_size=batch_size, seed=seed),
-                         epochs=epochs,
-                         validation_data=(x_test, y_test),
-                         validation_freq=max(1, epochs // 5), verbose=2)
-    seconds = time.time() - start
+    def errors(model):
+        return int((model.predict(x_test, batch_size=1000, verbose=0).argmax(-1) != y_test).sum())
 
-    pred = net.predict(x_test, batch_size=1000, verbose=0).argmax(-1)
-    result = {
-        "method": method, "seed": seed, "epochs": epochs, "steps_per_epoch": steps,
-        "lr": lr, "teacher_dropout": teacher_dropout,
-        "batch_size": batch_size, "train_size": int(len(x_train)),
-        "train_seconds": round(seconds, 1),
-        "test_size": int(len(y_test)), "test_errors": int((pred != y_test).sum()),
-        "test_accuracy": float((pred == y_test).mean()),
-        "hidden_units": hidden_units(net),
-        "epochs_run": len(history.history["loss"]),
-        "backend": keras.backend.backend(),
-        "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
-    }
+    result.update(test_size=int(len(y_test)), test_errors=errors(net))
     if teacher is not None:
-        t_pred = teacher.predict(x_test, batch_size=1000, verbose=0).argmax(-1)
         result.update(temperature=temperature, kd_weight=kd_weight,
                       teacher_hidden_units=hidden_units(teacher),
-                      teacher_test_errors=int((t_pred != y_test).sum()))
-
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"{method}_seed{seed}")
-    net.save_weights(stem + ".weights.h5")  # before any bias shift
-
+                      teacher_test_errors=errors(teacher))
     if method == "omitted_class":
+        # weights are saved (by fit_and_report) before this bias shift
         digit = y_test == omitted_digit
+        pred = net.predict(x_test, batch_size=1000, verbose=0).argmax(-1)
         bias = net.get_layer("logits").bias
         before = bias.numpy().copy()
         shifted = before.copy()
@@ -196,8 +189,7 @@ def run(method="kd", epochs=30, batch_size=128, temperature=20.0, kd_weight=0.9,
             omitted_accuracy_after=float((pred_after[digit] == omitted_digit).mean()),
             test_errors_after=int((pred_after != y_test).sum()),
         )
-
-    with open(stem + ".json", "w") as f:
+    with open(os.path.join(out_dir, name + ".json"), "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}))
     return result
@@ -206,7 +198,8 @@ def run(method="kd", epochs=30, batch_size=128, temperature=20.0, kd_weight=0.9,
 def main(_):
     run(FLAGS.method, FLAGS.epochs, FLAGS.batch_size, FLAGS.temperature, FLAGS.kd_weight,
         FLAGS.teacher_weights, FLAGS.omitted_digit, FLAGS.bias_shift, FLAGS.seed,
-        FLAGS.data_dir, FLAGS.out_dir, FLAGS.smoke, FLAGS.lr, FLAGS.teacher_dropout)
+        FLAGS.data_dir, FLAGS.out_dir, FLAGS.smoke, FLAGS.lr, FLAGS.teacher_dropout,
+        FLAGS.max_norm, FLAGS.max_minutes, FLAGS.tag, FLAGS.resume)
 
 
 if __name__ == "__main__":

@@ -24,17 +24,35 @@ from keras_fsp.models.cifar_resnet import dense_taps
 from keras_fsp.stages import UP_TO_TAPS, Stage
 
 
-def sgd(rates, boundaries=(), momentum=0.9):
-    """SGD with a piecewise-constant learning rate (boundaries in steps)."""
+STAGE1_OPTIMIZERS = ("sgd", "adam")
+
+
+def _piecewise(rates, boundaries):
     rates, boundaries = [float(r) for r in rates], [int(b) for b in boundaries]
     if len(rates) != len(boundaries) + 1:
         raise ValueError(f"{len(rates)} rates need {len(rates) - 1} boundaries; got {boundaries}.")
-    lr = (
-        keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, rates)
-        if boundaries
-        else rates[0]
-    )
-    return keras.optimizers.SGD(learning_rate=lr, momentum=momentum)
+    if not boundaries:
+        return rates[0]
+    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, rates)
+
+
+def sgd(rates, boundaries=(), momentum=0.9, global_clipnorm=None):
+    """SGD with a piecewise-constant learning rate (boundaries in steps)."""
+    return keras.optimizers.SGD(learning_rate=_piecewise(rates, boundaries), momentum=momentum,
+                                global_clipnorm=global_clipnorm)
+
+
+def _stage1_optimizer(name, rates, boundaries=(), global_clipnorm=None):
+    """The optimizer of an FSP stage 1: `"sgd"` (momentum 0.9, as every stage
+    of the papers) or `"adam"` (whose step does not grow with the loss's
+    scale), with a piecewise-constant rate and an optional global gradient
+    clip norm."""
+    if name == "sgd":
+        return sgd(rates, boundaries, global_clipnorm=global_clipnorm)
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate=_piecewise(rates, boundaries),
+                                     global_clipnorm=global_clipnorm)
+    raise ValueError(f"stage1_optimizer must be one of {STAGE1_OPTIMIZERS}; got {name!r}.")
 
 
 def _epochs(iterations, steps_per_epoch):
@@ -129,7 +147,7 @@ def _stage_callbacks(schedule, restore_kernel_norms):
 def fsp_paper(teacher, student, steps_per_epoch, stage1_iterations=21000,
               stage2_iterations=64000, pairs="sections", pooling="max",
               projection=False, restore_kernel_norms=True, stage1_weight_decay=True,
-              augment=None, scale=1.0):
+              stage1_optimizer="sgd", stage1_clipnorm=None, augment=None, scale=1.0):
     """FSP (Yim et al. 2017): the paper's procedure, plus one fix by default.
 
     Stage 1: FSP loss only on each section's input/output pair, max pooling,
@@ -149,6 +167,12 @@ def fsp_paper(teacher, student, steps_per_epoch, stage1_iterations=21000,
             down; restoring them gained 1.2-2.5 points (RESULTS.md).
             `False` is the paper's procedure exactly.
         stage1_weight_decay: keep the student's weight decay in stage 1.
+        stage1_optimizer: `"sgd"` (the paper) or `"adam"`, at the
+            paper's stage-1 rates.
+        stage1_clipnorm: clip stage 1's gradients to this global norm. The
+            FSP loss starts at 2-5e4 on CIFAR-10 (a sum of squares over
+            16x16 to 64x64 matrices), and plain SGD at 1e-3 reached NaN in
+            3 of 7 ResNet-26 students (RESULTS.md).
     """
     if pairs == "sections":
         fsp_pairs = "auto"
@@ -159,7 +183,8 @@ def fsp_paper(teacher, student, steps_per_epoch, stage1_iterations=21000,
     s1, b1, b2 = _scaled([stage1_iterations, stage1_iterations * 11 / 21,
                           stage1_iterations * 16 / 21], scale)
     fsp = Stage("fsp", {"fsp": 1.0}, trainable=UP_TO_TAPS, regularization=stage1_weight_decay,
-                optimizer=sgd((1e-3, 1e-4, 1e-5), (b1, b2)))
+                optimizer=_stage1_optimizer(stage1_optimizer, (1e-3, 1e-4, 1e-5), (b1, b2),
+                                           stage1_clipnorm))
     task, s2 = _task_stage(stage2_iterations, scale)
     distiller = FSPDistiller(teacher, student, fsp_pairs=fsp_pairs, fsp_pooling=pooling,
                              fsp_projection=projection, augment=augment,
@@ -172,7 +197,7 @@ def fsp_paper(teacher, student, steps_per_epoch, stage1_iterations=21000,
 
 def dense_fsp(teacher, student, steps_per_epoch, points_per_section=2,
               stage1_iterations=21000, stage2_iterations=64000, restore_kernel_norms=True,
-              augment=None, scale=1.0):
+              stage1_optimizer="sgd", stage1_clipnorm=None, augment=None, scale=1.0):
     """Dense, sequential FSP (Yeo et al. 2018).
 
     Taps `points_per_section` evenly spaced maps per section of both
@@ -181,7 +206,9 @@ def dense_fsp(teacher, student, steps_per_epoch, points_per_section=2,
     into one step per section: step k trains on the pairs that end in
     sections 1..k, a third of the stage-1 iterations each, at 1e-3 then 1e-4
     for its last third (the slides give no schedule: this is our reading).
-    Then the task stage, as in `fsp_paper` (`restore_kernel_norms` too).
+    Then the task stage, as in `fsp_paper` (`restore_kernel_norms`,
+    `stage1_optimizer` and `stage1_clipnorm` too; each step has its own
+    optimizer).
     """
     t_taps = dense_taps(teacher, points_per_section)
     s_taps = dense_taps(student, points_per_section)
@@ -194,7 +221,7 @@ def dense_fsp(teacher, student, steps_per_epoch, points_per_section=2,
         index = [i for i, s in enumerate(section_of) if s <= k]
         stages[f"dense_fsp_{k}"] = Stage(
             f"dense_fsp_{k}", {"fsp": 1.0}, trainable=UP_TO_TAPS, fsp_pairs=index,
-            optimizer=sgd((1e-3, 1e-4), (b,)),
+            optimizer=_stage1_optimizer(stage1_optimizer, (1e-3, 1e-4), (b,), stage1_clipnorm),
         )
     task, s2 = _task_stage(stage2_iterations, scale)
     stages["task"] = task

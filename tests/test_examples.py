@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import keras
+import numpy as np
 import pytest
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
@@ -40,8 +41,16 @@ def _saved(tmp_path, result):
 
 def test_mnist_hinton_teacher_then_kd_and_omitted_class(tmp_path):
     mnist = _load("mnist_hinton")
-    teacher = mnist.run("teacher", epochs=5, seed=1, out_dir=str(tmp_path), smoke=True)
+    teacher = mnist.run("teacher", epochs=5, seed=1, out_dir=str(tmp_path), smoke=True,
+                        max_norm=0.5)
     _saved(tmp_path, teacher)
+    # the max-norm constraint binds (Glorot columns start near 0.9) and holds
+    trained = mnist.teacher_mlp(max_norm=0.5)
+    trained.load_weights(str(tmp_path / "teacher_seed1.weights.h5"))
+    for name in ("hidden1", "hidden2"):
+        columns = np.linalg.norm(trained.get_layer(name).kernel.numpy(), axis=0)
+        assert columns.max() <= 0.5 + 1e-5 and columns.min() > 0.0
+    assert np.linalg.norm(mnist.teacher_mlp().get_layer("hidden1").kernel.numpy(), axis=0).max() > 0.5
     assert teacher["method"] == "teacher" and teacher["seed"] == 1
     assert teacher["epochs"] == 2 and teacher["epochs_run"] == 2  # --smoke caps the epochs
     assert teacher["hidden_units"] == [1200, 1200]
