@@ -56,6 +56,9 @@ flags.DEFINE_float("lr", 0.1, "Initial learning rate (then /10 at 50% and /100 a
                    "the labels' one: distillation needs a smaller rate (0.1 diverged on one seed "
                    "of three; RESULTS.md).", **_O)
 flags.DEFINE_float("teacher_dropout", 0.5, "Teacher's dropout on the hidden units.", **_O)
+flags.DEFINE_bool("student_jitter", False, "student_alone / kd / omitted_class: jitter the "
+                  "student's training (transfer) set by up to 2 pixels too, as the teacher's "
+                  "(not in the paper).", **_O)
 flags.DEFINE_float("max_norm", None, "Teacher: cap the L2 norm of each hidden unit's incoming "
                    "weights (Hinton et al. 2012's weight constraint; default none).", **_O)
 FLAGS = flags.FLAGS
@@ -119,7 +122,7 @@ def hidden_units(model):
 def run(method="kd", epochs=30, batch_size=128, temperature=20.0, kd_weight=0.9,
         teacher_weights=None, omitted_digit=3, bias_shift=3.5, seed=0, data_dir=".",
         out_dir="runs/mnist", smoke=False, lr=0.1, teacher_dropout=0.5, max_norm=None,
-        max_minutes=None, tag="", resume=False):
+        max_minutes=None, tag="", resume=False, student_jitter=False):
     import keras
 
     from keras_fsp import recipes
@@ -138,13 +141,15 @@ def run(method="kd", epochs=30, batch_size=128, temperature=20.0, kd_weight=0.9,
                     rates=(lr, lr / 10, lr / 100))
 
     teacher = None
+    # inside the compiled step; under KD, teacher and student see the same batch
+    jitter = PadCropFlip(pad=2, flip=False, seed=seed)
     if method == "teacher":
         net = teacher_mlp(teacher_dropout, max_norm)
-        recipe = recipes.supervised(net, steps, augment=PadCropFlip(pad=2, flip=False, seed=seed),
-                                    name="teacher", **schedule)
+        recipe = recipes.supervised(net, steps, augment=jitter, name="teacher", **schedule)
     elif method == "student_alone":
         net = student_mlp()
-        recipe = recipes.supervised(net, steps, name="student_alone", **schedule)
+        recipe = recipes.supervised(net, steps, augment=jitter if student_jitter else None,
+                                    name="student_alone", **schedule)
     elif method in ("kd", "omitted_class"):
         teacher, net = teacher_mlp(teacher_dropout, max_norm), student_mlp()
         if teacher_weights:
@@ -152,11 +157,13 @@ def run(method="kd", epochs=30, batch_size=128, temperature=20.0, kd_weight=0.9,
         elif not smoke:
             raise app.UsageError("--teacher_weights is needed to distil.")
         recipe = recipes.hinton_kd(teacher, net, steps, iterations=iterations,
-                                   temperature=temperature, kd_weight=kd_weight, lr=lr)
+                                   temperature=temperature, kd_weight=kd_weight, lr=lr,
+                                   augment=jitter if student_jitter else None)
     else:
         raise ValueError(f"Unknown method {method!r}.")
     fields = {"steps_per_epoch": steps, "lr": lr, "teacher_dropout": teacher_dropout,
-              "max_norm": max_norm, "tag": tag, "train_size": int(len(x_train)),
+              "max_norm": max_norm, "student_jitter": student_jitter, "tag": tag,
+              "train_size": int(len(x_train)),
               "hidden_units": hidden_units(net)}
     name = f"{method}{tag}_seed{seed}"
     result = common.fit_and_report(recipe, net, (x_train, y_train), (x_test, y_test), out_dir,
@@ -199,7 +206,7 @@ def main(_):
     run(FLAGS.method, FLAGS.epochs, FLAGS.batch_size, FLAGS.temperature, FLAGS.kd_weight,
         FLAGS.teacher_weights, FLAGS.omitted_digit, FLAGS.bias_shift, FLAGS.seed,
         FLAGS.data_dir, FLAGS.out_dir, FLAGS.smoke, FLAGS.lr, FLAGS.teacher_dropout,
-        FLAGS.max_norm, FLAGS.max_minutes, FLAGS.tag, FLAGS.resume)
+        FLAGS.max_norm, FLAGS.max_minutes, FLAGS.tag, FLAGS.resume, FLAGS.student_jitter)
 
 
 if __name__ == "__main__":
