@@ -1,3 +1,4 @@
+import keras
 import numpy as np
 import pytest
 from keras import ops
@@ -25,6 +26,11 @@ def test_fsp_paper_schedule():
         assert _lr(fsp.optimizer, step) == pytest.approx(lr)
     for step, lr in [(0, 0.1), (32001, 0.01), (48001, 0.001)]:
         assert _lr(task.optimizer, step) == pytest.approx(lr)
+    # stage 1 clips its gradients at a global norm of 10 by default; None is the paper
+    assert fsp.optimizer.global_clipnorm == 10.0 and isinstance(fsp.optimizer, keras.optimizers.SGD)
+    paper = recipes.fsp_paper(*small_pair(), steps_per_epoch=100, stage1_clipnorm=None)
+    assert paper.schedule[0].optimizer.global_clipnorm is None
+    assert task.optimizer.global_clipnorm is None  # the task stage is the paper's
     consecutive = recipes.fsp_paper(*small_pair(), steps_per_epoch=100, pairs="consecutive", pooling="avg")
     assert consecutive.model.fsp_pairs == [("stage1", "stage2"), ("stage2", "stage3")]
 
@@ -86,3 +92,32 @@ def test_kd_and_supervised_recipes():
     np.testing.assert_allclose(base.model.predict(x, verbose=0), student.predict(x, verbose=0), rtol=1e-6)
     with pytest.raises(ValueError, match="Unknown method 'fitnets'"):
         recipes.get("fitnets")
+
+
+def test_stage1_optimizer_options_reach_every_fsp_step():
+    teacher, student = small_pair()
+    adam = recipes.fsp_paper(teacher, student, steps_per_epoch=100, stage1_optimizer="adam")
+    assert isinstance(adam.schedule[0].optimizer, keras.optimizers.Adam)
+    assert _lr(adam.schedule[0].optimizer, 11001) == pytest.approx(1e-4)
+    dense = recipes.dense_fsp(teacher, student, steps_per_epoch=1, stage1_iterations=3,
+                              stage2_iterations=2, stage1_clipnorm=5.0)
+    steps = [dense.schedule[e] for e in sorted(dense.schedule)]
+    assert [s.optimizer.global_clipnorm for s in steps] == [5.0, 5.0, 5.0, None]
+    with pytest.raises(ValueError, match="stage1_optimizer must be one of"):
+        recipes.fsp_paper(teacher, student, steps_per_epoch=100, stage1_optimizer="rmsprop")
+
+
+def test_clipped_stage1_step_moves_the_student_by_at_most_lr_times_the_clip_norm():
+    teacher, student = small_pair()
+    r = recipes.fsp_paper(teacher, student, steps_per_epoch=1, stage1_iterations=1,
+                          stage2_iterations=1, stage1_clipnorm=1e-3)
+    r.compile()
+    before = [np.array(v) for v in student.trainable_variables]
+    x, y = data(n=16)
+    r.model.set_stage("fsp")
+    r.model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    moved = np.sqrt(sum(((np.array(v) - b) ** 2).sum()
+                        for v, b in zip(student.trainable_variables, before)))
+    # one SGD step (no momentum history yet) of the clipped gradient: lr 1e-3 x norm 1e-3,
+    # plus weight decay's share (its gradient is clipped with the rest)
+    assert 0.0 < moved <= 1e-3 * 1e-3 * (1 + 1e-4)

@@ -32,6 +32,14 @@ def test_published_json_equals_the_raw_runs(name, table, key):
     assert all(len(v) >= 2 for v in published.values())
 
 
+def test_published_mnist_json_equals_the_raw_runs():
+    collect = _collect()
+    with open(os.path.join(RESULTS, "mnist_hinton.json")) as f:
+        published = json.load(f)
+    assert published == collect.collect_mnist()
+    assert all(len(v) == 3 for v in published.values())
+
+
 def test_an_incomplete_run_is_refused(tmp_path, monkeypatch):
     collect = _collect()
     (tmp_path / "cut.json").write_text(json.dumps({"completed": False, "test_accuracy": 0.9}))
