@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.10",
     # Versions that install and work together (BUILD_NOTES.md).
     install_requires=[
-        "keras>=3.12,<4",
+        "keras>=3.15,<3.16",  # the Keras internals keras_fsp.compat uses were checked on 3.15
         "tensorflow>=2.21,<2.22",
         "tensorflow-datasets>=4.9,<5",
         "importlib_resources>=6",  # tensorflow-datasets 4.9 fails to load without it
@@ -29,7 +29,7 @@ setup(
         # The second test suite (the same tests on the JAX backend, CPU).
         "jax": ["jax[cpu]>=0.4.30"],
     },
-    entry_points={"console_scripts": ["keras-fsp = keras_fsp.cli:main"]},
+    entry_points={"console_scripts": ["keras-fsp = keras_fsp.apps.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

@@ -71,7 +71,7 @@ def _distiller(stage, teacher_depth, student_depth, augment=None):
     import keras
 
     from keras_fsp import FSPDistiller, Stage
-    from keras_fsp.models import cifar_resnet, dense_taps
+    from keras_fsp.papers import cifar_resnet, dense_taps
 
     teacher, student = cifar_resnet(teacher_depth), cifar_resnet(student_depth)
     options = {}
@@ -91,7 +91,7 @@ def _distiller(stage, teacher_depth, student_depth, augment=None):
 def _student(depth, augment=None):
     import keras
 
-    from keras_fsp.models import cifar_resnet
+    from keras_fsp.papers import cifar_resnet
 
     net = cifar_resnet(depth)
     if augment is not None:
@@ -111,7 +111,7 @@ def time_compiled_step(name, teacher_depth, student_depth, batch_size):
     x = jax.device_put(rng.normal(size=(batch_size, 32, 32, 3)).astype("float32"))
     y = jax.device_put(rng.integers(0, 10, batch_size))
     if name == "teacher_inference":
-        from keras_fsp.models import cifar_resnet
+        from keras_fsp.papers import cifar_resnet
 
         teacher = cifar_resnet(teacher_depth)
         tv = [v.value for v in teacher.trainable_variables]

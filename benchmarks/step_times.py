@@ -62,7 +62,7 @@ def run(teacher_depth=26, student_depth=8, batch_size=128, warmup=3, steps=20,
     import numpy as np
 
     from keras_fsp import FSPDistiller, Stage
-    from keras_fsp.models import cifar_resnet
+    from keras_fsp.papers import cifar_resnet
 
     # KD with the FSP term added: what the FSP matrices cost on top of a KD step.
     KD_FSP = Stage("kd_fsp", {"kd": 0.9, "task": 0.1, "fsp": 1e-3})
@@ -90,7 +90,7 @@ def run(teacher_depth=26, student_depth=8, batch_size=128, warmup=3, steps=20,
         model = distiller(name)
         seconds = _time_fit(model, x, y, batch_size, warmup, steps)
         results.append(_result(f"stage_{name}", batch_size, seconds))
-        if cached_teacher and model.stage.needs_teacher:
+        if cached_teacher and model.uses_teacher():
             model = distiller(name)
             start = time.perf_counter()
             cache = model.teacher_outputs(x, batch_size=batch_size)

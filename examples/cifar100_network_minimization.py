@@ -7,10 +7,10 @@ dense FSP, FitNets or KD.
     python examples/cifar100_network_minimization.py --method fsp \
         --teacher_weights runs/c100/teacher_seed0.weights.h5 --out_dir runs/c100
 
-Data: CIFAR-100 through tensorflow-datasets (`keras_fsp.data.load_arrays
+Data: CIFAR-100 through tensorflow-datasets (`keras_fsp.apps.data.load_arrays
 ("cifar100")`): a prepared tfds folder (`--tfds_data_dir`, default tfds' own)
 or network access to download it; offline and unprepared it stops with
-`keras_fsp.data.DatasetError` saying so. Per-channel normalisation, 4-pixel
+`keras_fsp.apps.data.DatasetError` saying so. Per-channel normalisation, 4-pixel
 pad + random crop + flip inside the compiled step. Schedules are the recipes'
 defaults (FSP: 21k stage-1 + 64k stage-2 iterations; Yeo et al. ran 32k + 64k
 on CIFAR-100: `--stage1_iterations 32000`). `--scale` shrinks every iteration
@@ -51,7 +51,7 @@ def load_cifar100(tfds_data_dir=None, smoke=False):
         x = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
         y = rng.integers(0, NUM_CLASSES, 64)
         return (x, y), (x[:32], y[:32])
-    from keras_fsp import data
+    from keras_fsp.apps import data
 
     train, test, info = data.load_arrays("cifar100", data_dir=tfds_data_dir)
     assert info["num_classes"] == NUM_CLASSES
@@ -63,9 +63,9 @@ def run(method="fsp", teacher_depth=32, student_depth=14, teacher_weights=None,
         out_dir="runs/cifar100", smoke=False, max_minutes=None):
     import keras
 
-    from keras_fsp import recipes
+    from keras_fsp.papers import recipes
     from keras_fsp.augment import PadCropFlip
-    from keras_fsp.models import cifar_resnet
+    from keras_fsp.papers import cifar_resnet
 
     keras.utils.set_random_seed(seed)
     (x_train, y_train), (x_test, y_test) = load_cifar100(tfds_data_dir, smoke)

@@ -42,9 +42,9 @@ def run(method="fsp", depth=26, teacher_weights=None, scale=1.0, batch_size=128,
         restore_kernel_norms=None, stage1_optimizer=None, stage1_clipnorm=None):
     import keras
 
-    from keras_fsp import recipes
+    from keras_fsp.papers import recipes
     from keras_fsp.augment import PadCropFlip
-    from keras_fsp.models import cifar_resnet
+    from keras_fsp.papers import cifar_resnet
 
     keras.utils.set_random_seed(seed)
     (x_train, y_train), (x_test, y_test), genuine = load_cifar10(data_dir, smoke)

@@ -65,9 +65,9 @@ def run(method="fsp", teacher_depth=26, student_depth=8, teacher_weights=None, s
         dtype_policy="float32", stage1_optimizer=None, stage1_clipnorm=None):
     import keras
 
-    from keras_fsp import recipes
+    from keras_fsp.papers import recipes
     from keras_fsp.augment import PadCropFlip
-    from keras_fsp.models import cifar_resnet
+    from keras_fsp.papers import cifar_resnet
 
     keras.utils.set_random_seed(seed)
     keras.config.set_dtype_policy(dtype_policy)

@@ -75,7 +75,7 @@ def fit_and_report(recipe, net, train, test, out_dir, method, seed, fields,
     """Compiles and fits `recipe`, scores `net` on `test`, writes the results.
 
     Args:
-        recipe: a `keras_fsp.recipes.Recipe`.
+        recipe: a `keras_fsp.papers.recipes.Recipe`.
         net: the network to score and save (the student, or the teacher).
         train, test: `(x, y)` arrays, already normalised.
         fields: extra entries of the result (the script's settings).
@@ -86,7 +86,7 @@ def fit_and_report(recipe, net, train, test, out_dir, method, seed, fields,
             (`keras_fsp.inputs.DeviceArrays`) instead of host arrays.
         name: file stem of the result (default `<method>_seed<seed>`).
         resume: checkpoint every epoch into `<out_dir>/<name>.run/`
-            (`keras_fsp.runs.ResumableRun`) and continue from the latest
+            (`keras_fsp.apps.runs.ResumableRun`) and continue from the latest
             checkpoint there: a run cut by `max_minutes` (or killed) goes on
             where it stopped when the same command runs again. The result's
             history and seconds cover every part: the epochs that
@@ -102,7 +102,7 @@ def fit_and_report(recipe, net, train, test, out_dir, method, seed, fields,
 
     from keras_fsp.inputs import DeviceArrays
     from keras_fsp.kernel_norms import kernel_norms
-    from keras_fsp.runs import ResumableRun
+    from keras_fsp.apps.runs import ResumableRun
 
     recipe.compile(metrics=["accuracy"])
     start = time.time()

@@ -85,9 +85,9 @@ def run(method="fsp", teacher_depth=32, student_depth=20, source_weights=None,
         tfds_data_dir=None, out_dir="runs/cub200", smoke=False, max_minutes=None):
     import keras
 
-    from keras_fsp import recipes
+    from keras_fsp.papers import recipes
     from keras_fsp.augment import PadCropFlip
-    from keras_fsp.models import cifar_resnet
+    from keras_fsp.papers import cifar_resnet
 
     keras.utils.set_random_seed(seed)
     (x_train, y_train), (x_test, y_test) = load_cub(image_size, tfds_data_dir, smoke)

@@ -125,7 +125,7 @@ def run(method="kd", epochs=30, batch_size=128, temperature=20.0, kd_weight=0.9,
         max_minutes=None, tag="", resume=False, student_jitter=False):
     import keras
 
-    from keras_fsp import recipes
+    from keras_fsp.papers import recipes
     from keras_fsp.augment import PadCropFlip
 
     keras.utils.set_random_seed(seed)

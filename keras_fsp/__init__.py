@@ -1,19 +1,50 @@
 """keras_fsp: knowledge distillation for Keras 3 with the FSP matrix
-(Yim et al., CVPR 2017), FitNets hints, Hinton soft targets and dense,
-sequential FSP.
+(Yim et al., CVPR 2017), dense sequential FSP, FitNets hints, Hinton soft
+targets, attention transfer and decoupled KD.
 
-keras_fsp itself never imports TensorFlow at import time (on the TensorFlow
-backend Keras does): on JAX it runs without TensorFlow installed, and the
-TensorFlow-only parts (`export_student`, `keras_fsp.data`) import it when used.
+The package is split by purpose:
+
+- the library (this folder): `FSPDistiller`, the loss `terms`, `stages`,
+  `callbacks`, `taps` and automatic `pairing`, the `fsp` matrix, `losses`,
+  `teacher_cache`, `augment`, `inputs`, `kernel_norms`, `export`,
+  `keras_distillation` (adapters for `keras.distillation`) and `compat`
+  (the Keras internals used, in one place); it depends on Keras and NumPy;
+- `keras_fsp.papers`: the papers' networks and recipes;
+- `keras_fsp.apps`: the command line, training harness, runs, data, demo
+  and pictures.
+
+keras_fsp never imports TensorFlow at import time (on the TensorFlow backend
+Keras does): on JAX it runs without TensorFlow installed, and the
+TensorFlow-only parts (SavedModel export, `keras_fsp.apps.data`) import it
+when used.
 """
 
-from keras_fsp import callbacks, models, stages, taps
+from keras_fsp import (
+    apps,
+    augment,
+    callbacks,
+    compat,
+    export,
+    fsp,
+    inputs,
+    keras_distillation,
+    kernel_norms,
+    losses,
+    pairing,
+    papers,
+    stages,
+    taps,
+    teacher_cache,
+    terms,
+)
 from keras_fsp.distiller import FSPDistiller
+from keras_fsp.export import export_student
 from keras_fsp.fsp import fsp_matrix
 from keras_fsp.losses import FSPLoss, HintLoss, SoftTargetLoss
+from keras_fsp.papers import recipes
 from keras_fsp.stages import Stage
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "FSPDistiller",
@@ -21,17 +52,23 @@ __all__ = [
     "HintLoss",
     "SoftTargetLoss",
     "Stage",
+    "apps",
+    "augment",
     "callbacks",
+    "compat",
+    "export",
     "export_student",
+    "fsp",
     "fsp_matrix",
-    "models",
+    "inputs",
+    "keras_distillation",
+    "kernel_norms",
+    "losses",
+    "pairing",
+    "papers",
+    "recipes",
     "stages",
     "taps",
+    "teacher_cache",
+    "terms",
 ]
-
-
-def export_student(distiller_or_model, path, format="tf_saved_model"):
-    """See `keras_fsp.export.export_student`."""
-    from keras_fsp.export import export_student as _export
-
-    return _export(distiller_or_model, path, format=format)

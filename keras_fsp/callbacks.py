@@ -1,8 +1,12 @@
-"""Callbacks that drive an `FSPDistiller`'s stages and loss weights in `fit`."""
+"""Callbacks that drive an `FSPDistiller`'s stages and loss weights in `fit`,
+and the guard that stops training on a NaN or infinite loss."""
+
+import math
 
 import keras
+import numpy as np
 
-from keras_fsp.stages import LOSS_TERMS, resolve_stage
+from keras_fsp.stages import resolve_stage
 
 
 def _distiller(callback):
@@ -123,7 +127,7 @@ class LossWeightSchedule(keras.callbacks.Callback):
     """Sets one loss term's weight at the start of every epoch.
 
     Args:
-        term: `"fsp"`, `"hint"`, `"kd"` or `"task"`.
+        term: the name of one of the distiller's terms, e.g. `"kd"`.
         schedule: `epoch -> weight`, epochs counted from `start_epoch`.
         start_epoch: epoch at which the schedule starts (e.g. the first
             epoch of the stage it belongs to); before it nothing is changed.
@@ -137,8 +141,8 @@ class LossWeightSchedule(keras.callbacks.Callback):
 
     def __init__(self, term, schedule, start_epoch=0):
         super().__init__()
-        if term not in LOSS_TERMS:
-            raise ValueError(f"term must be one of {LOSS_TERMS}; got {term!r}.")
+        if not isinstance(term, str):
+            raise ValueError(f"term must be a term's name, e.g. 'kd'; got {term!r}.")
         self.term = term
         self.schedule = schedule
         self.start_epoch = start_epoch
@@ -155,6 +159,14 @@ class LossWeightSchedule(keras.callbacks.Callback):
 
         return cls(term, schedule, start_epoch)
 
+    def on_train_begin(self, logs=None):
+        distiller = _distiller(self)
+        if self.term not in distiller.terms:
+            raise ValueError(
+                f"LossWeightSchedule sets the weight of {self.term!r}, which is not one of the "
+                f"distiller's terms {sorted(distiller.terms)}."
+            )
+
     def on_epoch_begin(self, epoch, logs=None):
         distiller = _distiller(self)
         if epoch < self.start_epoch:
@@ -163,13 +175,87 @@ class LossWeightSchedule(keras.callbacks.Callback):
             raise ValueError(
                 f"LossWeightSchedule sets the {self.term!r} weight but the "
                 f"active stage {distiller.stage.name!r} has no such term "
-                f"({distiller.stage.terms})."
+                f"{distiller.stage.terms}."
             )
-        distiller._term_weights[self.term].assign(
-            self.schedule(epoch - self.start_epoch)
-        )
+        distiller.set_term_weight(self.term, self.schedule(epoch - self.start_epoch))
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None and epoch >= self.start_epoch:
-            weight = _distiller(self)._term_weights[self.term]
-            logs[f"{self.term}_weight"] = float(keras.ops.convert_to_numpy(weight))
+            logs[f"{self.term}_weight"] = _distiller(self).term_weight(self.term)
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training loss term became NaN or infinite (see `StopOnNonFiniteLoss`)."""
+
+
+def _as_float(value):
+    try:
+        return float(np.asarray(keras.ops.convert_to_numpy(value)).reshape(()))
+    except (TypeError, ValueError):
+        return None
+
+
+def non_finite_term(logs, terms=None):
+    """`(key, value)` of the first NaN/inf training loss in `logs`, or None.
+
+    The terms' own losses (`*_loss`) are looked at before the total `loss`,
+    so that a message names the term that went bad.
+    """
+    logs = logs or {}
+    if terms is None:
+        terms = sorted(k for k in logs if k.endswith("_loss") and not k.startswith("val_"))
+        terms.append("loss")
+    for term in terms:
+        if term in logs:
+            value = _as_float(logs[term])
+            if value is not None and not math.isfinite(value):
+                return term, value
+    return None
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops `fit` at the first batch where a loss term is NaN or infinite.
+
+    Raises `NonFiniteLossError` naming the term, the stage, the epoch and
+    batch (1-based, as Keras prints them) and what to do. `FSPDistiller.fit`
+    adds one unless its callbacks already hold one (or a subclass, such as
+    `keras_fsp.apps.runs.NaNGuard`, which also names the kept checkpoint).
+
+    Args:
+        advice: what to do, the message's last sentence.
+    """
+
+    def __init__(self, advice=None):
+        super().__init__()
+        self.advice = advice
+        self._epoch = 0
+
+    def kept(self):
+        """What the message says about saved work; subclasses say more."""
+        return ""
+
+    def _advice(self, stage):
+        if self.advice:
+            return self.advice
+        where = f"the optimizer of stage {stage!r}, or compile's" if stage else "the optimizer"
+        return (f"lower the learning rate ({where}), clip the gradients "
+                "(Stage(global_clipnorm=...) or the optimizer's global_clipnorm), or check "
+                "the data for NaN/inf values")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        bad = non_finite_term(logs)
+        if bad is None:
+            return
+        term, value = bad
+        kind = "NaN" if math.isnan(value) else "infinite"
+        stage = getattr(getattr(self.model, "stage", None), "name", None)
+        where = f" in stage {stage!r}" if stage else ""
+        kept = self.kept()
+        self.model.stop_training = True
+        raise NonFiniteLossError(
+            f"{term} became {kind}{where} at epoch {self._epoch + 1}, batch {batch + 1}"
+            f"{'; ' + kept if kept else ''}; {self._advice(stage)}."
+        )

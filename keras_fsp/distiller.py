@@ -1,70 +1,91 @@
-"""`FSPDistiller`: a frozen teacher, a student, staged FSP / hint / KD / task
-losses, one forward pass per network. Backend-agnostic (`keras.ops`): the same
-model trains on TensorFlow (also under `tf.distribute`) and JAX.
+"""`FSPDistiller`: a frozen teacher, a student, loss terms switched in stages,
+one forward pass per network. Backend-agnostic (`keras.ops`): the same model
+trains on TensorFlow (also under `tf.distribute`) and JAX.
+
+The distiller knows nothing about what its terms compute
+(`keras_fsp.terms`): it unions the taps of the active stage's terms, runs
+each network once, hands every term the outputs and sums
+`weight * value` over the terms.
 """
 
-import collections
 import contextlib
 
 import keras
-from keras import ops, tree
+from keras import ops
 
-from keras_fsp import kernel_norms, taps, teacher_cache
-from keras_fsp.fsp import POOLING_MODES, fsp_matrix, pooled_spatial_size
-from keras_fsp.losses import FSPLoss, HintLoss, SoftTargetLoss
-from keras_fsp.stages import (
-    LOSS_TERMS,
-    UP_TO_TAPS,
-    Stage,
-    builtin_stages,
-    resolve_stage,
+from keras_fsp import compat, kernel_norms, taps, teacher_cache
+from keras_fsp.callbacks import StopOnNonFiniteLoss
+from keras_fsp.stages import UP_TO_TAPS, Stage, builtin_stages, resolve_stage
+from keras_fsp.terms import (
+    LOGITS,
+    DistillationTerm,
+    FSPTerm,
+    HintTerm,
+    SoftTargets,
+    TaskLoss,
+    registered_terms,
+    term_class,
 )
-
 
 # Key of the augmented batch in the training-mode outputs of `call`.
 AUGMENTED_INPUTS = "augmented_inputs"
+# The term whose value `evaluate` reports as the student's loss.
+TASK = "task"
 
 
-def _num_replicas():
-    """Replicas of the enclosing `tf.distribute` strategy (1 elsewhere)."""
-    if keras.backend.backend() != "tensorflow":
-        return 1
-    import tensorflow as tf  # already imported by Keras on this backend
-
-    return tf.distribute.get_strategy().num_replicas_in_sync
-
-
-def _multi_worker(strategy):
-    """Whether `strategy` is a MultiWorkerMirroredStrategy with several workers."""
-    if strategy is None or keras.backend.backend() != "tensorflow":
-        return False
-    import tensorflow as tf
-
-    return isinstance(
-        strategy, tf.distribute.MultiWorkerMirroredStrategy
-    ) and strategy.extended._in_multi_worker_mode()
-
-
-def _clone_optimizer(optimizer):
-    return keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
+def _clone_optimizer(optimizer, learning_rate_scale=1.0, global_clipnorm=None):
+    """A fresh optimizer like `optimizer`, its learning rate (or schedule)
+    scaled, with `global_clipnorm` when it clips nothing itself."""
+    clone = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
+    inner = getattr(clone, "inner_optimizer", clone)  # LossScaleOptimizer
+    if learning_rate_scale != 1.0:
+        rate = compat.learning_rate(inner)
+        if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+            inner.learning_rate = _ScaledSchedule(rate, learning_rate_scale)
+        else:
+            inner.learning_rate = float(ops.convert_to_numpy(rate)) * learning_rate_scale
+    clips = any(getattr(inner, k, None) for k in ("clipnorm", "clipvalue", "global_clipnorm"))
+    if global_clipnorm is not None and not clips:
+        # Keras clips each replica's gradient before summing them: clip each
+        # to its share so that the sum stays within the norm.
+        inner.global_clipnorm = float(global_clipnorm) / compat.num_replicas()
+    return clone
 
 
-# What a stage needs from the teacher: FSP pair indices, hint map, logits.
-_TeacherNeeds = collections.namedtuple("_TeacherNeeds", "pairs hint logits")
+@keras.saving.register_keras_serializable(package="keras_fsp")
+class _ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """A learning-rate schedule multiplied by a constant."""
+
+    def __init__(self, schedule, scale):
+        self.schedule = schedule
+        self.scale = float(scale)
+
+    def __call__(self, step):
+        return self.schedule(step) * self.scale
+
+    def get_config(self):
+        return {"schedule": keras.optimizers.schedules.serialize(self.schedule),
+                "scale": self.scale}
+
+    @classmethod
+    def from_config(cls, config):
+        schedule = keras.optimizers.schedules.deserialize(config["schedule"])
+        return cls(schedule, config["scale"])
 
 
-class _Views:
-    """Cache of tap views, deliberately not tracked by Keras: the views share
-    the teacher's and student's layers, which are tracked already."""
-
-    def __init__(self):
-        self.cache = {}
-
-    def get(self, model, names, include_logits, role):
-        key = (id(model), tuple(names), include_logits)
-        if key not in self.cache:
-            self.cache[key] = taps.tap_model(model, names, include_logits, role)
-        return self.cache[key]
+def _with_nan_guard(args, kwargs):
+    """`fit`'s arguments with a `StopOnNonFiniteLoss` among the callbacks."""
+    args = list(args)
+    positional = len(args) > 3  # fit(x, y, batch_size, epochs, verbose, callbacks, ...)
+    given = args[3] if positional else kwargs.get("callbacks")
+    callbacks = list(given or [])
+    if not any(isinstance(c, StopOnNonFiniteLoss) for c in callbacks):
+        callbacks.append(StopOnNonFiniteLoss())
+    if positional:
+        args[3] = callbacks
+    else:
+        kwargs["callbacks"] = callbacks
+    return args, kwargs
 
 
 class _LossScaled:
@@ -77,34 +98,42 @@ class _LossScaled:
     def get(self, optimizer):
         key = id(optimizer)
         if key not in self.wrappers:
-            wrapper = keras.optimizers.LossScaleOptimizer(
-                optimizer, name="loss_scale_optimizer"
-            )
+            wrapper = keras.optimizers.LossScaleOptimizer(optimizer, name="loss_scale_optimizer")
             self.wrappers[key] = (optimizer, wrapper)
         return self.wrappers[key][1]
 
 
+@keras.saving.register_keras_serializable(package="keras_fsp")
 class FSPDistiller(keras.Model):
-    """Distils a frozen teacher into a student with FSP, hint and soft-target
-    losses, in stages.
+    """Distils a frozen teacher into a student with loss terms switched in
+    stages.
 
-    Both networks are functional models with one output (the logits). The
-    distiller taps their intermediate layers through multi-output views, so
-    one forward pass of each yields the logits and every feature map a stage
-    needs. The teacher is frozen (weights and batch-norm statistics), runs in
-    inference mode on exactly the student's batch, and does not run at all in
-    stages that do not need it (`"task"`).
+    The distiller taps functional networks through multi-output views, so
+    one forward pass of each yields the logits and every feature map the
+    active stage's terms need. The teacher is frozen (weights and batch-norm
+    statistics), runs in inference mode on exactly the student's batch, and
+    does not run at all in stages whose terms do not use it (`"task"`).
+    Stages whose terms only read logits (`"kd"`, `"task"`, `"dkd"`) accept
+    subclassed and Sequential networks too. A network ending in a softmax
+    is tapped before it (its logits).
 
-    `call`, `predict` and `evaluate` are the student's: the logits, and the
+    `call`, `predict` and `evaluate` are the student's: its outputs, and the
     task loss plus the compiled metrics. In training mode (`training=True`)
     `call` returns the dict of the student's tapped outputs that the active
     stage needs.
 
+    Terms (`keras_fsp.terms`): `"fsp"`, `"hint"`, `"kd"` and `"task"` are
+    configured by this constructor's arguments; any registered term type
+    (`"attention"`, `"dkd"`, your own) used by a stage is created with its
+    defaults; `terms=[...]` adds or replaces terms by name.
+
     Stages: `"fsp"`, `"hint"`, `"kd"`, `"task"` (see
     `keras_fsp.stages.builtin_stages`) or any `keras_fsp.Stage`. Switch with
-    `set_stage`, or inside one `fit` with
-    `keras_fsp.callbacks.StageSchedule`. Each stage trains with its own
-    optimizer: the stage's, or a fresh copy of the one given to `compile`.
+    `set_stage`, or inside one `fit` with `keras_fsp.callbacks.StageSchedule`.
+    Each stage trains with its own optimizer: the stage's, or a fresh copy of
+    the one given to `compile` (the `"fsp"` and `"hint"` stages clip that
+    copy's gradients to a global norm of 10: their losses start in the
+    thousands).
 
     Teacher caching: with fixed inputs (no `augment`), compute the teacher's
     targets once with `teacher_outputs(x)` and fit on
@@ -113,46 +142,45 @@ class FSPDistiller(keras.Model):
 
     Mixed precision: build the teacher and student under
     `keras.mixed_precision.set_dtype_policy("mixed_float16")` (or
-    `"mixed_bfloat16"`). FSP matrices and every loss are computed in float32;
-    when the student computes in float16, every stage's optimizer is wrapped
-    in a `keras.optimizers.LossScaleOptimizer` (once; `compile(...,
+    `"mixed_bfloat16"`). Every term is computed in float32; when the student
+    computes in float16, every stage's optimizer is wrapped in a
+    `keras.optimizers.LossScaleOptimizer` (`compile(...,
     auto_scale_loss=False)` turns this off).
 
     Args:
-        teacher: trained functional `keras.Model` returning logits.
-        student: functional `keras.Model` returning logits.
-        fsp_pairs: teacher layer pairs `[(first, second), ...]` whose FSP
-            matrices the student learns; `"auto"` (default) finds each
-            section's input and output (`keras_fsp.taps.section_pairs`);
-            `None` disables FSP.
-        student_fsp_pairs: the student's pairs, when its layer names differ
-            from the teacher's. With `fsp_pairs="auto"` they are found
-            automatically too.
-        fsp_weights: lambda_i per pair; default equal weights of 1.
-        fsp_pooling: `"max"` (the paper) or `"avg"`.
-        fsp_projection: if True, a student map whose channel count differs
-            from the teacher's goes through a learned 1x1 convolution;
-            if False (default) such a pair is an error.
-        hint_layer: teacher layer giving the FitNets hint.
-        guided_layer: student layer the hint guides. A regressor (convolution)
-            maps it to the hint's shape when the shapes differ.
-        hint_normalize: see `keras_fsp.losses.HintLoss`.
-        temperature: softmax temperature of the soft-target loss.
-        kd_weight: weight of the soft-target term in the built-in `"kd"`
-            stage; the labels get `1 - kd_weight`.
+        teacher: trained `keras.Model` returning logits (or probabilities
+            from a final softmax layer).
+        student: `keras.Model` returning logits.
+        terms: extra or replacement terms, a list of `DistillationTerm`
+            (each used under its `name`).
         stages: extra named stages, `{name: Stage}`, usable by name.
+        stage: the initial stage; default `"fsp"` when the FSP term is
+            available, otherwise `"kd"`.
         augment: optional layer (e.g. `keras_fsp.augment.PadCropFlip()`)
             applied to each training batch inside the step, before both
             forward passes: teacher and student see the same augmented batch.
-        stage: the initial stage; default `"fsp"` when FSP pairs exist,
-            otherwise `"kd"`.
+        fsp_pairs: the `"fsp"` term's teacher layer pairs, `"auto"`
+            (default: the networks' sections paired by spatial size,
+            `keras_fsp.pairing`), or `None` for no FSP term.
+        student_fsp_pairs: the student's pairs, when its names differ.
+        fsp_weights: lambda_i per pair; default 1 each.
+        fsp_pooling: `"max"` (the paper) or `"avg"`.
+        fsp_projection: `"auto"` (default): learned 1x1 projections where
+            channel counts differ; `False`: such a pair is an error.
+        hint_layer: teacher layer of the `"hint"` term (FitNets).
+        guided_layer: student layer it guides; a regressor maps it to the
+            hint's shape when the shapes differ.
+        hint_normalize: see `keras_fsp.losses.HintLoss`.
+        temperature: temperature of the `"kd"` term.
+        kd_weight: share of the soft targets in the built-in `"kd"` stage,
+            in [0, 1]; the labels get `1 - kd_weight`.
 
     Example:
 
     ```python
     from keras_fsp import FSPDistiller
     from keras_fsp.callbacks import StageSchedule
-    from keras_fsp.models import cifar_resnet
+    from keras_fsp.papers import cifar_resnet
 
     teacher = cifar_resnet(26)  # trained
     distiller = FSPDistiller(teacher, cifar_resnet(8))
@@ -168,86 +196,65 @@ class FSPDistiller(keras.Model):
         self,
         teacher,
         student,
+        terms=None,
+        stages=None,
+        stage=None,
+        augment=None,
         fsp_pairs="auto",
         student_fsp_pairs=None,
         fsp_weights=None,
         fsp_pooling="max",
-        fsp_projection=False,
+        fsp_projection="auto",
         hint_layer=None,
         guided_layer=None,
         hint_normalize=False,
         temperature=4.0,
         kd_weight=0.9,
-        stages=None,
-        stage=None,
-        augment=None,
         name="fsp_distiller",
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
-        taps._check_functional(teacher, "teacher")
-        taps._check_functional(student, "student")
+        taps.check_model(teacher, "teacher")
+        taps.check_model(student, "student")
+        if teacher is student:
+            raise ValueError(
+                "The teacher and the student are the same model object: freezing the teacher "
+                "would freeze the student. Pass a separate student (e.g. "
+                "keras.models.clone_model(teacher) for self-distillation)."
+            )
         self.teacher = teacher
         self.student = student
         self.teacher.trainable = False
         self.augment = augment
-        self._views = _Views()
+        self.fsp_pairs = fsp_pairs
+        self.student_fsp_pairs = student_fsp_pairs
+        self.fsp_weights = fsp_weights
+        self.fsp_pooling = fsp_pooling
+        self.fsp_projection = fsp_projection
+        self.hint_layer = hint_layer
+        self.guided_layer = guided_layer
+        self.hint_normalize = hint_normalize
+        self.temperature = temperature
+        self.kd_weight = kd_weight
+        self._given_terms = list(terms or [])
+        self._given_stages = dict(stages or {})
+        self._views = taps.Views()
         self._loss_scaled = _LossScaled()
         self._auto_scale_loss = True
         self._teacher_cached = False  # fitting on a teacher cache
-        self._config = dict(
-            fsp_pairs=fsp_pairs,
-            student_fsp_pairs=student_fsp_pairs,
-            fsp_weights=fsp_weights,
-            fsp_pooling=fsp_pooling,
-            fsp_projection=fsp_projection,
-            hint_layer=hint_layer,
-            guided_layer=guided_layer,
-            hint_normalize=hint_normalize,
-            temperature=temperature,
-            kd_weight=kd_weight,
-        )
+        self._student_probabilities = taps.ends_in_softmax(student)
 
-        self.fsp_pairs, self.student_fsp_pairs = self._resolve_fsp_pairs(
-            fsp_pairs, student_fsp_pairs
-        )
-        if fsp_pooling not in POOLING_MODES:
-            raise ValueError(
-                f"fsp_pooling must be one of {POOLING_MODES}; got {fsp_pooling!r}."
-            )
-        self.fsp_pooling = fsp_pooling
-        self.fsp_loss = FSPLoss(weights=fsp_weights)
-        if fsp_weights is not None and len(fsp_weights) != len(self.fsp_pairs):
-            raise ValueError(
-                f"fsp_weights has {len(fsp_weights)} entries for "
-                f"{len(self.fsp_pairs)} FSP pairs {self.fsp_pairs}."
-            )
-        self.fsp_projections = self._check_fsp_pairs(fsp_projection)
-
-        if (hint_layer is None) != (guided_layer is None):
-            raise ValueError(
-                "hint_layer (teacher) and guided_layer (student) go together: "
-                f"got hint_layer={hint_layer!r}, guided_layer={guided_layer!r}."
-            )
-        self.hint_layer, self.guided_layer = hint_layer, guided_layer
-        self.hint_loss = HintLoss(normalize=hint_normalize)
-        self.regressor = self._make_regressor()
-        self.kd_loss = SoftTargetLoss(temperature=temperature)
-        self._task_loss = keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True
-        )
-
-        self.stages = {**builtin_stages(kd_weight), **(stages or {})}
+        self.stages = {**builtin_stages(kd_weight), **self._given_stages}
+        self._check_stage_optimizers()
+        self._unavailable = {}  # term name -> why it cannot be used here
+        self.terms = self._make_terms()
         self._term_weights = {
-            t: self.add_weight(
-                shape=(), initializer="zeros", trainable=False,
-                name=f"{t}_weight",
-            )
-            for t in LOSS_TERMS
+            t: self.add_weight(shape=(), initializer="zeros", trainable=False, name=f"{t}_weight")
+            for t in self.terms
         }
-        self._term_trackers = {
-            t: keras.metrics.Mean(name=f"{t}_loss") for t in LOSS_TERMS
-        }
+        self._term_trackers = {t: keras.metrics.Mean(name=f"{t}_loss") for t in self.terms}
+        for stage_ in self._given_stages.values():
+            self._check_stage_terms(stage_)
         # The student's batch-normalised kernel norms as created, as variables
         # so that checkpoints keep them: a resumed run restores to the same
         # targets (`keras_fsp.callbacks.RestoreKernelNorms`).
@@ -258,114 +265,120 @@ class FSPDistiller(keras.Model):
             )
             for name, norm in kernel_norms.kernel_norms(student).items()
         }
-        self._student_trainable = {l.name: l.trainable for l in student.layers}
+        self._student_trainable = {id(l): l.trainable for l in student.layers}
         self._optimizer_template = None
         self._stage = None
         if stage is None:
-            stage = "fsp" if self.fsp_pairs else "kd"
+            stage = "fsp" if "fsp" in self.terms else "kd"
         self.set_stage(stage)
         self.built = True
 
-    # ------------------------------------------------------------------ setup
+    # ------------------------------------------------------------------ terms
 
-    def _resolve_fsp_pairs(self, fsp_pairs, student_fsp_pairs):
-        if fsp_pairs is None or (
-            not isinstance(fsp_pairs, str) and len(fsp_pairs) == 0
-        ):
-            return [], []
-        if isinstance(fsp_pairs, str):
-            if fsp_pairs != "auto":
+    def _builtin_terms(self):
+        """The built-in terms as configured by the constructor's arguments;
+        `explicit` says which of them the user asked for."""
+        made, explicit = {}, set()
+        pairs = self.fsp_pairs
+        if pairs is not None and (isinstance(pairs, str) or len(pairs)):
+            made["fsp"] = FSPTerm(
+                pairs=pairs, student_pairs=self.student_fsp_pairs, pair_weights=self.fsp_weights,
+                pooling=self.fsp_pooling, projection=self.fsp_projection,
+            )
+            defaults = ("auto", None, None, "max", "auto")
+            given = (pairs, self.student_fsp_pairs, self.fsp_weights, self.fsp_pooling,
+                     self.fsp_projection)
+            if any(g is not d and g != d for g, d in zip(given, defaults)):
+                explicit.add("fsp")
+        if (self.hint_layer is None) != (self.guided_layer is None):
+            raise ValueError(
+                "hint_layer (teacher) and guided_layer (student) go together: got "
+                f"hint_layer={self.hint_layer!r}, guided_layer={self.guided_layer!r}."
+            )
+        if self.hint_layer is not None:
+            made["hint"] = HintTerm(self.hint_layer, self.guided_layer, self.hint_normalize)
+            explicit.add("hint")
+        made["kd"] = SoftTargets(self.temperature)
+        made["task"] = TaskLoss()
+        return made, explicit
+
+    def _make_terms(self):
+        made, explicit = self._builtin_terms()
+        builtin = ("fsp", "hint", "kd", "task")
+        for term in self._given_terms:
+            if not isinstance(term, DistillationTerm):
                 raise ValueError(
-                    f"fsp_pairs must be 'auto', None or a list of layer-name "
-                    f"pairs; got {fsp_pairs!r}."
+                    f"terms must be keras_fsp.terms.DistillationTerm instances; got {term!r}."
                 )
-            teacher_pairs = taps.section_pairs(self.teacher)
-            student_pairs = (
-                taps.section_pairs(self.student)
-                if student_fsp_pairs is None
-                else student_fsp_pairs
-            )
-        else:
-            teacher_pairs = fsp_pairs
-            student_pairs = fsp_pairs if student_fsp_pairs is None else student_fsp_pairs
-        teacher_pairs = [tuple(p) for p in teacher_pairs]
-        student_pairs = [tuple(p) for p in student_pairs]
-        for pairs in (teacher_pairs, student_pairs):
-            for p in pairs:
-                if len(p) != 2:
-                    raise ValueError(
-                        f"Each FSP pair is (first_layer, second_layer); got {p!r}."
-                    )
-        if len(teacher_pairs) != len(student_pairs):
-            raise ValueError(
-                f"The teacher has {len(teacher_pairs)} FSP pairs "
-                f"{teacher_pairs} and the student {len(student_pairs)} "
-                f"{student_pairs}: they must match one to one."
-            )
-        return teacher_pairs, student_pairs
+            made[term.name] = term
+            explicit.add(term.name)
+        for stage in self._given_stages.values():
+            for name in stage.losses:
+                # Registered types not configured by this constructor's
+                # arguments are created with their defaults.
+                if name not in made and name not in builtin and name in registered_terms():
+                    made[name] = term_class(name)()
+                    explicit.add(name)
+        terms = {}
+        for name, term in made.items():
+            try:
+                term.configure(self.teacher, self.student)
+            except ValueError as e:
+                if name in explicit:
+                    raise
+                # A built-in term the user did not ask for (e.g. automatic
+                # FSP pairs on networks that have none): only its stages fail.
+                self._unavailable[name] = str(e)
+                continue
+            terms[name] = term
+        return terms
 
-    def _check_fsp_pairs(self, projection):
-        """Validates every pair's shapes; returns the student projections."""
-        projections = {}
-        for t_pair, s_pair in zip(self.fsp_pairs, self.student_fsp_pairs):
-            for model, pair, role in (
-                (self.teacher, t_pair, "teacher"),
-                (self.student, s_pair, "student"),
-            ):
-                shapes = [taps.output_shape(model, n, role) for n in pair]
-                try:
-                    pooled_spatial_size(*shapes)
-                except ValueError as e:
-                    raise ValueError(
-                        f"FSP pair {pair} of the {role}: {e}"
-                    ) from None
-            for t_name, s_name in zip(t_pair, s_pair):
-                t_shape = taps.output_shape(self.teacher, t_name, "teacher")
-                s_shape = taps.output_shape(self.student, s_name, "student")
-                if t_shape[-1] == s_shape[-1] or s_name in projections:
-                    continue
-                if not projection:
-                    raise ValueError(
-                        f"FSP pair mismatch: teacher layer {t_name!r} has shape "
-                        f"{t_shape} and student layer {s_name!r} has shape "
-                        f"{s_shape}; their channel counts must be equal for "
-                        "the FSP matrices to have the same size. Tap layers "
-                        "with equal channels, or pass fsp_projection=True to "
-                        "learn a 1x1 projection of the student's map."
-                    )
-                proj = keras.layers.Conv2D(
-                    t_shape[-1], 1, use_bias=False, name=f"fsp_projection_{s_name}"
+    def _check_stage_terms(self, stage):
+        for name in stage.losses:
+            if name in self.terms:
+                continue
+            if name in self._unavailable:
+                raise ValueError(f"Stage {stage.name!r} uses the {name!r} term: {self._unavailable[name]}")
+            if name == "fsp" and self.fsp_pairs is None:
+                raise ValueError(
+                    f"Stage {stage.name!r} uses the FSP loss but this distiller has no FSP pairs "
+                    "(fsp_pairs=None)."
                 )
-                proj.build(s_shape)
-                projections[s_name] = proj
-        return projections
+            if name == "hint":
+                raise ValueError(
+                    f"Stage {stage.name!r} uses the hint loss: create the distiller with "
+                    "hint_layer=... and guided_layer=...."
+                )
+            raise ValueError(
+                f"Stage {stage.name!r} uses the unknown loss term {name!r}. This distiller's "
+                f"terms are {sorted(self.terms)}; registered term types: "
+                f"{sorted(registered_terms())}. Pass terms=[...] or register the type with "
+                "keras_fsp.terms.register_term."
+            )
 
-    def _make_regressor(self):
-        if self.hint_layer is None:
-            return None
-        hint = taps.output_shape(self.teacher, self.hint_layer, "teacher")
-        guided = taps.output_shape(self.student, self.guided_layer, "student")
-        if hint == guided:
-            return None
-        if len(hint) != 4 or len(guided) != 4:
-            raise ValueError(
-                f"Hint layer {self.hint_layer!r} {hint} and guided layer "
-                f"{self.guided_layer!r} {guided} differ in shape; the regressor "
-                "maps 4-D feature maps only."
-            )
-        if guided[1] % hint[1] or guided[2] % hint[2]:
-            raise ValueError(
-                f"The guided layer {self.guided_layer!r} {guided} must be at "
-                f"least as large as the hint {self.hint_layer!r} {hint}, by an "
-                "integer factor, for a strided regressor to map it."
-            )
-        strides = (guided[1] // hint[1], guided[2] // hint[2])
-        regressor = keras.layers.Conv2D(
-            hint[-1], 3, strides=strides, padding="same",
-            kernel_initializer="he_normal", name="hint_regressor",
-        )
-        regressor.build(guided)
-        return regressor
+    def _check_stage_optimizers(self):
+        owners = {}
+        for stage in self.stages.values():
+            if stage.optimizer is None:
+                continue
+            other = owners.setdefault(id(stage.optimizer), stage.name)
+            if other != stage.name:
+                raise ValueError(
+                    f"Stages {other!r} and {stage.name!r} share one optimizer instance; an "
+                    "optimizer is built for one set of variables: give each Stage its own."
+                )
+
+    def _active(self, stage):
+        """`[(name, term)]` of the stage's terms."""
+        return [(name, self.terms[name]) for name in stage.losses]
+
+    def _student_taps(self, stage):
+        return list(dict.fromkeys(n for _, t in self._active(stage) for n in t.student_taps))
+
+    def uses_teacher(self, stage=None):
+        """Whether a stage (default: the active one) runs the teacher."""
+        stage = self._stage if stage is None else resolve_stage(stage, self.stages)
+        return any(t.uses_teacher for _, t in self._active(stage))
 
     # ----------------------------------------------------------------- stages
 
@@ -378,78 +391,77 @@ class FSPDistiller(keras.Model):
         """Activates a stage (a name or a `Stage`).
 
         Sets the loss weights and which student layers train, gives the stage
-        its optimizer, and rebuilds the train function, so the switch takes
-        effect also in the middle of `fit` (between epochs).
+        its optimizer, and rebuilds the train and test functions, so the
+        switch takes effect also in the middle of `fit` (between epochs). A
+        `Stage` object not yet known is added to `stages` (so it is saved
+        and resumed with the distiller).
 
         Raises:
-            ValueError: for an unknown name, or a stage whose losses this
-                distiller cannot compute (FSP without pairs, hint without
-                layers).
+            ValueError: for an unknown name, a stage whose terms this
+                distiller cannot compute, or a different stage of the same
+                name.
         """
         stage = resolve_stage(stage, self.stages)
         if stage is self._stage:
             return
-        if "fsp" in stage.losses and not self.fsp_pairs:
+        known = self.stages.get(stage.name)
+        if known is not None and known is not stage and known != stage:
             raise ValueError(
-                f"Stage {stage.name!r} uses the FSP loss but this distiller "
-                "has no FSP pairs (fsp_pairs=None)."
+                f"The distiller already has a different stage named {stage.name!r}; give the "
+                "new stage another name."
             )
-        if stage.fsp_pairs is not None and not all(
-            0 <= i < len(self.fsp_pairs) for i in stage.fsp_pairs
-        ):
-            raise ValueError(
-                f"Stage {stage.name!r} selects FSP pairs {list(stage.fsp_pairs)} "
-                f"but the distiller has {len(self.fsp_pairs)} pairs "
-                f"(indices 0..{len(self.fsp_pairs) - 1}): {self.fsp_pairs}."
-            )
-        if "hint" in stage.losses and self.hint_layer is None:
-            raise ValueError(
-                f"Stage {stage.name!r} uses the hint loss: create the "
-                "distiller with hint_layer=... and guided_layer=...."
-            )
-        if getattr(self, "_jax_state", None) is not None:
-            # JAX, inside fit: write the last step's state back while the
-            # variable lists still match it, and drop it. Otherwise, if the
-            # new stage's first step fails, fit's cleanup assigns the stale
-            # state to the new stage's variables, and that shape error hides
-            # the real one.
-            self.jax_state_sync()
-            self._jax_state = None
+        self._check_stage_terms(stage)
+        if known is None:
+            self.stages[stage.name] = stage
+            self._given_stages[stage.name] = stage
+            self._check_stage_optimizers()
+        compat.flush_jax_state(self)
         self._apply_trainable(stage)
-        for term, variable in self._term_weights.items():
-            variable.assign(stage.losses.get(term, 0.0))
+        for name, variable in self._term_weights.items():
+            variable.assign(stage.losses.get(name, 0.0))
         self._stage = stage
         if self._optimizer_template is not None:
             self._install_optimizer(stage)
         if not getattr(self, "_in_fit", False):
             self._restore_student_trainable()
 
+    def term_weight(self, name):
+        """The current weight of the term `name` (0 when its stage is not active)."""
+        return float(ops.convert_to_numpy(self._term_weights[name]))
+
+    def set_term_weight(self, name, value):
+        """Sets the weight of the term `name` in the active stage, without
+        retracing the step (see `keras_fsp.callbacks.LossWeightSchedule`)."""
+        self._term_weights[name].assign(float(value))
+
     def _apply_trainable(self, stage):
         selector = stage.trainable
         if selector is None:
             chosen = None
         elif selector == UP_TO_TAPS:
-            names, _ = self._student_taps(stage)
+            names = [n for n in self._student_taps(stage) if n != LOGITS]
             if not names:
                 raise ValueError(
-                    f"Stage {stage.name!r} trains {UP_TO_TAPS!r} but taps no "
-                    "student layer (it has no 'fsp' or 'hint' term)."
+                    f"Stage {stage.name!r} trains {UP_TO_TAPS!r} but taps no student layer "
+                    f"(its terms {list(stage.losses)} read only the logits)."
                 )
-            view = self._views.get(self.student, names, False, "student")
-            chosen = {l.name for l in view.layers}
+            view = taps.tap_model(self.student, names, include_logits=False, role="student")
+            chosen = {id(l) for l in view.layers}
         elif callable(selector):
-            chosen = {l.name for l in self.student.layers if selector(l)}
+            chosen = {id(l) for l in self.student.layers if selector(l)}
         else:
-            for name in selector:
-                taps.get_layer(self.student, name, "student")
-            chosen = set(selector)
+            chosen = {id(taps.get_layer(self.student, name, "student")) for name in selector}
         for layer in self.student.layers:
-            original = self._student_trainable[layer.name]
-            layer.trainable = original and (chosen is None or layer.name in chosen)
-        if self.regressor is not None:
-            self.regressor.trainable = "hint" in stage.losses
-        for proj in self.fsp_projections.values():
-            proj.trainable = "fsp" in stage.losses
+            original = self._student_trainable[id(layer)]
+            layer.trainable = original and (chosen is None or id(layer) in chosen)
+        for name, term in self.terms.items():
+            term.trainable = name in stage.losses  # the term's own layers
+
+    def _restore_student_trainable(self):
+        for layer in self.student.layers:
+            layer.trainable = self._student_trainable[id(layer)]
+
+    # -------------------------------------------------------------- optimizers
 
     def _needs_loss_scaling(self):
         """Whether training computes in float16, as Keras' `compile` checks
@@ -457,10 +469,7 @@ class FSPDistiller(keras.Model):
         the student (or one of its layers) computes in float16."""
         if not self._auto_scale_loss:
             return False
-        layers = [self, self.student, *self.student.layers]
-        layers += list(self.fsp_projections.values())
-        if self.regressor is not None:
-            layers.append(self.regressor)
+        layers = [self, self.student, *self.student.layers, *self.terms.values()]
         return any(getattr(l, "compute_dtype", None) == "float16" for l in layers)
 
     def _stage_optimizer(self, stage):
@@ -469,22 +478,20 @@ class FSPDistiller(keras.Model):
         `keras.Model.compile` wraps the compiled optimizer in a
         `LossScaleOptimizer` under `"mixed_float16"`; a stage's own optimizer
         and the per-stage copies would bypass it, so the wrapping is done
-        here, for every stage. An optimizer that is a `LossScaleOptimizer`
-        already is used as it is.
+        here, for every stage.
         """
         if stage.optimizer is not None:
             optimizer = stage.optimizer
         else:
-            optimizer = _clone_optimizer(self._optimizer_template)
+            optimizer = _clone_optimizer(self._optimizer_template, stage.learning_rate_scale,
+                                         stage.global_clipnorm)
         if not self._needs_loss_scaling() or isinstance(
             optimizer, keras.optimizers.LossScaleOptimizer
         ):
             return optimizer
         if stage.optimizer is not None:
             return self._loss_scaled.get(optimizer)  # the same wrapper each time
-        return keras.optimizers.LossScaleOptimizer(
-            optimizer, name="loss_scale_optimizer"
-        )
+        return keras.optimizers.LossScaleOptimizer(optimizer, name="loss_scale_optimizer")
 
     def _install_optimizer(self, stage):
         variables = self.trainable_variables
@@ -496,23 +503,21 @@ class FSPDistiller(keras.Model):
             optimizer = self._stage_optimizer(stage)
             if not optimizer.built:
                 optimizer.build(variables)
-        if len(optimizer._trainable_variables) != len(variables):
+        built_for = compat.optimizer_variable_count(optimizer)
+        if built_for != len(variables):
             raise ValueError(
-                f"The optimizer of stage {stage.name!r} was built for "
-                f"{len(optimizer._trainable_variables)} variables but the stage "
-                f"trains {len(variables)}: give each Stage its own optimizer "
-                "instance."
+                f"The optimizer of stage {stage.name!r} was built for {built_for} variables but "
+                f"the stage trains {len(variables)}: give each Stage its own optimizer instance."
             )
         self.optimizer = optimizer
-        # Keras builds the train function once per fit: rebuild it so the new
-        # stage's losses and variables are what gets computed.
+        # Keras builds the train and test functions once per fit: rebuild
+        # them so the new stage's losses and variables are what gets computed
+        # (and validation does not depend on the stage it was first traced in).
         self.train_function = None
+        self.test_function = None
         self.make_train_function()
 
-    def compile(
-        self, optimizer="sgd", loss=None, metrics=None, auto_scale_loss=True,
-        **kwargs,
-    ):
+    def compile(self, optimizer="sgd", loss=None, metrics=None, auto_scale_loss=True, **kwargs):
         """Configures training.
 
         Args:
@@ -521,7 +526,7 @@ class FSPDistiller(keras.Model):
             loss: the task (hard-label) loss on the student's logits;
                 default `SparseCategoricalCrossentropy(from_logits=True)`.
                 A `keras.losses.Loss` instance.
-            metrics: metrics on the student's logits (e.g. `["accuracy"]`).
+            metrics: metrics on the student's outputs (e.g. `["accuracy"]`).
             auto_scale_loss: if True (default) and the distiller or the
                 student computes in float16 (`"mixed_float16"`), every
                 stage's optimizer is wrapped in a
@@ -532,104 +537,66 @@ class FSPDistiller(keras.Model):
             ValueError: if `loss` is not a `keras.losses.Loss` instance.
         """
         if loss is not None:
-            if not isinstance(loss, keras.losses.Loss):
-                raise ValueError(
-                    "loss must be a keras.losses.Loss instance that takes the "
-                    "student's logits, e.g. keras.losses."
-                    "SparseCategoricalCrossentropy(from_logits=True); got "
-                    f"{loss!r}."
-                )
-            self._task_loss = loss
+            self.terms[TASK].loss = TaskLoss(loss).loss  # checked
         self._auto_scale_loss = bool(auto_scale_loss)
         # Loss scaling is applied per stage (`_stage_optimizer`), not here.
-        super().compile(
-            optimizer=optimizer, loss=None, metrics=metrics,
-            auto_scale_loss=False, **kwargs,
-        )
+        super().compile(optimizer=optimizer, loss=None, metrics=metrics,
+                        auto_scale_loss=False, **kwargs)
         self._optimizer_template = self.optimizer
         self._apply_trainable(self._stage)
         self._install_optimizer(self._stage)
         self._restore_student_trainable()
 
-    # ---------------------------------------------------------- forward pass
+    # ----------------------------------------------------------- forward pass
 
-    def _pair_indices(self, stage):
-        if "fsp" not in stage.losses:
-            return []
-        if stage.fsp_pairs is None:
-            return list(range(len(self.fsp_pairs)))
-        return list(stage.fsp_pairs)
+    def call(self, inputs, training=None):
+        inputs, cache = teacher_cache.split(inputs)
+        if not training:
+            return self.student(inputs, training=training)
+        outputs = {}
+        if cache is not None:
+            teacher_cache.refuse_augment(self.augment)
+        if self.augment is not None:
+            inputs = self.augment(inputs, training=True)
+            outputs[AUGMENTED_INPUTS] = inputs  # for the teacher
+        outputs.update(
+            self._views.run(self.student, self._student_taps(self._stage), inputs, True, "student")
+        )
+        return outputs
 
-    def _student_taps(self, stage):
-        names = []
-        for i in self._pair_indices(stage):
-            names += list(self.student_fsp_pairs[i])
-        if "hint" in stage.losses:
-            names.append(self.guided_layer)
-        # The head runs only when a term needs the logits.
-        with_logits = "kd" in stage.losses or "task" in stage.losses
-        return list(dict.fromkeys(names)), with_logits
-
-    def _teacher_needs(self, stages):
-        """What the stages' losses need from the teacher (`_TeacherNeeds`)."""
-        pairs, hint, logits = [], False, False
-        for stage in stages:
-            pairs += self._pair_indices(stage)
-            hint = hint or "hint" in stage.losses
-            logits = logits or "kd" in stage.losses
-        return _TeacherNeeds(tuple(sorted(set(pairs))), hint, logits)
-
-    def _teacher_keys(self, needs):
-        """`{cache key: per-example shape}` of the teacher's targets."""
-        def shape(name):
-            return taps.output_shape(self.teacher, name, "teacher")
-
-        keys = {}
-        for i in needs.pairs:
-            a, b = self.fsp_pairs[i]
-            key = teacher_cache.fsp_key((a, b), self.fsp_pooling)
-            keys[key] = (shape(a)[-1], shape(b)[-1])
-        if needs.hint:
-            keys[teacher_cache.hint_key(self.hint_layer)] = shape(self.hint_layer)[1:]
-        if needs.logits:
-            keys[teacher_cache.LOGITS_KEY] = tuple(self.teacher.outputs[0].shape)[1:]
-        return keys
-
-    def _teacher_view(self, needs):
-        names = []
-        for i in needs.pairs:
-            names += list(self.fsp_pairs[i])
-        if needs.hint:
-            names.append(self.hint_layer)
-        names = list(dict.fromkeys(names))
-        return self._views.get(self.teacher, names, needs.logits, "teacher")
-
-    def _teacher_targets(self, features, needs):
-        """The teacher's targets (keyed as in the cache) from its view's
-        outputs: FSP matrices of the needed pairs, hint map, logits."""
+    def _teacher_targets(self, terms, x, cache=None, stage_name=""):
+        """`{key: tensor}` the `terms` need from the teacher: from `cache`,
+        or from one inference-mode pass of the teacher on `x`."""
+        users = [t for t in terms if t.uses_teacher]
+        if not users:
+            return {}
+        if cache is not None:  # the teacher does not run
+            return teacher_cache.select(cache, self._target_shapes(users), stage_name)
+        names = [n for t in users for n in t.teacher_taps]
+        features = self._views.run(self.teacher, names, x, False, "teacher")
         # Nothing flows back into the teacher: keep none of its activations.
         features = {k: ops.stop_gradient(v) for k, v in features.items()}
         targets = {}
-        for i in needs.pairs:
-            a, b = self.fsp_pairs[i]
-            key = teacher_cache.fsp_key((a, b), self.fsp_pooling)
-            targets[key] = fsp_matrix(features[a], features[b], pooling=self.fsp_pooling)
-        if needs.hint:
-            targets[teacher_cache.hint_key(self.hint_layer)] = features[self.hint_layer]
-        if needs.logits:
-            targets[teacher_cache.LOGITS_KEY] = features[taps.LOGITS]
+        for term in users:
+            targets.update(term.teacher_targets(features))
         return targets
+
+    def _target_shapes(self, terms):
+        shapes = {}
+        for term in terms:
+            shapes.update(term.target_shapes(self.teacher))
+        return shapes
 
     def teacher_outputs(self, x, batch_size=None, stage=None, verbose=0):
         """The teacher's targets on `x`, computed once, for `fit` to reuse.
 
-        Runs the teacher's tapped view in inference mode over `x` in batches
-        and returns exactly what the stages' losses need from it, one row
-        per example: the FSP matrices of the active pairs (float32; far
-        smaller than the feature maps), the hint map and the logits (before
-        the temperature). Fit on `{"inputs": x, "teacher": cache}` and the
-        teacher does not run in the step. Only valid for fixed inputs: the
-        cache belongs to `x` example by example.
+        Runs the teacher in inference mode over `x` in batches and returns
+        exactly what the stages' terms need from it, one row per example
+        (FSP matrices in float32, far smaller than the feature maps; raw
+        maps; logits before any temperature). Fit on
+        `{"inputs": x, "teacher": cache}` and the teacher does not run in
+        the step. Only valid for fixed inputs: the cache belongs to `x`
+        example by example.
 
         Args:
             x: the training inputs (arrays), in the order given to `fit`.
@@ -640,8 +607,7 @@ class FSPDistiller(keras.Model):
             verbose: `predict`'s verbosity.
 
         Returns:
-            dict `{key: numpy array}`; keys `"fsp/{pooling}/{a}/{b}"`,
-            `"hint/{layer}"`, `"logits"` (see `keras_fsp.teacher_cache`).
+            dict `{key: numpy array}` (see `keras_fsp.teacher_cache`).
 
         Raises:
             ValueError: if the distiller has an `augment` layer (the teacher
@@ -664,141 +630,59 @@ class FSPDistiller(keras.Model):
             stages = [resolve_stage(s, self.stages) for s in stage]
         else:
             stages = [resolve_stage(stage, self.stages)]
-        if not any(s.needs_teacher for s in stages):
+        for s in stages:
+            self._check_stage_terms(s)
+        terms = list({id(t): t for s in stages for _, t in self._active(s)}.values())
+        if not any(t.uses_teacher for t in terms):
             raise ValueError(
-                f"Stage(s) {[s.name for s in stages]} do not use the teacher "
-                "(no 'fsp', 'hint' or 'kd' term): there is nothing to cache. "
-                "Pass the stage(s) the cache is for, e.g. stage='fsp'."
+                f"Stage(s) {[s.name for s in stages]} do not use the teacher: there is nothing "
+                "to cache. Pass the stage(s) the cache is for, e.g. stage='fsp'."
             )
-        needs = self._teacher_needs(stages)
-        return teacher_cache.compute(
-            self._teacher_view(needs),
-            lambda features: self._teacher_targets(features, needs),
-            x, batch_size=batch_size, verbose=verbose,
-        )
+        return teacher_cache.compute(lambda v: self._teacher_targets(terms, v), x,
+                                     batch_size=batch_size, verbose=verbose)
 
-    def call(self, inputs, training=None):
-        inputs, cache = teacher_cache.split(inputs)
-        if not training:
-            return self.student(inputs, training=training)
-        outputs = {}
-        if cache is not None:
-            teacher_cache.refuse_augment(self.augment)
-        if self.augment is not None:
-            inputs = self.augment(inputs, training=True)
-            outputs[AUGMENTED_INPUTS] = inputs  # for the teacher
-        names, with_logits = self._student_taps(self._stage)
-        if not names:
-            outputs[taps.LOGITS] = self.student(inputs, training=True)
-        else:
-            view = self._views.get(self.student, names, with_logits, "student")
-            outputs.update(view(inputs, training=True))
-        return outputs
+    # ------------------------------------------------------------------ loss
 
-    def _fsp_matrices(self, features, pairs, projections=None):
-        matrices = []
-        for a, b in pairs:
-            fa, fb = features[a], features[b]
-            if projections:
-                fa = projections[a](fa) if a in projections else fa
-                fb = projections[b](fb) if b in projections else fb
-            matrices.append(fsp_matrix(fa, fb, pooling=self.fsp_pooling))
-        return matrices
-
-    def fsp_matrices(self, x):
-        """The teacher's and the student's FSP matrices on `x` (inference).
-
-        Returns:
-            `(teacher, student)`: two lists of `(batch, m_i, n_i)` arrays.
-        """
-        t_names = list(dict.fromkeys(n for p in self.fsp_pairs for n in p))
-        s_names = list(dict.fromkeys(n for p in self.student_fsp_pairs for n in p))
-        t = self._views.get(self.teacher, t_names, False, "teacher")(x, training=False)
-        s = self._views.get(self.student, s_names, False, "student")(x, training=False)
-        return (
-            [ops.convert_to_numpy(g) for g in self._fsp_matrices(t, self.fsp_pairs)],
-            [
-                ops.convert_to_numpy(g)
-                for g in self._fsp_matrices(s, self.student_fsp_pairs, self.fsp_projections)
-            ],
-        )
-
-    # ----------------------------------------------------------------- losses
-
-    def _task_value(self, y, logits, sample_weight):
-        per_example = self._task_loss.call(y, ops.cast(logits, "float32"))
+    def _weighted_mean(self, per_example, sample_weight):
+        per_example = ops.cast(per_example, "float32")
         if sample_weight is not None:
             sw = ops.cast(ops.reshape(sample_weight, ops.shape(per_example)), "float32")
             per_example = per_example * sw
         return ops.mean(per_example)
 
     def _regularization(self):
-        losses = [self._aggregate_additional_loss(l) for l in self.losses]
-        return ops.sum(ops.stack(losses)) if losses else 0.0
+        return compat.regularization_loss(self)
 
-    def compute_loss(
-        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
-    ):
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         if y_pred is None:
             y_pred = self(x, training=training)
         if not isinstance(y_pred, dict):
-            # Evaluation: the student's own loss.
-            task = self._task_value(y, y_pred, sample_weight)
-            return task / _num_replicas() + self._regularization()
+            # Evaluation: the student's own loss on its outputs.
+            logits = y_pred
+            if self._student_probabilities:  # softmax of log p is p
+                logits = ops.log(ops.clip(ops.cast(y_pred, "float32"), 1e-30, 1.0))
+            task = self.terms[TASK].compute({LOGITS: logits}, {}, y)
+            return self._weighted_mean(task, sample_weight) / compat.num_replicas() + (
+                self._regularization()
+            )
 
         stage = self._stage
         x, cache = teacher_cache.split(x)
         x = y_pred.get(AUGMENTED_INPUTS, x)
-        teacher = None
-        if stage.needs_teacher:
-            needs = self._teacher_needs([stage])
-            if cache is None:
-                features = self._teacher_view(needs)(x, training=False)
-                teacher = self._teacher_targets(features, needs)
-            else:  # the teacher does not run
-                teacher = teacher_cache.select(
-                    cache, self._teacher_keys(needs), stage.name
-                )
-        values = {}
-        if "fsp" in stage.losses:
-            index = self._pair_indices(stage)
-            g_t = [
-                teacher[teacher_cache.fsp_key(self.fsp_pairs[i], self.fsp_pooling)]
-                for i in index
-            ]
-            g_s = self._fsp_matrices(
-                y_pred,
-                [self.student_fsp_pairs[i] for i in index],
-                self.fsp_projections,
-            )
-            weights = self.fsp_loss.weights
-            loss = self.fsp_loss if stage.fsp_pairs is None else FSPLoss(
-                weights=None if weights is None else [weights[i] for i in index]
-            )
-            values["fsp"] = ops.mean(loss.call(g_t, g_s))
-        if "hint" in stage.losses:
-            guided = y_pred[self.guided_layer]
-            if self.regressor is not None:
-                guided = self.regressor(guided)
-            hint = teacher[teacher_cache.hint_key(self.hint_layer)]
-            values["hint"] = ops.mean(self.hint_loss.call(hint, guided))
-        if "kd" in stage.losses:
-            values["kd"] = ops.mean(
-                self.kd_loss.call(
-                    teacher[teacher_cache.LOGITS_KEY], y_pred[taps.LOGITS]
-                )
-            )
-        if "task" in stage.losses:
-            values["task"] = self._task_value(y, y_pred[taps.LOGITS], sample_weight)
-
+        active = self._active(stage)
+        teacher = self._teacher_targets([t for _, t in active], x, cache, stage.name)
         total = 0.0
-        batch = ops.shape(x)[0]  # weight like Keras' own loss tracker
-        for term, value in values.items():
-            self._term_trackers[term].update_state(value, sample_weight=batch)
-            total = total + self._term_weights[term] * value
+        batch = None
+        for name, term in active:
+            per_example = term.compute(y_pred, teacher, y)
+            if batch is None:  # weight the trackers like Keras' own loss tracker
+                batch = ops.shape(per_example)[0]
+            value = self._weighted_mean(per_example, sample_weight)
+            self._term_trackers[name].update_state(value, sample_weight=batch)
+            total = total + self._term_weights[name] * value
         # Each replica averages over its share of the global batch; gradients
         # are summed over replicas, so divide by their number.
-        total = total / _num_replicas()
+        total = total / compat.num_replicas()
         if stage.regularization:
             total = total + self._regularization()
         return total
@@ -807,9 +691,7 @@ class FSPDistiller(keras.Model):
     def non_trainable_variables(self):
         variables = super().non_trainable_variables
         stage = getattr(self, "_stage", None)
-        if stage is None or (
-            stage.needs_teacher and not getattr(self, "_teacher_cached", False)
-        ):
+        if stage is None or (self.uses_teacher(stage) and not self._teacher_cached):
             return variables
         # A stage without the teacher (or fitting on a teacher cache) leaves
         # its variables out of the step's state: on JAX each one is otherwise
@@ -827,8 +709,7 @@ class FSPDistiller(keras.Model):
             `{layer name: factor applied}`.
         """
         targets = {
-            name: float(ops.convert_to_numpy(v))
-            for name, v in self._initial_kernel_norms.items()
+            name: float(ops.convert_to_numpy(v)) for name, v in self._initial_kernel_norms.items()
         }
         return kernel_norms.restore_kernel_norms(self.student, targets)
 
@@ -845,9 +726,9 @@ class FSPDistiller(keras.Model):
             hidden = {id(m) for m in trackers.values()}  # the student's metrics only
         else:
             hidden = {id(m) for t, m in trackers.items() if t not in stage.losses}
-            if not self._student_taps(stage)[1]:
+            if LOGITS not in self._student_taps(stage):
                 # No logits in this stage (fsp, hint): nothing to score.
-                hidden.add(id(self._compile_metrics))
+                hidden.add(id(compat.compiled_metrics(self)))
         return [m for m in metrics if id(m) not in hidden]
 
     def fit(self, x=None, y=None, *args, **kwargs):
@@ -856,6 +737,11 @@ class FSPDistiller(keras.Model):
 
         `x` may carry a teacher cache: `{"inputs": x, "teacher": cache}` with
         `cache = self.teacher_outputs(x)`; the teacher then does not run.
+
+        A loss term that turns NaN or infinite stops training with a
+        `keras_fsp.callbacks.NonFiniteLossError` naming the term, the stage
+        and what to do (`StopOnNonFiniteLoss`, added unless the callbacks
+        hold one).
 
         Raises:
             ValueError: for a cache with an `augment` layer, a cache of
@@ -866,9 +752,10 @@ class FSPDistiller(keras.Model):
         if cache is not None:
             teacher_cache.refuse_augment(self.augment)
             teacher_cache.check_lengths(inputs, cache)
-            if self._stage.needs_teacher:
-                needs = self._teacher_needs([self._stage])
-                teacher_cache.select(cache, self._teacher_keys(needs), self._stage.name)
+            users = [t for _, t in self._active(self._stage) if t.uses_teacher]
+            if users:
+                teacher_cache.select(cache, self._target_shapes(users), self._stage.name)
+        args, kwargs = _with_nan_guard(args, kwargs)
         self._apply_trainable(self._stage)
         self._in_fit = True
         self._teacher_cached = cache is not None
@@ -878,10 +765,6 @@ class FSPDistiller(keras.Model):
             self._in_fit = False
             self._teacher_cached = False
             self._restore_student_trainable()
-
-    def _restore_student_trainable(self):
-        for layer in self.student.layers:
-            layer.trainable = self._student_trainable[layer.name]
 
     def evaluate(self, *args, **kwargs):
         """The student's `evaluate`: its task loss and compiled metrics."""
@@ -899,12 +782,14 @@ class FSPDistiller(keras.Model):
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         logs = None
         if isinstance(y_pred, dict):
-            y_pred = y_pred.get(taps.LOGITS)
+            y_pred = y_pred.get(LOGITS)
             if y_pred is None:  # fsp/hint stages: the head does not run
                 logs = {m.name: m.result() for m in self.metrics}
+            elif self._student_probabilities:
+                y_pred = ops.softmax(y_pred)  # the compiled metrics expect outputs
         if logs is None:
             logs = super().compute_metrics(x, y, y_pred, sample_weight)
-        if _multi_worker(getattr(self, "_distribute_strategy", None)):
+        if compat.is_multi_worker(compat.distribution_strategy(self)):
             # With several workers Keras reduces each step's logs with
             # `strategy.reduce("MEAN", v, axis=0)`, which fails on scalars
             # ("Invalid reduction dimension 0"): give them one axis, which
@@ -913,49 +798,51 @@ class FSPDistiller(keras.Model):
         return logs
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Keras (TensorFlow trainer) builds from the first distributed batch
-        # with `strategy.reduce("MEAN", (x, y), axis=None)`, which fails on
-        # per-replica values with several workers (keras-team/keras#20585):
-        # build from this worker's first replica's share (shapes only).
-        strategy = getattr(self, "_distribute_strategy", None)
-        if iterator is not None and _multi_worker(strategy):
-            for _, _, it in iterator:
-                data_batch = tree.map_structure(
-                    lambda v: strategy.experimental_local_results(v)[0], next(it)
-                )
-                break
+        strategy = compat.distribution_strategy(self)
+        if iterator is not None and compat.is_multi_worker(strategy):
+            data_batch = compat.first_replica_batch(strategy, iterator)
             iterator = None
         return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     # ---------------------------------------------------------- serialization
 
     def get_config(self):
-        builtin = builtin_stages(self._config["kd_weight"])
+        builtin = builtin_stages(self.kd_weight)
         custom = {
             name: stage.get_config()
             for name, stage in self.stages.items()
             if builtin.get(name) != stage  # user stages, overrides included
         }
+        serialize = keras.saving.serialize_keras_object
         return {
-            "name": self.name,
-            "teacher": keras.saving.serialize_keras_object(self.teacher),
-            "student": keras.saving.serialize_keras_object(self.student),
-            **self._config,
-            "augment": None
-            if self.augment is None
-            else keras.saving.serialize_keras_object(self.augment),
+            **super().get_config(),
+            "teacher": serialize(self.teacher),
+            "student": serialize(self.student),
+            "terms": [serialize(t) for t in self._given_terms],
             "stages": custom,
             "stage": self._stage.name,
+            "augment": None if self.augment is None else serialize(self.augment),
+            "fsp_pairs": self.fsp_pairs,
+            "student_fsp_pairs": self.student_fsp_pairs,
+            "fsp_weights": self.fsp_weights,
+            "fsp_pooling": self.fsp_pooling,
+            "fsp_projection": self.fsp_projection,
+            "hint_layer": self.hint_layer,
+            "guided_layer": self.guided_layer,
+            "hint_normalize": self.hint_normalize,
+            "temperature": self.temperature,
+            "kd_weight": self.kd_weight,
         }
 
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        config["teacher"] = keras.saving.deserialize_keras_object(config["teacher"])
-        config["student"] = keras.saving.deserialize_keras_object(config["student"])
-        if config.get("augment") is not None:
-            config["augment"] = keras.saving.deserialize_keras_object(config["augment"])
-        config["stages"] = {
-            n: Stage.from_config(c) for n, c in config.get("stages", {}).items()
-        }
+        deserialize = keras.saving.deserialize_keras_object
+        for key in ("teacher", "student", "augment"):
+            if config.get(key) is not None:
+                config[key] = deserialize(config[key])
+        config["terms"] = [deserialize(t) for t in config.get("terms") or []]
+        config["stages"] = {n: Stage.from_config(c) for n, c in (config.get("stages") or {}).items()}
+        for key in ("trainable", "dtype"):
+            config.pop(key, None)
         return cls(**config)

@@ -5,6 +5,8 @@ Backend-agnostic: written with `keras.ops` only.
 
 from keras import ops
 
+from keras_fsp import taps
+
 POOLING_MODES = ("max", "avg")
 
 
@@ -95,3 +97,24 @@ def fsp_matrix(f1, f2, pooling="max"):
     g = ops.einsum("bhwm,bhwn->bmn", f1, f2)
     return g / float(size[0] * size[1])
 
+
+
+def fsp_matrices(features, pairs, pooling="max", projections=None):
+    """FSP matrices of the layer `pairs` from a dict `{layer: feature map}`;
+    `projections` (`{layer: layer}`) map some of the maps first."""
+    out = []
+    for a, b in pairs:
+        fa, fb = features[a], features[b]
+        if projections:
+            fa = projections[a](fa) if a in projections else fa
+            fb = projections[b](fb) if b in projections else fb
+        out.append(fsp_matrix(fa, fb, pooling=pooling))
+    return out
+
+
+def fsp_matrices_of(model, pairs, x, pooling="max", projections=None, role="model"):
+    """FSP matrices of a functional `model` for its layer `pairs` on `x`
+    (inference mode), as numpy arrays `(batch, m, n)`, one per pair."""
+    names = list(dict.fromkeys(n for p in pairs for n in p))
+    features = taps.tap_model(model, names, include_logits=False, role=role)(x, training=False)
+    return [ops.convert_to_numpy(g) for g in fsp_matrices(features, pairs, pooling, projections)]

@@ -13,14 +13,11 @@ moving statistics with it, keeps the stage-1 function and restores the
 learning dynamics of a freshly initialised network.
 """
 
-import numpy as np
-
 import keras
+import numpy as np
 from keras import ops
 
-
-def _consumers(layer):
-    return [node.operation for node in getattr(layer, "_outbound_nodes", [])]
+from keras_fsp import compat, taps
 
 
 def normalized_kernels(model):
@@ -35,10 +32,12 @@ def normalized_kernels(model):
         the last axis (so the kernel's scale cancels out).
     """
     found = []
+    if not taps.is_functional(model):
+        return found  # a subclassed model's graph cannot be read
     for layer in model.layers:
         if not isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
             continue
-        consumers = {id(c): c for c in _consumers(layer)}
+        consumers = {id(c): c for c in compat.consumers(layer)}
         if len(consumers) != 1:
             continue
         (bn,) = consumers.values()

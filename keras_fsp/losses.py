@@ -32,6 +32,9 @@ class FSPLoss(keras.losses.Loss):
     Args:
         weights: one lambda per pair; `None` means equal weights of 1 (the
             paper's choice).
+        normalize: divide each pair's squared norm by its matrix size
+            `m * n` (a mean over the matrix entries instead of the paper's
+            sum), which keeps the loss near 1 whatever the network widths.
         name: name of the loss.
 
     Call args:
@@ -47,9 +50,10 @@ class FSPLoss(keras.losses.Loss):
     12.0
     """
 
-    def __init__(self, weights=None, name="fsp_loss", **kwargs):
+    def __init__(self, weights=None, normalize=False, name="fsp_loss", **kwargs):
         super().__init__(name=name, **kwargs)
         self.weights = None if weights is None else [float(w) for w in weights]
+        self.normalize = bool(normalize)
 
     def call(self, y_true, y_pred):
         y_true, y_pred = list(y_true), list(y_pred)
@@ -62,11 +66,12 @@ class FSPLoss(keras.losses.Loss):
         total = 0.0
         for w, g_t, g_s in zip(weights, y_true, y_pred):
             diff = ops.cast(g_t, "float32") - ops.cast(g_s, "float32")
-            total = total + w * ops.sum(ops.square(diff), axis=(1, 2))
+            reduce = ops.mean if self.normalize else ops.sum
+            total = total + w * reduce(ops.square(diff), axis=(1, 2))
         return total
 
     def get_config(self):
-        return {**super().get_config(), "weights": self.weights}
+        return {**super().get_config(), "weights": self.weights, "normalize": self.normalize}
 
 
 @keras.saving.register_keras_serializable(package="keras_fsp")

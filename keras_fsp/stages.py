@@ -6,14 +6,19 @@ FSP loss first, then the task; FitNets: hint first, then KD).
 """
 
 import dataclasses
+import math
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import keras
 
-LOSS_TERMS = ("fsp", "hint", "kd", "task")
-# Terms that need the teacher's forward pass.
-TEACHER_TERMS = ("fsp", "hint", "kd")
 UP_TO_TAPS = "up_to_taps"
+#: How the built-in "fsp" and "hint" stages adapt a copy of the compiled
+#: optimizer: 1/100 of its learning rate (the FSP paper's stage-1 rate, 1e-3,
+#: against its task rate, 0.1) and gradients clipped to a global norm of 10.
+#: Their losses are sums of squared differences in the thousands to 1e5 at the
+#: start, whose gradients make a task's learning rate diverge (RESULTS.md).
+FEATURE_STAGE_LR_SCALE = 0.01
+FEATURE_STAGE_CLIPNORM = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,31 +27,38 @@ class Stage:
 
     Args:
         name: the stage's name, shown in logs.
-        losses: `{term: weight}` with terms among `"fsp"`, `"hint"`, `"kd"`,
-            `"task"`. Only these terms are computed; the teacher runs only
-            if one of `"fsp"`, `"hint"`, `"kd"` is present. Weights can be
-            changed during training with
+        losses: `{term name: weight}`: the distiller's terms (built in:
+            `"fsp"`, `"hint"`, `"kd"`, `"task"`, `"attention"`, `"dkd"`, or
+            any registered or given term) and their weights, all `>= 0`.
+            Only these terms are computed; the teacher runs only if one of
+            them uses it. Weights can be changed during training with
             `keras_fsp.callbacks.LossWeightSchedule`.
         trainable: which student layers train. `None`: all of them;
             `"up_to_taps"`: the layers that the stage's tapped student maps
-            depend on (the FSP maps, the guided layer: FitNets stage 1 trains
-            the student up to the guided layer); a sequence of layer names; or a callable
-            `layer -> bool`. The hint regressor trains when `"hint"` is
-            active, the FSP projections when `"fsp"` is.
+            depend on (FitNets stage 1 trains the student up to the guided
+            layer); a sequence of layer names; or a callable
+            `layer -> bool`. A term's own layers (hint regressor, FSP
+            projections) train while the term is active.
         optimizer: the stage's optimizer. `None`: a fresh copy of the
             optimizer given to `compile` (its step count and slots restart at
             each stage, as the papers' per-stage learning-rate schedules do).
         regularization: whether the student's regularization losses (weight
             decay) are added.
-        fsp_pairs: indices of the distiller's FSP pairs this stage uses
-            (`None`: all). Dense sequential FSP (Yeo et al. 2018) trains on
-            the pairs of section 1 first, then of sections 1-2, and so on.
+        learning_rate_scale: multiplies the learning rate of the stage's
+            copy of the compiled optimizer; ignored for a stage's own
+            `optimizer`.
+        global_clipnorm: clip the gradients' global norm to this value when
+            the stage trains with a copy of the compiled optimizer (one with
+            no clipping of its own); ignored for a stage's own `optimizer`.
+            Under `tf.distribute`, Keras clips each replica's gradient before
+            summing them: the distiller then clips each to
+            `global_clipnorm / replicas`, so their sum stays within it.
 
     Example:
 
     >>> fsp_then_kd = Stage("fsp+kd", losses={"fsp": 1e-2, "kd": 1.0})
-    >>> fsp_then_kd.needs_teacher
-    True
+    >>> fsp_then_kd.terms
+    ('fsp', 'kd')
     """
 
     name: str
@@ -54,24 +66,34 @@ class Stage:
     trainable: Union[None, str, Sequence[str], Callable] = None
     optimizer: Optional[keras.optimizers.Optimizer] = None
     regularization: bool = True
-    fsp_pairs: Optional[Sequence[int]] = None
+    learning_rate_scale: float = 1.0
+    global_clipnorm: Optional[float] = None
 
     def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"A stage's name must be a non-empty string; got {self.name!r}.")
         if not isinstance(self.losses, Mapping) or not self.losses:
             raise ValueError(
-                f"Stage {self.name!r}: losses must be a non-empty dict "
-                f"{{term: weight}} with terms among {LOSS_TERMS}; "
-                f"got {self.losses!r}."
+                f"Stage {self.name!r}: losses must be a non-empty dict {{term: weight}}, "
+                f"e.g. {{'kd': 0.9, 'task': 0.1}}; got {self.losses!r}."
             )
-        unknown = [t for t in self.losses if t not in LOSS_TERMS]
-        if unknown:
-            raise ValueError(
-                f"Stage {self.name!r}: unknown loss term(s) {unknown}; "
-                f"valid terms are {LOSS_TERMS}."
-            )
-        object.__setattr__(
-            self, "losses", {t: float(w) for t, w in self.losses.items()}
-        )
+        losses = {}
+        for term, weight in self.losses.items():
+            if not isinstance(term, str):
+                raise ValueError(f"Stage {self.name!r}: term names are strings; got {term!r}.")
+            try:
+                weight = float(weight)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"Stage {self.name!r}: the weight of {term!r} must be a number; got {weight!r}."
+                ) from None
+            if not (math.isfinite(weight) and weight >= 0):
+                raise ValueError(
+                    f"Stage {self.name!r}: the weight of {term!r} must be finite and >= 0; "
+                    f"got {weight}."
+                )
+            losses[term] = weight
+        object.__setattr__(self, "losses", losses)
         if isinstance(self.trainable, str) and self.trainable != UP_TO_TAPS:
             raise ValueError(
                 f"Stage {self.name!r}: trainable={self.trainable!r}; use None "
@@ -80,23 +102,22 @@ class Stage:
             )
         if isinstance(self.trainable, (list, tuple)):
             object.__setattr__(self, "trainable", tuple(self.trainable))
-        if self.fsp_pairs is not None:
-            pairs = tuple(int(i) for i in self.fsp_pairs)
-            if not pairs or "fsp" not in self.losses:
-                raise ValueError(
-                    f"Stage {self.name!r}: fsp_pairs={self.fsp_pairs!r} selects "
-                    "FSP pairs, which needs a non-empty selection and an 'fsp' "
-                    "loss term."
-                )
-            object.__setattr__(self, "fsp_pairs", pairs)
+        scale = self.learning_rate_scale
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(
+                f"Stage {self.name!r}: learning_rate_scale must be a finite number > 0; "
+                f"got {scale!r}."
+            )
+        if self.global_clipnorm is not None and not float(self.global_clipnorm) > 0:
+            raise ValueError(
+                f"Stage {self.name!r}: global_clipnorm must be > 0 or None; "
+                f"got {self.global_clipnorm!r}."
+            )
 
     @property
     def terms(self):
-        return tuple(t for t in LOSS_TERMS if t in self.losses)
-
-    @property
-    def needs_teacher(self):
-        return any(t in self.losses for t in TEACHER_TERMS)
+        """The names of the stage's terms."""
+        return tuple(self.losses)
 
     def get_config(self):
         if callable(self.trainable):
@@ -114,7 +135,8 @@ class Stage:
             if self.optimizer is None
             else keras.optimizers.serialize(self.optimizer),
             "regularization": self.regularization,
-            "fsp_pairs": None if self.fsp_pairs is None else list(self.fsp_pairs),
+            "learning_rate_scale": self.learning_rate_scale,
+            "global_clipnorm": self.global_clipnorm,
         }
 
     @classmethod
@@ -133,13 +155,23 @@ def builtin_stages(kd_weight=0.9):
     - `"hint"`: hint loss, training the student up to the guided layer and
       the regressor (FitNets, stage 1).
 
-    In both, the student's head is neither run nor trained.
+    In both, the student's head is neither run nor trained; they train at
+    `FEATURE_STAGE_LR_SCALE` times the compiled learning rate with gradients
+    clipped to a global norm of `FEATURE_STAGE_CLIPNORM`.
     - `"kd"`: `kd_weight * soft targets + (1 - kd_weight) * labels` (Hinton).
     - `"task"`: labels only; the teacher does not run.
     """
+    kd_weight = float(kd_weight)
+    if not 0.0 <= kd_weight <= 1.0:
+        raise ValueError(
+            f"kd_weight is the soft targets' share of the 'kd' stage, between 0 and 1 (the "
+            f"labels get 1 - kd_weight); got {kd_weight}."
+        )
+    feature = dict(trainable=UP_TO_TAPS, learning_rate_scale=FEATURE_STAGE_LR_SCALE,
+                   global_clipnorm=FEATURE_STAGE_CLIPNORM)
     return {
-        "fsp": Stage("fsp", {"fsp": 1.0}, trainable=UP_TO_TAPS),
-        "hint": Stage("hint", {"hint": 1.0}, trainable=UP_TO_TAPS),
+        "fsp": Stage("fsp", {"fsp": 1.0}, **feature),
+        "hint": Stage("hint", {"hint": 1.0}, **feature),
         "kd": Stage("kd", {"kd": kd_weight, "task": 1.0 - kd_weight}),
         "task": Stage("task", {"task": 1.0}),
     }

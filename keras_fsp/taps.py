@@ -1,13 +1,20 @@
 """Named taps on functional models: one multi-output view per network, so one
-forward pass yields the logits and every tapped feature map, and the automatic
-section pairing used by the FSP paper.
+forward pass yields the logits and every tapped feature map.
+
+`LOGITS` names a network's output. For a functional model whose last layer
+applies a softmax (`keras.applications` models by default), the tapped
+logits are the values *before* the softmax: distillation terms need logits,
+and the softmax of probabilities is nearly uniform.
 """
 
 import difflib
 
 import keras
+from keras import ops
 
 LOGITS = "logits"
+# Keys keras_fsp adds to the training-mode outputs of a distiller.
+RESERVED = (LOGITS, "augmented_inputs")
 
 
 def get_layer(model, name, role="model"):
@@ -27,26 +34,108 @@ def get_layer(model, name, role="model"):
         if close
         else f" Its layers are: {names[:30]}{' ...' if len(names) > 30 else ''}."
     )
-    raise ValueError(
-        f"The {role} {model.name!r} has no layer named {name!r}.{hint}"
-    )
+    raise ValueError(f"The {role} {model.name!r} has no layer named {name!r}.{hint}")
 
 
-def _check_functional(model, role):
-    inputs = getattr(model, "inputs", None) if isinstance(model, keras.Model) else None
-    outputs = getattr(model, "outputs", None) if inputs else None
-    if not inputs or not outputs:
+def is_functional(model):
+    """Whether `model` is a functional (or Sequential) Keras model built on
+    inputs, whose intermediate layers can be tapped."""
+    if not isinstance(model, keras.Model):
+        return False
+    try:
+        return bool(model.inputs) and bool(model.outputs)
+    except (AttributeError, ValueError):
+        return False
+
+
+def check_model(model, role):
+    """Raises unless `model` is a Keras model (any kind).
+
+    Raises:
+        ValueError: for anything else, e.g. a file path.
+    """
+    if isinstance(model, keras.Model):
+        return
+    if isinstance(model, str):
         raise ValueError(
-            f"The {role} {getattr(model, 'name', model)!r} must be a functional "
-            "(or Sequential) Keras model built on an Input, so that its "
-            "intermediate layers can be tapped; a subclassed model has no "
-            "symbolic layer outputs."
+            f"The {role} is the string {model!r}: pass a keras.Model, e.g. "
+            f"keras.models.load_model({model!r})."
         )
-    if len(outputs) != 1:
+    raise ValueError(f"The {role} must be a keras.Model; got {type(model).__name__}.")
+
+
+def check_functional(model, role, why="its intermediate layers are tapped"):
+    """Raises unless `model` is functional with a single output.
+
+    Raises:
+        ValueError: saying what is wrong and why a functional model is needed.
+    """
+    check_model(model, role)
+    if not is_functional(model):
         raise ValueError(
-            f"The {role} {model.name!r} has {len(outputs)} outputs; keras_fsp "
+            f"The {role} {model.name!r} is a subclassed model: {why}, which needs a "
+            "functional (or Sequential) Keras model built on an Input. Stages with "
+            "logits-only terms ('kd', 'task', 'dkd') accept any model."
+        )
+    if len(model.outputs) != 1:
+        raise ValueError(
+            f"The {role} {model.name!r} has {len(model.outputs)} outputs; keras_fsp "
             "expects one output, the logits."
         )
+
+
+def _softmax_layer(model):
+    """The last layer if it applies a softmax over its output, else None."""
+    history = getattr(model.outputs[0], "_keras_history", None)
+    layer = getattr(history, "operation", None)
+    if isinstance(layer, keras.layers.Softmax):
+        return layer
+    activation = getattr(layer, "activation", None)
+    if activation is keras.activations.softmax or getattr(activation, "__name__", "") == "softmax":
+        return layer
+    return None
+
+
+class _DenseLogits(keras.layers.Layer):
+    """A softmax Dense layer's pre-activation, sharing its weights."""
+
+    def __init__(self, dense, **kwargs):
+        super().__init__(name=f"{dense.name}_logits", **kwargs)
+        self._dense = [dense]  # a list: not tracked, the model owns the layer
+
+    def call(self, x):
+        dense = self._dense[0]
+        z = ops.matmul(x, ops.cast(dense.kernel, x.dtype))
+        if dense.use_bias:
+            z = z + ops.cast(dense.bias, x.dtype)
+        return z
+
+
+def ends_in_softmax(model):
+    """Whether a functional `model`'s output is a softmax (probabilities)."""
+    return is_functional(model) and _softmax_layer(model) is not None
+
+
+def logits_tensor(model):
+    """The symbolic logits of a functional model: its output, or, when its
+    last layer applies a softmax, the values that go into it.
+
+    Raises:
+        ValueError: for a softmax layer whose input cannot be recovered.
+    """
+    layer = _softmax_layer(model)
+    if layer is None:
+        return model.outputs[0]
+    if isinstance(layer, (keras.layers.Softmax, keras.layers.Activation)):
+        return layer.input
+    if isinstance(layer, keras.layers.Dense):
+        return _DenseLogits(layer)(layer.input)
+    raise ValueError(
+        f"{model.name!r} ends in a softmax inside layer {layer.name!r} "
+        f"({type(layer).__name__}); distillation needs logits: build it with "
+        "classifier_activation=None (keras.applications) or without the final "
+        "softmax."
+    )
 
 
 def tap_model(model, layer_names, include_logits=True, role="model"):
@@ -58,8 +147,9 @@ def tap_model(model, layer_names, include_logits=True, role="model"):
 
     Args:
         model: a functional or Sequential `keras.Model` with one output.
-        layer_names: names of the layers whose outputs to tap.
-        include_logits: whether to include the model's output as `"logits"`.
+        layer_names: names of the layers whose outputs to tap (`LOGITS` may
+            be among them).
+        include_logits: whether to include the logits as `"logits"`.
         role: word used in error messages ("teacher", "student").
 
     Returns:
@@ -67,20 +157,23 @@ def tap_model(model, layer_names, include_logits=True, role="model"):
 
     Example:
 
-    >>> from keras_fsp.models import cifar_resnet
+    >>> from keras_fsp.papers import cifar_resnet
     >>> view = tap_model(cifar_resnet(8), ["stage1", "stage2"])
     >>> sorted(view.output)
     ['logits', 'stage1', 'stage2']
     """
-    _check_functional(model, role)
+    check_functional(model, role)
+    names = list(layer_names)
+    include_logits = include_logits or LOGITS in names
     outputs = {}
     if include_logits:
-        outputs[LOGITS] = model.outputs[0]
-    for name in layer_names:
-        if name in (LOGITS, "augmented_inputs"):
+        outputs[LOGITS] = logits_tensor(model)
+    for name in names:
+        if name == LOGITS:
+            continue
+        if name in RESERVED:
             raise ValueError(f"The tap name {name!r} is reserved by keras_fsp.")
-        layer = get_layer(model, name, role)
-        outputs[name] = layer.output
+        outputs[name] = get_layer(model, name, role).output
     if not outputs:
         raise ValueError("tap_model needs at least one output.")
     inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
@@ -92,71 +185,31 @@ def output_shape(model, name, role="model"):
     return tuple(get_layer(model, name, role).output.shape)
 
 
-def _feature_layers(model):
-    """Layers (graph order) whose single output is a 4-D feature map."""
-    layers = []
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.InputLayer):
-            continue
-        try:
-            shape = layer.output.shape
-        except (AttributeError, ValueError):
-            continue  # shared layer with several outputs: not a section point
-        if len(shape) == 4 and shape[1] is not None:
-            layers.append(layer)
-    return layers
+def tap_shape(model, name, role="model"):
+    """Static shape of a tap (`LOGITS`: the model's output)."""
+    if name == LOGITS:
+        return tuple(model.outputs[0].shape) if is_functional(model) else (None, None)
+    return output_shape(model, name, role)
 
 
-def _consumers(model, layer):
-    members = {id(l) for l in model.layers}
-    return sum(
-        1 for node in layer._outbound_nodes if id(node.operation) in members
-    )
+class Views:
+    """Cache of tap views, not tracked by Keras (the views share the
+    networks' layers, which are tracked already)."""
 
+    def __init__(self):
+        self._cache = {}
 
-def section_boundaries(model):
-    """The trunk points of a ResNet-like model, one more than its sections.
+    def run(self, model, names, inputs, training, role):
+        """`{tap: tensor}` of one forward pass of `model` on `inputs`.
 
-    The model is cut into sections where the spatial size changes. Returns
-    `[input of section 1, output of section 1, output of section 2, ...]`:
-    the input of section 1 is the first map that feeds a residual shortcut
-    (the stem's output), each section's output is the last map at its size.
-
-    Raises:
-        ValueError: if the spatial size does not shrink monotonically along
-            the graph, so sections cannot be told apart.
-    """
-    runs = []  # [(spatial size, [layers])]
-    for layer in _feature_layers(model):
-        size = tuple(layer.output.shape[1:3])
-        if runs and runs[-1][0] == size:
-            runs[-1][1].append(layer)
-        elif any(r[0] == size for r in runs):
-            raise ValueError(
-                f"Cannot find the sections of {model.name!r} automatically: "
-                f"the spatial size {size} comes back after a different one. "
-                "Pass the FSP layer pairs explicitly (fsp_pairs=[(a, b), ...])."
-            )
-        else:
-            runs.append((size, [layer]))
-    if not runs:
-        raise ValueError(
-            f"{model.name!r} has no 4-D feature maps: FSP needs convolutional "
-            "feature maps (batch, height, width, channels)."
-        )
-    first = runs[0][1]
-    # The stem's output is the first map used twice (conv branch + shortcut).
-    start = next((l for l in first[:-1] if _consumers(model, l) > 1), first[0])
-    return [start.name] + [layers[-1].name for _, layers in runs]
-
-
-def section_pairs(model):
-    """FSP pairs as in the paper: each section's input with its output.
-
-    For the CIFAR ResNets: `[("stem", "stage1"), ("stage1", "stage2"),
-    ("stage2", "stage3")]`.
-    """
-    points = section_boundaries(model)
-    if len(points) < 2:
-        raise ValueError(f"{model.name!r} has no section to pair.")
-    return list(zip(points[:-1], points[1:]))
+        A subclassed model can only give its output (`LOGITS`).
+        """
+        names = tuple(dict.fromkeys(names))
+        if not is_functional(model):
+            if names != (LOGITS,):
+                check_functional(model, role)
+            return {LOGITS: model(inputs, training=training)}
+        key = (id(model), names)
+        if key not in self._cache:
+            self._cache[key] = tap_model(model, names, include_logits=False, role=role)
+        return self._cache[key](inputs, training=training)

@@ -17,12 +17,14 @@ Keras slices and shuffles the arrays of a dict input together, so each
 example keeps its own targets. In a step with a cache the teacher does not
 run at all.
 
-Cache keys say what each array is, so a cache made for another stage, other
-pairs or another FSP pooling is refused rather than silently misused:
+Cache keys say what each array is; they come from the terms
+(`DistillationTerm.teacher_targets`), so a cache made for another stage,
+other pairs or another FSP pooling is refused rather than silently misused:
 
 - `"fsp/{pooling}/{first}/{second}"`: the teacher's FSP matrix of the pair
   `(first, second)`, float32 `(examples, channels_first, channels_second)`;
-- `"hint/{layer}"`: the teacher's hint map `(examples, h, w, c)`;
+- `"tap/{layer}"`: the teacher's raw map of `layer` (the FitNets hint);
+- `"attention/{p}/{layer}"`: the normalised attention map of `layer`;
 - `"logits"`: the teacher's logits `(examples, classes)`, before any
   temperature, so one cache serves every temperature.
 
@@ -36,20 +38,11 @@ Backend-agnostic: nothing here imports TensorFlow.
 import keras
 import numpy as np
 
+from keras_fsp import compat
+
 # Keys of a cached batch: `{INPUTS: x, TEACHER: cache}`.
 INPUTS = "inputs"
 TEACHER = "teacher"
-LOGITS_KEY = "logits"
-
-
-def fsp_key(pair, pooling):
-    """Cache key of the teacher's FSP matrix of the layer pair `pair`."""
-    return f"fsp/{pooling}/{pair[0]}/{pair[1]}"
-
-
-def hint_key(layer):
-    """Cache key of the teacher's hint map of layer `layer`."""
-    return f"hint/{layer}"
 
 
 def split(x):
@@ -166,28 +159,27 @@ def check_lengths(inputs, cache):
 
 
 class _TargetModel(keras.Model):
-    """The teacher's tapped view followed by the target computation, as one
-    model so that `predict` batches and compiles it on any backend."""
+    """The teacher's target computation as a model, so that `predict`
+    batches and compiles it on any backend."""
 
-    def __init__(self, view, targets):
+    def __init__(self, targets):
         super().__init__(name="teacher_cache")
-        self.view = view
         self._targets = targets
-        # Hand `x` to the view as given, as the training step does (no cast
-        # to this wrapper's dtype policy).
-        self._convert_input_args = False
+        # Hand `x` to the teacher as given, as the training step does (no
+        # cast to this wrapper's dtype policy).
+        compat.pass_inputs_unconverted(self)
         self.built = True
 
     def call(self, x):
-        return self._targets(self.view(x, training=False))
+        return self._targets(x)
 
 
-def compute(view, targets, x, batch_size=None, verbose=0):
-    """Runs `targets(view(x, training=False))` over `x` in batches.
+def compute(targets, x, batch_size=None, verbose=0):
+    """Runs `targets(x_batch)` over `x` in batches.
 
     Args:
-        view: the teacher's tapped view (`keras_fsp.taps.tap_model`).
-        targets: function `{tap: tensor} -> {cache key: tensor}`.
+        targets: function `inputs -> {cache key: tensor}` (the teacher in
+            inference mode).
         x: the inputs (arrays; what `predict` accepts).
         batch_size: batch size of the passes (default 32, as `predict`).
         verbose: `predict`'s verbosity.
@@ -196,7 +188,7 @@ def compute(view, targets, x, batch_size=None, verbose=0):
         `{cache key: numpy array}`, one row per example; FSP matrices in
         float32.
     """
-    model = _TargetModel(view, targets)
+    model = _TargetModel(targets)
     out = model.predict(x, batch_size=batch_size, verbose=verbose)
     return {
         k: np.asarray(v, "float32") if k.startswith("fsp/") else np.asarray(v)

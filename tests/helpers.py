@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 
-from keras_fsp.models import cifar_resnet
+from keras_fsp.papers import cifar_resnet
 
 SHAPE = (16, 16, 3)
 

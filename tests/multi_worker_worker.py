@@ -63,7 +63,7 @@ def build():
     import keras
 
     from keras_fsp import FSPDistiller, Stage
-    from keras_fsp.models import cifar_resnet
+    from keras_fsp.papers import cifar_resnet
 
     keras.utils.set_random_seed(0)
     teacher = cifar_resnet(8, input_shape=SHAPE, weight_decay=1e-4, name="teacher")

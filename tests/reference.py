@@ -51,3 +51,40 @@ def cross_entropy(labels, logits):
 def hint_loss(hint, regressed):
     d = np.asarray(hint, np.float64) - np.asarray(regressed, np.float64)
     return 0.5 * (d ** 2).reshape(len(d), -1).sum(axis=1).mean()
+
+
+def attention_map(f, p=2):
+    f = np.asarray(f, np.float64)
+    q = (np.abs(f) ** p).sum(axis=-1).reshape(len(f), -1)
+    return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+def attention_transfer_loss(t_maps, s_maps, beta=1000.0, p=2, reduction="mean_squared"):
+    """beta/2 * sum over pairs of d(Q_S, Q_T), batch mean."""
+    total = 0.0
+    for t, s in zip(t_maps, s_maps):
+        d = attention_map(s, p) - attention_map(t, p)
+        total = total + ((d ** 2).mean(axis=1) if reduction == "mean_squared"
+                         else np.sqrt((d ** 2).sum(axis=1)))
+    return (beta / 2 * total).mean()
+
+
+def kl(p, q):
+    return (p * (np.log(p) - np.log(q))).sum(axis=-1)
+
+
+def decoupled_kd(teacher_logits, student_logits, labels, alpha=1.0, beta=8.0, t=4.0):
+    """Per example, from the definitions: binary [p_target, 1 - p_target]
+    and the softmax over the non-target classes."""
+    pt = softmax(np.asarray(teacher_logits, np.float64) / t)
+    ps = softmax(np.asarray(student_logits, np.float64) / t)
+    rows = np.arange(len(labels))
+    bt = np.stack([pt[rows, labels], 1 - pt[rows, labels]], axis=1)
+    bs = np.stack([ps[rows, labels], 1 - ps[rows, labels]], axis=1)
+    keep = np.ones_like(pt, bool)
+    keep[rows, labels] = False
+    qt = pt[keep].reshape(len(pt), -1)
+    qt = qt / qt.sum(axis=1, keepdims=True)
+    qs = ps[keep].reshape(len(ps), -1)
+    qs = qs / qs.sum(axis=1, keepdims=True)
+    return (alpha * kl(bt, bs) + beta * kl(qt, qs)) * t * t

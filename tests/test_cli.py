@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-from keras_fsp import cli, data  # noqa: E402
+from keras_fsp.apps import cli, data  # noqa: E402
 
 if keras.backend.backend() != "tensorflow":
     pytest.skip("the CLI's SavedModel export needs TensorFlow", allow_module_level=True)

@@ -1,4 +1,4 @@
-"""keras_fsp.data: dataset loading, input pipelines, augmentation, errors."""
+"""keras_fsp.apps.data: dataset loading, input pipelines, augmentation, errors."""
 
 import importlib.util
 import os
@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_fsp import data
+from keras_fsp.apps import data
 
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "tensorflow",
@@ -26,7 +26,7 @@ def _batches(ds):
 
 def test_import_does_not_import_tensorflow():
     code = (
-        "import sys, keras_fsp, keras_fsp.data, keras_fsp.visualize\n"
+        "import sys, keras_fsp, keras_fsp.apps.data, keras_fsp.apps.visualize\n"
         "bad = [m for m in ('tensorflow', 'tensorflow_datasets', 'tf_keras_vis') "
         "if m in sys.modules]\n"
         "assert not bad, bad\n"
@@ -266,7 +266,7 @@ def test_shared_cifar10_converted_with_the_documented_one_liner(tmp_path):
         (x_train, y_train), (x_test, y_test) = split("train", 40), split("test", 20)
     x_train, y_train, x_test, y_test = x_train[:40], y_train[:40], x_test[:20], y_test[:20]
     path = tmp_path / "cifar10_arrays.npz"
-    # The one-liner documented in keras_fsp.data:
+    # The one-liner documented in keras_fsp.apps.data:
     np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
 
     (xt, yt), (xs, ys), info = data.load_arrays(f"npz:{path}")

@@ -1,4 +1,4 @@
-"""The offline Quickstart demo (`python -m keras_fsp.demo`), run at a tiny
+"""The offline Quickstart demo (`python -m keras_fsp.apps.demo`), run at a tiny
 scale: one training run shared by the tests of this module."""
 
 import json
@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from keras_fsp import demo  # noqa: E402
+from keras_fsp.apps import demo  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 N_TEST = 500
@@ -193,14 +193,14 @@ def test_run_rejects_bad_scale(tmp_path):
 
 
 def test_command_line_flags_reach_run():
-    """`python -m keras_fsp.demo` flags, parsed by absl's app.run, in a
+    """`python -m keras_fsp.apps.demo` flags, parsed by absl's app.run, in a
     subprocess (the flags are global state): importing the module defines
     none, defining them twice is harmless, and main hands them to run."""
     script = textwrap.dedent(
         """
         import json
         from absl import app, flags
-        from keras_fsp import demo
+        from keras_fsp.apps import demo
 
         assert "epochs_scale" not in flags.FLAGS, "importing defined flags"
         calls = []

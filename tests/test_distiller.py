@@ -36,14 +36,15 @@ def test_call_predict_and_evaluate_are_the_students():
 
 def test_fsp_stage_loss_equals_numpy_reference_on_auto_pairs():
     d = _distiller(stage="fsp")
-    assert d.fsp_pairs == [("stem", "stage1"), ("stage1", "stage2"), ("stage2", "stage3")]
+    fsp = d.terms["fsp"]
+    assert fsp.pairs == fsp.student_pairs == [("stem", "stage1"), ("stage1", "stage2"), ("stage2", "stage3")]
     x, y = data()
     names = ["stem", "stage1", "stage2", "stage3"]
     t = _features(d.teacher, names, x, training=False)
     s = _features(d.student, names, x, training=True)  # batch statistics, as in the step
     expected = reference.fsp_loss(
-        [reference.fsp(t[a], t[b]) for a, b in d.fsp_pairs],
-        [reference.fsp(s[a], s[b]) for a, b in d.fsp_pairs],
+        [reference.fsp(t[a], t[b]) for a, b in fsp.pairs],
+        [reference.fsp(s[a], s[b]) for a, b in fsp.pairs],
     )
     history = d.fit(x, y, batch_size=len(x), epochs=1, verbose=0).history
     assert set(history) == {"loss", "fsp_loss"}
@@ -113,26 +114,27 @@ def test_task_stage_never_runs_the_teacher():
 def test_hint_stage_trains_only_up_to_the_guided_layer_and_the_regressor():
     d = _distiller(hint_layer="stage2", guided_layer="stage1", stage="hint")
     # Teacher hint (8, 8, 32) vs guided (16, 16, 16): a strided regressor.
-    assert d.regressor is not None and d.regressor.strides == (2, 2)
+    regressor = d.terms["hint"].regressor
+    assert regressor is not None and regressor.strides == (2, 2)
     x, y = data()
     t = _features(d.teacher, ["stage2"], x, training=False)["stage2"]
     guided = _features(d.student, ["stage1"], x, training=True)["stage1"]
-    expected = reference.hint_loss(t, ops.convert_to_numpy(d.regressor(guided)))
+    expected = reference.hint_loss(t, ops.convert_to_numpy(regressor(guided)))
     before = {v.path: ops.convert_to_numpy(v) for v in d.student.trainable_weights}
-    reg_before = ops.convert_to_numpy(d.regressor.kernel)
+    reg_before = ops.convert_to_numpy(regressor.kernel)
     history = d.fit(x, y, batch_size=len(x), epochs=1, verbose=0).history
     assert history["hint_loss"][0] == pytest.approx(expected, rel=1e-4)
     changed = {p for p, v in before.items()
                if not np.array_equal(v, ops.convert_to_numpy(next(w for w in d.student.weights if w.path == p)))}
     assert any("stage1" in p for p in changed)
     assert not any(p.split("/")[0].startswith(("stage2", "stage3", "logits")) for p in changed)
-    assert not np.array_equal(reg_before, ops.convert_to_numpy(d.regressor.kernel))
+    assert not np.array_equal(reg_before, ops.convert_to_numpy(regressor.kernel))
     # Back to the whole student for the next stage.
     # The stage froze the rest only while training: the student is handed back
     # with its own flags.
     assert all(layer.trainable for layer in d.student.layers)
     d.set_stage("kd")
-    assert not d.regressor.trainable
+    assert not regressor.trainable
 
 
 def test_custom_stage_and_linear_weight_schedule():
@@ -159,14 +161,14 @@ def test_stage_weights_and_optimizer_are_per_stage():
 
 def test_fsp_projection_for_unequal_channels():
     teacher, _ = small_pair()
-    student = keras_fsp.models.cifar_resnet(8, input_shape=(16, 16, 3), width_multiplier=2, name="wide")
+    student = keras_fsp.papers.cifar_resnet(8, input_shape=(16, 16, 3), width_multiplier=2, name="wide")
     with pytest.raises(ValueError, match=r"teacher layer 'stem' has shape \(None, 16, 16, 16\) and student layer 'stem' has shape \(None, 16, 16, 32\)"):
-        FSPDistiller(teacher, student)
-    d = FSPDistiller(teacher, student, fsp_projection=True)
+        FSPDistiller(teacher, student, fsp_projection=False)
+    d = FSPDistiller(teacher, student)  # projections by default where channels differ
     d.compile(optimizer="sgd")
-    assert sorted(d.fsp_projections) == ["stage1", "stage2", "stage3", "stem"]
+    assert sorted(d.terms["fsp"].projections) == ["stage1", "stage2", "stage3", "stem"]
     x, y = data()
-    t, s = d.fsp_matrices(x)
+    t, s = d.terms["fsp"].matrices_of(d.teacher, d.student, x)
     assert [g.shape for g in t] == [g.shape for g in s] == [(32, 16, 16), (32, 16, 32), (32, 32, 64)]
     d.fit(x, y, batch_size=16, epochs=1, verbose=0)
 
@@ -192,8 +194,10 @@ def test_bad_arguments_raise_clear_errors(kwargs, message):
 
 
 def test_bad_stage_definitions():
-    with pytest.raises(ValueError, match="unknown loss term"):
-        Stage("x", {"fitnet": 1.0})
+    with pytest.raises(ValueError, match=r"unknown loss term 'fitnet'.*terms are \['fsp', 'kd', 'task'\]"):
+        FSPDistiller(*small_pair(), stages={"x": Stage("x", {"fitnet": 1.0})})
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        Stage("x", {"kd": -1.0})
     with pytest.raises(ValueError, match="non-empty"):
         Stage("x", {})
     d = _distiller()
@@ -223,8 +227,8 @@ def test_get_config_round_trip():
     stages = {"mix": Stage("mix", {"fsp": 0.1, "kd": 1.0}), "fsp": Stage("fsp", {"fsp": 0.01})}
     d = _distiller(temperature=2.0, stages=stages, stage="mix")
     clone = FSPDistiller.from_config(d.get_config())
-    assert clone.fsp_pairs == d.fsp_pairs
-    assert clone.kd_loss.temperature == 2.0
+    assert clone.terms["fsp"].pairs == d.terms["fsp"].pairs
+    assert clone.terms["kd"].temperature == 2.0
     assert clone.stage.losses == {"fsp": 0.1, "kd": 1.0}
     assert clone.stages["fsp"].losses == {"fsp": 0.01}  # an overridden built-in name
 
@@ -235,3 +239,32 @@ def test_term_metrics_are_weighted_like_the_loss():
     x, y = data(n=40)
     history = d.fit(x, y, batch_size=32, epochs=1, verbose=0).history
     assert history["loss"][0] == pytest.approx(history["task_loss"][0], rel=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["fsp", "hint"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_builtin_feature_stages_stay_finite_with_ordinary_optimizers(stage, optimizer):
+    # compile(); fit() as for any Keras model, at the top of the usual range:
+    # the built-in stages train at 1/100 of the rate with clipped gradients.
+    teacher, student = small_pair()
+    kwargs = dict(hint_layer="stage2", guided_layer="stage2") if stage == "hint" else {}
+    d = FSPDistiller(teacher, student, stage=stage, **kwargs)
+    make = {"sgd": lambda: keras.optimizers.SGD(0.1, momentum=0.9), "adam": lambda: keras.optimizers.Adam(0.1)}
+    d.compile(optimizer=make[optimizer](), metrics=["accuracy"])
+    x, y = data(n=64)
+    losses = d.fit(x, y, batch_size=16, epochs=3, verbose=0).history[f"{stage}_loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    lr = float(ops.convert_to_numpy(d.optimizer.learning_rate))
+    assert lr == pytest.approx(0.1 / 100) and d.optimizer.global_clipnorm == 10.0
+
+
+def test_a_loss_that_turns_nan_stops_fit_naming_the_term_and_stage():
+    teacher, student = small_pair()
+    own = Stage("fsp", {"fsp": 1.0}, trainable="up_to_taps", optimizer=keras.optimizers.SGD(10.0))
+    d = FSPDistiller(teacher, student, stages={"fsp": own}, stage="fsp")
+    d.compile(optimizer="sgd")
+    x, y = data(n=64)
+    with pytest.raises(keras_fsp.callbacks.NonFiniteLossError,
+                       match=r"fsp_loss became (NaN|infinite) in stage 'fsp' at epoch \d+, batch \d+; "
+                             r"lower the learning rate \(the optimizer of stage 'fsp'"):
+        d.fit(x, y, batch_size=16, epochs=5, verbose=0)

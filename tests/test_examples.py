@@ -215,7 +215,7 @@ def test_cifar10_run_cut_by_the_deadline_resumes_where_it_stopped(tmp_path):
 def test_cub200_transfer_finetune_then_fsp(tmp_path):
     cub = _load("cub200_transfer")
     source = tmp_path / "source.weights.h5"
-    from keras_fsp.models import cifar_resnet
+    from keras_fsp.papers import cifar_resnet
 
     src = cifar_resnet(8, num_classes=100, input_shape=(16, 16, 3), name="resnet8")
     src.save_weights(str(source))
@@ -235,8 +235,9 @@ def test_run_stops_after_an_epoch_with_a_nan_loss_and_writes_no_checkpoint(tmp_p
     of the schedule), says so, and writes no checkpoint of that epoch."""
     import numpy as np
 
-    from keras_fsp import recipes, runs
-    from keras_fsp.models import cifar_resnet
+    from keras_fsp.apps import runs
+    from keras_fsp.papers import recipes
+    from keras_fsp.papers import cifar_resnet
 
     _load("cifar10_network_minimization")
     common = sys.modules["common"]  # examples/common.py, as the examples import it

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_fsp import FSPDistiller, Stage, recipes
+from keras_fsp import FSPDistiller, Stage
+from keras_fsp.papers import recipes
 from keras_fsp.callbacks import RestoreKernelNorms, StageSchedule
 from keras_fsp.kernel_norms import kernel_norms, normalized_kernels, restore_kernel_norms
 from tests.helpers import data, small_pair

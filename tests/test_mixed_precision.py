@@ -56,8 +56,8 @@ def test_fsp_loss_is_float32_and_equals_reference(policy):
     s = _features(student, x, training=True)  # batch statistics, as in the step
     assert {str(v.dtype) for v in (*t.values(), *s.values())} == {COMPUTE_DTYPE[policy]}
     expected = reference.fsp_loss(
-        [reference.fsp(t[a], t[b]) for a, b in d.fsp_pairs],
-        [reference.fsp(s[a], s[b]) for a, b in d.fsp_pairs],
+        [reference.fsp(t[a], t[b]) for a, b in d.terms["fsp"].pairs],
+        [reference.fsp(s[a], s[b]) for a, b in d.terms["fsp"].pairs],
     )
     loss = d.compute_loss(x, y, d(x, training=True))
     assert keras.backend.standardize_dtype(loss.dtype) == "float32"

@@ -2,8 +2,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_fsp import taps
-from keras_fsp.models import block_names, cifar_resnet
+from keras_fsp import pairing, taps
+from keras_fsp.papers import block_names, cifar_resnet
 
 
 @pytest.mark.parametrize("depth,params", [(20, 0.27e6), (56, 0.85e6)])
@@ -35,7 +35,7 @@ def test_bad_depth(depth):
 
 @pytest.mark.parametrize("depth", [8, 26])
 def test_section_pairs_are_each_sections_input_and_output(depth):
-    assert taps.section_pairs(cifar_resnet(depth)) == [
+    assert pairing.section_pairs(cifar_resnet(depth)) == [
         ("stem", "stage1"), ("stage1", "stage2"), ("stage2", "stage3")
     ]
 
@@ -48,7 +48,7 @@ def test_section_pairs_of_a_plain_cnn():
     x = keras.layers.Conv2D(8, 3, padding="same", name="c4")(x)
     out = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(x))
     model = keras.Model(inputs, out)
-    assert taps.section_pairs(model) == [("c1", "c2"), ("c2", "c4")]
+    assert pairing.section_pairs(model) == [("c1", "c2"), ("c2", "c4")]
 
 
 def test_tap_model_is_one_pass_over_shared_weights():

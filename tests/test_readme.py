@@ -23,5 +23,5 @@ def test_api_tour_runs(tmp_path, monkeypatch):
     import numpy as np
     losses = namespace["history"].history
     assert np.all(np.isfinite(losses["fsp_loss"])) and np.all(np.isfinite(losses["task_loss"]))
-    assert distiller.fsp_pairs == [("stem", "stage1"), ("stage1", "stage2"), ("stage2", "stage3")]
+    assert distiller.terms["fsp"].pairs == [("stem", "stage1"), ("stage1", "stage2"), ("stage2", "stage3")]
     assert os.path.exists(tmp_path / "student_savedmodel" / "saved_model.pb")

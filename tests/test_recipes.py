@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_fsp import recipes, taps
+from keras_fsp import taps
+from keras_fsp.papers import recipes
 from keras_fsp.augment import PadCropFlip
 from tests import reference
 from tests.helpers import data, small_pair
@@ -20,8 +21,8 @@ def test_fsp_paper_schedule():
     assert r.epochs == 210 + 640
     fsp, task = r.schedule[0], r.schedule[210]
     assert (fsp.name, fsp.losses, task.losses) == ("fsp", {"fsp": 1.0}, {"task": 1.0})
-    assert r.model.fsp_pairs == [("stem", "stage1"), ("stage1", "stage2"), ("stage2", "stage3")]
-    assert r.model.fsp_pooling == "max"
+    assert r.model.terms["fsp"].pairs == [("stem", "stage1"), ("stage1", "stage2"), ("stage2", "stage3")]
+    assert r.model.terms["fsp"].pooling == "max"
     for step, lr in [(0, 1e-3), (10999, 1e-3), (11001, 1e-4), (16001, 1e-5)]:
         assert _lr(fsp.optimizer, step) == pytest.approx(lr)
     for step, lr in [(0, 0.1), (32001, 0.01), (48001, 0.001)]:
@@ -32,13 +33,14 @@ def test_fsp_paper_schedule():
     assert paper.schedule[0].optimizer.global_clipnorm is None
     assert task.optimizer.global_clipnorm is None  # the task stage is the paper's
     consecutive = recipes.fsp_paper(*small_pair(), steps_per_epoch=100, pairs="consecutive", pooling="avg")
-    assert consecutive.model.fsp_pairs == [("stage1", "stage2"), ("stage2", "stage3")]
+    assert consecutive.model.terms["fsp"].pairs == [("stage1", "stage2"), ("stage2", "stage3")]
+    assert consecutive.model.terms["fsp"].pooling == "avg"
 
 
 def test_fitnets_lambda_is_4_at_start_of_stage_2_and_1_at_its_end():
     teacher, student = small_pair()
     r = recipes.fitnets(teacher, student, steps_per_epoch=1, stage1_iterations=2, stage2_iterations=4)
-    assert r.model.regressor is None  # both stage2 maps are (8, 8, 32): no regressor needed
+    assert r.model.terms["hint"].regressor is None  # both stage2 maps are (8, 8, 32): no regressor needed
     r.compile()
     x, y = data(n=16)
     history = r.fit(x, y, batch_size=16, verbose=0).history
@@ -46,42 +48,47 @@ def test_fitnets_lambda_is_4_at_start_of_stage_2_and_1_at_its_end():
     assert history["kd_weight"] == pytest.approx([4.0, 3.0, 2.0, 1.0])
     for w, kd, task, loss in zip(history["kd_weight"], history["kd_loss"], history["task_loss"], history["loss"][2:]):
         assert loss == pytest.approx(w * kd + task, rel=1e-4)
-    assert r.model.kd_loss.temperature == 3.0
+    assert r.model.terms["kd"].temperature == 3.0
 
 
 def test_dense_step_k_uses_exactly_the_pairs_of_sections_1_to_k():
     teacher, student = small_pair()  # ResNet-14 (2 blocks/section) -> ResNet-8 (1)
     r = recipes.dense_fsp(teacher, student, steps_per_epoch=1, stage1_iterations=3, stage2_iterations=2)
     d = r.model
-    assert d.student_fsp_pairs[:2] == [("stem", "stage1_block1_relu1"), ("stage1_block1_relu1", "stage1_block1")]
-    assert d.fsp_pairs[:2] == [("stem", "stage1_block1"), ("stage1_block1", "stage1_block2")]
+    last = d.terms["dense_fsp_3"]  # every pair of the network
+    assert last.student_pairs[:2] == [("stem", "stage1_block1_relu1"), ("stage1_block1_relu1", "stage1_block1")]
+    assert last.pairs[:2] == [("stem", "stage1_block1"), ("stage1_block1", "stage1_block2")]
     steps = [r.schedule[e] for e in sorted(r.schedule)]
     assert [s.name for s in steps] == ["dense_fsp_1", "dense_fsp_2", "dense_fsp_3", "task"]
     for k, stage in enumerate(steps[:3], start=1):
-        sections = {int(d.student_fsp_pairs[i][1][5]) for i in stage.fsp_pairs}
+        assert stage.terms == (f"dense_fsp_{k}",)
+        term = d.terms[f"dense_fsp_{k}"]
+        sections = {int(b[5]) for _, b in term.student_pairs}
         assert sections == set(range(1, k + 1))
-        assert len(stage.fsp_pairs) == 2 * k
+        assert len(term.pairs) == len(term.student_pairs) == 2 * k
+        assert term.pairs == last.pairs[: 2 * k]
     # The loss of step 1 is the FSP loss of section 1's pairs only.
     r.compile()
     x, y = data(n=16)
-    names = sorted({n for p in d.fsp_pairs for n in p})
-    s_names = sorted({n for p in d.student_fsp_pairs for n in p})
+    first = d.terms["dense_fsp_1"]
+    names = sorted({n for p in first.pairs for n in p})
+    s_names = sorted({n for p in first.student_pairs for n in p})
     t = {k: ops.convert_to_numpy(v) for k, v in taps.tap_model(teacher, names)(x, training=False).items()}
     s = {k: ops.convert_to_numpy(v) for k, v in taps.tap_model(student, s_names)(x, training=True).items()}
-    index = steps[0].fsp_pairs
     expected = reference.fsp_loss(
-        [reference.fsp(t[a], t[b]) for a, b in (d.fsp_pairs[i] for i in index)],
-        [reference.fsp(s[a], s[b]) for a, b in (d.student_fsp_pairs[i] for i in index)],
+        [reference.fsp(t[a], t[b]) for a, b in first.pairs],
+        [reference.fsp(s[a], s[b]) for a, b in first.student_pairs],
     )
     history = r.fit(x, y, batch_size=16, verbose=0).history
-    assert history["fsp_loss"][0] == pytest.approx(expected, rel=1e-4)
-    assert len(history["fsp_loss"]) == 3 and len(history["task_loss"]) == 2
+    assert history["dense_fsp_1_loss"][0] == pytest.approx(expected, rel=1e-4)
+    assert [len(history[f"dense_fsp_{k}_loss"]) for k in (1, 2, 3)] == [1, 1, 1]
+    assert len(history["task_loss"]) == 2
 
 
 def test_kd_and_supervised_recipes():
     teacher, student = small_pair()
     r = recipes.hinton_kd(teacher, student, steps_per_epoch=10, iterations=40, temperature=20.0)
-    assert r.epochs == 4 and r.model.kd_loss.temperature == 20.0
+    assert r.epochs == 4 and r.model.terms["kd"].temperature == 20.0
     assert r.schedule[0].losses == {"kd": 0.9, "task": pytest.approx(0.1)}
     base = recipes.student_alone(student, steps_per_epoch=10, iterations=40, augment=PadCropFlip(seed=0))
     base.compile()

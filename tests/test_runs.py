@@ -5,9 +5,11 @@ import keras
 import numpy as np
 import pytest
 
-from keras_fsp import FSPDistiller, Stage, recipes, runs
+from keras_fsp import FSPDistiller, Stage
+from keras_fsp.apps import runs
+from keras_fsp.papers import recipes
 from keras_fsp.augment import PadCropFlip
-from keras_fsp.models import cifar_resnet
+from keras_fsp.papers import cifar_resnet
 from keras_fsp.stages import UP_TO_TAPS
 
 SHAPE = (8, 8, 3)

@@ -6,6 +6,7 @@ import pytest
 from keras import layers, ops
 
 from keras_fsp import FSPDistiller, Stage, taps
+from keras_fsp.terms import FSPTerm
 from keras_fsp.augment import PadCropFlip
 from keras_fsp.callbacks import StageSchedule
 from tests import reference
@@ -23,7 +24,8 @@ def _distiller(stage="all", **kwargs):
     keras.utils.set_random_seed(1)  # the same hint regressor in every copy
     d = FSPDistiller(
         teacher, student, hint_layer="stage2", guided_layer="stage1",
-        stages={"all": ALL_TERMS, "first_pair": Stage("first_pair", {"fsp": 1.0}, fsp_pairs=[0])},
+        terms=[FSPTerm(pairs=PAIRS[:1], name="fsp_first_pair")],
+        stages={"all": ALL_TERMS, "first_pair": Stage("first_pair", {"fsp_first_pair": 1.0})},
         stage=stage, **kwargs,
     )
     d.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9))
@@ -32,7 +34,7 @@ def _distiller(stage="all", **kwargs):
 
 def _trained_weights(d):
     return [ops.convert_to_numpy(v) for v in d.student.weights] + [
-        ops.convert_to_numpy(d.regressor.kernel)
+        ops.convert_to_numpy(d.terms["hint"].regressor.kernel)
     ]
 
 
@@ -40,7 +42,7 @@ def test_teacher_outputs_equal_numpy_reference():
     d = _distiller()
     x, _ = data()
     cache = d.teacher_outputs(x, batch_size=8)  # 4 batches
-    assert sorted(cache) == sorted(FSP_KEYS + ["hint/stage2", "logits"])
+    assert sorted(cache) == sorted(FSP_KEYS + ["tap/stage2", "logits"])
     names = ["stem", "stage1", "stage2", "stage3"]
     t = {
         k: ops.convert_to_numpy(v)
@@ -49,7 +51,7 @@ def test_teacher_outputs_equal_numpy_reference():
     for key, (a, b) in zip(FSP_KEYS, PAIRS):
         assert cache[key].dtype == np.float32 and cache[key].shape[0] == len(x)
         np.testing.assert_allclose(cache[key], reference.fsp(t[a], t[b]), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(cache["hint/stage2"], t["stage2"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cache["tap/stage2"], t["stage2"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(cache["logits"], t["logits"], rtol=1e-5, atol=1e-5)
     # Only what the given stages need.
     assert sorted(d.teacher_outputs(x, stage="kd")) == ["logits"]

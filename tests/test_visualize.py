@@ -1,11 +1,12 @@
-"""keras_fsp.visualize: FSP-matrix and attribution pictures, attribution maps."""
+"""keras_fsp.apps.visualize: FSP-matrix and attribution pictures, attribution maps."""
 
 import keras
 import numpy as np
 import pytest
 
-from keras_fsp import FSPDistiller, visualize
-from keras_fsp.models import cifar_resnet
+from keras_fsp import FSPDistiller
+from keras_fsp.apps import visualize
+from keras_fsp.papers import cifar_resnet
 
 SHAPE = (16, 16, 3)
 NAMES = ["airplane", "automobile", "bird", "cat", "deer",
@@ -154,7 +155,7 @@ def test_visualize_distillation_with_a_distiller(models, batch, tmp_path, monkey
     for p in paths:
         assert_png(p)
     # The picture shows the batch mean of the distiller's own matrices.
-    g_t, g_s = distiller.fsp_matrices(images)
+    g_t, g_s = distiller.terms["fsp"].matrices_of(teacher, student, images)
     assert len(drawn["teacher"]) == 3 == len(g_t)
     for got, want in zip(drawn["teacher"] + drawn["student"], g_t + g_s):
         np.testing.assert_allclose(got, want.mean(0), rtol=1e-4, atol=1e-5)

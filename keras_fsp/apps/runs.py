@@ -46,21 +46,16 @@ import warnings
 import keras
 import numpy as np
 
+from keras_fsp.callbacks import NonFiniteLossError, StopOnNonFiniteLoss, non_finite_term  # noqa: F401
+
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 WEIGHTS_FILE = "model.weights.h5"
 STATE_FILE = "state.npz"
 INFO_FILE = "state.json"
 FORMAT_VERSION = 1
-# The training-loss terms an FSPDistiller (or a plain model) logs; the
-# terms first, so that the message names the one that went bad.
-GUARDED_TERMS = ("fsp_loss", "hint_loss", "kd_loss", "task_loss", "loss")
 
 _NAME = re.compile(r"^epoch-(\d{6,})$")
-
-
-class NonFiniteLossError(RuntimeError):
-    """A training loss term became NaN or infinite (see `NaNGuard`)."""
 
 
 # --------------------------------------------------------------- filesystem
@@ -124,15 +119,6 @@ def _finite_logs(logs):
         if f is not None:
             out[k] = f if math.isfinite(f) else str(f)
     return out
-
-
-def _non_finite_term(logs, terms=GUARDED_TERMS):
-    for term in terms:
-        if term in (logs or {}):
-            value = _to_float(logs[term])
-            if value is not None and not math.isfinite(value):
-                return term, value
-    return None
 
 
 def _non_finite_weight(model):
@@ -466,7 +452,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.last = None
 
     def on_epoch_end(self, epoch, logs=None):
-        bad = _non_finite_term(logs)
+        bad = non_finite_term(logs)
         what = None if bad is None else f"{bad[0]} is {bad[1]}"
         if what is None:
             weight = _non_finite_weight(self.model)
@@ -481,54 +467,27 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.last = self.run.save(self.model, epoch + 1, logs)
 
 
-class NaNGuard(keras.callbacks.Callback):
-    """Stops training at the first batch where a loss term is NaN or infinite.
-
-    Raises `NonFiniteLossError` naming the term, the stage, the epoch and
-    batch (1-based, as Keras prints them) and the last good checkpoint, which
-    is left untouched: nothing is saved after the bad batch.
+class NaNGuard(StopOnNonFiniteLoss):
+    """`keras_fsp.callbacks.StopOnNonFiniteLoss` that also names the run's
+    last good checkpoint, which is left untouched: nothing is saved after
+    the bad batch.
 
     Args:
         run: the `ResumableRun` whose checkpoints the message names (optional).
-        terms: the log keys watched.
         advice: the message's last sentence.
     """
 
-    def __init__(self, run=None, terms=GUARDED_TERMS, advice=None):
-        super().__init__()
+    def __init__(self, run=None, advice=None):
+        super().__init__(advice=advice)
         self.run = run
-        self.terms = tuple(terms)
-        self.advice = advice or (
-            "lower the stage's learning rate, or check the data for NaN/inf values"
-        )
-        self._epoch = 0
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
-
-    def _check(self, batch, logs):
-        bad = _non_finite_term(logs, self.terms)
-        if bad is None:
-            return
-        term, value = bad
-        kind = "NaN" if math.isnan(value) else "infinite"
-        stage = _stage_name(self.model)
-        where = f" in stage {stage!r}" if stage else ""
+    def kept(self):
         ckpt = self.run.latest() if self.run is not None else None
         if ckpt is not None:
-            kept = f"the last good checkpoint (epoch {ckpt.epoch}) is kept in {ckpt.path}"
-        elif self.run is not None:
-            kept = f"no checkpoint had been written yet in {self.run.checkpoint_dir}"
-        else:
-            kept = "no checkpoint was written"
-        self.model.stop_training = True
-        raise NonFiniteLossError(
-            f"{term} became {kind}{where} at epoch {self._epoch + 1}, batch "
-            f"{batch + 1}; {kept}; {self.advice}."
-        )
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._check(batch, logs)
+            return f"the last good checkpoint (epoch {ckpt.epoch}) is kept in {ckpt.path}"
+        if self.run is not None:
+            return f"no checkpoint had been written yet in {self.run.checkpoint_dir}"
+        return "no checkpoint was written"
 
 
 # -------------------------------------------------------------------- data
@@ -560,7 +519,7 @@ def epoch_stream(x, y, batch_size, seed, initial_epoch, epochs, preprocess=None,
             (e.g. normalisation).
         drop_remainder: leave out each epoch's last, smaller batch (another
             example is left out each epoch), as
-            `keras_fsp.data.make_dataset` does in training: one batch shape,
+            `keras_fsp.apps.data.make_dataset` does in training: one batch shape,
             so the train step is traced once. Ignored when there are fewer
             examples than `batch_size`.
 

@@ -9,7 +9,7 @@ TensorFlow are imported when a function is called, not with the module.
 Example:
 
 ```python
-from keras_fsp import visualize
+from keras_fsp.apps import visualize
 
 paths = visualize.visualize_distillation(
     distiller, x_test[:256], y_test[:256], info["class_names"], "pictures",
@@ -80,7 +80,7 @@ def plot_fsp_matrices(teacher_matrices, student_matrices, path, pair_names=None,
 
     Args:
         teacher_matrices: list of `(m, n)` or `(batch, m, n)` arrays (averaged
-            over the batch), e.g. `FSPDistiller.fsp_matrices(x)[0]`.
+            over the batch), e.g. `FSPTerm.matrices_of(teacher, student, x)[0]`.
         student_matrices: the student's, in the same order.
         path: the PNG file to write (folders are created).
         pair_names: one label per pair: a string or a `(first, second)` layer
@@ -185,7 +185,7 @@ def attribution_maps(model, images, labels, method="saliency", penultimate_layer
             maximum over channels) or `"gradcam++"`.
         penultimate_layer: Grad-CAM++'s feature-map layer (a name); default
             the model's last layer with a 4-D output (`"stage3"` in
-            `keras_fsp.models.cifar_resnet`). Used as given: no search for a
+            `keras_fsp.papers.cifar_resnet`). Used as given: no search for a
             convolution before it.
 
     Returns:
@@ -393,45 +393,14 @@ def plot_attributions(
 # ------------------------------------------------------------------ driver
 
 
-def _fsp_of_models(teacher, student, fsp_pairs, student_fsp_pairs, pooling):
-    """`(compute, teacher_pairs, student_pairs)`: `compute(x)` returns the
-    two lists of `(batch, m, n)` FSP matrices on `x`."""
-    from keras import ops
+def _fsp_term(teacher, student, fsp_pairs, student_fsp_pairs, pooling):
+    """An FSP term configured on the two networks (its pairs resolved)."""
+    from keras_fsp.terms import FSPTerm
 
-    from keras_fsp import taps
-    from keras_fsp.fsp import fsp_matrix
-
-    if fsp_pairs is None or (isinstance(fsp_pairs, str) and fsp_pairs == "auto"):
-        fsp_pairs = taps.section_pairs(teacher)
-        if student_fsp_pairs is None:
-            student_fsp_pairs = taps.section_pairs(student)
-    if student_fsp_pairs is None:
-        student_fsp_pairs = fsp_pairs
-    fsp_pairs = [tuple(p) for p in fsp_pairs]
-    student_fsp_pairs = [tuple(p) for p in student_fsp_pairs]
-    if len(fsp_pairs) != len(student_fsp_pairs) or not fsp_pairs:
-        raise ValueError(
-            f"Need as many student FSP pairs as teacher pairs (at least one); "
-            f"got {fsp_pairs} and {student_fsp_pairs}."
-        )
-
-    def view(model, pairs, role):
-        names = list(dict.fromkeys(n for p in pairs for n in p))
-        return taps.tap_model(model, names, False, role)
-
-    views = view(teacher, fsp_pairs, "teacher"), view(student, student_fsp_pairs, "student")
-
-    def compute(x):
-        results = []
-        for tapped, pairs in zip(views, (fsp_pairs, student_fsp_pairs)):
-            features = tapped(x, training=False)
-            results.append([
-                ops.convert_to_numpy(fsp_matrix(features[a], features[b], pooling))
-                for a, b in pairs
-            ])
-        return results
-
-    return compute, fsp_pairs, student_fsp_pairs
+    term = FSPTerm(pairs="auto" if fsp_pairs is None else fsp_pairs,
+                   student_pairs=student_fsp_pairs, pooling=pooling, projection=False)
+    term.configure(teacher, student)
+    return term
 
 
 def _model_name(model, role):
@@ -467,8 +436,8 @@ def visualize_distillation(
       `images` (computed in batches of `batch_size`).
 
     Args:
-        distiller_or_models: an `FSPDistiller` (its pairs, pooling and
-            projections are used: `distiller.fsp_matrices`), or a
+        distiller_or_models: an `FSPDistiller` (the pairs, pooling and
+            projections of its `"fsp"` term are used), or a
             `(teacher, student)` tuple.
         images: `(N, H, W, C)` model inputs (normalised), e.g. test images.
         labels: `N` true class indices.
@@ -502,20 +471,18 @@ def visualize_distillation(
     os.makedirs(output_dir, exist_ok=True)
     if isinstance(distiller_or_models, (tuple, list)):
         teacher, student = distiller_or_models
-        distiller = None
+        term = _fsp_term(teacher, student, fsp_pairs, student_fsp_pairs, fsp_pooling)
     else:
         distiller = distiller_or_models
         teacher, student = distiller.teacher, distiller.student
-        if not distiller.fsp_pairs:
-            raise ValueError("The distiller has no FSP pairs to draw (fsp_pairs=None).")
+        if "fsp" not in distiller.terms:
+            raise ValueError("The distiller has no FSP term to draw (fsp_pairs=None).")
+        term = distiller.terms["fsp"]
+    t_pairs, s_pairs = term.pairs, term.student_pairs
 
-    if distiller is not None:
-        compute = distiller.fsp_matrices
-        t_pairs, s_pairs = distiller.fsp_pairs, distiller.student_fsp_pairs
-    else:
-        compute, t_pairs, s_pairs = _fsp_of_models(
-            teacher, student, fsp_pairs, student_fsp_pairs, fsp_pooling
-        )
+    def compute(x):
+        return term.matrices_of(teacher, student, x)
+
     k = min(num_images, len(images))
     attributions = plot_attributions(
         teacher, student, images[:k], labels[:k], class_names,

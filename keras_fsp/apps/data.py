@@ -9,7 +9,7 @@ Datasets (`name` of `load_arrays`, see `DATASETS`):
   need a prepared tfds `data_dir`, or network access to download.
 - `"digits"`: scikit-learn's bundled 8x8 handwritten digits, offline: a fixed,
   stratified split (1,297 train / 500 test, seed 0; the split of
-  `keras_fsp.demo`), pixels scaled to [0, 1], shape `(N, 8, 8, 1)`.
+  `keras_fsp.apps.demo`), pixels scaled to [0, 1], shape `(N, 8, 8, 1)`.
 - `"npz:PATH"`: a NumPy `.npz` file with `x_train`, `y_train`, `x_test`,
   `y_test` (images NHWC, or NHW for one channel; uint8 or float; integer
   labels, `(N,)` or `(N, 1)`) and optionally `class_names`. For example,
@@ -26,7 +26,7 @@ Datasets (`name` of `load_arrays`, see `DATASETS`):
 Example:
 
 ```python
-from keras_fsp import data
+from keras_fsp.apps import data
 
 (x_train, y_train), (x_test, y_test), info = data.load_arrays("cifar10")
 train = data.make_dataset(x_train, y_train, 128, True, info["mean"], info["std"],
@@ -321,7 +321,7 @@ def _unavailable(name, data_dir, why):
         f"Dataset {name!r} is not available offline: {why}. {name} needs a "
         f"prepared tensorflow-datasets data_dir (looked in {where}) or network "
         "access to download it; offline, use npz:PATH with your own arrays "
-        "(see keras_fsp.data)."
+        "(see keras_fsp.apps.data)."
     )
 
 

@@ -20,8 +20,9 @@ import keras
 
 from keras_fsp.callbacks import LossWeightSchedule, RestoreKernelNorms, StageSchedule
 from keras_fsp.distiller import FSPDistiller
-from keras_fsp.models.cifar_resnet import dense_taps
+from keras_fsp.papers.cifar_resnet import dense_taps
 from keras_fsp.stages import UP_TO_TAPS, Stage
+from keras_fsp.terms import FSPTerm
 
 
 STAGE1_OPTIMIZERS = ("sgd", "adam")
@@ -146,7 +147,7 @@ def _stage_callbacks(schedule, restore_kernel_norms):
 
 def fsp_paper(teacher, student, steps_per_epoch, stage1_iterations=21000,
               stage2_iterations=64000, pairs="sections", pooling="max",
-              projection=False, restore_kernel_norms=True, stage1_weight_decay=True,
+              projection="auto", restore_kernel_norms=True, stage1_weight_decay=True,
               stage1_optimizer="sgd", stage1_clipnorm=10.0, augment=None, scale=1.0):
     """FSP (Yim et al. 2017): the paper's procedure, plus two fixes by default.
 
@@ -159,7 +160,7 @@ def fsp_paper(teacher, student, steps_per_epoch, stage1_iterations=21000,
         pairs: `"sections"` (the paper) or `"consecutive"` (consecutive section
             outputs, the PyTorch toolkits' reading), or an explicit list.
         pooling: `"max"` (the paper) or `"avg"`.
-        projection: learn 1x1 projections for unequal channel counts.
+        projection: `"auto"`: learn 1x1 projections where channel counts differ.
         restore_kernel_norms: rescale the student's batch-normalised kernels
             to their initial norms when stage 2 starts
             (`keras_fsp.callbacks.RestoreKernelNorms`; not in the paper).
@@ -204,10 +205,10 @@ def dense_fsp(teacher, student, steps_per_epoch, points_per_section=2,
     """Dense, sequential FSP (Yeo et al. 2018).
 
     Taps `points_per_section` evenly spaced maps per section of both
-    `cifar_resnet`s (`keras_fsp.models.dense_taps`) and pairs consecutive
+    `cifar_resnet`s (`keras_fsp.papers.dense_taps`) and pairs consecutive
     taps, across the down-sampling points (max pooling). Stage 1 is split
-    into one step per section: step k trains on the pairs that end in
-    sections 1..k, a third of the stage-1 iterations each, at 1e-3 then 1e-4
+    into one step per section: step k trains the FSP term `"dense_fsp_k"`,
+    whose pairs end in sections 1..k, a third of the stage-1 iterations each, at 1e-3 then 1e-4
     for its last third (the slides give no schedule: this is our reading).
     Then the task stage, as in `fsp_paper` (`restore_kernel_norms`,
     `stage1_optimizer` and `stage1_clipnorm` too; each step has its own
@@ -219,17 +220,20 @@ def dense_fsp(teacher, student, steps_per_epoch, points_per_section=2,
     section_of = [int(b.split("_")[0][-1]) for _, b in s_pairs]  # "stage2_block1" -> 2
     step_iters = stage1_iterations / 3
     n, b = _scaled([step_iters, step_iters * 2 / 3], scale)
-    stages = {}
+    terms, stages = [], {}
     for k in (1, 2, 3):
         index = [i for i, s in enumerate(section_of) if s <= k]
-        stages[f"dense_fsp_{k}"] = Stage(
-            f"dense_fsp_{k}", {"fsp": 1.0}, trainable=UP_TO_TAPS, fsp_pairs=index,
+        name = f"dense_fsp_{k}"
+        terms.append(FSPTerm(pairs=[t_pairs[i] for i in index],
+                             student_pairs=[s_pairs[i] for i in index], name=name))
+        stages[name] = Stage(
+            name, {name: 1.0}, trainable=UP_TO_TAPS,
             optimizer=_stage1_optimizer(stage1_optimizer, (1e-3, 1e-4), (b,), stage1_clipnorm),
         )
     task, s2 = _task_stage(stage2_iterations, scale)
     stages["task"] = task
-    distiller = FSPDistiller(teacher, student, fsp_pairs=t_pairs, student_fsp_pairs=s_pairs,
-                             augment=augment, stages=stages, stage="dense_fsp_1")
+    distiller = FSPDistiller(teacher, student, fsp_pairs=None, terms=terms, augment=augment,
+                             stages=stages, stage="dense_fsp_1")
     step_epochs = _epochs(n, steps_per_epoch)
     schedule = {(k - 1) * step_epochs: stages[f"dense_fsp_{k}"] for k in (1, 2, 3)}
     schedule[3 * step_epochs] = task

@@ -1,6 +1,6 @@
 """Offline Quickstart: FSP distillation on scikit-learn's handwritten digits.
 
-    python -m keras_fsp.demo [--output_dir DIR] [--epochs_scale F] [--seed N]
+    python -m keras_fsp.apps.demo [--output_dir DIR] [--epochs_scale F] [--seed N]
 
 Trains, on the 1,797 bundled 8x8 digit images (no network needed):
 
@@ -11,7 +11,7 @@ Trains, on the 1,797 bundled 8x8 digit images (no network needed):
    teacher's, stage 2 trains it on the labels with the same budget as (2).
 
 Both networks have three sections (8x8, 4x4 and 2x2 maps, 16/32/64
-channels), found automatically by `keras_fsp.taps.section_pairs`. The demo
+channels), found automatically by `keras_fsp.pairing`. The demo
 prints a table of test accuracies and of the task epochs each student needed
 to reach the student-alone's final accuracy, exports the distilled student
 (SavedModel and `.keras`) and draws its FSP matrices and training curves.
@@ -28,10 +28,10 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from keras_fsp import FSPDistiller, export_student, taps
+from keras_fsp import FSPDistiller, Stage, export_student
 from keras_fsp.callbacks import StageSchedule
-from keras_fsp.fsp import fsp_matrix
-from keras_fsp.models import cifar_resnet
+from keras_fsp.fsp import fsp_matrices_of
+from keras_fsp.papers import cifar_resnet
 
 DEFAULT_OUTPUT_DIR = "fsp_demo_output"
 INPUT_SHAPE = (8, 8, 1)
@@ -58,7 +58,7 @@ def load_data(seed=0, test_size=TEST_SIZE):
     Pixels scaled from 0..16 to [0, 1], shape `(N, 8, 8, 1)` float32, labels
     int32; a stratified split (1,297 / 500 by default) fixed by `seed`.
     """
-    from keras_fsp.data import load_digits_split
+    from keras_fsp.apps.data import load_digits_split
 
     (x_train, y_train), (x_test, y_test) = load_digits_split(seed, test_size)
     return x_train, y_train, x_test, y_test
@@ -136,7 +136,7 @@ class _Recorder(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self.logs.append(dict(logs or {}))
         if epoch == self.capture_after_epoch:
-            self.captured = self.model.fsp_matrices(self.x_fsp)
+            self.captured = _fsp_matrices(self.model, self.x_fsp)
 
     def on_train_end(self, logs=None):
         self.seconds = time.time() - self.start
@@ -145,15 +145,9 @@ class _Recorder(keras.callbacks.Callback):
         return [float(log[key]) if key in log else None for log in self.logs]
 
 
-def _fsp_of_model(model, pairs, x, pooling):
-    """FSP matrices of any model for `pairs`, without wrapping it in a
-    distiller (which would change its layers' `trainable` flags)."""
-    names = list(dict.fromkeys(n for p in pairs for n in p))
-    features = taps.tap_model(model, names, include_logits=False)(x, training=False)
-    return [
-        keras.ops.convert_to_numpy(fsp_matrix(features[a], features[b], pooling))
-        for a, b in pairs
-    ]
+def _fsp_matrices(distiller, x):
+    """The teacher's and the student's FSP matrices of the distiller's pairs."""
+    return distiller.terms["fsp"].matrices_of(distiller.teacher, distiller.student, x)
 
 
 def _fsp_distance(teacher_gs, student_gs):
@@ -398,12 +392,17 @@ def run(output_dir=DEFAULT_OUTPUT_DIR, epochs_scale=1.0, seed=0, verbose=2,
     keras.utils.set_random_seed(seed + 2)  # its data order
     student = cifar_resnet(STUDENT_DEPTH, NUM_CLASSES, INPUT_SHAPE, name="fsp_student")
     student.set_weights(initial_weights)
-    distiller = FSPDistiller(teacher, student)  # pairs found automatically
+    # The FSP stage with the task's optimizer (Adam), not the built-in stage's
+    # 1/100 of it: on these small maps Adam at the task's rate is stable.
+    fsp_stage = Stage("fsp", {"fsp": 1.0}, trainable="up_to_taps",
+                      optimizer=_optimizer(e_task, steps))
+    distiller = FSPDistiller(teacher, student, stages={"fsp": fsp_stage})  # pairs found automatically
+    fsp = distiller.terms["fsp"]
     print(f"\n[3/3] FSP student ResNet-{STUDENT_DEPTH}: stage 1 'fsp' for {e_fsp} "
-          f"epochs (FSP pairs {distiller.fsp_pairs}; the student's head does not "
+          f"epochs (FSP pairs {fsp.pairs}; the student's head does not "
           "train, so its val accuracy stays at chance), then stage 2 'task' for "
           f"{e_task} epochs ...", flush=True)
-    fsp_before = distiller.fsp_matrices(x_fsp)
+    fsp_before = _fsp_matrices(distiller, x_fsp)
     distiller.compile(optimizer=_optimizer(e_task, steps), metrics=["accuracy"])
     rec_fsp = _Recorder(capture_after_epoch=e_fsp - 1, x_fsp=x_fsp)
     distiller.fit(
@@ -411,11 +410,9 @@ def run(output_dir=DEFAULT_OUTPUT_DIR, epochs_scale=1.0, seed=0, verbose=2,
         callbacks=[StageSchedule({0: "fsp", e_fsp: "task"}), rec_fsp], **fit_kw,
     )
     fsp_acc = float(distiller.evaluate(x_test, y_test, verbose=0, return_dict=True)["accuracy"])
-    teacher_gs, fsp_final = distiller.fsp_matrices(x_fsp)
+    teacher_gs, fsp_final = _fsp_matrices(distiller, x_fsp)
     _, fsp_after_stage1 = rec_fsp.captured
-    alone_gs = _fsp_of_model(
-        student_alone, distiller.student_fsp_pairs, x_fsp, distiller.fsp_pooling
-    )
+    alone_gs = fsp_matrices_of(student_alone, fsp.student_pairs, x_fsp, fsp.pooling)
 
     # Table.
     alone_hist = rec_alone.series("val_accuracy")
@@ -430,8 +427,8 @@ def run(output_dir=DEFAULT_OUTPUT_DIR, epochs_scale=1.0, seed=0, verbose=2,
             "teacher_parameters": int(teacher.count_params()),
             "student_parameters": int(student.count_params()),
         },
-        "fsp_pairs": {"teacher": [list(p) for p in distiller.fsp_pairs],
-                      "student": [list(p) for p in distiller.student_fsp_pairs]},
+        "fsp_pairs": {"teacher": [list(p) for p in fsp.pairs],
+                      "student": [list(p) for p in fsp.student_pairs]},
         "epochs": {"teacher": e_teacher, "task": e_task, "fsp_stage": e_fsp},
         "optimizer": f"Adam, lr {LEARNING_RATE} cosine decay, batch {BATCH_SIZE}",
         "accuracy": {"teacher": teacher_acc, "student_alone": alone_acc,
@@ -478,7 +475,7 @@ def run(output_dir=DEFAULT_OUTPUT_DIR, epochs_scale=1.0, seed=0, verbose=2,
     ]
     d = results["fsp_distance_to_teacher"]
     plot_fsp_matrices(
-        files["fsp_matrices"], distiller.fsp_pairs, columns,
+        files["fsp_matrices"], fsp.pairs, columns,
         {
             "student before distillation": d["student_before"],
             "FSP student after stage 1": d["fsp_student_after_stage_1"],

@@ -2,7 +2,7 @@
 export and visualise, with runs that resume after an interruption.
 
     keras-fsp SUBCOMMAND [--flag=value ...]
-    python -m keras_fsp.cli SUBCOMMAND [--flag=value ...]
+    python -m keras_fsp.apps.cli SUBCOMMAND [--flag=value ...]
 
 Subcommands:
     train-teacher   train the teacher (ResNet-<teacher_depth>) on the labels
@@ -40,7 +40,7 @@ import time
 
 SUBCOMMANDS = ("train-teacher", "distill", "evaluate", "export", "visualize")
 TRAINING = ("train-teacher", "distill")
-# --method -> keras_fsp.recipes function name.
+# --method -> keras_fsp.papers.recipes function name.
 METHODS = {
     "fsp": "fsp_paper",
     "dense-fsp": "dense_fsp",
@@ -250,7 +250,7 @@ def _epoch_logger(log, total, echo):
 
 
 def _load_data(cfg):
-    from keras_fsp import data
+    from keras_fsp.apps import data
 
     name = cfg["dataset"]
     try:
@@ -266,7 +266,7 @@ def _load_data(cfg):
 
 def _normalizer(info):
     """Maps a raw training batch to the model's input with exactly the
-    arithmetic of `keras_fsp.data.make_dataset` (which the test set goes
+    arithmetic of `keras_fsp.apps.data.make_dataset` (which the test set goes
     through), `(x - mean) * (1 / std)` in float32."""
     import numpy as np
     import tensorflow as tf
@@ -281,7 +281,7 @@ def _normalizer(info):
 
 
 def _test_dataset(cfg, x, y, info):
-    from keras_fsp import data
+    from keras_fsp.apps import data
 
     return data.make_dataset(x, y, cfg["batch_size"], training=False,
                              mean=info["mean"], std=info["std"], augment=False)
@@ -291,7 +291,7 @@ def _test_dataset(cfg, x, y, info):
 
 
 def _resnet(cfg, depth, info, name):
-    from keras_fsp.models import cifar_resnet
+    from keras_fsp.papers import cifar_resnet
 
     return cifar_resnet(depth, num_classes=int(info["num_classes"]),
                         input_shape=tuple(info["input_shape"]),
@@ -404,7 +404,7 @@ def _outputs():
 def _check_model_dir(cfg):
     """Decides between a fresh run, a resumed one, and a refusal (before
     anything is written)."""
-    from keras_fsp.runs import ResumableRun
+    from keras_fsp.apps.runs import ResumableRun
 
     model_dir = cfg["model_dir"]
     if os.path.exists(model_dir) and not os.path.isdir(model_dir):
@@ -444,7 +444,7 @@ def _prepare_model_dir(cfg, log):
                 shutil.rmtree(path)
             elif os.path.exists(path):
                 os.remove(path)
-    from keras_fsp.runs import atomic_write_text
+    from keras_fsp.apps.runs import atomic_write_text
 
     atomic_write_text(os.path.join(model_dir, "config.json"), json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     log.open(os.path.join(model_dir, "log.txt"))
@@ -491,7 +491,7 @@ def _evaluate(model, dataset, y):
 
 
 def _write_json(path, obj):
-    from keras_fsp.runs import atomic_write_text
+    from keras_fsp.apps.runs import atomic_write_text
 
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
@@ -520,7 +520,7 @@ def _scale_learning_rates(recipe, factor):
 
 
 def _recipe(cfg, teacher, student, steps, augment):
-    from keras_fsp import recipes
+    from keras_fsp.papers import recipes
 
     kw = dict(augment=augment, scale=cfg["schedule_scale"])
     if cfg["subcommand"] == "train-teacher":
@@ -537,7 +537,7 @@ def _train(cfg, log):
     import keras
 
     from keras_fsp.augment import PadCropFlip
-    from keras_fsp.runs import (
+    from keras_fsp.apps.runs import (
         MetricsCSV, NonFiniteLossError, ResumableRun, steps_per_epoch, truncate_csv)
 
     started = time.time()
@@ -662,7 +662,7 @@ def _export_cmd(cfg, log):
 def _visualize_cmd(cfg, log):
     import numpy as np
 
-    from keras_fsp import visualize
+    from keras_fsp.apps import visualize
 
     (_, _), (x_test, y_test), info = _load_data(cfg)
     student, path = _load_trained(cfg, info)

@@ -1,0 +1,130 @@
+"""Every private Keras (and tf.distribute) internal keras_fsp relies on, in one
+place, each with the reason it is needed.
+
+`tests/test_compat.py` checks each of them against the installed Keras, so a
+release that changes one fails there, by name, rather than somewhere inside a
+training step. setup.py pins the Keras minor version these were checked on.
+"""
+
+import keras
+
+#: The Keras versions whose internals this module was checked against.
+TESTED_KERAS = ("3.15",)
+
+
+def consumers(layer):
+    """The operations that take `layer`'s output as input (in any model).
+
+    Why: finding where a residual branch starts (a map used twice) and which
+    kernels feed only batch normalisation needs the graph's edges, which
+    Keras keeps in the private `_outbound_nodes`.
+    """
+    return [node.operation for node in getattr(layer, "_outbound_nodes", [])]
+
+
+def regularization_loss(model):
+    """The sum of `model.losses` (weight decay), scaled the way Keras scales
+    them for the active distribution strategy.
+
+    Why: a model that overrides `compute_loss` must add the regularization
+    itself; Keras' own `compute_loss` does it through the private
+    `_aggregate_additional_loss`, which divides by the replica count under
+    `tf.distribute`.
+    """
+    losses = [model._aggregate_additional_loss(loss) for loss in model.losses]
+    return keras.ops.sum(keras.ops.stack(losses)) if losses else 0.0
+
+
+def compiled_metrics(model):
+    """The container of the metrics given to `compile` (None before).
+
+    Why: a stage that computes no logits (FSP, hint) has nothing to score, so
+    the distiller hides these metrics from `model.metrics` in such stages.
+    """
+    return getattr(model, "_compile_metrics", None)
+
+
+def optimizer_variable_count(optimizer):
+    """How many trainable variables `optimizer` was built for.
+
+    Why: a stage reusing an optimizer built for another set of variables
+    fails deep inside `apply`; checking the count first gives a clear error.
+    """
+    return len(optimizer._trainable_variables)
+
+
+def learning_rate(optimizer):
+    """The optimizer's learning rate as given: a float variable or a
+    `LearningRateSchedule` (the public `learning_rate` evaluates schedules)."""
+    return optimizer._learning_rate
+
+
+def flush_jax_state(model):
+    """On JAX inside `fit`: writes the last step's state back into the
+    model's variables and drops it, so that a stage switch changes the
+    variable lists safely.
+
+    Why: Keras' JAX `fit` keeps the state outside the variables between
+    steps (`_jax_state`); if the new stage's first step fails, `fit`'s
+    cleanup assigns that stale state to the new stage's variables and the
+    shape error it raises hides the real one.
+    """
+    if getattr(model, "_jax_state", None) is not None:
+        model.jax_state_sync()
+        model._jax_state = None
+
+
+def distribution_strategy(model):
+    """The `tf.distribute` strategy the model was created under, or None."""
+    return getattr(model, "_distribute_strategy", None)
+
+
+def is_multi_worker(strategy):
+    """Whether `strategy` is a MultiWorkerMirroredStrategy with several workers.
+
+    Why: Keras 3 `fit` fails for any model with several workers
+    (keras-team/keras#20585, tensorflow/tensorflow#72388); the distiller
+    works around it only then.
+    """
+    if strategy is None or keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and (
+        strategy.extended._in_multi_worker_mode()
+    )
+
+
+def num_replicas():
+    """Replicas of the enclosing `tf.distribute` strategy (1 elsewhere)."""
+    if keras.backend.backend() != "tensorflow":
+        return 1
+    import tensorflow as tf
+
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def first_replica_batch(strategy, iterator):
+    """This worker's first replica's share of the first batch of a Keras
+    epoch iterator (for building the model from shapes).
+
+    Why: Keras' TensorFlow trainer builds from the first distributed batch
+    with `strategy.reduce("MEAN", ...)`, which fails on per-replica values
+    with several workers (keras-team/keras#20585); the distiller overrides
+    the private `_maybe_symbolic_build` to build from this batch instead.
+    """
+    for _, _, it in iterator:
+        return keras.tree.map_structure(
+            lambda v: strategy.experimental_local_results(v)[0], next(it)
+        )
+    return None
+
+
+def pass_inputs_unconverted(layer):
+    """Makes `layer` hand its inputs to `call` as given (no cast to its dtype
+    policy), as a training step does.
+
+    Why: a wrapper model around the teacher (teacher caching) must not cast
+    the inputs before the teacher's own layers see them.
+    """
+    layer._convert_input_args = False

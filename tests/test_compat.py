@@ -1,0 +1,77 @@
+"""Every Keras internal keras_fsp uses (keras_fsp.compat) still behaves as
+relied on: a Keras release that changes one fails here, by name."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_fsp import compat
+from tests.helpers import data, small_pair
+
+
+def test_keras_version_is_one_these_internals_were_checked_on():
+    assert keras.__version__.rsplit(".", 1)[0] in compat.TESTED_KERAS, keras.__version__
+
+
+def test_consumers_are_the_layers_using_an_output():
+    inputs = keras.Input((4,))
+    a = keras.layers.Dense(3, name="a")
+    h = a(inputs)
+    b, c = keras.layers.Dense(2, name="b"), keras.layers.Dense(2, name="c")
+    keras.Model(inputs, keras.layers.Add()([b(h), c(h)]))
+    assert sorted(op.name for op in compat.consumers(a)) == ["b", "c"]
+
+
+def test_regularization_loss_sums_the_models_losses():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(
+        2, kernel_regularizer=keras.regularizers.L2(0.5), kernel_initializer="ones")])
+    # 0.5 * sum(1^2 over 6 weights) = 3
+    assert float(keras.ops.convert_to_numpy(compat.regularization_loss(model))) == pytest.approx(3.0)
+
+
+def test_compiled_metrics_and_optimizer_internals():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    assert compat.compiled_metrics(model) is None
+    model.compile(optimizer=keras.optimizers.SGD(keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5)),
+                  loss="mse", metrics=["mae"])
+    assert compat.compiled_metrics(model) in model.metrics
+    model.optimizer.build(model.trainable_variables)
+    assert compat.optimizer_variable_count(model.optimizer) == 2
+    assert isinstance(compat.learning_rate(model.optimizer), keras.optimizers.schedules.ExponentialDecay)
+
+
+def test_flush_jax_state_writes_the_state_back():
+    teacher, student = small_pair()
+    student.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    seen = []
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            # On JAX the variables hold no values inside fit until the state is written back.
+            compat.flush_jax_state(student)
+            after = np.array(keras.ops.convert_to_numpy(student.trainable_variables[0]))
+            seen.append((after, getattr(student, "_jax_state", None)))
+
+    x, y = data(n=16)
+    start = np.array(keras.ops.convert_to_numpy(student.trainable_variables[0]))
+    student.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[Probe()])
+    after, state = seen[0]
+    assert state is None
+    assert not np.array_equal(start, after)  # the trained values are in the variable
+
+
+def test_distribution_helpers_without_a_strategy():
+    assert compat.num_replicas() == 1
+    assert compat.is_multi_worker(None) is False
+
+
+def test_pass_inputs_unconverted():
+    class Echo(keras.layers.Layer):
+        def call(self, x):
+            return x
+
+    x = keras.ops.convert_to_tensor(np.ones((2,)), dtype="float16")
+    assert keras.backend.standardize_dtype(Echo(dtype="float32")(x).dtype) == "float32"
+    layer = Echo(dtype="float32")
+    compat.pass_inputs_unconverted(layer)
+    assert keras.backend.standardize_dtype(layer(x).dtype) == "float16"

@@ -1,0 +1,186 @@
+"""Distillation terms: the new methods against numpy references, and a term
+defined here, outside keras_fsp, trained in a stage without touching the
+distiller."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_fsp import FSPDistiller, Stage, taps, terms
+from keras_fsp.terms import LOGITS, AttentionTransfer, DecoupledKD, DistillationTerm
+from tests import reference
+from tests.helpers import data, small_pair
+
+RNG = np.random.default_rng(0)
+
+
+def _np(x):
+    return ops.convert_to_numpy(x)
+
+
+# ------------------------------------------------------------------ maths
+
+
+def test_attention_map_equals_numpy_reference():
+    f = RNG.normal(size=(3, 4, 5, 6)).astype("float32")
+    q = _np(terms.attention_map(f))
+    np.testing.assert_allclose(q, reference.attention_map(f), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(_np(terms.attention_map(f, p=1)), reference.attention_map(f, p=1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["mean_squared", "l2"])
+def test_attention_transfer_term_equals_numpy_reference(reduction):
+    t = [RNG.normal(size=(4, 8, 8, 16)), RNG.normal(size=(4, 4, 4, 32))]
+    s = [RNG.normal(size=(4, 8, 8, 8)), RNG.normal(size=(4, 4, 4, 8))]  # channels may differ
+    term = AttentionTransfer(pairs=[("a", "x"), ("b", "y")], beta=1000.0, reduction=reduction)
+    term.teacher_taps, term.student_taps = ("a", "b"), ("x", "y")
+    targets = term.teacher_targets({"a": t[0], "b": t[1]})
+    value = _np(term.compute({"x": s[0], "y": s[1]}, targets, None)).mean()
+    expected = reference.attention_transfer_loss(t, s, beta=1000.0, reduction=reduction)
+    assert value == pytest.approx(expected, rel=1e-4)
+    assert expected > 1.0  # a meaningful size, not a vanishing number
+
+
+def test_decoupled_kd_equals_numpy_reference():
+    zt, zs = RNG.normal(size=(6, 10)) * 3, RNG.normal(size=(6, 10)) * 3
+    y = RNG.integers(0, 10, 6)
+    got = _np(terms.decoupled_kd(zt, zs, y, alpha=1.0, beta=8.0, temperature=4.0))
+    np.testing.assert_allclose(got, reference.decoupled_kd(zt, zs, y, 1.0, 8.0, 4.0), rtol=1e-4)
+    assert got.min() > 0
+
+
+def test_classical_kd_is_tckd_plus_weighted_nckd():
+    # KL(p_T || p_S) = TCKD + (1 - p_T,target) * NCKD, per example (DKD, eq. 3).
+    zt, zs = RNG.normal(size=(8, 5)) * 2, RNG.normal(size=(8, 5)) * 2
+    y = RNG.integers(0, 5, 8)
+    t = 2.0
+    tckd = _np(terms.decoupled_kd(zt, zs, y, alpha=1.0, beta=0.0, temperature=t)) / t**2
+    nckd = _np(terms.decoupled_kd(zt, zs, y, alpha=0.0, beta=1.0, temperature=t)) / t**2
+    p_t = reference.softmax(zt / t)
+    kd = reference.kl(p_t, reference.softmax(zs / t))
+    np.testing.assert_allclose(tckd + (1 - p_t[np.arange(8), y]) * nckd, kd, rtol=1e-4)
+
+
+def test_decoupled_kd_is_finite_for_extreme_logits():
+    zt = np.array([[80.0, -80.0, 0.0]], "float32")
+    zs = np.array([[-80.0, 80.0, 0.0]], "float32")
+    value = _np(terms.decoupled_kd(zt, zs, np.array([0]), temperature=1.0))
+    assert np.all(np.isfinite(value)) and value[0] > 100
+
+
+# ------------------------------------------------------- in the distiller
+
+
+def _fit_one_step(d, x, y):
+    d.compile(optimizer=keras.optimizers.SGD(1e-3))
+    return d.fit(x, y, batch_size=len(x), epochs=1, verbose=0).history
+
+
+def test_attention_stage_loss_equals_numpy_reference_on_auto_pairs():
+    teacher, student = small_pair()
+    stage = Stage("at", {"attention": 1.0, "task": 1.0})
+    d = FSPDistiller(teacher, student, stages={"at": stage}, stage="at")
+    at = d.terms["attention"]
+    assert at.pairs == [("stage1", "stage1"), ("stage2", "stage2"), ("stage3", "stage3")]
+    x, y = data()
+    names = ["stage1", "stage2", "stage3"]
+    t = taps.tap_model(teacher, names)(x, training=False)
+    s = taps.tap_model(student, names)(x, training=True)
+    expected = reference.attention_transfer_loss([_np(t[n]) for n in names], [_np(s[n]) for n in names])
+    task = reference.cross_entropy(y, _np(s[LOGITS]))
+    history = _fit_one_step(d, x, y)
+    assert history["attention_loss"][0] == pytest.approx(expected, rel=1e-4)
+    assert history["loss"][0] == pytest.approx(expected + task, rel=1e-4)
+
+
+def test_dkd_stage_loss_equals_numpy_reference():
+    teacher, student = small_pair()
+    d = FSPDistiller(teacher, student, stages={"dkd": Stage("dkd", {"dkd": 1.0, "task": 1.0})}, stage="dkd")
+    x, y = data()
+    expected = reference.decoupled_kd(teacher.predict(x, verbose=0), _np(student(x, training=True)), y).mean()
+    history = _fit_one_step(d, x, y)
+    assert history["dkd_loss"][0] == pytest.approx(expected, rel=1e-4)
+    d2 = FSPDistiller(*small_pair(), terms=[DecoupledKD(beta=2.0)],
+                      stages={"dkd": Stage("dkd", {"dkd": 1.0})}, stage="dkd")
+    assert d2.terms["dkd"].beta == 2.0  # a given instance replaces the default
+
+
+def test_attention_teacher_cache_holds_normalised_maps():
+    teacher, student = small_pair()
+    d = FSPDistiller(teacher, student, stages={"at": Stage("at", {"attention": 1.0})}, stage="at")
+    x, y = data()
+    cache = d.teacher_outputs(x, batch_size=8)
+    assert sorted(cache) == ["attention/2/stage1", "attention/2/stage2", "attention/2/stage3"]
+    t = taps.tap_model(teacher, ["stage2"])(x, training=False)
+    np.testing.assert_allclose(cache["attention/2/stage2"], reference.attention_map(_np(t["stage2"])), rtol=1e-4, atol=1e-6)
+    d.compile(optimizer=keras.optimizers.SGD(1e-3))
+    uncached = d.evaluate(x, y, verbose=0)
+    history = d.fit({"inputs": x, "teacher": cache}, y, batch_size=len(x), epochs=1, verbose=0).history
+    assert np.isfinite(history["attention_loss"][0]) and np.isfinite(uncached)
+
+
+def test_attention_pairs_must_share_a_spatial_size():
+    teacher, student = small_pair()
+    with pytest.raises(ValueError, match=r"Attention pair \('stage1', 'stage2'\).*same spatial size"):
+        FSPDistiller(teacher, student, terms=[AttentionTransfer(pairs=[("stage1", "stage2")])])
+
+
+# ----------------------------------------------------- a term from outside
+
+
+@terms.register_term("logit_mse_for_test")
+class LogitMSE(DistillationTerm):
+    """Mean squared difference of the logits (not part of keras_fsp)."""
+
+    student_taps = teacher_taps = (LOGITS,)
+
+    def compute(self, student, teacher, y_true):
+        return ops.mean(ops.square(student[LOGITS] - teacher[LOGITS]), axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="tests")  # to be saved, as any Keras layer
+class Stage1MapMatch(DistillationTerm):
+    """Squared difference of one tapped map's channel means (not registered
+    as a term type: used as an instance)."""
+
+    def __init__(self, layer="stage1", **kwargs):
+        super().__init__(**kwargs)
+        self.layer = layer
+        self.student_taps = self.teacher_taps = (layer,)
+
+    def compute(self, student, teacher, y_true):
+        s = ops.mean(student[self.layer], axis=(1, 2))
+        t = ops.mean(teacher[terms.tap_key(self.layer)], axis=(1, 2))
+        return ops.sum(ops.square(s - t), axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "layer": self.layer}
+
+
+def test_a_term_defined_outside_keras_fsp_trains_in_a_stage():
+    teacher, student = small_pair()
+    stages = {
+        "mine": Stage("mine", {"logit_mse_for_test": 1.0, "task": 0.5}),  # registered by name
+        "maps": Stage("maps", {"map_match": 2.0}, trainable="up_to_taps"),  # an instance
+    }
+    d = FSPDistiller(teacher, student, terms=[Stage1MapMatch(name="map_match")], stages=stages, stage="mine")
+    x, y = data()
+    t_logits = teacher.predict(x, verbose=0)
+    s_logits = _np(student(x, training=True))
+    expected = ((s_logits - t_logits) ** 2).mean()
+    d.compile(optimizer=keras.optimizers.SGD(1e-2))
+    history = d.fit(x, y, batch_size=len(x), epochs=3, verbose=0).history
+    assert history["logit_mse_for_test_loss"][0] == pytest.approx(expected, rel=1e-4)
+    assert history["loss"][0] == pytest.approx(expected + 0.5 * reference.cross_entropy(y, s_logits), rel=1e-4)
+    assert history["logit_mse_for_test_loss"][-1] < history["logit_mse_for_test_loss"][0]  # it learns
+    head = _np(student.get_layer("logits").kernel)
+    d.set_stage("maps")
+    history = d.fit(x, y, batch_size=len(x), epochs=3, verbose=0).history
+    assert set(history) == {"loss", "map_match_loss"}
+    assert history["map_match_loss"][-1] < history["map_match_loss"][0]
+    np.testing.assert_array_equal(head, _np(student.get_layer("logits").kernel))  # up to its taps only
+    # The distiller with the outside term saves and loads.
+    clone = FSPDistiller.from_config(d.get_config())
+    assert isinstance(clone.terms["map_match"], Stage1MapMatch) and clone.stage.name == "maps"
