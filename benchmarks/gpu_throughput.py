@@ -1,25 +1,28 @@
-"""Images per second on an accelerator (JAX backend): the compiled step on
-device-resident data, real `fit` on CIFAR-10 with augmentation, the step's
-memory, and a plain PyTorch implementation of the same steps as the peer
-reference.
+"""Images per second on an accelerator (JAX backend), keras_fsp against the
+fastest PyTorch step of the same networks, measured in one run on one GPU.
 
-    KERAS_BACKEND=jax python benchmarks/gpu_throughput.py --data_dir ../shared/data \
-        --json_out benchmarks/results/gpu-h100.json
+    KERAS_BACKEND=jax python benchmarks/gpu_throughput.py \
+        --dataset npz:cifar10_arrays.npz --json_out benchmarks/results/gpu-h100.json
 
-Measurements (each a name in the JSON list `{"name", "batch_size", "images_per_sec", ...}`):
+Measurements (each a name in the JSON list `{"name", "batch_size",
+"images_per_sec", "ms_per_step", ...}`):
 
-- `student_alone`, `teacher_inference`, `stage_{fsp,kd,task,hint,dense_fsp}`:
-  the jitted Keras train step (`model.train_step`, exactly what `fit` runs)
-  called in a loop on one batch already on the device, timed after warm-up
-  with a final `block_until_ready`. `temp_mib` is XLA's temporary buffer size
-  for the step (activations kept for the backward pass included).
-- `fit_student_alone`, `fit_stage_{fsp,kd}`: `fit` over the real CIFAR-10
-  training set held on the device (`keras_fsp.inputs.DeviceArrays`), with
-  pad-crop-flip augmentation inside the step; `fit_numpy_*`: the same `fit`
-  fed from host NumPy arrays (Keras' default path).
-- `torch_reference_{kd,fsp}`, `torch_student_alone`: the same networks and
-  losses written plainly in PyTorch (eager, float32, cuDNN autotuning,
-  channels-last), when PyTorch with CUDA is present.
+- `torch_graph_{kd,fsp,student_alone}` (and `_bf16`): the same networks and
+  losses in PyTorch (`torch_reference.py`), the whole training step captured
+  in one CUDA graph and replayed: the peer to beat. `torch_reference_*`,
+  `torch_student_alone`: the same step in eager PyTorch.
+- `stage_{fsp,kd,kd_fsp,task}`, `student_alone`: keras_fsp's compiled
+  training step (`model.train_step` under `jax.jit`, exactly what `fit`
+  runs) called from Python on one device-resident batch: keras_fsp's own
+  compiled step. `temp_mib` is XLA's temporary buffer size for the step.
+- `fit_stage_{fsp,kd}`, `fit_student_alone` (and `_bf16` under
+  `mixed_bfloat16`): `fit` over the training set held on the device
+  (`keras_fsp.inputs.DeviceArrays`) with pad-crop-flip augmentation inside
+  the step and `steps_per_execution` = one epoch (`keras_fsp.jax_steps`);
+  `fit_spe1_*`: the same `fit` one step per dispatch (Keras' own loop).
+- `fsp_parts_*`: where an FSP step's time goes: the teacher's forward pass to
+  its last FSP map, the student's forward and backward pass to its last FSP
+  map, and the FSP matrices with their loss and gradient alone.
 
 Every measurement is written to `--json_out` as soon as it is taken, and the
 run stops starting new ones after `--max_seconds`.
@@ -33,17 +36,20 @@ import time
 from absl import app, flags
 
 flags.DEFINE_list("batch_sizes", ["128", "512"], "Batch sizes.")
-flags.DEFINE_list("pairs", ["26:8"], "teacher_depth:student_depth pairs.")
-flags.DEFINE_list("steps", ["student_alone", "teacher_inference", "stage_fsp", "stage_kd",
-                            "stage_kd_fsp", "stage_task", "stage_hint", "stage_dense_fsp"],
+flags.DEFINE_string("pair", "26:8", "teacher_depth:student_depth.")
+flags.DEFINE_list("steps", ["student_alone", "stage_kd", "stage_fsp", "stage_kd_fsp", "stage_task"],
                   "Compiled steps to time.")
-flags.DEFINE_list("fits", ["fit_student_alone", "fit_stage_fsp", "fit_stage_kd",
-                           "fit_numpy_student_alone", "fit_numpy_stage_kd"], "fit paths to time.")
-flags.DEFINE_bool("torch", True, "Also time the plain PyTorch reference.")
-flags.DEFINE_integer("iters", 200, "Timed iterations of a compiled step.")
-flags.DEFINE_integer("fit_steps", 300, "Timed steps of a fit.")
-flags.DEFINE_string("data_dir", None, "Folder of the shared datasets.py (real CIFAR-10 for "
-                    "the fit measurements); random data when absent.")
+flags.DEFINE_list("fits", ["fit_student_alone", "fit_stage_kd", "fit_stage_fsp",
+                           "fit_spe1_stage_kd", "fit_spe1_student_alone",
+                           "fit_student_alone_bf16", "fit_stage_kd_bf16", "fit_stage_fsp_bf16"],
+                  "fit paths to time.")
+flags.DEFINE_bool("fsp_parts", True, "Time the parts of an FSP step.")
+flags.DEFINE_bool("torch", True, "Also time the PyTorch peers.")
+flags.DEFINE_integer("iters", 300, "Timed iterations of a compiled step.")
+flags.DEFINE_integer("fit_epochs", 2, "Timed epochs of a fit (after one that compiles).")
+flags.DEFINE_string("dataset", None, "npz:PATH with x_train, y_train (uint8 CIFAR-10 images) for "
+                    "the fit measurements; random images when absent.")
+flags.DEFINE_integer("train_examples", None, "Use only this many training images (default all).")
 flags.DEFINE_float("max_seconds", 1e9, "Start no new measurement after this many seconds.")
 flags.DEFINE_string("json_out", None, "Write the results here (updated after each one).")
 FLAGS = flags.FLAGS
@@ -67,30 +73,26 @@ def _out_of_time():
     return time.time() - _START > FLAGS.max_seconds
 
 
-def _distiller(stage, teacher_depth, student_depth, augment=None):
+def _distiller(stage, teacher_depth, student_depth, augment=None, steps_per_execution=1):
     import keras
 
     from keras_fsp import FSPDistiller, Stage
-    from keras_fsp.papers import cifar_resnet, dense_taps
+    from keras_fsp.papers import cifar_resnet
 
     teacher, student = cifar_resnet(teacher_depth), cifar_resnet(student_depth)
-    options = {}
+    stages = {}
     if stage == "kd_fsp":  # KD plus the FSP term: what the FSP matrices add to a KD step
-        options = dict(stages={"kd_fsp": Stage("kd_fsp", {"kd": 0.9, "task": 0.1, "fsp": 1e-3})})
-    if stage == "hint":
-        options = dict(fsp_pairs=None, hint_layer="stage2", guided_layer="stage2")
-    if stage == "dense_fsp":
-        t, s = dense_taps(teacher, 2), dense_taps(student, 2)
-        options = dict(fsp_pairs=list(zip(t[:-1], t[1:])), student_fsp_pairs=list(zip(s[:-1], s[1:])),
-                       stages={"dense_fsp": Stage("dense_fsp", {"fsp": 1.0}, trainable="up_to_taps")})
-    model = FSPDistiller(teacher, student, stage=stage, augment=augment, **options)
-    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+        stages = {"kd_fsp": Stage("kd_fsp", {"kd": 0.9, "task": 0.1, "fsp": 1e-3})}
+    model = FSPDistiller(teacher, student, stage=stage, augment=augment, stages=stages)
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+                  steps_per_execution=steps_per_execution)
     return model
 
 
-def _student(depth, augment=None):
+def _student(depth, augment=None, steps_per_execution=1):
     import keras
 
+    from keras_fsp import jax_steps
     from keras_fsp.papers import cifar_resnet
 
     net = cifar_resnet(depth)
@@ -98,37 +100,40 @@ def _student(depth, augment=None):
         inputs = keras.Input((32, 32, 3))
         net = keras.Model(inputs, net(augment(inputs)))
     net.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    return net
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                steps_per_execution=steps_per_execution)
+    return jax_steps.install(net)
 
 
-def time_compiled_step(name, teacher_depth, student_depth, batch_size):
-    """The jitted `train_step` on one device-resident batch."""
+def _device_batch(batch_size):
     import jax
     import numpy as np
 
     rng = np.random.default_rng(0)
     x = jax.device_put(rng.normal(size=(batch_size, 32, 32, 3)).astype("float32"))
-    y = jax.device_put(rng.integers(0, 10, batch_size))
-    if name == "teacher_inference":
-        from keras_fsp.papers import cifar_resnet
+    y = jax.device_put(rng.integers(0, 10, batch_size).astype("int32"))
+    return x, y
 
-        teacher = cifar_resnet(teacher_depth)
-        tv = [v.value for v in teacher.trainable_variables]
-        ntv = [v.value for v in teacher.non_trainable_variables]
-        fn = jax.jit(lambda tv, ntv, x: teacher.stateless_call(tv, ntv, x, training=False)[0])
-        args = (tv, ntv, x)
-        compiled = fn.lower(*args).compile()
-        for _ in range(10):
-            out = compiled(*args)
-        out.block_until_ready()
-        start = time.perf_counter()
-        for _ in range(FLAGS.iters):
-            out = compiled(*args)
-        out.block_until_ready()
-        mem = compiled.memory_analysis()
-        return (time.perf_counter() - start) / FLAGS.iters, mem
 
+def _time(fn, args, iters):
+    import jax
+
+    out = None
+    for _ in range(10):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    start = time.perf_counter()
+    for _ in range(iters):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / iters
+
+
+def time_compiled_step(name, teacher_depth, student_depth, batch_size):
+    """The jitted `train_step` on one device-resident batch, from Python."""
+    import jax
+
+    x, y = _device_batch(batch_size)
     model = (_student(student_depth) if name == "student_alone"
              else _distiller(name[len("stage_"):], teacher_depth, student_depth))
     if hasattr(model, "stage"):
@@ -137,88 +142,142 @@ def time_compiled_step(name, teacher_depth, student_depth, batch_size):
         model.optimizer.build(model.trainable_variables)
     state = model._get_jax_state(trainable_variables=True, non_trainable_variables=True,
                                  optimizer_variables=True, metrics_variables=True)
-    step = jax.jit(model.train_step, donate_argnums=0)
-    compiled = step.lower(state, (x, y)).compile()
-    for _ in range(10):
-        logs, state = compiled(state, (x, y))
-    jax.block_until_ready(state)
-    start = time.perf_counter()
-    for _ in range(FLAGS.iters):
-        logs, state = compiled(state, (x, y))
-    jax.block_until_ready(state)
-    return (time.perf_counter() - start) / FLAGS.iters, compiled.memory_analysis()
+    compiled = jax.jit(model.train_step, donate_argnums=0).lower(state, (x, y)).compile()
+    holder = [state]
+
+    def step():
+        logs, holder[0] = compiled(holder[0], (x, y))
+        return holder[0]
+
+    seconds = _time(step, (), FLAGS.iters)
+    return seconds, compiled.memory_analysis()
 
 
-def _cifar10(data_dir):
+def time_fsp_parts(teacher_depth, student_depth, batch_size):
+    """Teacher forward, student forward+backward to its last FSP map, and the
+    FSP matrices + loss + gradient alone, each jitted on its own."""
+    import jax
+    import jax.numpy as jnp
+
+    from keras_fsp import taps
+    from keras_fsp.fsp import fsp_matrix
+    from keras_fsp.papers import cifar_resnet
+
+    names = ["stem", "stage1", "stage2", "stage3"]
+    pairs = list(zip(names[:-1], names[1:]))
+    x, _ = _device_batch(batch_size)
+    teacher, student = cifar_resnet(teacher_depth), cifar_resnet(student_depth)
+    t_view = taps.tap_model(teacher, names, include_logits=False)
+    s_view = taps.tap_model(student, names, include_logits=False)
+    tv, tn = [v.value for v in t_view.trainable_variables], [v.value for v in t_view.non_trainable_variables]
+    sv, sn = [v.value for v in s_view.trainable_variables], [v.value for v in s_view.non_trainable_variables]
+
+    def teacher_fwd(x):
+        out, _ = t_view.stateless_call(tv, tn, x, training=False)
+        return out
+
+    def fsp_loss(maps_s, maps_t):
+        total = 0.0
+        for a, b in pairs:
+            g_s = fsp_matrix(maps_s[a], maps_s[b])
+            g_t = fsp_matrix(maps_t[a], maps_t[b])
+            total = total + jnp.mean(jnp.sum(jnp.square(g_t - g_s), axis=(1, 2)))
+        return total
+
+    def student_fwd_bwd(sv, x):  # a loss that costs nothing: the backbone alone
+        def loss(sv):
+            out, _ = s_view.stateless_call(sv, sn, x, training=True)
+            return sum(jnp.mean(v) for v in out.values())
+        return jax.grad(loss)(sv)
+
+    maps_t = jax.jit(teacher_fwd)(x)
+    s_maps, _ = jax.jit(lambda sv, x: s_view.stateless_call(sv, sn, x, training=True))(sv, x)
+    fsp_grad = jax.jit(jax.grad(fsp_loss))
+    return {
+        "fsp_parts_teacher_forward": _time(jax.jit(teacher_fwd), (x,), FLAGS.iters),
+        "fsp_parts_student_forward_backward": _time(jax.jit(student_fwd_bwd), (sv, x), FLAGS.iters),
+        "fsp_parts_matrices_loss_gradient": _time(fsp_grad, (s_maps, maps_t), FLAGS.iters),
+    }
+
+
+def _cifar10(dataset):
     import numpy as np
 
-    if data_dir:
-        sys.path.insert(0, os.path.abspath(data_dir))
-        import datasets  # the shared loader
+    if dataset:
+        from keras_fsp.apps.data import load_arrays
 
-        (x, y), _ = datasets.load_cifar10()
+        (x, y), _, _ = load_arrays(dataset)
     else:
         rng = np.random.default_rng(0)
         x, y = rng.integers(0, 256, (50000, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 50000)
+    x, y = x[:FLAGS.train_examples], y[:FLAGS.train_examples]
     mean, std = x.reshape(-1, 3).mean(0), x.reshape(-1, 3).std(0)
     return ((x - mean) / std).astype("float32"), y.astype("int32")
 
 
 def time_fit(name, teacher_depth, student_depth, batch_size, x, y):
-    """`fit` over CIFAR-10 with in-step augmentation: device-resident or NumPy."""
+    """`fit` over the device-resident training set with in-step augmentation."""
+    import keras
+
     from keras_fsp.augment import PadCropFlip
     from keras_fsp.inputs import DeviceArrays
 
-    numpy_path = name.startswith("fit_numpy_")
-    what = name[len("fit_numpy_"):] if numpy_path else name[len("fit_"):]
-    augment = PadCropFlip(pad=4, flip=True, seed=0)
-    model = (_student(student_depth, augment) if what == "student_alone"
-             else _distiller(what[len("stage_"):], teacher_depth, student_depth, augment))
-    steps = min(FLAGS.fit_steps, len(x) // batch_size)  # one epoch at most
-    n = batch_size * steps
-    if numpy_path:
-        data = dict(x=x[:n], y=y[:n], batch_size=batch_size, shuffle=True)
-    else:
-        data = dict(x=DeviceArrays(x[:n], y[:n], batch_size=batch_size, seed=0, drop_remainder=True))
-    model.fit(**data, epochs=1, verbose=0)  # compiles
-    start = time.perf_counter()
-    model.fit(**data, epochs=1, verbose=0)
-    return (time.perf_counter() - start) / steps
+    what, bf16 = name, name.endswith("_bf16")
+    what = what[: -len("_bf16")] if bf16 else what
+    one_per_dispatch = what.startswith("fit_spe1_")
+    what = what[len("fit_spe1_"):] if one_per_dispatch else what[len("fit_"):]
+    keras.config.set_dtype_policy("mixed_bfloat16" if bf16 else "float32")
+    try:
+        data = DeviceArrays(x, y, batch_size=batch_size, seed=0, drop_remainder=True)
+        steps = 1 if one_per_dispatch else len(data)
+        augment = PadCropFlip(pad=4, flip=True, seed=0)
+        model = (_student(student_depth, augment, steps) if what == "student_alone"
+                 else _distiller(what[len("stage_"):], teacher_depth, student_depth, augment, steps))
+        model.fit(data, epochs=1, verbose=0)  # compiles
+        start = time.perf_counter()
+        model.fit(data, epochs=FLAGS.fit_epochs, verbose=0)
+        return (time.perf_counter() - start) / (FLAGS.fit_epochs * len(data))
+    finally:
+        keras.config.set_dtype_policy("float32")
 
 
 def main(_):
+    batch_sizes = [int(b) for b in FLAGS.batch_sizes]
+    t_depth, s_depth = (int(d) for d in FLAGS.pair.split(":"))
+    pair = f"{t_depth}->{s_depth}"
+    if FLAGS.torch:  # first, in a process of its own: a CUDA error there cannot reach JAX
+        import subprocess
+
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_reference.py")
+        lines = subprocess.run([sys.executable, script, str(t_depth), str(s_depth), *map(str, batch_sizes)],
+                               capture_output=True, text=True).stdout.splitlines()
+        for line in lines:
+            entry = json.loads(line) if line.startswith("{") else {"error": line}
+            if "error" in entry:
+                print(f"PyTorch peer: {entry['error']}", flush=True)
+            else:
+                _record(entry["name"], entry["batch_size"], entry["seconds"], pair=pair,
+                        framework="pytorch")
     import jax
     import keras
 
     device = jax.devices()[0]
     print(f"device: {device.device_kind}; keras {keras.__version__}, jax {jax.__version__}", flush=True)
-    batch_sizes = [int(b) for b in FLAGS.batch_sizes]
-    pairs = [tuple(int(d) for d in p.split(":")) for p in FLAGS.pairs]
-    if FLAGS.torch:
-        try:
-            import torch_reference
-
-            for t_depth, s_depth in pairs:
-                for b in batch_sizes:
-                    for name, sec in torch_reference.run(t_depth, s_depth, b).items():
-                        _record(name, b, sec, pair=f"{t_depth}->{s_depth}", framework="pytorch")
-        except Exception as e:  # the Keras measurements still run
-            print(f"PyTorch reference skipped: {type(e).__name__}: {e}", flush=True)
-    x, y = _cifar10(FLAGS.data_dir)
-    for i, (t_depth, s_depth) in enumerate(pairs):
-        for b in batch_sizes:
-            for name in FLAGS.steps:
-                if _out_of_time():
-                    break
+    for b in batch_sizes:
+        for name in FLAGS.steps:
+            if not _out_of_time():
                 sec, mem = time_compiled_step(name, t_depth, s_depth, b)
-                _record(name, b, sec, pair=f"{t_depth}->{s_depth}",
+                _record(name, b, sec, pair=pair,
                         temp_mib=round(mem.temp_size_in_bytes / 2**20, 1) if mem else None)
-        for b in batch_sizes if i == 0 else ():  # the input path: first pair only
-            for name in FLAGS.fits:
-                if _out_of_time():
-                    break
-                _record(name, b, time_fit(name, t_depth, s_depth, b, x, y),
-                        pair=f"{t_depth}->{s_depth}", data="cifar10" if FLAGS.data_dir else "random")
+        if FLAGS.fsp_parts and not _out_of_time():
+            for name, sec in time_fsp_parts(t_depth, s_depth, b).items():
+                _record(name, b, sec, pair=pair)
+    x, y = _cifar10(FLAGS.dataset)
+    for b in batch_sizes:
+        for name in FLAGS.fits:
+            if not _out_of_time():
+                _record(name, b, time_fit(name, t_depth, s_depth, b, x, y), pair=pair,
+                        data=FLAGS.dataset or "random")
     stats = device.memory_stats() or {}
     print(f"peak device memory in use (whole run): {stats.get('peak_bytes_in_use', 0) / 2**30:.2f} GiB")
 

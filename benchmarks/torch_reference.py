@@ -2,10 +2,18 @@
 `gpu_throughput.py`: the same CIFAR ResNets (6n+2, 16/32/64 channels, 1x1
 projection shortcuts with batch norm), the same losses (KD: 0.9 * T^2 soft
 cross-entropy + 0.1 labels at T = 4; FSP: eq. 2 over the three section pairs,
-max pooling), SGD with momentum and weight decay 1e-4; eager, float32,
-channels-last, cuDNN autotuning. The teacher runs under `no_grad` in eval mode.
+max pooling), SGD with momentum and weight decay 1e-4; channels-last, cuDNN
+autotuning. The teacher runs under `no_grad` in eval mode.
 
-    python benchmarks/torch_reference.py   # prints seconds per step
+Two ways to run the step:
+
+- `run`: eager PyTorch, float32 (`torch_reference_*`, `torch_student_alone`);
+- `run_graph`: what a speed-minded PyTorch user writes: the whole step
+  (forward, backward, SGD update) captured once in a CUDA graph after
+  warm-up on a side stream, and replayed on a static batch
+  (`torch_graph_*`), in float32 or under bfloat16 autocast (`*_bf16`).
+
+    python benchmarks/torch_reference.py   # prints milliseconds per step
 """
 
 import time
@@ -119,7 +127,80 @@ def run(teacher_depth=26, student_depth=8, batch_size=128, iters=200, warmup=20)
     return results
 
 
+def run_graph(teacher_depth=26, student_depth=8, batch_size=128, iters=500, warmup=20,
+              bf16=False):
+    """Seconds per replay of the whole training step captured in a CUDA
+    graph: `torch_graph_kd`, `torch_graph_fsp`, `torch_graph_student_alone`
+    (with `_bf16` under bfloat16 autocast)."""
+    torch.backends.cudnn.benchmark = True
+    dev = torch.device("cuda")
+    teacher = CifarResNet(teacher_depth).to(dev, memory_format=torch.channels_last).eval()
+    static_x = torch.randn(batch_size, 3, 32, 32, device=dev).to(memory_format=torch.channels_last)
+    static_y = torch.randint(0, 10, (batch_size,), device=dev)
+    suffix = "_bf16" if bf16 else ""
+    results = {}
+    for kind in ("student_alone", "kd", "fsp"):
+        student = CifarResNet(student_depth).to(dev, memory_format=torch.channels_last).train()
+        opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                if kind == "student_alone":
+                    loss = F.cross_entropy(student(static_x)[0].float(), static_y)
+                else:
+                    with torch.no_grad():
+                        t_logits, t_maps = teacher(static_x, logits=kind == "kd")
+                    s_logits, s_maps = student(static_x, logits=kind == "kd")
+                    if kind == "kd":
+                        loss = kd_loss(t_logits.float(), s_logits.float(), static_y)
+                    else:
+                        loss = fsp_loss([m.float() for m in t_maps], [m.float() for m in s_maps])
+            loss.backward()
+            opt.step()
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (cuDNN autotuning, optimizer state) off the graph
+            for _ in range(warmup):
+                opt.zero_grad(set_to_none=True)
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # Gradients set to None before capture: backward() then writes fresh
+        # .grad tensors from the graph's pool at every replay.
+        opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            step()
+        for _ in range(warmup):
+            graph.replay()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(iters):
+            graph.replay()
+        torch.cuda.synchronize()
+        results[f"torch_graph_{kind}{suffix}"] = (time.perf_counter() - start) / iters
+    return results
+
+
+def main(argv):
+    """`python torch_reference.py [teacher_depth student_depth batch ...]`:
+    one JSON line per measurement (gpu_throughput.py runs this in a process
+    of its own, so that a CUDA error here cannot affect JAX)."""
+    import json
+
+    t_depth, s_depth = (int(a) for a in argv[:2]) if len(argv) >= 2 else (26, 8)
+    for b in [int(a) for a in argv[2:]] or [128, 512]:
+        for fn, kwargs in ((run_graph, {}), (run_graph, {"bf16": True}), (run, {})):
+            try:
+                timings = fn(t_depth, s_depth, b, **kwargs)
+            except Exception as e:  # report and go on with the others
+                print(json.dumps({"error": f"{fn.__name__}{kwargs}: {type(e).__name__}: {e}"}), flush=True)
+                continue
+            for name, seconds in timings.items():
+                print(json.dumps({"name": name, "batch_size": b, "seconds": seconds}), flush=True)
+
+
 if __name__ == "__main__":
-    for b in (128, 512):
-        for k, v in run(batch_size=b).items():
-            print(f"{k:>22} batch {b}: {1e3 * v:.2f} ms/step, {b / v:,.0f} images/s")
+    import sys
+
+    main(sys.argv[1:])

@@ -36,19 +36,23 @@ class PadCropFlip(keras.layers.Layer):
             raise ValueError(f"pad must be >= 0; got {pad}.")
         self.pad, self.flip, self.seed = int(pad), bool(flip), seed
         self.seed_generator = keras.random.SeedGenerator(seed)
+        self.built = True  # no weights; its random state is made above
 
     def _crop(self, x):
         p = self.pad
         b = ops.shape(x)[0]
-        h, w = x.shape[1], x.shape[2]
+        h, w, c = x.shape[1], x.shape[2], x.shape[3]
         padded = ops.pad(x, [[0, 0], [p, p], [p, p], [0, 0]])
         dy = keras.random.randint((b,), 0, 2 * p + 1, seed=self.seed_generator)
         dx = keras.random.randint((b,), 0, 2 * p + 1, seed=self.seed_generator)
-        # One-hot selection matrices: an exact, gather-free crop per image.
-        rows = ops.one_hot(dy[:, None] + ops.arange(h)[None, :], h + 2 * p, dtype=x.dtype)
-        cols = ops.one_hot(dx[:, None] + ops.arange(w)[None, :], w + 2 * p, dtype=x.dtype)
-        out = ops.einsum("bih,bhwc->biwc", rows, padded)
-        return ops.einsum("bjw,biwc->bijc", cols, out)
+        # Gathers, not one-hot matrix products: exact on GPUs whose float32
+        # matrix products round to TF32.
+        rows = dy[:, None] + ops.arange(h)[None, :]
+        rows = ops.broadcast_to(rows[:, :, None, None], (b, h, w + 2 * p, c))
+        out = ops.take_along_axis(padded, rows, axis=1)
+        cols = dx[:, None] + ops.arange(w)[None, :]
+        cols = ops.broadcast_to(cols[:, None, :, None], (b, h, w, c))
+        return ops.take_along_axis(out, cols, axis=2)
 
     def call(self, inputs, training=None):
         if not training:

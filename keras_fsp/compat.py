@@ -128,3 +128,25 @@ def pass_inputs_unconverted(layer):
     the inputs before the teacher's own layers see them.
     """
     layer._convert_input_args = False
+
+
+def state_sharding_spec(model):
+    """The shardings of a JAX model's training state under a Keras
+    distribution (what its compiled step must return).
+
+    Why: a multi-step train function (`keras_fsp.jax_steps`) compiles its own
+    step and must give it the same output shardings as Keras' own, which
+    Keras computes in the private `_get_state_sharding_spec`.
+    """
+    return model._get_state_sharding_spec()
+
+
+def symbolic_build(model, data_batch):
+    """Builds the model, its compiled metrics and loss from one real batch
+    (what Keras' `fit` does from the first batch of its iterator).
+
+    Why: when a multi-step train function (`keras_fsp.jax_steps`) feeds
+    Keras' loop block numbers instead of batches, the model must be built
+    from a real batch beforehand, through the private `_symbolic_build`.
+    """
+    model._symbolic_build(data_batch=data_batch)

@@ -50,12 +50,16 @@ def pooled_spatial_size(shape1, shape2):
 
 
 def _pool_to(x, size, pooling):
+    """Non-overlapping max or average pooling of `x` down to `size`, written
+    as a reshape and a reduction: the same values as a pooling op, and on
+    GPUs a much cheaper gradient than XLA's select-and-scatter."""
     h, w = x.shape[1], x.shape[2]
     if (h, w) == tuple(size):
         return x
-    window = (h // size[0], w // size[1])
-    pool = ops.max_pool if pooling == "max" else ops.average_pool
-    return pool(x, pool_size=window, strides=window, padding="valid")
+    rh, rw = h // size[0], w // size[1]
+    blocks = ops.reshape(x, (-1, size[0], rh, size[1], rw, x.shape[-1]))
+    reduce = ops.max if pooling == "max" else ops.mean
+    return reduce(blocks, axis=(2, 4))
 
 
 def fsp_matrix(f1, f2, pooling="max"):

@@ -268,3 +268,62 @@ def test_a_loss_that_turns_nan_stops_fit_naming_the_term_and_stage():
                        match=r"fsp_loss became (NaN|infinite) in stage 'fsp' at epoch \d+, batch \d+; "
                              r"lower the learning rate \(the optimizer of stage 'fsp'"):
         d.fit(x, y, batch_size=16, epochs=5, verbose=0)
+
+
+def _distiller_with(**compile_kwargs):
+    d = FSPDistiller(*small_pair())
+    d.compile(optimizer="sgd", **compile_kwargs)
+    return d
+
+
+@pytest.mark.parametrize("stage", ["fsp", "kd"])
+def test_several_steps_per_execution_train_like_one(stage, monkeypatch):
+    # On JAX the steps run in one compiled scan (keras_fsp.jax_steps, forced
+    # here on the CPU); on TensorFlow in Keras' in-graph loop. 5 batches in
+    # groups of 2: the last group is a single batch, and the last batch is
+    # smaller (70 = 4 x 16 + 6).
+    monkeypatch.setattr(keras_fsp.jax_steps, "ON_CPU", True)
+    if keras.backend.backend() == "jax":
+        assert keras_fsp.jax_steps.applies(_distiller_with(steps_per_execution=2))
+    x, y = data(n=70)
+    runs = []
+    for steps in (1, 2):
+        teacher, student = small_pair()
+        d = FSPDistiller(teacher, student, stage=stage)
+        d.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), steps_per_execution=steps)
+        history = d.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0).history
+        runs.append((history, weights_of(student)))
+    (h1, w1), (h2, w2) = runs
+    for key in h1:
+        np.testing.assert_allclose(h1[key], h2[key], rtol=1e-4, err_msg=key)
+    moved = [not np.allclose(a, b) for a, b in zip(w1, weights_of(small_pair()[1]))]
+    assert any(moved)
+    for a, b in zip(w1, w2):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_device_arrays_in_scans_train_like_one_step_at_a_time(monkeypatch):
+    # JAX: DeviceArrays' batches gathered inside the compiled scan
+    # (keras_fsp.jax_steps), here blocks of 3 batches over 5 + a smaller one;
+    # TensorFlow: Keras' own loop. Both against one step per dispatch.
+    from keras_fsp.inputs import DeviceArrays
+
+    monkeypatch.setattr(keras_fsp.jax_steps, "ON_CPU", True)
+    x, y = data(n=88)  # 5 batches of 16 and one of 8
+    runs = []
+    for steps in (1, 3):
+        teacher, student = small_pair()
+        d = FSPDistiller(teacher, student, stage="kd")
+        d.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), metrics=["accuracy"],
+                  steps_per_execution=steps)
+        train = DeviceArrays(x, y, batch_size=16, seed=3)
+        history = d.fit(train, epochs=2, shuffle=False, verbose=0,
+                        callbacks=[StageSchedule({0: "kd", 1: "task"}, verbose=0)]).history
+        runs.append((history, weights_of(student), int(ops.convert_to_numpy(d.optimizer.iterations))))
+    (h1, w1, it1), (h2, w2, it2) = runs
+    assert it1 == it2 == 6  # the task stage's optimizer counted every real step
+    assert set(h1) == set(h2) and "accuracy" in h1
+    for key in h1:
+        np.testing.assert_allclose(h1[key], h2[key], rtol=1e-4, err_msg=key)
+    for a, b in zip(w1, w2):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -66,3 +66,17 @@ def test_bad_input_is_refused():
         DeviceArrays(np.zeros((4, 2)), batch_size=0)
     with pytest.raises(ValueError, match="leaves no batch"):
         DeviceArrays(np.zeros((4, 2)), batch_size=8, drop_remainder=True)
+
+
+def test_an_epochs_order_depends_only_on_seed_and_epoch():
+    # What makes a resumed run see the batches of an uninterrupted one.
+    x, y = np.zeros((40, 2), "float32"), np.arange(40)
+    uninterrupted = DeviceArrays(x, y, batch_size=8, seed=5)
+    orders = []
+    for _ in range(3):
+        orders.append(_epoch(uninterrupted)[1])
+        uninterrupted.on_epoch_end()
+    resumed = DeviceArrays(x, y, batch_size=8, seed=5, initial_epoch=2)
+    np.testing.assert_array_equal(_epoch(resumed)[1], orders[2])
+    other_seed = DeviceArrays(x, y, batch_size=8, seed=6)
+    assert not np.array_equal(_epoch(other_seed)[1], orders[0])

@@ -103,7 +103,7 @@ class DistillationTerm(keras.layers.Layer):
 
     def __init__(self, name=None, **kwargs):
         super().__init__(name=name or self.registered_name or type(self).__name__.lower(), **kwargs)
-        self.configured = False
+        self.built = True  # a term builds its own layers in `configure`
 
     @property
     def uses_teacher(self):
