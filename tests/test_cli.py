@@ -64,6 +64,7 @@ def test_train_teacher_writes_config_metrics_logs_checkpoints_and_export(teacher
         "model_dir": str(model_dir), "seed": 0, "epochs": None, "learning_rate_scale": 1.0,
         "weight_decay": 1e-4, "temperature": None, "data_dir": None, "overwrite": False,
         "method": "fsp", "teacher": None, "model": None, "num_images": 6,
+        "max_minutes": None, "tensorboard": False,
     }
     assert config == expected
 
@@ -96,7 +97,7 @@ def test_distill_stops_at_epochs_then_resumes_at_the_right_epoch(teacher_run, tm
     args = ["distill", "--method=fsp", *TINY, f"--teacher={teacher_dir}", f"--model_dir={model_dir}"]
     first = _run(*args, "--epochs=1")
     assert (first["epochs_done"], first["epochs_total"], first["complete"]) == (1, 3, False)
-    assert first["files"] == {} and not (model_dir / "student.keras").exists()  # unfinished
+    assert "keras" not in first["files"] and not (model_dir / "student.keras").exists()  # unfinished
     assert first["stages"] == {"0": "fsp", "1": "task"}
     assert 0.0 <= first["teacher_test_accuracy"] <= 1.0
 
@@ -110,6 +111,7 @@ def test_distill_stops_at_epochs_then_resumes_at_the_right_epoch(teacher_run, tm
     assert json.loads((model_dir / "config.json").read_text())["epochs"] is None
     assert sorted(os.listdir(model_dir / "checkpoints")) == ["epoch-000002", "epoch-000003", "latest"]
     assert second["files"] == {"keras": str(model_dir / "student.keras"),
+                               "weights": str(model_dir / "student.weights.h5"),
                                "saved_model": str(model_dir / "export")}
 
     # Changing a setting of a run with checkpoints is refused.
@@ -119,13 +121,14 @@ def test_distill_stops_at_epochs_then_resumes_at_the_right_epoch(teacher_run, tm
     assert _snapshot(model_dir) == before
 
 
-@pytest.mark.parametrize("method", ["dense-fsp", "fitnet", "kd"])
+@pytest.mark.parametrize("method", ["dense-fsp", "fitnet", "kd", "at", "dkd", "fsp-kd", "at-kd"])
 def test_every_method_trains_an_epoch(teacher_run, tmp_path, method):
     teacher_dir, _ = teacher_run
     result = _run("distill", f"--method={method}", *TINY, "--epochs=1", "--temperature=2", f"--teacher={teacher_dir}",
                   f"--model_dir={tmp_path / method}")
     assert result["epochs_done"] == 1 and 0.0 <= result["test_accuracy"] <= 1.0
-    first_stage = {"dense-fsp": "dense_fsp_1", "fitnet": "hint", "kd": "kd"}[method]
+    first_stage = {"dense-fsp": "dense_fsp_1", "fitnet": "hint", "kd": "kd", "at": "at",
+                   "dkd": "dkd", "fsp-kd": "fsp", "at-kd": "at_kd"}[method]
     rows = _csv(tmp_path / method / "metrics.csv")
     assert rows[0]["stage"] == first_stage and len(rows) == 1
     assert 0.0 <= result["teacher_test_accuracy"] <= 1.0
@@ -198,7 +201,9 @@ def test_nan_loss_stops_with_one_line_and_writes_no_results(teacher_run, tmp_pat
     assert error.value.code == 1 and "\n" not in message
     assert "in stage 'fsp' at epoch 1, batch 2;" in message and "became" in message
     assert "no checkpoint had been written yet" in message and "--learning_rate_scale" in message
-    assert not (model_dir / "metrics.json").exists() and not (model_dir / "export").exists()
+    recorded = json.loads((model_dir / "metrics.json").read_text())
+    assert recorded["complete"] is False and "fsp_loss became" in recorded["diverged"]
+    assert not (model_dir / "export").exists() and not (model_dir / "student.keras").exists()
     assert "error: fsp_loss became" in (model_dir / "log.txt").read_text()
 
 
@@ -211,7 +216,7 @@ def test_bad_inputs_give_one_line_and_touch_nothing(teacher_run, tmp_path, capsy
     cases = {
         "unknown subcommand 'train'; choose one of train-teacher, distill, evaluate, export, visualize":
             ["train"],
-        "unknown method 'fsp2'; choose one of fsp, dense-fsp, fitnet, kd, none":
+        "unknown method 'fsp2'; choose one of fsp, dense-fsp, fitnet, kd, at, dkd, fsp-kd, dense-fsp-kd, at-kd, none":
             ["distill", "--method=fsp2"],
         "Unknown command line flag 'learning_rate'":
             ["distill", "--learning_rate=0.1"],
@@ -245,7 +250,7 @@ def test_bad_inputs_give_one_line_and_touch_nothing(teacher_run, tmp_path, capsy
     # main: one line on stderr, exit status 2, no traceback.
     assert cli.main(["keras-fsp", "distill", "--method=nope"]) == 2
     err = capsys.readouterr().err
-    assert err == "keras-fsp: error: unknown method 'nope'; choose one of fsp, dense-fsp, fitnet, kd, none.\n"
+    assert err == "keras-fsp: error: unknown method 'nope'; choose one of fsp, dense-fsp, fitnet, kd, at, dkd, fsp-kd, dense-fsp-kd, at-kd, none.\n"
 
 
 def _npz(folder, classes):

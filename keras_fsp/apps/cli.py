@@ -33,25 +33,34 @@ messages and exit codes (2: bad input, 1: training failed, 130: interrupted).
 """
 
 import json
+import math
 import os
 import shutil
 import sys
 import time
 
-SUBCOMMANDS = ("train-teacher", "distill", "evaluate", "export", "visualize")
+SUBCOMMANDS = ("train-teacher", "distill", "evaluate", "export", "visualize", "reproduce")
 TRAINING = ("train-teacher", "distill")
-# --method -> keras_fsp.papers.recipes function name.
+# --method -> keras_fsp.papers.recipes name ("none": the student alone).
 METHODS = {
-    "fsp": "fsp_paper",
+    "fsp": "fsp",
     "dense-fsp": "dense_fsp",
-    "fitnet": "fitnets",
-    "kd": "hinton_kd",
+    "fitnet": "fitnet",
+    "kd": "kd",
+    "at": "at",
+    "dkd": "dkd",
+    "fsp-kd": "fsp_kd",
+    "dense-fsp-kd": "dense_fsp_kd",
+    "at-kd": "at_kd",
     "none": "student_alone",
 }
+# Methods whose recipe takes a soft-target temperature.
+WITH_TEMPERATURE = ("kd", "fitnet", "dkd", "fsp-kd", "dense-fsp-kd", "at-kd")
 TEACHER_RECIPE = "supervised"
 # Flags that may change between the runs of one model_dir (everything else
 # must stay as it was for a resumed run to be the same run).
-RESUMABLE_CHANGES = ("epochs", "verbose", "overwrite", "data_dir", "model_dir", "num_images")
+RESUMABLE_CHANGES = ("epochs", "verbose", "overwrite", "data_dir", "model_dir", "num_images",
+                     "max_minutes", "tensorboard")
 # Model files of a run folder, in the order they are looked for.
 MODEL_FILES = ("student.keras", "teacher.keras", "model.keras")
 TEACHER_FILES = ("teacher.keras", "model.keras")
@@ -66,6 +75,8 @@ Subcommands: {", ".join(SUBCOMMANDS)}
   evaluate       test accuracy of --model (a .keras file or a run folder)
   export         SavedModel + .keras file of --model into --model_dir
   visualize      pictures of --teacher vs --model (student) into --model_dir
+  reproduce      every run of a results table, then the table
+                 (keras-fsp reproduce TABLE --help; see keras_fsp.apps.reproduce)
 
 Run `keras-fsp --help` for every flag."""
 
@@ -112,6 +123,8 @@ def _flag_values():
                        "recipe (the papers' schedules): 0.01 trains 1% as long.", **d)
     flags.DEFINE_integer("epochs", None, "Stop after this many epochs in all (default: "
                          "the whole schedule); run again without it to continue.", **d)
+    flags.DEFINE_float("max_minutes", None, "Stop after the epoch that passes this many minutes "
+                       "(run the same command again to continue).", **d)
     flags.DEFINE_integer("batch_size", 128, "Training batch size.", **d)
     flags.DEFINE_integer("seed", 0, "Seed of the weights, the data order and the augmentation.", **d)
     flags.DEFINE_float("temperature", None, "Soft-target temperature (kd: default 4, "
@@ -123,6 +136,9 @@ def _flag_values():
                          "outputs in --model_dir instead of continuing.", **d)
     flags.DEFINE_integer("num_images", 6, "visualize: how many test images.", **d)
     flags.DEFINE_integer("verbose", 2, "Keras fit verbosity (0, 1, 2).", **d)
+    flags.DEFINE_boolean("tensorboard", False, "Also write TensorBoard logs (every term's loss "
+                         "and the stage) into <model_dir>/tensorboard; needs the tensorboard "
+                         "package (pip install 'keras-fsp[tensorboard]').", **d)
     return fv
 
 
@@ -174,8 +190,17 @@ def _parse(argv):
         raise CLIError(f"unknown method {cfg['method']!r}; choose one of {', '.join(METHODS)}.")
     if not cfg["schedule_scale"] > 0:
         raise CLIError(f"--schedule_scale must be > 0; got {cfg['schedule_scale']}.")
+    for flag in ("schedule_scale", "learning_rate_scale", "weight_decay", "max_minutes",
+                 "temperature"):
+        value = cfg[flag]
+        if value is not None and not math.isfinite(value):
+            raise CLIError(f"--{flag} must be a finite number; got {value}.")
     if not cfg["learning_rate_scale"] > 0:
         raise CLIError(f"--learning_rate_scale must be > 0; got {cfg['learning_rate_scale']}.")
+    if cfg["weight_decay"] < 0:
+        raise CLIError(f"--weight_decay must be >= 0; got {cfg['weight_decay']}.")
+    if cfg["max_minutes"] is not None and not cfg["max_minutes"] > 0:
+        raise CLIError(f"--max_minutes must be > 0; got {cfg['max_minutes']}.")
     if cfg["batch_size"] < 1:
         raise CLIError(f"--batch_size must be >= 1; got {cfg['batch_size']}.")
     if cfg["epochs"] is not None and cfg["epochs"] < 1:
@@ -200,52 +225,6 @@ def _parse(argv):
     return cfg
 
 
-# --------------------------------------------------------------------- log
-
-
-class _Log:
-    """Lines to stdout and, once the run's folder exists, to log.txt."""
-
-    def __init__(self):
-        self.path = None
-        self.pending = []
-
-    def open(self, path):
-        self.path = path
-        for line in self.pending:
-            self._write(line)
-        self.pending = []
-
-    def _write(self, line):
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-
-    def __call__(self, message, echo=True):
-        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
-        if echo:
-            print(message, flush=True)
-        if self.path is None:
-            self.pending.append(line)
-        else:
-            self._write(line)
-
-
-def _epoch_logger(log, total, echo):
-    import keras
-
-    class EpochLog(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            stage = getattr(getattr(self.model, "stage", None), "name", None)
-            values = " ".join(
-                f"{k}={float(v):.4g}" for k, v in sorted((logs or {}).items())
-                if isinstance(v, (int, float)) or hasattr(v, "__float__")
-            )
-            where = f" [{stage}]" if stage else ""
-            log(f"epoch {epoch + 1}/{total}{where} {values}", echo=echo)
-
-    return EpochLog()
-
-
 # -------------------------------------------------------------------- data
 
 
@@ -264,27 +243,10 @@ def _load_data(cfg):
     return (x_train, y_train), (x_test, y_test), info
 
 
-def _normalizer(info):
-    """Maps a raw training batch to the model's input with exactly the
-    arithmetic of `keras_fsp.apps.data.make_dataset` (which the test set goes
-    through), `(x - mean) * (1 / std)` in float32."""
-    import numpy as np
-    import tensorflow as tf
-
-    mean = tf.constant(np.asarray(info["mean"], "float32").reshape(-1))
-    inv_std = tf.constant(1.0 / np.asarray(info["std"], "float32").reshape(-1))
-
-    def normalize(x):
-        return (tf.cast(x, tf.float32) - mean) * inv_std
-
-    return normalize
-
-
-def _test_dataset(cfg, x, y, info):
+def _normalized(x, info):
     from keras_fsp.apps import data
 
-    return data.make_dataset(x, y, cfg["batch_size"], training=False,
-                             mean=info["mean"], std=info["std"], augment=False)
+    return data.normalize(x, info["mean"], info["std"])
 
 
 # ------------------------------------------------------------------ models
@@ -475,25 +437,10 @@ def _export(model, model_dir, keras_name):
     return files
 
 
-def _evaluate(model, dataset, y):
-    """Test accuracy and mean cross-entropy of a logits model."""
-    import numpy as np
+def _write_result(model_dir, result):
+    from keras_fsp.apps.training import write_result
 
-    logits = np.asarray(model.predict(dataset, verbose=0), dtype="float64")
-    y = np.asarray(y).reshape(-1)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    return {
-        "accuracy": float(np.mean(np.argmax(logits, axis=1) == y)),
-        "loss": float(-np.mean(log_probs[np.arange(len(y)), y])),
-        "examples": int(len(y)),
-    }
-
-
-def _write_json(path, obj):
-    from keras_fsp.apps.runs import atomic_write_text
-
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    write_result(model_dir, result)
 
 
 # ------------------------------------------------------------ subcommands
@@ -510,7 +457,9 @@ def _scale_learning_rates(recipe, factor):
         if opt is None or id(opt) in seen:
             continue
         seen.add(id(opt))
-        lr = opt._learning_rate
+        from keras_fsp import compat
+
+        lr = compat.learning_rate(opt)
         schedules = keras.optimizers.schedules
         if isinstance(lr, schedules.PiecewiseConstantDecay):
             opt.learning_rate = schedules.PiecewiseConstantDecay(
@@ -525,20 +474,19 @@ def _recipe(cfg, teacher, student, steps, augment):
     kw = dict(augment=augment, scale=cfg["schedule_scale"])
     if cfg["subcommand"] == "train-teacher":
         return recipes.supervised(student, steps, **kw)
-    fn = getattr(recipes, METHODS[cfg["method"]])
     if cfg["method"] == "none":
-        return fn(student, steps, **kw)
-    if cfg["temperature"] is not None and cfg["method"] in ("kd", "fitnet"):
+        return recipes.student_alone(student, steps, **kw)
+    if cfg["temperature"] is not None and cfg["method"] in WITH_TEMPERATURE:
         kw["temperature"] = cfg["temperature"]
-    return fn(teacher, student, steps, **kw)
+    return recipes.get(METHODS[cfg["method"]])(teacher, student, steps, **kw)
 
 
 def _train(cfg, log):
     import keras
 
+    from keras_fsp.apps import training
     from keras_fsp.augment import PadCropFlip
-    from keras_fsp.apps.runs import (
-        MetricsCSV, NonFiniteLossError, ResumableRun, steps_per_epoch, truncate_csv)
+    from keras_fsp.callbacks import NonFiniteLossError
 
     started = time.time()
     sub = cfg["subcommand"]
@@ -559,89 +507,59 @@ def _train(cfg, log):
     aug = dict(info.get("augment") or {})
     pad, flip = int(aug.get("pad", 0)), bool(aug.get("flip", False))
     augment = PadCropFlip(pad=pad, flip=flip, seed=cfg["seed"]) if (pad or flip) else None
+    from keras_fsp.apps.runs import steps_per_epoch
+
     steps = steps_per_epoch(len(x_train), cfg["batch_size"])
     recipe = _recipe(cfg, teacher, network, steps, augment)
     _scale_learning_rates(recipe, cfg["learning_rate_scale"])
-    recipe.compile(metrics=["accuracy"])
     stages = {int(e): s.name for e, s in sorted(recipe.schedule.items())}
     log(f"recipe {recipe.name}: {recipe.epochs} epochs of {steps} steps"
         + (f", stages {stages}" if stages else "")
         + (f"; teacher {teacher_path}" if teacher_path else ""))
-
-    run = ResumableRun(cfg["model_dir"])
-    done = latest.epoch if latest is not None else 0
-    csv_path = os.path.join(cfg["model_dir"], "metrics.csv")
-    truncate_csv(csv_path, done)
-    end = recipe.epochs if cfg["epochs"] is None else min(cfg["epochs"], recipe.epochs)
-    if done:
-        log(f"resuming from {latest.path} (epoch {done}, stage {latest.stage!r})")
-    test_ds = _test_dataset(cfg, x_test, y_test, info)
-    callbacks = [MetricsCSV(csv_path), _epoch_logger(log, recipe.epochs, echo=not cfg["verbose"])]
+    if latest is not None:
+        log(f"resuming from {latest.path} (epoch {latest.epoch}, stage {latest.stage!r})")
     advice = (f"lower the learning rate (--learning_rate_scale, now "
               f"{cfg['learning_rate_scale']:g}) or check the data for NaN/inf values")
+    save_name = "teacher" if sub == "train-teacher" else "student"
     try:
-        _, initial_epoch = run.fit(
-            recipe.model, x_train, y_train, epochs=recipe.epochs,
-            batch_size=cfg["batch_size"], seed=cfg["seed"],
-            callbacks=list(recipe.callbacks) + callbacks, validation_data=test_ds,
-            preprocess=_normalizer(info), stop_after=end, verbose=cfg["verbose"],
-            nan_advice=advice,
+        result = training.train(
+            recipe, (_normalized(x_train, info), y_train), (_normalized(x_test, info), y_test),
+            cfg["model_dir"], batch_size=cfg["batch_size"], seed=cfg["seed"], epochs=cfg["epochs"],
+            max_minutes=cfg["max_minutes"],
+            log=log, verbose=cfg["verbose"], nan_advice=advice, save_name=save_name,
+            tensorboard=cfg["tensorboard"],
+            fields={"subcommand": sub, "dataset": cfg["dataset"],
+                    "method": cfg["method"] if sub == "distill" else "supervised"},
         )
     except NonFiniteLossError as e:
-        log(f"error: {e}")
         raise CLIError(e, code=1) from None
     except KeyboardInterrupt:
-        last = run.latest()
-        message = (f"interrupted; the last checkpoint is epoch {last.epoch if last else 0} "
-                   f"in {run.checkpoint_dir}: run the same command again to continue")
+        from keras_fsp.apps.runs import ResumableRun
+
+        last = ResumableRun(cfg["model_dir"]).latest()
+        message = (f"interrupted; the last checkpoint is epoch {last.epoch if last else 0} in "
+                   f"{cfg['model_dir']}: run the same command again to continue")
         log(message)
         raise CLIError(message, code=130) from None
-    done = max(end, initial_epoch)  # a checkpoint may be past a smaller --epochs
-    if initial_epoch >= end:
-        log(f"{initial_epoch} epochs were already done")
-
-    student = recipe.student
-    metrics = {"test": _evaluate(student, test_ds, y_test)}
-    if teacher is not None:
-        metrics["teacher_test"] = _evaluate(teacher, test_ds, y_test)
-    keras_name = "teacher.keras" if sub == "train-teacher" else "student.keras"
-    files = {}
-    if done == recipe.epochs:  # only the finished network is exported
-        files = _export(student, cfg["model_dir"], keras_name)
-    result = {
-        "subcommand": sub,
-        "method": cfg["method"] if sub == "distill" else "supervised",
-        "dataset": cfg["dataset"],
-        "test_accuracy": metrics["test"]["accuracy"],
-        "test_loss": metrics["test"]["loss"],
-        "teacher_test_accuracy": metrics.get("teacher_test", {}).get("accuracy"),
-        "epochs_done": done,
-        "epochs_total": recipe.epochs,
-        "complete": done == recipe.epochs,
-        "initial_epoch": initial_epoch,
-        "stages": {str(k): v for k, v in stages.items()},
-        "steps_per_epoch": steps,
-        "parameters": int(student.count_params()),
-        "seconds": round(time.time() - started, 1),
-        "files": files,
-    }
-    _write_json(os.path.join(cfg["model_dir"], "metrics.json"), result)
-    log(f"test accuracy {result['test_accuracy']:.4f}"
-        + (f" (teacher {result['teacher_test_accuracy']:.4f})" if teacher is not None else "")
-        + f" after {done}/{recipe.epochs} epochs; outputs in {cfg['model_dir']}")
+    if result["complete"]:  # only the finished network is exported
+        result["files"].update(_export(recipe.student, cfg["model_dir"], f"{save_name}.keras"))
+    result["seconds"] = round(time.time() - started, 1)
+    _write_result(cfg["model_dir"], result)
     return result
 
 
 def _evaluate_cmd(cfg, log):
+    from keras_fsp.apps.training import accuracy_and_loss
+
     (_, _), (x_test, y_test), info = _load_data(cfg)
     model, path = _load_trained(cfg, info)
     _check_model_dir(cfg)
     _prepare_model_dir(cfg, log)
-    test = _evaluate(model, _test_dataset(cfg, x_test, y_test, info), y_test)
+    test = accuracy_and_loss(model, _normalized(x_test, info), y_test)
     result = {"subcommand": "evaluate", "model": path, "dataset": cfg["dataset"],
               "test_accuracy": test["accuracy"], "test_loss": test["loss"],
               "examples": test["examples"]}
-    _write_json(os.path.join(cfg["model_dir"], "metrics.json"), result)
+    _write_result(cfg["model_dir"], result)
     log(f"{path}: test accuracy {test['accuracy']:.4f}, loss {test['loss']:.4f} "
         f"on {test['examples']} {cfg['dataset']} images")
     return result
@@ -654,7 +572,7 @@ def _export_cmd(cfg, log):
     _prepare_model_dir(cfg, log)
     files = _export(model, cfg["model_dir"], "model.keras")
     result = {"subcommand": "export", "model": path, "files": files}
-    _write_json(os.path.join(cfg["model_dir"], "metrics.json"), result)
+    _write_result(cfg["model_dir"], result)
     log(f"exported {path} to {', '.join(files.values())}")
     return result
 
@@ -672,13 +590,13 @@ def _visualize_cmd(cfg, log):
     # The FSP matrices are averaged over up to FSP_IMAGES test images; the
     # attribution grid shows the first --num_images.
     raw = np.asarray(x_test[:max(FSP_IMAGES, cfg["num_images"])])
-    images = np.asarray(_normalizer(info)(raw))
+    images = _normalized(raw, info)
     written = visualize.visualize_distillation(
         (teacher, student), images, np.asarray(y_test[:len(raw)]), info.get("class_names"),
         cfg["model_dir"], num_images=cfg["num_images"], display_images=raw)
     result = {"subcommand": "visualize", "model": path, "teacher": teacher_path,
               "files": [str(p) for p in written]}
-    _write_json(os.path.join(cfg["model_dir"], "metrics.json"), result)
+    _write_result(cfg["model_dir"], result)
     log(f"wrote {', '.join(result['files'])}")
     return result
 
@@ -694,11 +612,17 @@ def run(argv):
             a NaN/inf loss (1) or an interruption (130), with a one-line
             message.
     """
+    if list(argv[1:2]) == ["reproduce"]:  # its own flags (keras_fsp.apps.reproduce)
+        from keras_fsp.apps import reproduce
+
+        return reproduce.main(list(argv[1:]))
     cfg = _parse(argv)
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
-    log = _Log()
+    from keras_fsp.apps.training import Log
+
+    log = Log()
     handlers = {
         "train-teacher": _train, "distill": _train, "evaluate": _evaluate_cmd,
         "export": _export_cmd, "visualize": _visualize_cmd,
@@ -709,7 +633,8 @@ def run(argv):
 def main(argv=None):
     """The `keras-fsp` console script."""
     argv = sys.argv if argv is None else argv
-    if any(a in ("-h", "--help", "-help", "--helpfull", "help") for a in argv[1:]):
+    if argv[1:2] != ["reproduce"] and any(
+            a in ("-h", "--help", "-help", "--helpfull", "help") for a in argv[1:]):
         print(_help())
         return 0
     try:

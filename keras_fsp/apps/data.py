@@ -1,38 +1,34 @@
-"""Input pipelines for training teachers and students (TensorFlow only).
+"""Datasets as NumPy arrays, and their normalisation.
 
-Importing this module does not import TensorFlow: `load_arrays` and
-`make_dataset` import it (and tensorflow-datasets) when called.
+Importing this module does not import TensorFlow: `load_arrays` imports it
+(and tensorflow-datasets) only for the tfds datasets.
 
 Datasets (`name` of `load_arrays`, see `DATASETS`):
 
 - `"cifar10"`, `"cifar100"`: through tensorflow-datasets (`tfds.load`). They
   need a prepared tfds `data_dir`, or network access to download.
 - `"digits"`: scikit-learn's bundled 8x8 handwritten digits, offline: a fixed,
-  stratified split (1,297 train / 500 test, seed 0; the split of
-  `keras_fsp.apps.demo`), pixels scaled to [0, 1], shape `(N, 8, 8, 1)`.
+  stratified split (1,297 train / 500 test, seed 0), pixels scaled to
+  [0, 1], shape `(N, 8, 8, 1)`.
 - `"npz:PATH"`: a NumPy `.npz` file with `x_train`, `y_train`, `x_test`,
   `y_test` (images NHWC, or NHW for one channel; uint8 or float; integer
-  labels, `(N,)` or `(N, 1)`) and optionally `class_names`. For example,
-  the real CIFAR-10 kept in `../shared/data` (`datasets.py`), converted once:
+  labels, `(N,)` or `(N, 1)`) and optionally `class_names`, e.g. CIFAR-10
+  saved once from any source:
 
-      (x_train, y_train), (x_test, y_test) = load_cifar10()
-      np.savez("cifar10_arrays.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+      np.savez("cifar10.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
 
-  then `load_arrays("npz:cifar10_arrays.npz")`; add
-  `class_names=cifar10_class_names()` to keep the names (otherwise classes
-  are called "0".."9"). (`shared/data/cifar10.npz` itself holds JPEG data,
-  not arrays: it cannot be loaded directly.)
+Training augments inside the compiled step (`keras_fsp.augment.PadCropFlip`,
+with the dataset's `info["augment"]`), so the input pipeline is only the
+normalisation and the order of the examples (`keras_fsp.apps.training`).
 
 Example:
 
 ```python
 from keras_fsp.apps import data
 
-(x_train, y_train), (x_test, y_test), info = data.load_arrays("cifar10")
-train = data.make_dataset(x_train, y_train, 128, True, info["mean"], info["std"],
-                          augment=info["augment"], seed=0)
-test = data.make_dataset(x_test, y_test, 500, False, info["mean"], info["std"])
-model.fit(train, validation_data=test, epochs=...)
+(x_train, y_train), (x_test, y_test), info = data.load_arrays("digits")
+x_train = data.normalize(x_train, info["mean"], info["std"])
+x_test = data.normalize(x_test, info["mean"], info["std"])
 ```
 """
 
@@ -136,8 +132,9 @@ def load_arrays(name, data_dir=None, download=True):
         labels are int32 vectors. `info` is a dict with `name`,
         `num_classes`, `input_shape`, `class_names`, `mean` and `std`
         (float32 per-channel statistics of the training images, in the
-        images' own units, for `make_dataset`), and `augment` (the dataset's
-        default augmentation, `{"pad": int, "flip": bool}`).
+        images' own units, for `normalize`), and `augment` (the dataset's
+        default augmentation, `{"pad": int, "flip": bool}`, for
+        `keras_fsp.augment.PadCropFlip`).
 
     Raises:
         DatasetError: an unknown name, a missing or malformed `.npz` file, or
@@ -261,9 +258,8 @@ def _load_npz(path):
             hint = ""
             if "train_scans" in archive.files:
                 hint = (
-                    " This is the JPEG archive of ../shared/data: convert it "
-                    "once with its datasets.load_cifar10() and np.savez(path, "
-                    "x_train=..., y_train=..., x_test=..., y_test=...)."
+                    " It holds JPEG-encoded images: decode them and save the arrays "
+                    "with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)."
                 )
             raise DatasetError(
                 f"{source}: missing key(s) {', '.join(missing)}; expected "
@@ -371,136 +367,29 @@ def _load_tfds(name, data_dir, download):
     return arrays[0], arrays[1]
 
 
-# ----------------------------------------------------------------- pipeline
+# ------------------------------------------------------------ normalisation
 
 
-def make_dataset(
-    x,
-    y,
-    batch_size,
-    training,
-    mean,
-    std,
-    augment=True,
-    seed=None,
-    drop_remainder=None,
-    pad=None,
-    flip=None,
-    padding="zero",
-):
-    """A `tf.data.Dataset` of `(images, labels)` batches.
-
-    Images are normalised per channel, `(x - mean) / std`, to float32. When
-    `training`, the order is shuffled (all of `x`, by index, reshuffled every
-    epoch) and, with `augment`, each image is padded by `pad` pixels on each
-    side, randomly cropped back to its size and (if `flip`) randomly flipped
-    left-right. Augmentation runs vectorised on each batch in a parallel
-    `map`, after normalisation, so zero padding (the paper's) pads with the
-    mean colour. Batches are prefetched.
+def normalize(x, mean, std, chunk=8192):
+    """`(x - mean) / std` per channel, as float32 (in chunks, so uint8 CIFAR
+    is never copied whole to float64).
 
     Args:
-        x: images `(N, H, W, C)` (uint8 or float), e.g. from `load_arrays`.
-        y: integer labels `(N,)`.
-        batch_size: images per batch.
-        training: shuffle and augment (the training pipeline) or not (an
-            evaluation pipeline: in order, deterministic, un-augmented).
+        x: images `(N, H, W, C)` (uint8 or float).
         mean, std: per-channel statistics (`info["mean"]`, `info["std"]`).
-        augment: True (pad 4, flip), False, or a dict `{"pad": int, "flip":
-            bool}` such as `info["augment"]`, the dataset's defaults (digits:
-            pad 1, no flip).
-        seed: makes shuffling and augmentation repeatable (each epoch still
-            differs). None: random.
-        drop_remainder: drop the last, smaller batch; default True when
-            training, False otherwise.
-        pad, flip: override the values from `augment`.
-        padding: `"zero"` (default; zeros after normalisation) or
-            `"reflect"`.
 
     Returns:
-        a `tf.data.Dataset` yielding `(float32 (B, H, W, C), int32 (B,))`.
+        float32 array of `x`'s shape.
     """
-    import tensorflow as tf
-
     x = np.asarray(x)
-    y = np.asarray(y).reshape(-1).astype("int32")
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim != 4 or len(x) != len(y):
-        raise ValueError(
-            f"make_dataset needs images (N, H, W, C) and N labels; got "
-            f"{x.shape} and {y.shape}."
-        )
-    if padding not in ("zero", "reflect"):
-        raise ValueError(f"padding must be 'zero' or 'reflect'; got {padding!r}.")
-    if isinstance(augment, dict):
-        unknown = set(augment) - {"pad", "flip", "padding"}
-        if unknown:
-            raise ValueError(f"augment has unknown keys {sorted(unknown)}; use pad, flip.")
-        settings = {"pad": 4, "flip": True, "padding": padding, **augment}
-        augment = True
-    else:
-        settings = {"pad": 4, "flip": True, "padding": padding}
-    if pad is not None:
-        settings["pad"] = pad
-    if flip is not None:
-        settings["flip"] = flip
-    pad, flip = int(settings["pad"]), bool(settings["flip"])
-    mode = "CONSTANT" if settings["padding"] == "zero" else "REFLECT"
-    if drop_remainder is None:
-        drop_remainder = bool(training)
-    if drop_remainder and len(x) < batch_size:
-        raise ValueError(
-            f"{len(x)} images make no full batch of {batch_size}: use a smaller "
-            "batch_size or drop_remainder=False."
-        )
-    height, width, channels = x.shape[1:]
     mean = np.asarray(mean, "float32").reshape(-1)
-    std = np.asarray(std, "float32").reshape(-1)
-    if mean.size not in (1, channels) or std.size not in (1, channels):
+    inv_std = 1.0 / np.asarray(std, "float32").reshape(-1)
+    if mean.size not in (1, x.shape[-1]) or inv_std.size not in (1, x.shape[-1]):
         raise ValueError(
-            f"mean and std need 1 or {channels} values (one per channel); got "
-            f"{mean.size} and {std.size}."
+            f"mean and std need 1 or {x.shape[-1]} values (one per channel); got "
+            f"{mean.size} and {inv_std.size}."
         )
-    if mode == "REFLECT" and pad >= min(height, width):
-        raise ValueError(f"reflect padding of {pad} needs images larger than {pad}.")
-
-    images = tf.constant(x)
-    labels = tf.constant(y)
-    mean_t = tf.constant(mean)
-    inv_std = tf.constant(1.0 / std)
-
-    def normalise(idx):
-        batch = tf.cast(tf.gather(images, idx), tf.float32)
-        return (batch - mean_t) * inv_std, tf.gather(labels, idx)
-
-    def augment_batch(idx, batch_seed):
-        batch, lab = normalise(idx)
-        n = tf.shape(batch)[0]
-        seeds = tf.random.experimental.stateless_split(
-            tf.stack([batch_seed, tf.constant(0, tf.int64)]), 3
-        )
-        if pad > 0:
-            padded = tf.pad(batch, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode=mode)
-            oy = tf.random.stateless_uniform([n], seeds[0], 0, 2 * pad + 1, tf.int32)
-            ox = tf.random.stateless_uniform([n], seeds[1], 0, 2 * pad + 1, tf.int32)
-            rows = oy[:, None] + tf.range(height)[None, :]
-            cols = ox[:, None] + tf.range(width)[None, :]
-            batch = tf.gather(padded, rows, axis=1, batch_dims=1)
-            batch = tf.gather(batch, cols, axis=2, batch_dims=1)
-        if flip:
-            flips = tf.random.stateless_uniform([n], seeds[2]) < 0.5
-            batch = tf.where(flips[:, None, None, None], tf.reverse(batch, axis=[2]), batch)
-        return batch, lab
-
-    index = tf.data.Dataset.range(len(x))
-    if training:
-        index = index.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    index = index.batch(batch_size, drop_remainder=drop_remainder)
-    if training and augment:
-        batch_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-        ds = tf.data.Dataset.zip((index, batch_seeds)).map(
-            augment_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-        )
-    else:
-        ds = index.map(normalise, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    out = np.empty(x.shape, "float32")
+    for start in range(0, len(x), chunk):
+        out[start:start + chunk] = (x[start:start + chunk].astype("float32") - mean) * inv_std
+    return out

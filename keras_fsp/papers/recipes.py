@@ -18,17 +18,20 @@ from typing import Dict, List, Optional
 
 import keras
 
+from keras_fsp import jax_steps
 from keras_fsp.callbacks import LossWeightSchedule, RestoreKernelNorms, StageSchedule
 from keras_fsp.distiller import FSPDistiller
 from keras_fsp.papers.cifar_resnet import dense_taps
 from keras_fsp.stages import UP_TO_TAPS, Stage
-from keras_fsp.terms import FSPTerm
+from keras_fsp.terms import AttentionTransfer, DecoupledKD, FSPTerm
 
 
 STAGE1_OPTIMIZERS = ("sgd", "adam")
 
 
 def _piecewise(rates, boundaries):
+    if isinstance(rates, keras.optimizers.schedules.LearningRateSchedule):
+        return rates
     rates, boundaries = [float(r) for r in rates], [int(b) for b in boundaries]
     if len(rates) != len(boundaries) + 1:
         raise ValueError(f"{len(rates)} rates need {len(rates) - 1} boundaries; got {boundaries}.")
@@ -37,8 +40,14 @@ def _piecewise(rates, boundaries):
     return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, rates)
 
 
+def linear_decay(rate, iterations):
+    """A learning rate falling linearly from `rate` to 0 over `iterations`."""
+    return keras.optimizers.schedules.PolynomialDecay(float(rate), int(iterations), 0.0, power=1.0)
+
+
 def sgd(rates, boundaries=(), momentum=0.9, global_clipnorm=None):
-    """SGD with a piecewise-constant learning rate (boundaries in steps)."""
+    """SGD with a piecewise-constant learning rate (boundaries in steps), or
+    with `rates` a `LearningRateSchedule`."""
     return keras.optimizers.SGD(learning_rate=_piecewise(rates, boundaries), momentum=momentum,
                                 global_clipnorm=global_clipnorm)
 
@@ -96,6 +105,7 @@ class Recipe:
                 metrics=list(metrics),
                 **kwargs,
             )
+            jax_steps.install(self.model)  # whole epochs per dispatch on JAX, as a distiller
         return self
 
     def fit(self, x=None, y=None, callbacks=(), **kwargs):
@@ -105,13 +115,15 @@ class Recipe:
 
 
 def supervised(model, steps_per_epoch, iterations=64000, boundaries=None,
-               rates=(0.1, 0.01, 0.001), augment=None, scale=1.0, name="supervised"):
+               rates=(0.1, 0.01, 0.001), augment=None, scale=1.0, name="supervised",
+               schedule="steps"):
     """Plain training with labels: the papers' teachers and the student alone.
 
     He et al.'s CIFAR recipe: SGD momentum 0.9, 0.1 -> 0.01 -> 0.001 at 32k
     and 48k of 64k iterations (by default the boundaries sit at 50% and 75% of
-    `iterations`). `augment` (e.g. `PadCropFlip()`) runs inside the step, in
-    training only; `scale` shrinks every iteration count.
+    `iterations`). `schedule="linear"` instead decays `rates[0]` linearly to
+    0 over the iterations. `augment` (e.g. `PadCropFlip()`) runs inside the
+    step, in training only; `scale` shrinks every iteration count.
     """
     if boundaries is None:
         boundaries = (iterations // 2, iterations * 3 // 4)
@@ -120,8 +132,14 @@ def supervised(model, steps_per_epoch, iterations=64000, boundaries=None,
     if augment is not None:
         inputs = keras.Input(model.input_shape[1:])
         trained = keras.Model(inputs, model(augment(inputs)), name=f"{model.name}_augmented")
+    if schedule == "linear":
+        optimizer = sgd(linear_decay(rates[0], iterations))
+    elif schedule == "steps":
+        optimizer = sgd(rates, boundaries)
+    else:
+        raise ValueError(f"schedule must be 'steps' or 'linear'; got {schedule!r}.")
     return Recipe(name, trained, {}, _epochs(iterations, steps_per_epoch), [], model,
-                  optimizer=sgd(rates, boundaries))
+                  optimizer=optimizer)
 
 
 def student_alone(student, steps_per_epoch, iterations=64000, augment=None, scale=1.0):
@@ -130,11 +148,26 @@ def student_alone(student, steps_per_epoch, iterations=64000, augment=None, scal
                       scale=scale, name="student_alone")
 
 
-def _task_stage(iterations, scale, lr=0.1):
-    """Stage 2 of the FSP paper: labels only, `lr` (0.1) -> /10 -> /100 at 50%/75%."""
+STAGE2 = ("task", "kd")
+
+
+def _task_stage(iterations, scale, lr=0.1, losses=None, name="task"):
+    """Stage 2 of the FSP paper: labels only (or `losses`), `lr` (0.1) ->
+    /10 -> /100 at 50% and 75%."""
     iterations, b1, b2 = _scaled([iterations, iterations // 2, iterations * 3 // 4], scale)
     rates = (lr, lr / 10, lr / 100)
-    return Stage("task", {"task": 1.0}, optimizer=sgd(rates, (b1, b2))), iterations
+    return Stage(name, losses or {"task": 1.0}, optimizer=sgd(rates, (b1, b2))), iterations
+
+
+def _stage2(stage2, iterations, scale, kd_weight):
+    """The stage after a flow or attention stage 1: the task (the papers) or
+    KD (`kd_weight * soft + (1 - kd_weight) * labels`, not in the papers)."""
+    if stage2 == "task":
+        return _task_stage(iterations, scale)
+    if stage2 == "kd":
+        return _task_stage(iterations, scale, losses={"kd": kd_weight, "task": 1.0 - kd_weight},
+                           name="kd")
+    raise ValueError(f"stage2 must be one of {STAGE2}; got {stage2!r}.")
 
 
 def _stage_callbacks(schedule, restore_kernel_norms):
@@ -148,7 +181,8 @@ def _stage_callbacks(schedule, restore_kernel_norms):
 def fsp_paper(teacher, student, steps_per_epoch, stage1_iterations=21000,
               stage2_iterations=64000, pairs="sections", pooling="max",
               projection="auto", restore_kernel_norms=True, stage1_weight_decay=True,
-              stage1_optimizer="sgd", stage1_clipnorm=10.0, augment=None, scale=1.0):
+              stage1_optimizer="sgd", stage1_clipnorm=10.0, stage2="task", temperature=4.0,
+              kd_weight=0.9, augment=None, scale=1.0):
     """FSP (Yim et al. 2017): the paper's procedure, plus two fixes by default.
 
     Stage 1: FSP loss only on each section's input/output pair, max pooling,
@@ -177,6 +211,10 @@ def fsp_paper(teacher, student, steps_per_epoch, stage1_iterations=21000,
             7 ResNet-26 students. Clipping at 10 kept every run finite and
             gained 0.5 points for ResNet-8 and 2.6 for fast optimization
             (RESULTS.md).
+        stage2: `"task"` (the paper) or `"kd"`: stage 2 trains with Hinton's
+            soft targets at `temperature` (`kd_weight` soft, the rest
+            labels), flow as an initialisation then KD as the signal
+            (`fsp_kd`).
     """
     if pairs == "sections":
         fsp_pairs = "auto"
@@ -189,19 +227,21 @@ def fsp_paper(teacher, student, steps_per_epoch, stage1_iterations=21000,
     fsp = Stage("fsp", {"fsp": 1.0}, trainable=UP_TO_TAPS, regularization=stage1_weight_decay,
                 optimizer=_stage1_optimizer(stage1_optimizer, (1e-3, 1e-4, 1e-5), (b1, b2),
                                            stage1_clipnorm))
-    task, s2 = _task_stage(stage2_iterations, scale)
+    task, s2 = _stage2(stage2, stage2_iterations, scale, kd_weight)
     distiller = FSPDistiller(teacher, student, fsp_pairs=fsp_pairs, fsp_pooling=pooling,
-                             fsp_projection=projection, augment=augment,
-                             stages={"fsp": fsp, "task": task}, stage="fsp")
+                             fsp_projection=projection, augment=augment, temperature=temperature,
+                             stages={"fsp": fsp, task.name: task}, stage="fsp")
     e1 = _epochs(s1, steps_per_epoch)
     schedule = {0: fsp, e1: task}
-    return Recipe("fsp", distiller, schedule, e1 + _epochs(s2, steps_per_epoch),
+    return Recipe("fsp" if stage2 == "task" else "fsp_kd", distiller, schedule,
+                  e1 + _epochs(s2, steps_per_epoch),
                   _stage_callbacks(schedule, restore_kernel_norms), student)
 
 
 def dense_fsp(teacher, student, steps_per_epoch, points_per_section=2,
               stage1_iterations=21000, stage2_iterations=64000, restore_kernel_norms=True,
-              stage1_optimizer="sgd", stage1_clipnorm=None, augment=None, scale=1.0):
+              stage1_optimizer="sgd", stage1_clipnorm=None, stage2="task", temperature=4.0,
+              kd_weight=0.9, augment=None, scale=1.0):
     """Dense, sequential FSP (Yeo et al. 2018).
 
     Taps `points_per_section` evenly spaced maps per section of both
@@ -211,8 +251,8 @@ def dense_fsp(teacher, student, steps_per_epoch, points_per_section=2,
     whose pairs end in sections 1..k, a third of the stage-1 iterations each, at 1e-3 then 1e-4
     for its last third (the slides give no schedule: this is our reading).
     Then the task stage, as in `fsp_paper` (`restore_kernel_norms`,
-    `stage1_optimizer` and `stage1_clipnorm` too; each step has its own
-    optimizer).
+    `stage1_optimizer`, `stage1_clipnorm` and `stage2` too; each step has its
+    own optimizer).
     """
     t_taps = dense_taps(teacher, points_per_section)
     s_taps = dense_taps(student, points_per_section)
@@ -230,14 +270,14 @@ def dense_fsp(teacher, student, steps_per_epoch, points_per_section=2,
             name, {name: 1.0}, trainable=UP_TO_TAPS,
             optimizer=_stage1_optimizer(stage1_optimizer, (1e-3, 1e-4), (b,), stage1_clipnorm),
         )
-    task, s2 = _task_stage(stage2_iterations, scale)
-    stages["task"] = task
+    task, s2 = _stage2(stage2, stage2_iterations, scale, kd_weight)
+    stages[task.name] = task
     distiller = FSPDistiller(teacher, student, fsp_pairs=None, terms=terms, augment=augment,
-                             stages=stages, stage="dense_fsp_1")
+                             temperature=temperature, stages=stages, stage="dense_fsp_1")
     step_epochs = _epochs(n, steps_per_epoch)
     schedule = {(k - 1) * step_epochs: stages[f"dense_fsp_{k}"] for k in (1, 2, 3)}
     schedule[3 * step_epochs] = task
-    return Recipe("dense_fsp", distiller, schedule,
+    return Recipe("dense_fsp" if stage2 == "task" else "dense_fsp_kd", distiller, schedule,
                   3 * step_epochs + _epochs(s2, steps_per_epoch),
                   _stage_callbacks(schedule, restore_kernel_norms), student)
 
@@ -280,16 +320,73 @@ def hinton_kd(teacher, student, steps_per_epoch, iterations=64000, temperature=4
                   [StageSchedule({0: kd})], student)
 
 
+def attention_transfer(teacher, student, steps_per_epoch, iterations=64000, beta=1000.0,
+                       kd_weight=0.0, temperature=4.0, lr=0.1, augment=None, scale=1.0):
+    """Attention transfer (Zagoruyko & Komodakis 2017): one stage of the
+    task's cross-entropy plus `beta / 2` times the attention terms of the
+    sections' outputs (`keras_fsp.terms.AttentionTransfer`, the authors'
+    mean of squares, beta 1000), on the student's usual schedule.
+
+    `kd_weight > 0` adds Hinton's soft targets as in the paper's AT + KD
+    (`kd_weight` soft, `1 - kd_weight` labels): `at_kd`.
+    """
+    losses = {"attention": 1.0, "task": 1.0 - kd_weight}
+    if kd_weight:
+        losses["kd"] = kd_weight
+    stage, its = _task_stage(iterations, scale, lr, losses=losses, name="at" if not kd_weight else "at_kd")
+    distiller = FSPDistiller(teacher, student, fsp_pairs=None, temperature=temperature,
+                             terms=[AttentionTransfer(beta=beta)], augment=augment,
+                             stages={stage.name: stage}, stage=stage.name)
+    return Recipe(stage.name, distiller, {0: stage}, _epochs(its, steps_per_epoch),
+                  [StageSchedule({0: stage})], student)
+
+
+def attention_kd(teacher, student, steps_per_epoch, kd_weight=0.9, **kwargs):
+    """Attention transfer with Hinton's soft targets in one stage."""
+    return attention_transfer(teacher, student, steps_per_epoch, kd_weight=kd_weight, **kwargs)
+
+
+def decoupled_kd(teacher, student, steps_per_epoch, iterations=64000, alpha=1.0, beta=8.0,
+                 temperature=4.0, warmup_epochs=20, lr=0.1, augment=None, scale=1.0):
+    """Decoupled KD (Zhao et al. 2022): cross-entropy + `(alpha * TCKD + beta
+    * NCKD) * T^2`, the DKD weight warmed up linearly over the first
+    `warmup_epochs` epochs (the paper's CIFAR settings: alpha 1, beta 8,
+    T 4, 20 epochs), on the student's usual schedule."""
+    stage, its = _task_stage(iterations, scale, lr, losses={"dkd": 1.0, "task": 1.0}, name="dkd")
+    distiller = FSPDistiller(teacher, student, fsp_pairs=None, augment=augment,
+                             terms=[DecoupledKD(alpha=alpha, beta=beta, temperature=temperature)],
+                             stages={"dkd": stage}, stage="dkd")
+    warmup = max(1, int(warmup_epochs))
+    ramp = LossWeightSchedule("dkd", lambda epoch: min((epoch + 1) / warmup, 1.0))
+    return Recipe("dkd", distiller, {0: stage}, _epochs(its, steps_per_epoch),
+                  [StageSchedule({0: stage}), ramp], student)
+
+
+def fsp_kd(teacher, student, steps_per_epoch, **kwargs):
+    """FSP stage 1 (`fsp_paper`'s), then KD instead of the task alone."""
+    return fsp_paper(teacher, student, steps_per_epoch, stage2="kd", **kwargs)
+
+
+def dense_fsp_kd(teacher, student, steps_per_epoch, **kwargs):
+    """Dense sequential FSP stage 1 (`dense_fsp`'s), then KD."""
+    return dense_fsp(teacher, student, steps_per_epoch, stage2="kd", **kwargs)
+
+
 RECIPES = {
     "fsp": fsp_paper,
     "dense_fsp": dense_fsp,
     "fitnet": fitnets,
     "kd": hinton_kd,
+    "at": attention_transfer,
+    "dkd": decoupled_kd,
+    "fsp_kd": fsp_kd,
+    "dense_fsp_kd": dense_fsp_kd,
+    "at_kd": attention_kd,
 }
 
 
 def get(method):
-    """The recipe function for a method name: fsp, dense_fsp, fitnet, kd."""
+    """The recipe function for a method name (see `RECIPES`)."""
     if method not in RECIPES:
         raise ValueError(f"Unknown method {method!r}; choose one of {sorted(RECIPES)} "
                          "(or student_alone / supervised for training without a teacher).")

@@ -1,0 +1,351 @@
+"""`keras-fsp reproduce TABLE`: every run behind one results table, on one
+machine, then the table.
+
+    keras-fsp reproduce cifar10-resnet26-to-resnet8 --dataset npz:cifar10.npz \\
+        --teacher results/teachers/cifar10_resnet26_seed0.weights.h5 --seeds 0,1,2 --parallel 4
+    keras-fsp reproduce mnist-hinton --dataset npz:mnist.npz --parallel 6
+
+Each run is one `keras-fsp distill` (or example script) in a process of its
+own, in `--runs_dir/TABLE/<method>-seed<seed>/`. Runs resume: start the same
+command again after an interruption (or a `--max_minutes` stop) and finished
+runs are skipped, unfinished ones continue from their last checkpoint. With
+`--parallel N`, N runs share the machine (on one GPU, each gets 1/N of its
+memory; `--mps` starts NVIDIA's multi-process service so their kernels
+overlap). At the end the results JSON (`--results_dir/<table>.json`: every
+seed's last-epoch test accuracy, mean and standard deviation, train time) and
+the Markdown table (`<table>.md`) are written and the table printed.
+
+Run it from the repository's root (the MNIST and transfer tables run the
+example scripts in `examples/`).
+"""
+
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import List, Optional
+
+CIFAR_METHODS = ("none", "kd", "fitnet", "fsp", "dense-fsp", "at", "dkd", "fsp-kd", "dense-fsp-kd",
+                 "at-kd")
+LABELS = {
+    "teacher": "teacher",
+    "none": "student alone",
+    "kd": "KD (T = 4, 0.9 soft + 0.1 hard)",
+    "fitnet": "FitNets (hint, then KD with lambda 4 -> 1)",
+    "fsp": "FSP (stage 1 clipped, kernel norms restored)",
+    "dense-fsp": "dense sequential FSP (kernel norms restored)",
+    "at": "attention transfer (beta 1000)",
+    "dkd": "decoupled KD (alpha 1, beta 8, T 4)",
+    "fsp-kd": "FSP stage 1, then KD",
+    "dense-fsp-kd": "dense FSP stage 1, then KD",
+    "at-kd": "attention transfer + KD",
+}
+
+
+@dataclasses.dataclass
+class Run:
+    """One training of a table: its command line and its folder."""
+
+    method: str
+    seed: int
+    argv: List[str]
+    run_dir: str
+    needs: Optional[str] = None  # a run whose folder must be complete first
+
+    @property
+    def name(self):
+        return f"{self.method}-seed{self.seed}"
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "keras_fsp.apps.cli", *map(str, args)]
+
+
+def _cifar_table(student_depth):
+    def runs(flags, root):
+        teacher = flags.teacher
+        out = []
+        if teacher is None:  # train one first
+            teacher = os.path.join(root, "teacher-seed0")
+            out.append(Run("teacher", 0, _cli(
+                "train-teacher", "--dataset", flags.dataset, "--teacher_depth", 26, "--seed", 0,
+                "--schedule_scale", flags.schedule_scale, "--model_dir", teacher, "--verbose", 0),
+                teacher))
+        needs = None if flags.teacher else teacher
+        for method in flags.methods or CIFAR_METHODS:
+            if method not in CIFAR_METHODS:
+                raise ValueError(f"--methods: {method!r} is not one of {', '.join(CIFAR_METHODS)}.")
+            for seed in flags.seeds:
+                run_dir = os.path.join(root, f"{method}-seed{seed}")
+                argv = _cli("distill", "--method", method, "--dataset", flags.dataset,
+                            "--teacher_depth", 26, "--student_depth", student_depth,
+                            "--seed", seed, "--schedule_scale", flags.schedule_scale,
+                            "--model_dir", run_dir, "--verbose", 0)
+                if method != "none":
+                    argv += ["--teacher", teacher]
+                out.append(Run(method, seed, argv, run_dir, needs if method != "none" else None))
+        return out
+
+    return runs
+
+
+def _example(script, *args):
+    return [sys.executable, os.path.join("examples", script), *map(str, args)]
+
+
+def _mnist_runs(flags, root):
+    teachers = {s: os.path.join(root, f"teacher-seed{s}") for s in flags.seeds}
+    out = []
+    for s in flags.seeds:
+        common = ["--dataset", flags.dataset, "--seed", s]
+        out.append(Run("teacher", s, _example("mnist_hinton.py", "--method", "teacher",
+                                              "--run_dir", teachers[s], *common), teachers[s]))
+        for method, extra in (("student_alone", []), ("student_alone_jitter", ["--student_jitter"])):
+            run_dir = os.path.join(root, f"{method}-seed{s}")
+            out.append(Run(method, s, _example("mnist_hinton.py", "--method", "student_alone",
+                                               "--run_dir", run_dir, *extra, *common), run_dir))
+        weights = os.path.join(teachers[s], "teacher.weights.h5")
+        for method, extra in (("kd_t20", ["--temperature", 20]),
+                              ("kd_t20_jitter", ["--temperature", 20, "--student_jitter"]),
+                              ("kd_t4_jitter", ["--temperature", 4, "--student_jitter"]),
+                              ("omitted_3", ["--omitted_digit", 3])):
+            run_dir = os.path.join(root, f"{method}-seed{s}")
+            kind = "omitted_class" if method.startswith("omitted") else "kd"
+            out.append(Run(method, s, _example(
+                "mnist_hinton.py", "--method", kind, "--teacher_weights", weights,
+                "--run_dir", run_dir, *extra, *common), run_dir, needs=teachers[s]))
+    return out
+
+
+def _transfer_runs(flags, root):
+    teacher = os.path.join(root, "teacher-seed0")
+    out = [Run("teacher", 0, _example("cifar10_transfer.py", "--method", "teacher",
+                                      "--dataset", flags.dataset, "--seed", 0,
+                                      "--run_dir", teacher), teacher)]
+    weights = os.path.join(teacher, "teacher.weights.h5")
+    for method in flags.methods or ("student_alone", "teacher_finetuned", "fitnet", "fsp", "kd_free"):
+        for s in flags.seeds:
+            run_dir = os.path.join(root, f"{method}-seed{s}")
+            out.append(Run(method, s, _example(
+                "cifar10_transfer.py", "--method", method, "--dataset", flags.dataset,
+                "--teacher_weights", weights, "--seed", s, "--run_dir", run_dir), run_dir,
+                needs=teacher))
+    return out
+
+
+@dataclasses.dataclass
+class Table:
+    title: str
+    runs: object  # (flags, root) -> [Run]
+    metric: str = "test_accuracy"
+
+
+TABLES = {
+    "cifar10-resnet26-to-resnet8": Table(
+        "Network minimization, CIFAR-10: ResNet-26 -> ResNet-8", _cifar_table(8)),
+    "cifar10-resnet26-to-resnet14": Table(
+        "Network minimization, CIFAR-10: ResNet-26 -> ResNet-14", _cifar_table(14)),
+    "mnist-hinton": Table("Soft targets on MNIST (Hinton et al.)", _mnist_runs, "test_errors"),
+    "cifar10-transfer": Table(
+        "Transfer from a teacher trained on other classes (CIFAR-10, 6 -> 4 classes)",
+        _transfer_runs),
+}
+
+
+# ------------------------------------------------------------------ running
+
+
+def _result(run_dir):
+    try:
+        with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _complete(run_dir):
+    result = _result(run_dir)
+    return bool(result and result.get("complete"))
+
+
+def _start_mps(log):
+    try:
+        subprocess.run(["nvidia-cuda-mps-control", "-d"], check=True, capture_output=True)
+        log("started the CUDA multi-process service (MPS)")
+        return True
+    except (OSError, subprocess.CalledProcessError) as e:
+        log(f"could not start CUDA MPS ({e}); the runs time-share the GPU")
+        return False
+
+
+def _stop_mps():
+    subprocess.run(["nvidia-cuda-mps-control"], input=b"quit\n", capture_output=True)
+
+
+def execute(runs, parallel=1, max_minutes=None, log=print, mps=False):
+    """Runs `runs` (skipping complete ones), at most `parallel` at a time,
+    each after the run it needs. Returns `{run name: exit code}` of the runs
+    started."""
+    started_at = time.time()
+    pending = [r for r in runs if not _complete(r.run_dir)]
+    for r in runs:
+        if r not in pending:
+            log(f"{r.name}: complete, skipped")
+    env = dict(os.environ)
+    if parallel > 1:
+        env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{min(0.75, 0.9 / parallel):.3f}")
+    mps = mps and _start_mps(log)
+    running, codes = {}, {}
+    try:
+        while pending or running:
+            for name, (run, proc, out) in list(running.items()):
+                if proc.poll() is not None:
+                    out.close()
+                    codes[name] = proc.returncode
+                    result = _result(run.run_dir) or {}
+                    log(f"{name}: exit {proc.returncode}, test accuracy "
+                        f"{result.get('test_accuracy')}, {result.get('train_seconds')} s")
+                    del running[name]
+            left = None if max_minutes is None else max_minutes - (time.time() - started_at) / 60
+            ready = [r for r in pending if r.needs is None or _complete(r.needs)]
+            blocked = [r for r in pending if r.needs is not None and r.needs in
+                       {x.run_dir for x in runs if x.name in codes and codes[x.name] != 0}]
+            for r in blocked:
+                log(f"{r.name}: skipped, the run it needs failed")
+                pending.remove(r)
+            while ready and len(running) < parallel and (left is None or left > 1.5):
+                run = ready.pop(0)
+                pending.remove(run)
+                argv = list(run.argv) + ([] if left is None else ["--max_minutes", f"{left - 1:.1f}"])
+                os.makedirs(run.run_dir, exist_ok=True)
+                out = open(os.path.join(run.run_dir, "process.log"), "a", encoding="utf-8")
+                log(f"{run.name}: started")
+                running[run.name] = (run, subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                                           env=env), out)
+            if left is not None and left <= 1.5 and not running:
+                for r in pending:
+                    log(f"{r.name}: not started, --max_minutes reached (run the command again)")
+                break
+            if not running and pending and not ready:
+                for r in pending:
+                    log(f"{r.name}: waits for {r.needs}, which is not complete")
+                break
+            time.sleep(2)
+    finally:
+        for _, proc, out in running.values():
+            proc.terminate()
+            out.close()
+        if mps:
+            _stop_mps()
+    return codes
+
+
+def summarize(name, table, runs, command):
+    """The table's results: per method, every seed's value, mean and std."""
+    rows = {}
+    devices = set()
+    for run in runs:
+        result = _result(run.run_dir)
+        row = rows.setdefault(run.method, {"label": LABELS.get(run.method, run.method), "seeds": [],
+                                           table.metric: [], "train_seconds": [], "complete": True})
+        if not result or not result.get("complete"):
+            row["complete"] = False
+            continue
+        row["seeds"].append(run.seed)
+        row[table.metric].append(result[table.metric])
+        row["train_seconds"].append(result.get("train_seconds"))
+        devices.add(result.get("device", "unknown"))
+        for key in ("teacher_test_accuracy", "test_errors_after", "omitted_accuracy_before",
+                    "omitted_accuracy_after"):
+            if key in result:
+                row.setdefault(key, []).append(result[key])
+    for row in rows.values():
+        values = row[table.metric]
+        if values:
+            row["mean"] = statistics.fmean(values)
+            row["std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"table": name, "title": table.title, "metric": table.metric,
+            "devices": sorted(devices), "command": command, "rows": rows}
+
+
+def markdown(summary):
+    metric = summary["metric"]
+    percent = metric == "test_accuracy"
+    unit = "test accuracy % (mean ± std)" if percent else f"{metric.replace('_', ' ')} (mean ± std)"
+    lines = [f"### {summary['title']}", "",
+             f"| method | seeds | {unit} | per seed | train time (s, mean) |",
+             "| --- | --- | --- | --- | --- |"]
+    scale = 100.0 if percent else 1.0
+    for row in summary["rows"].values():
+        values = [v * scale for v in row[metric]]
+        if not values:
+            lines.append(f"| {row['label']} | - | not complete | | |")
+            continue
+        seconds = [s for s in row["train_seconds"] if s is not None]
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        lines.append(
+            f"| {row['label']} | {', '.join(map(str, row['seeds']))} | "
+            f"**{statistics.fmean(values):.2f} ± {std:.2f}** | "
+            f"{', '.join(f'{v:.2f}' for v in values)} | "
+            f"{statistics.fmean(seconds):.0f} |" if seconds else " |")
+    lines += ["", f"Devices: {', '.join(summary['devices']) or 'unknown'}. Command: `{summary['command']}`.", ""]
+    return "\n".join(lines)
+
+
+def _flags(argv):
+    from absl import flags
+
+    fv = flags.FlagValues()
+    d = dict(flag_values=fv)
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every method.", **d)
+    flags.DEFINE_list("methods", None, "Only these methods (default: the table's).", **d)
+    flags.DEFINE_string("dataset", None, "The data: npz:PATH (arrays x_train, y_train, x_test, "
+                        "y_test), or cifar10 through tensorflow-datasets.", **d)
+    flags.DEFINE_string("teacher", None, "CIFAR tables: the teacher's weights (.weights.h5 or "
+                        "a train-teacher run folder); default: train one first.", **d)
+    flags.DEFINE_string("runs_dir", "runs/reproduce", "Where the runs' folders go.", **d)
+    flags.DEFINE_string("results_dir", "results", "Where the table's JSON and Markdown go.", **d)
+    flags.DEFINE_integer("parallel", 1, "Runs at a time.", **d)
+    flags.DEFINE_boolean("mps", False, "Start CUDA MPS for the parallel runs (NVIDIA GPUs).", **d)
+    flags.DEFINE_float("max_minutes", None, "Start no run after this many minutes and stop the "
+                       "running ones at an epoch end before it (run again to continue).", **d)
+    flags.DEFINE_float("schedule_scale", 1.0, "CIFAR tables: shrink every schedule (quick "
+                       "checks; the published tables use 1).", **d)
+    flags.DEFINE_boolean("summary_only", False, "Write the table from the runs done, run nothing.", **d)
+    rest = fv(argv)[1:]
+    return fv, rest
+
+
+def main(argv):
+    """`keras-fsp reproduce TABLE [--flags]` (`argv[0]` is "reproduce")."""
+    from absl import flags as absl_flags
+
+    try:
+        fv, rest = _flags(argv)
+    except absl_flags.Error as e:
+        raise SystemExit(f"keras-fsp reproduce: {e}") from None
+    if len(rest) != 1 or rest[0] not in TABLES:
+        raise SystemExit(f"keras-fsp reproduce: name one table of {', '.join(TABLES)}; got {rest}.")
+    name = rest[0]
+    table = TABLES[name]
+    fv.seeds = [int(s) for s in fv.seeds]
+    if fv.dataset is None:
+        fv.dataset = "cifar10" if name.startswith("cifar10") else "npz:mnist.npz"
+    root = os.path.join(fv.runs_dir, name)
+    runs = table.runs(fv, root)
+    command = "keras-fsp reproduce " + " ".join(argv[1:])
+    if not fv.summary_only:
+        execute(runs, fv.parallel, fv.max_minutes, mps=fv.mps)
+    summary = summarize(name, table, runs, command)
+    os.makedirs(fv.results_dir, exist_ok=True)
+    stem = os.path.join(fv.results_dir, name.replace("-", "_"))
+    with open(stem + ".json", "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    text = markdown(summary)
+    with open(stem + ".md", "w", encoding="utf-8") as f:
+        f.write(text)
+    print(text)
+    return summary
