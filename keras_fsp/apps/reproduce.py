@@ -126,7 +126,7 @@ def _transfer_runs(flags, root):
                                       "--dataset", flags.dataset, "--seed", 0,
                                       "--run_dir", teacher), teacher)]
     weights = os.path.join(teacher, "teacher.weights.h5")
-    for method in flags.methods or ("student_alone", "teacher_finetuned", "fitnet", "fsp", "kd_free"):
+    for method in flags.methods or ("student_alone", "teacher_finetuned", "fitnet", "fsp", "at"):
         for s in flags.seeds:
             run_dir = os.path.join(root, f"{method}-seed{s}")
             out.append(Run(method, s, _example(
@@ -333,7 +333,7 @@ def main(argv):
     table = TABLES[name]
     fv.seeds = [int(s) for s in fv.seeds]
     if fv.dataset is None:
-        fv.dataset = "cifar10" if name.startswith("cifar10") else "npz:mnist.npz"
+        fv.dataset = "cifar10" if name.startswith("cifar10") else "mnist"
     root = os.path.join(fv.runs_dir, name)
     runs = table.runs(fv, root)
     command = "keras-fsp reproduce " + " ".join(argv[1:])

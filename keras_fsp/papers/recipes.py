@@ -284,27 +284,36 @@ def dense_fsp(teacher, student, steps_per_epoch, points_per_section=2,
 
 def fitnets(teacher, student, steps_per_epoch, hint_layer="stage2", guided_layer="stage2",
             stage1_iterations=35000, stage2_iterations=64000, temperature=3.0,
-            lambda_start=4.0, lambda_end=1.0, augment=None, scale=1.0):
+            lambda_start=4.0, lambda_end=1.0, stage2="kd", augment=None, scale=1.0):
     """FitNets as the FSP paper ran it (Romero et al. 2015).
 
     Stage 1: hint loss, training the student up to the guided layer and the
     regressor, learning rate 1e-4 then 1e-5 after 25k of 35k iterations.
     Stage 2: `task + lambda * soft targets` at temperature 3, lambda falling
     linearly from 4 to 1 over the stage (epoch by epoch), 0.1 -> 0.01 ->
-    0.001 at 50% and 75%.
+    0.001 at 50% and 75%; `stage2="task"`: the labels alone (a teacher of
+    another task, whose logits mean nothing to the student).
     """
     s1, b1 = _scaled([stage1_iterations, stage1_iterations * 25 / 35], scale)
     hint = Stage("hint", {"hint": 1.0}, trainable=UP_TO_TAPS, optimizer=sgd((1e-4, 1e-5), (b1,)))
     task, s2 = _task_stage(stage2_iterations, scale)
-    kd = Stage("fitnets_kd", {"kd": lambda_start, "task": 1.0}, optimizer=task.optimizer)
+    if stage2 == "kd":
+        second = Stage("fitnets_kd", {"kd": lambda_start, "task": 1.0}, optimizer=task.optimizer)
+    elif stage2 == "task":
+        second = task
+    else:
+        raise ValueError(f"stage2 must be one of {STAGE2}; got {stage2!r}.")
     distiller = FSPDistiller(teacher, student, fsp_pairs=None, hint_layer=hint_layer,
                              guided_layer=guided_layer, temperature=temperature,
-                             augment=augment, stages={"hint": hint, "fitnets_kd": kd},
+                             augment=augment, stages={"hint": hint, second.name: second},
                              stage="hint")
     e1, e2 = _epochs(s1, steps_per_epoch), _epochs(s2, steps_per_epoch)
-    schedule = {0: hint, e1: kd}
-    decay = LossWeightSchedule.linear("kd", lambda_start, lambda_end, epochs=e2, start_epoch=e1)
-    return Recipe("fitnet", distiller, schedule, e1 + e2, [StageSchedule(schedule), decay], student)
+    schedule = {0: hint, e1: second}
+    callbacks = [StageSchedule(schedule)]
+    if stage2 == "kd":
+        callbacks.append(LossWeightSchedule.linear("kd", lambda_start, lambda_end, epochs=e2,
+                                                   start_epoch=e1))
+    return Recipe("fitnet", distiller, schedule, e1 + e2, callbacks, student)
 
 
 def hinton_kd(teacher, student, steps_per_epoch, iterations=64000, temperature=4.0,
