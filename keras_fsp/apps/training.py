@@ -261,7 +261,8 @@ def train(recipe, train_data, test_data, run_dir, batch_size=128, seed=0, epochs
             from keras_fsp.inputs import DeviceArrays
 
             data = dict(x=DeviceArrays(x_train, y_train, batch_size=batch_size, seed=seed,
-                                       initial_epoch=initial_epoch, drop_remainder=True))
+                                       initial_epoch=initial_epoch,
+                                       drop_remainder=len(x_train) >= batch_size))
         else:
             stream, _ = runs.epoch_stream(x_train, y_train, batch_size, seed, initial_epoch, end)
             data = dict(x=stream, steps_per_epoch=steps_per_epoch)
