@@ -1,23 +1,23 @@
 """The example scripts of examples/, run in-process in --smoke mode (random
-data, one or two tiny epochs) and checked on the values they report."""
+data, one or two tiny epochs) through keras_fsp's training harness, and
+checked on the values they report and the files they write."""
 
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import types
 
-import keras
 import numpy as np
 import pytest
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+COMMON = dict(dataset=None, seed=0, batch_size=128, scale=1.0, max_minutes=None, smoke=True)
 
 
 def _load(name):
-    """Imports examples/<name>.py once per process, as module `name` (the
-    scripts' absl flags are global: the CIFAR-10 example's cannot be defined
-    twice; cifar10_fast_optimization imports it under the same name)."""
+    """Imports examples/<name>.py once per process (absl flags are global)."""
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, os.path.join(EXAMPLES, name + ".py"))
         module = importlib.util.module_from_spec(spec)
@@ -30,52 +30,54 @@ def _load(name):
     return sys.modules[name]
 
 
-def _saved(tmp_path, result):
-    stem = tmp_path / f"{result['method']}_seed{result['seed']}"
-    assert (tmp_path / f"{stem.name}.weights.h5").is_file()
-    with open(f"{stem}.json") as f:
-        saved = json.load(f)
+def _flags(run_dir, **kwargs):
+    return types.SimpleNamespace(**{**COMMON, "run_dir": str(run_dir), **kwargs})
+
+
+def _saved(run_dir, result, weights="student"):
+    assert (run_dir / f"{weights}.weights.h5").is_file()
+    saved = json.loads((run_dir / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(result))
     return saved
 
 
+def _mnist_flags(run_dir, **kwargs):
+    defaults = dict(method="kd", epochs=None, temperature=20.0, kd_weight=0.9, lr=None,
+                    teacher_weights=None, omitted_digit=3, bias_shift=3.5, max_norm=3.5,
+                    student_jitter=False)
+    return _flags(run_dir, **{**defaults, **kwargs})
+
+
 def test_mnist_hinton_teacher_then_kd_and_omitted_class(tmp_path):
     mnist = _load("mnist_hinton")
-    teacher = mnist.run("teacher", epochs=5, seed=1, out_dir=str(tmp_path), smoke=True,
-                        max_norm=0.5)
-    _saved(tmp_path, teacher)
+    teacher = mnist.run(_mnist_flags(tmp_path / "teacher", method="teacher", seed=1, max_norm=0.5))
+    _saved(tmp_path / "teacher", teacher, "teacher")
     # the max-norm constraint binds (Glorot columns start near 0.9) and holds
     trained = mnist.teacher_mlp(max_norm=0.5)
-    trained.load_weights(str(tmp_path / "teacher_seed1.weights.h5"))
+    trained.load_weights(str(tmp_path / "teacher" / "teacher.weights.h5"))
     for name in ("hidden1", "hidden2"):
-        columns = np.linalg.norm(trained.get_layer(name).kernel.numpy(), axis=0)
+        columns = np.linalg.norm(np.asarray(trained.get_layer(name).kernel), axis=0)
         assert columns.max() <= 0.5 + 1e-5 and columns.min() > 0.0
-    assert np.linalg.norm(mnist.teacher_mlp().get_layer("hidden1").kernel.numpy(), axis=0).max() > 0.5
+    assert np.linalg.norm(np.asarray(mnist.teacher_mlp().get_layer("hidden1").kernel), axis=0).max() > 0.5
     assert teacher["method"] == "teacher" and teacher["seed"] == 1
-    assert teacher["epochs"] == 2 and teacher["epochs_run"] == 2  # --smoke caps the epochs
-    assert teacher["hidden_units"] == [1200, 1200]
-    assert teacher["test_size"] == 64 and 0 <= teacher["test_errors"] <= 64
+    assert teacher["epochs_total"] == teacher["epochs_done"] == 2 and teacher["complete"]  # --smoke caps
+    assert teacher["lr"] == 0.1 and teacher["test_examples"] == 64
     assert teacher["test_accuracy"] == pytest.approx(1 - teacher["test_errors"] / 64)
-    model = mnist.teacher_mlp()
-    assert [l.name for l in model.layers if "dropout" in l.name] == [
+    assert [l.name for l in mnist.teacher_mlp().layers if "dropout" in l.name] == [
         "input_dropout", "dropout1", "dropout2"]
     assert mnist.student_mlp().count_params() == 784 * 800 + 800 + 800 * 800 + 800 + 8010
 
-    weights = str(tmp_path / "teacher_seed1.weights.h5")
-    kd = mnist.run("kd", epochs=1, seed=1, teacher_weights=weights, out_dir=str(tmp_path),
-                   smoke=True)
-    _saved(tmp_path, kd)
-    assert kd["method"] == "kd" and kd["epochs"] == kd["epochs_run"] == 1
-    assert kd["hidden_units"] == [800, 800] and kd["teacher_hidden_units"] == [1200, 1200]
-    assert kd["temperature"] == 20.0
+    weights = str(tmp_path / "teacher" / "teacher.weights.h5")
+    kd = mnist.run(_mnist_flags(tmp_path / "kd", seed=1, teacher_weights=weights, max_norm=0.5))
+    _saved(tmp_path / "kd", kd)
+    assert kd["method"] == "kd" and kd["lr"] == 0.01 and kd["temperature"] == 20.0
     # the loaded teacher is the one just trained
     assert kd["teacher_test_errors"] == teacher["test_errors"]
-    assert "kd_loss" in kd["history"] and all(v >= 0 for v in kd["history"]["kd_loss"])
-    assert 0 <= kd["test_errors"] <= 64
+    assert all(v >= 0 for v in kd["history"]["kd_loss"])
 
-    omitted = mnist.run("omitted_class", epochs=1, seed=1, teacher_weights=weights,
-                        omitted_digit=3, bias_shift=50.0, out_dir=str(tmp_path), smoke=True)
-    _saved(tmp_path, omitted)
+    omitted = mnist.run(_mnist_flags(tmp_path / "omit", method="omitted_class", seed=1,
+                                     teacher_weights=weights, max_norm=0.5, bias_shift=50.0))
+    _saved(tmp_path / "omit", omitted)
     assert omitted["train_size"] < 256 and omitted["omitted_test_count"] > 0
     assert 0.0 <= omitted["omitted_accuracy_before"] <= 1.0
     # a huge bias on class 3 makes every test 3 a 3
@@ -85,70 +87,98 @@ def test_mnist_hinton_teacher_then_kd_and_omitted_class(tmp_path):
 
 def test_mnist_real_data_loads_when_present():
     mnist = _load("mnist_hinton")
-    data_dir = os.path.join(EXAMPLES, "..", "..", "shared", "data")
-    if not os.path.isfile(os.path.join(data_dir, "mnist.npz")):
+    path = os.path.join(EXAMPLES, "..", "..", "shared", "data", "mnist.npz")
+    if not os.path.isfile(path):
         pytest.skip("../shared/data/mnist.npz is absent")
-    (x_train, y_train), (x_test, y_test) = mnist.load_mnist(data_dir)
+    (x_train, y_train), (x_test, y_test) = mnist.load_mnist(f"npz:{path}")
     assert x_train.shape == (60000, 28, 28, 1) and x_test.shape == (10000, 28, 28, 1)
     assert x_train.dtype == "float32" and 0.0 <= x_train.min() and x_train.max() <= 1.0
     assert sorted(set(y_test.tolist())) == list(range(10))
 
 
-def test_cifar10_fast_optimization_fsp(tmp_path):
+def test_transfer_split_keeps_the_tasks_apart():
+    transfer = _load("cifar10_transfer")
+    rng = np.random.default_rng(0)
+    y_train, y_test = rng.integers(0, 10, 2000), rng.integers(0, 10, 500)
+    x_train, x_test = y_train[:, None] * 10 + np.arange(2)[None], y_test[:, None] * 10 + np.arange(2)[None]
+    source, source_test, small, test = transfer.split(x_train, y_train, x_test, y_test, per_class=20)
+    assert len(small[0]) == 80 and np.bincount(small[1]).tolist() == [20, 20, 20, 20]
+    assert len(source[0]) == int(np.isin(y_train, range(6)).sum())
+    # labels renumbered within each task, images kept with them
+    np.testing.assert_array_equal(np.asarray(transfer.SOURCE_CLASSES)[source[1]], source[0][:, 0] // 10)
+    np.testing.assert_array_equal(np.asarray(transfer.TARGET_CLASSES)[small[1]], small[0][:, 0] // 10)
+    np.testing.assert_array_equal(np.asarray(transfer.TARGET_CLASSES)[test[1]], test[0][:, 0] // 10)
+    assert set(source_test[1]) <= set(range(6)) and set(test[1]) <= set(range(4))
+
+
+@pytest.mark.parametrize("method", ["fsp", "fitnet", "at", "teacher_finetuned"])
+def test_transfer_methods_train_from_a_source_task_teacher(tmp_path, method):
+    transfer = _load("cifar10_transfer")
+    from keras_fsp.papers import cifar_resnet
+
+    teacher = cifar_resnet(8, num_classes=6, name="resnet8")
+    teacher.save_weights(str(tmp_path / "teacher.weights.h5"))
+    f = _flags(tmp_path / method, method=method, teacher_weights=str(tmp_path / "teacher.weights.h5"),
+               per_class=500, teacher_depth=8, student_depth=8, batch_size=16)
+    result = transfer.run(f)
+    _saved(tmp_path / method, result)
+    assert result["complete"] and 0.0 <= result["test_accuracy"] <= 1.0
+    assert result["source_classes"] == [0, 1, 2, 3, 4, 5] and result["target_classes"] == [6, 7, 8, 9]
+    first = {"fsp": "fsp", "fitnet": "hint", "at": "at", "teacher_finetuned": None}[method]
+    assert result["stages"].get("0") == first
+
+
+@pytest.mark.parametrize("method", ["student_alone", "fsp", "dense_fsp_kd", "dkd"])
+def test_network_minimization(tmp_path, method):
+    example = _load("network_minimization")
+    f = _flags(tmp_path, method=method, teacher_depth=8, student_depth=8, teacher_weights=None,
+               stage1_iterations=None, dtype_policy="float32", seed=2)
+    result = example.run(f)
+    _saved(tmp_path, result)
+    assert result["complete"] and result["method"] == method and result["seed"] == 2
+    if method != "student_alone":
+        assert result["teacher_test_accuracy"] is not None
+        assert "kernel_norm_ratio_median" in result["history"]
+
+
+def test_fast_optimization_fsp_cut_by_the_deadline_resumes(tmp_path):
     fast = _load("cifar10_fast_optimization")
-    # ResNet-8 for speed (the default depth, 26, is the same code)
-    result = fast.run("fsp", depth=8, seed=2, out_dir=str(tmp_path), smoke=True, tag="_t64k")
-    stem = tmp_path / "fsp_t64k_seed2"
-    assert (tmp_path / f"{stem.name}.weights.h5").is_file()
-    assert json.loads(open(f"{stem}.json").read()) == json.loads(json.dumps(result))
-    assert result["method"] == "fsp" and result["depth"] == 8 and result["tag"] == "_t64k"
-    assert result["stage_epochs"] == {"0": "fsp", "1": "task"}  # 21k + 21k, one epoch each here
-    assert result["epochs"] == result["epochs_run"] == 2 and result["completed"]
-    assert 0.0 <= result["test_accuracy"] <= 1.0
-    assert result["history"]["fsp_loss"][0] > 0.0
-
-    baseline = fast.run("teacher_21k", depth=8, out_dir=str(tmp_path), smoke=True)
-    _saved(tmp_path, baseline)
-    assert baseline["method"] == "teacher_21k" and baseline["stage_epochs"] == {}
-    assert baseline["epochs"] == baseline["epochs_run"] == 1 and baseline["completed"]
+    f = _flags(tmp_path, method="fsp", depth=8, teacher_weights=None, seed=4)
+    f.max_minutes = 1e-9  # stops after the first epoch (stage fsp)
+    first = fast.run(f)
+    assert first["epochs_done"] == 1 and first["epochs_total"] == 2 and not first["complete"]
+    assert first["stages"] == {"0": "fsp", "1": "task"} and first["stopped_by_deadline"]
+    f.max_minutes = None
+    second = fast.run(f)  # the same command again: the task epoch only
+    _saved(tmp_path, second)
+    assert second["initial_epoch"] == 1 and second["complete"] and second["epochs_done"] == 2
+    assert second["history"]["fsp_loss"][0] == first["history"]["fsp_loss"][0]
+    assert second["history"]["stage"] == ["fsp", "task"]
+    assert second["train_seconds"] >= first["train_seconds"]
 
 
-@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
-                    reason="tfds-fed example: its data path is tf.data; the models and "
-                           "recipes it runs are covered on JAX by the CIFAR-10 examples")
-def test_cifar100_network_minimization_fsp(tmp_path):
-    c100 = _load("cifar100_network_minimization")
-    result = c100.run("fsp", seed=0, out_dir=str(tmp_path), smoke=True)
-    _saved(tmp_path, result)
-    assert result["method"] == "fsp" and result["num_classes"] == 100
-    assert (result["teacher_depth"], result["student_depth"]) == (32, 14)
-    # smoke scale 2/64000: stage 1 (21k) -> 1 epoch, stage 2 (64k) -> 2 epochs
-    assert result["stage_epochs"] == {"0": "fsp", "1": "task"}
-    assert result["epochs"] == result["epochs_run"] == 3 and result["completed"]
-    assert 0.0 <= result["test_accuracy"] <= 1.0
+def test_cub200_transfer_finetune_then_fsp(tmp_path):
+    cub = _load("cub200_transfer")
+    from keras_fsp.papers import cifar_resnet
+
+    source = tmp_path / "source.weights.h5"
+    cifar_resnet(8, num_classes=100, input_shape=(16, 16, 3), name="resnet8").save_weights(str(source))
+    defaults = dict(teacher_depth=8, student_depth=8, image_size=16, batch_size=16,
+                    source_classes=100, tfds_data_dir=None, source_weights=None, teacher_weights=None)
+    teacher = cub.run(_flags(tmp_path / "teacher", method="teacher_finetune",
+                             **{**defaults, "source_weights": str(source)}))
+    _saved(tmp_path / "teacher", teacher, "teacher")
+    assert teacher["source_weights"] == str(source) and teacher["complete"]
+    student = cub.run(_flags(tmp_path / "fsp", method="fsp", **{
+        **defaults, "teacher_weights": str(tmp_path / "teacher" / "teacher.weights.h5")}))
+    assert student["stages"] == {"0": "fsp", "1": "task"} and 0.0 <= student["test_accuracy"] <= 1.0
 
 
-@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
-                    reason="tfds-fed example: its data path is tf.data; the models and "
-                           "recipes it runs are covered on JAX by the CIFAR-10 examples")
-def test_cifar100_through_mocked_tfds(tmp_path):
-    tfds = pytest.importorskip("tensorflow_datasets")
-    c100 = _load("cifar100_network_minimization")
-    with tfds.testing.mock_data(num_examples=24):
-        # 64000 * 1e-5 -> 1 iteration: 1 epoch of 1 step.
-        result = c100.run("student_alone", student_depth=8, scale=1e-5, batch_size=24,
-                          out_dir=str(tmp_path))
-    _saved(tmp_path, result)
-    assert result["steps_per_epoch"] == 1 and result["epochs_run"] == 1
-    assert result["num_classes"] == 100 and 0.0 <= result["test_accuracy"] <= 1.0
-
-
-def test_scripts_flags_parse_in_one_process():
+def test_scripts_parse_their_flags():
     """All examples import side by side (absl flags are global), and each
-    script parses its own flags when run (absl's --only_check_args exits 0
-    after parsing, before main)."""
-    for name in ("cifar10_network_minimization", "mnist_hinton", "cifar10_fast_optimization",
-                 "cifar100_network_minimization"):
+    script parses its own flags (absl's --only_check_args exits after parsing)."""
+    for name in ("network_minimization", "mnist_hinton", "cifar10_fast_optimization",
+                 "cifar10_transfer", "cub200_transfer"):
         _load(name)
 
     def parse(script, *args):
@@ -159,104 +189,12 @@ def test_scripts_flags_parse_in_one_process():
 
     ok = [("mnist_hinton.py", "--method=omitted_class", "--omitted_digit=7", "--bias_shift=2"),
           ("cifar10_fast_optimization.py", "--method=teacher_21k", "--depth=8"),
-          ("cifar100_network_minimization.py", "--method=dense_fsp", "--stage1_iterations=32000")]
+          ("network_minimization.py", "--method=dense_fsp", "--stage1_iterations=32000"),
+          ("cifar10_transfer.py", "--method=at", "--per_class=100")]
     for args in ok:
         out = parse(*args)
         assert out.returncode == 0, (args, out.stderr[-2000:])
-    bad = [("mnist_hinton.py", "--method=fsp"),  # not a method of this script
-           ("cifar10_fast_optimization.py", "--method=student_alone")]
+    bad = [("mnist_hinton.py", "--method=fsp"), ("cifar10_transfer.py", "--method=kd")]
     for args in bad:
         out = parse(*args)
         assert out.returncode != 0 and "method" in out.stderr, args
-
-
-def test_cifar10_network_minimization_student_alone(tmp_path):
-    c10 = _load("cifar10_network_minimization")
-    result = c10.run("student_alone", seed=1, out_dir=str(tmp_path), smoke=True, student_depth=8)
-    _saved(tmp_path, result)
-    assert result["method"] == "student_alone" and result["seed"] == 1
-    assert result["completed"] and 0.0 <= result["test_accuracy"] <= 1.0
-    assert "genuine_subset_accuracy" not in result  # random data in smoke mode
-
-
-def test_cifar10_run_cut_by_the_deadline_resumes_where_it_stopped(tmp_path):
-    c10 = _load("cifar10_network_minimization")
-    args = dict(method="fsp", teacher_depth=8, student_depth=8, seed=4, out_dir=str(tmp_path),
-                smoke=True, resume=True)
-    first = c10.run(max_minutes=1e-9, **args)  # stops after the first epoch (stage fsp)
-    assert first["epochs"] == 3 and first["epochs_run"] == 1 and not first["completed"]
-    assert first["stage_epochs"] == {"0": "fsp", "1": "task"}
-    assert len(first["history"]["loss"]) == 1 and "task_loss" not in first["history"]
-
-    # An epoch that ran after the checkpoint and was lost (a NaN loss writes
-    # no checkpoint; a killed part neither): the resumed history drops it.
-    parts = tmp_path / "fsp_seed4.parts.json"
-    saved = json.loads(parts.read_text())
-    assert len(saved["epoch_logs"]) == 1
-    saved["epoch_logs"].append({"loss": float("nan"), "fsp_loss": float("nan")})
-    parts.write_text(json.dumps(saved))
-
-    second = c10.run(**args)  # the same command again: only epochs 2-3, in stage task
-    _saved(tmp_path, second)
-    assert second["epochs_run"] == 3 and second["completed"] and second["history_complete"]
-    assert second["history"]["fsp_loss"][0] == first["history"]["fsp_loss"][0]
-    assert len(second["history"]["loss"]) == 3 and len(second["history"]["task_loss"]) == 2
-    assert all(v == v for v in second["history"]["loss"])  # no NaN from the dropped epoch
-    assert second["diverged_at_epoch"] is None
-    assert second["train_seconds"] >= first["train_seconds"]
-
-    third = c10.run(**args)  # nothing left to train: scored and written again, unchanged
-    assert third["history"] == second["history"] and third["test_accuracy"] == second["test_accuracy"]
-
-
-@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
-                    reason="tfds-fed example: its data path is tf.data; the models and "
-                           "recipes it runs are covered on JAX by the CIFAR-10 examples")
-def test_cub200_transfer_finetune_then_fsp(tmp_path):
-    cub = _load("cub200_transfer")
-    source = tmp_path / "source.weights.h5"
-    from keras_fsp.papers import cifar_resnet
-
-    src = cifar_resnet(8, num_classes=100, input_shape=(16, 16, 3), name="resnet8")
-    src.save_weights(str(source))
-    teacher = cub.run("teacher_finetune", teacher_depth=8, image_size=16, source_weights=str(source),
-                      batch_size=16, out_dir=str(tmp_path), smoke=True)
-    _saved(tmp_path, teacher)
-    assert teacher["source_weights"] == str(source) and teacher["completed"]
-    student = cub.run("fsp", teacher_depth=8, student_depth=8, image_size=16, batch_size=16,
-                      teacher_weights=str(tmp_path / "teacher_finetune_seed0.weights.h5"),
-                      out_dir=str(tmp_path), smoke=True)
-    assert student["stage_epochs"] == {"0": "fsp", "1": "task"}
-    assert 0.0 <= student["test_accuracy"] <= 1.0
-
-
-def test_run_stops_after_an_epoch_with_a_nan_loss_and_writes_no_checkpoint(tmp_path):
-    """A diverged run stops at the end of its first NaN epoch (not at the end
-    of the schedule), says so, and writes no checkpoint of that epoch."""
-    import numpy as np
-
-    from keras_fsp.apps import runs
-    from keras_fsp.papers import recipes
-    from keras_fsp.papers import cifar_resnet
-
-    _load("cifar10_network_minimization")
-    common = sys.modules["common"]  # examples/common.py, as the examples import it
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(32, 8, 8, 3)).astype("float32")
-    y = rng.integers(0, 10, 32)
-    x_bad = x.copy()
-    x_bad[3, 0, 0, 0] = np.nan  # one bad pixel poisons the batch norm statistics
-    net = cifar_resnet(8, input_shape=(8, 8, 3))
-    recipe = recipes.student_alone(net, steps_per_epoch=2, iterations=6)
-    assert recipe.epochs == 3
-    result = common.fit_and_report(recipe, net, (x_bad, y), (x, y), str(tmp_path), "student_alone",
-                                   0, {}, batch_size=16, resume=True)
-    # On TensorFlow the first epoch's loss is NaN; XLA's max(NaN, 0) = 0 in
-    # the ReLUs hides it on JAX until the weights turn NaN in the second.
-    epoch = result["diverged_at_epoch"]
-    assert epoch in (1, 2) and result["epochs_run"] == epoch < recipe.epochs
-    assert not result["completed"] and np.isnan(result["history"]["loss"][epoch - 1])
-    assert np.all(np.isfinite(result["history"]["loss"][: epoch - 1]))
-    # No checkpoint at all: on JAX epoch 1's loss is finite but its batch-norm
-    # statistics are NaN already, and the checkpoint guard checks the weights too.
-    assert runs.ResumableRun(tmp_path / "student_alone_seed0.run").latest() is None

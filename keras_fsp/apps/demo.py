@@ -29,9 +29,12 @@ import keras
 import numpy as np
 
 from keras_fsp import FSPDistiller, Stage, export_student
+from keras_fsp.apps import training
+from keras_fsp.apps.visualize import plot_fsp_matrices
 from keras_fsp.callbacks import StageSchedule
 from keras_fsp.fsp import fsp_matrices_of
 from keras_fsp.papers import cifar_resnet
+from keras_fsp.papers.recipes import Recipe
 
 DEFAULT_OUTPUT_DIR = "fsp_demo_output"
 INPUT_SHAPE = (8, 8, 1)
@@ -112,37 +115,25 @@ def _optimizer(epochs, steps_per_epoch):
     return keras.optimizers.Adam(schedule)
 
 
-def _compile_classifier(model, epochs, steps_per_epoch):
-    model.compile(
-        optimizer=_optimizer(epochs, steps_per_epoch),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
+class _CaptureFSP(keras.callbacks.Callback):
+    """The FSP matrices at the end of a given epoch (the stage switch)."""
 
-
-class _Recorder(keras.callbacks.Callback):
-    """Per-epoch logs, wall time, and the FSP matrices at the stage switch."""
-
-    def __init__(self, capture_after_epoch=None, x_fsp=None):
+    def __init__(self, epoch, x):
         super().__init__()
-        self.logs = []
-        self.capture_after_epoch = capture_after_epoch
-        self.x_fsp = x_fsp
-        self.captured = None
-
-    def on_train_begin(self, logs=None):
-        self.start = time.time()
+        self.epoch, self.x, self.captured = epoch, x, None
 
     def on_epoch_end(self, epoch, logs=None):
-        self.logs.append(dict(logs or {}))
-        if epoch == self.capture_after_epoch:
-            self.captured = _fsp_matrices(self.model, self.x_fsp)
+        if epoch == self.epoch:
+            self.captured = _fsp_matrices(self.model, self.x)
 
-    def on_train_end(self, logs=None):
-        self.seconds = time.time() - self.start
 
-    def series(self, key):
-        return [float(log[key]) if key in log else None for log in self.logs]
+def _train(recipe, data, out, name, seed, verbose, callbacks=()):
+    """One of the demo's trainings, through keras_fsp's training harness."""
+    (x_train, y_train), test = data
+    return training.train(recipe, (x_train, y_train), test, str(out / "runs" / name),
+                          batch_size=BATCH_SIZE, seed=seed, validation_every=1,
+                          verbose=verbose, save_name=name, callbacks=callbacks,
+                          log=training.Log(out / "runs" / name / "log.txt", echo=False))
 
 
 def _fsp_matrices(distiller, x):
@@ -159,47 +150,6 @@ def _fsp_distance(teacher_gs, student_gs):
 
 
 # ------------------------------------------------------------------ pictures
-
-
-def plot_fsp_matrices(path, pairs, columns, distances):
-    """Grid of mean FSP matrices: one row per section pair, one column per
-    network/moment, one colour scale (and colour bar) per row.
-
-    Args:
-        columns: `[(title, [matrix per pair, each (batch, m, n)]), ...]`, the
-            teacher first.
-        distances: `{title: [distance to the teacher per pair]}`.
-    """
-    from matplotlib.figure import Figure
-
-    rows = len(pairs)
-    fig = Figure(figsize=(3.2 * len(columns) + 1.0, 3.0 * rows + 0.8), layout="constrained")
-    axes = fig.subplots(rows, len(columns), squeeze=False)
-    for r, pair in enumerate(pairs):
-        means = [np.mean(gs[r], axis=0) for _, gs in columns]
-        # The maps are ReLU outputs, so G >= 0: a sequential scale from 0,
-        # shared by the row so the columns compare.
-        vmin = min(0.0, min(float(np.min(m)) for m in means))
-        vmax = max(float(np.max(m)) for m in means)
-        image = None
-        for c, ((title, _), mean) in enumerate(zip(columns, means)):
-            ax = axes[r, c]
-            image = ax.imshow(mean, cmap="viridis", vmin=vmin, vmax=vmax,
-                              interpolation="nearest", aspect="auto")
-            label = f"{title}\n{pair[0]} -> {pair[1]} ({mean.shape[0]}x{mean.shape[1]})"
-            if title in distances:
-                label += f"\n||G_T - G_S||^2 = {distances[title][r]:.3g}"
-            ax.set_title(label, fontsize=8)
-            ax.set_xlabel(f"channel of {pair[1]}", fontsize=7)
-            ax.set_ylabel(f"channel of {pair[0]}", fontsize=7)
-            ax.tick_params(labelsize=6)
-        fig.colorbar(image, ax=list(axes[r]), shrink=0.9, label="mean G")
-    fig.suptitle(
-        f"FSP matrices G, mean over {columns[0][1][0].shape[0]} test images: "
-        "the teacher, and the student before and after distillation "
-        "(||G_T - G_S||^2: batch mean of the FSP loss term)"
-    )
-    fig.savefig(path, dpi=110)
 
 
 def plot_training_curves(path, alone_acc, fsp_acc, fsp_loss, fsp_epochs, target):
@@ -314,6 +264,7 @@ def _prepare_output_dir(out):
     """Creates `out`; removes a SavedModel left there by an earlier run (the
     exporter refuses to overwrite), and refuses anything else in its place."""
     out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "runs", ignore_errors=True)  # each demo trains from scratch
     saved = out / "student_savedmodel"
     if saved.exists():
         if (saved / "saved_model.pb").is_file():
@@ -355,13 +306,13 @@ def run(output_dir=DEFAULT_OUTPUT_DIR, epochs_scale=1.0, seed=0, verbose=2,
     _prepare_output_dir(out)
 
     x_train, y_train, x_test, y_test = load_data(seed)
-    steps = int(np.ceil(len(x_train) / BATCH_SIZE))
+    steps = len(x_train) // BATCH_SIZE
     n_test = len(x_test)
     x_fsp = x_test[:FSP_BATCH]
     e_teacher = scaled_epochs(TEACHER_EPOCHS, epochs_scale)
     e_task = scaled_epochs(TASK_EPOCHS, epochs_scale)
     e_fsp = scaled_epochs(FSP_EPOCHS, epochs_scale)
-    fit_kw = dict(batch_size=BATCH_SIZE, validation_data=(x_test, y_test), verbose=verbose)
+    data = ((x_train, y_train), (x_test, y_test))
     print(f"Digits: {len(x_train)} training, {n_test} test images, 8x8x1; seed {seed}.")
 
     # 1. Teacher.
@@ -369,10 +320,9 @@ def run(output_dir=DEFAULT_OUTPUT_DIR, epochs_scale=1.0, seed=0, verbose=2,
     teacher = cifar_resnet(TEACHER_DEPTH, NUM_CLASSES, INPUT_SHAPE, name="teacher")
     print(f"\n[1/3] teacher ResNet-{TEACHER_DEPTH} ({teacher.count_params():,} "
           f"parameters), {e_teacher} epochs ...", flush=True)
-    _compile_classifier(teacher, e_teacher, steps)
-    rec_teacher = _Recorder()
-    teacher.fit(x_train, y_train, epochs=e_teacher, callbacks=[rec_teacher], **fit_kw)
-    teacher_acc = float(teacher.evaluate(x_test, y_test, verbose=0, return_dict=True)["accuracy"])
+    r_teacher = _train(Recipe("teacher", teacher, {}, e_teacher, [], teacher,
+                              optimizer=_optimizer(e_teacher, steps)), data, out, "teacher",
+                       seed, verbose)
 
     # 2. Student alone. Its initial weights are kept for the FSP student.
     keras.utils.set_random_seed(seed + 1)
@@ -381,42 +331,37 @@ def run(output_dir=DEFAULT_OUTPUT_DIR, epochs_scale=1.0, seed=0, verbose=2,
     print(f"\n[2/3] student alone ResNet-{STUDENT_DEPTH} "
           f"({student_alone.count_params():,} parameters), {e_task} epochs on the "
           "labels ...", flush=True)
-    _compile_classifier(student_alone, e_task, steps)
-    rec_alone = _Recorder()
-    student_alone.fit(x_train, y_train, epochs=e_task, callbacks=[rec_alone], **fit_kw)
-    alone_acc = float(
-        student_alone.evaluate(x_test, y_test, verbose=0, return_dict=True)["accuracy"]
-    )
+    r_alone = _train(Recipe("student_alone", student_alone, {}, e_task, [], student_alone,
+                            optimizer=_optimizer(e_task, steps)), data, out, "student_alone",
+                     seed + 1, verbose)
 
     # 3. FSP student: the same initial weights, FSP stage then task stage.
-    keras.utils.set_random_seed(seed + 2)  # its data order
+    keras.utils.set_random_seed(seed + 2)
     student = cifar_resnet(STUDENT_DEPTH, NUM_CLASSES, INPUT_SHAPE, name="fsp_student")
     student.set_weights(initial_weights)
-    # The FSP stage with the task's optimizer (Adam), not the built-in stage's
-    # 1/100 of it: on these small maps Adam at the task's rate is stable.
+    # Each stage with the task's optimizer (Adam), not the built-in FSP
+    # stage's 1/100 of it: on these small maps Adam at the task's rate is stable.
     fsp_stage = Stage("fsp", {"fsp": 1.0}, trainable="up_to_taps",
                       optimizer=_optimizer(e_task, steps))
-    distiller = FSPDistiller(teacher, student, stages={"fsp": fsp_stage})  # pairs found automatically
-    fsp = distiller.terms["fsp"]
+    task_stage = Stage("task", {"task": 1.0}, optimizer=_optimizer(e_task, steps))
+    distiller = FSPDistiller(teacher, student, stages={"fsp": fsp_stage, "task": task_stage})
+    fsp = distiller.terms["fsp"]  # pairs found automatically
     print(f"\n[3/3] FSP student ResNet-{STUDENT_DEPTH}: stage 1 'fsp' for {e_fsp} "
           f"epochs (FSP pairs {fsp.pairs}; the student's head does not "
           "train, so its val accuracy stays at chance), then stage 2 'task' for "
           f"{e_task} epochs ...", flush=True)
     fsp_before = _fsp_matrices(distiller, x_fsp)
-    distiller.compile(optimizer=_optimizer(e_task, steps), metrics=["accuracy"])
-    rec_fsp = _Recorder(capture_after_epoch=e_fsp - 1, x_fsp=x_fsp)
-    distiller.fit(
-        x_train, y_train, epochs=e_fsp + e_task,
-        callbacks=[StageSchedule({0: "fsp", e_fsp: "task"}), rec_fsp], **fit_kw,
-    )
-    fsp_acc = float(distiller.evaluate(x_test, y_test, verbose=0, return_dict=True)["accuracy"])
+    schedule = {0: fsp_stage, e_fsp: task_stage}
+    capture = _CaptureFSP(e_fsp - 1, x_fsp)
+    r_fsp = _train(Recipe("fsp", distiller, schedule, e_fsp + e_task, [StageSchedule(schedule)],
+                          student), data, out, "fsp_student", seed + 2, verbose, [capture])
     teacher_gs, fsp_final = _fsp_matrices(distiller, x_fsp)
-    _, fsp_after_stage1 = rec_fsp.captured
     alone_gs = fsp_matrices_of(student_alone, fsp.student_pairs, x_fsp, fsp.pooling)
 
     # Table.
-    alone_hist = rec_alone.series("val_accuracy")
-    fsp_hist = rec_fsp.series("val_accuracy")
+    alone_acc, fsp_acc = r_alone["test_accuracy"], r_fsp["test_accuracy"]
+    alone_hist = r_alone["history"]["val_accuracy"]
+    fsp_hist = r_fsp["history"]["val_accuracy"]
     results = {
         "seed": seed,
         "epochs_scale": epochs_scale,
@@ -431,22 +376,22 @@ def run(output_dir=DEFAULT_OUTPUT_DIR, epochs_scale=1.0, seed=0, verbose=2,
                       "student": [list(p) for p in fsp.student_pairs]},
         "epochs": {"teacher": e_teacher, "task": e_task, "fsp_stage": e_fsp},
         "optimizer": f"Adam, lr {LEARNING_RATE} cosine decay, batch {BATCH_SIZE}",
-        "accuracy": {"teacher": teacher_acc, "student_alone": alone_acc,
+        "accuracy": {"teacher": r_teacher["test_accuracy"], "student_alone": alone_acc,
                      "fsp_student": fsp_acc},
         "target_accuracy": alone_acc,
         "task_epochs_to_reach_target": task_epochs_to_reach(
             alone_hist, fsp_hist, e_fsp, alone_acc, n_test
         ),
         "history": {
-            "teacher_val_accuracy": rec_teacher.series("val_accuracy"),
+            "teacher_val_accuracy": r_teacher["history"]["val_accuracy"],
             "student_alone_val_accuracy": alone_hist,
             # Every epoch of the one fit: e_fsp FSP-stage epochs, then the task.
             "fsp_student_val_accuracy": fsp_hist,
-            "fsp_student_fsp_loss": rec_fsp.series("fsp_loss")[:e_fsp],
+            "fsp_student_fsp_loss": r_fsp["history"]["fsp_loss"][:e_fsp],
         },
         "fsp_distance_to_teacher": {
             "student_before": _fsp_distance(teacher_gs, fsp_before[1]),
-            "fsp_student_after_stage_1": _fsp_distance(teacher_gs, fsp_after_stage1),
+            "fsp_student_after_stage_1": _fsp_distance(teacher_gs, capture.captured[1]),
             "fsp_student_final": _fsp_distance(teacher_gs, fsp_final),
             "student_alone_final": _fsp_distance(teacher_gs, alone_gs),
         },
@@ -465,24 +410,10 @@ def run(output_dir=DEFAULT_OUTPUT_DIR, epochs_scale=1.0, seed=0, verbose=2,
 
     # Pictures.
     print("Drawing the pictures ...", flush=True)
-    files["fsp_matrices"] = str(out / "fsp_matrices.png")
-    columns = [
-        (f"teacher {results['models']['teacher']}", teacher_gs),
-        ("student before distillation", fsp_before[1]),
-        ("FSP student after stage 1", fsp_after_stage1),
-        ("FSP student, final", fsp_final),
-        ("student alone, final", alone_gs),
-    ]
-    d = results["fsp_distance_to_teacher"]
-    plot_fsp_matrices(
-        files["fsp_matrices"], fsp.pairs, columns,
-        {
-            "student before distillation": d["student_before"],
-            "FSP student after stage 1": d["fsp_student_after_stage_1"],
-            "FSP student, final": d["fsp_student_final"],
-            "student alone, final": d["student_alone_final"],
-        },
-    )
+    files["fsp_matrices"] = str(plot_fsp_matrices(
+        teacher_gs, fsp_final, out / "fsp_matrices.png", pair_names=fsp.pairs,
+        title=f"FSP matrices of the teacher and the distilled student, mean over "
+              f"{len(x_fsp)} test images"))
     files["training_curves"] = str(out / "training_curves.png")
     plot_training_curves(
         files["training_curves"], alone_hist, fsp_hist,
@@ -493,9 +424,9 @@ def run(output_dir=DEFAULT_OUTPUT_DIR, epochs_scale=1.0, seed=0, verbose=2,
     files["results_md"] = str(out / "results.md")
     results["files"] = files
     results["seconds"] = {
-        "teacher": round(rec_teacher.seconds, 1),
-        "student_alone": round(rec_alone.seconds, 1),
-        "fsp_student": round(rec_fsp.seconds, 1),
+        "teacher": r_teacher["train_seconds"],
+        "student_alone": r_alone["train_seconds"],
+        "fsp_student": r_fsp["train_seconds"],
         "total": round(time.time() - t_start, 1),
     }
     Path(files["results_json"]).write_text(json.dumps(results, indent=2), encoding="utf-8")
