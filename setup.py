@@ -2,10 +2,11 @@ from setuptools import find_packages, setup
 
 setup(
     name="keras-fsp",
-    version="0.1.0",
+    version="0.2.0",
     description=(
-        "Knowledge distillation for Keras 3 with the FSP matrix (Yim et al. 2017), "
-        "FitNets hints, Hinton soft targets and dense sequential FSP"
+        "Knowledge distillation for Keras 3: the FSP matrix (Yim et al. 2017), dense "
+        "sequential FSP, FitNets hints, Hinton soft targets, attention transfer and "
+        "decoupled KD, as loss terms switched in stages"
     ),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -25,7 +26,9 @@ setup(
     extras_require={
         # The offline Quickstart demo: bundled digits data and pictures.
         "demo": ["scikit-learn>=1.4"],
-        "test": ["pytest>=8", "scikit-learn>=1.4"],
+        "test": ["pytest>=8", "scikit-learn>=1.4", "tensorboard>=2.21"],
+        # TensorBoard logs (`keras-fsp ... --tensorboard`); TensorFlow 2.21 no longer brings it.
+        "tensorboard": ["tensorboard>=2.21"],
         # The second test suite (the same tests on the JAX backend, CPU).
         "jax": ["jax[cpu]>=0.4.30"],
     },

@@ -59,13 +59,22 @@ class StageSchedule(keras.callbacks.Callback):
         distiller = _distiller(self)
         for stage in self.schedule.values():  # fail before any training
             resolve_stage(stage, distiller.stages)
+        self._announced = None
 
     def on_epoch_begin(self, epoch, logs=None):
         distiller = _distiller(self)
-        before = distiller.stage
         distiller.set_stage(self.stage_for_epoch(epoch))
-        if self.verbose and distiller.stage is not before:
+        # Announce the first stage of a fit too, then every switch.
+        if self.verbose and distiller.stage is not self._announced:
             print(f"\nEpoch {epoch + 1}: stage {distiller.stage.name!r}")
+        self._announced = distiller.stage
+
+    def on_epoch_end(self, epoch, logs=None):
+        # The stage's position in the schedule, as a number: TensorBoard and
+        # other loggers of numeric logs show which stage each epoch was in.
+        if logs is not None:
+            names = [resolve_stage(s, _distiller(self).stages).name for s in self.schedule.values()]
+            logs["stage_index"] = float(names.index(_distiller(self).stage.name))
 
     def get_config(self):
         return {"schedule": self.schedule, "verbose": self.verbose}

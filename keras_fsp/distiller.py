@@ -559,6 +559,17 @@ class FSPDistiller(keras.Model):
         self._install_optimizer(self._stage)
         self._restore_student_trainable()
 
+    def get_compile_config(self):
+        config = super().get_compile_config()
+        if config:  # what `compile` was given, as `compile_from_config` needs it
+            config["loss"] = keras.saving.serialize_keras_object(self.terms[TASK].loss)
+            config["auto_scale_loss"] = self._auto_scale_loss
+        return config
+
+    def compile_from_config(self, config):
+        # Keras' own skips models that override `compile`.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+
     # ----------------------------------------------------------- forward pass
 
     def call(self, inputs, training=None):

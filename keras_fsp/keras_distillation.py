@@ -23,7 +23,12 @@ distiller = keras.distillation.Distiller(
 Note that `keras.distillation.Distiller` runs the student a second time to
 tap its features, and has neither stages nor a hint regressor:
 `keras_fsp.FSPDistiller` runs each network once and has both.
+
+Every loss here is registered serializable (package `"keras_fsp"`), so a
+`Distiller` using them saves and loads with plain Keras.
 """
+
+import itertools
 
 import keras
 from keras import ops
@@ -31,16 +36,32 @@ from keras import ops
 from keras_fsp.fsp import fsp_matrix
 from keras_fsp.losses import HintLoss, SoftTargetLoss
 
-DistillationLoss = keras.distillation.DistillationLoss
+serializable = keras.saving.register_keras_serializable(package="keras_fsp")
 
 
-class _Capture(DistillationLoss):
+class DistillationLoss(keras.distillation.DistillationLoss):
+    """Keras' `DistillationLoss`, restorable from its `get_config`."""
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+# Captures by link number: a deserialized pair loss finds the capture that
+# was deserialized just before it (Keras restores the losses in list order).
+_CAPTURES = {}
+_LINKS = itertools.count()
+
+
+@serializable
+class FSPCapture(DistillationLoss):
     """Keeps the first maps of an FSP pair for the `FSPPairDistillation`
     that follows it; contributes a zero loss."""
 
-    def __init__(self, teacher_layer_name, student_layer_name):
+    def __init__(self, teacher_layer_name, student_layer_name, link=None):
         self.teacher_layer_name = teacher_layer_name
         self.student_layer_name = student_layer_name
+        self.link = next(_LINKS) if link is None else link
+        _CAPTURES[self.link] = self
         self.teacher_features = self.student_features = None
 
     def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
@@ -51,18 +72,28 @@ class _Capture(DistillationLoss):
         return {
             "teacher_layer_name": self.teacher_layer_name,
             "student_layer_name": self.student_layer_name,
+            "link": self.link,
         }
 
 
+@serializable
 class FSPPairDistillation(DistillationLoss):
     """`||G^T - G^S||_F^2` (batch mean) for one FSP pair; its first maps come
-    from the `_Capture` made with it by `fsp_distillation_losses`."""
+    from the `FSPCapture` made with it by `fsp_distillation_losses`."""
 
     def __init__(self, capture, teacher_layer_name, student_layer_name, pooling="max"):
-        self.capture = capture
+        self.capture = capture if isinstance(capture, FSPCapture) else _CAPTURES[capture]
         self.teacher_layer_name = teacher_layer_name
         self.student_layer_name = student_layer_name
         self.pooling = pooling
+
+    def get_config(self):
+        return {
+            "capture": self.capture.link,
+            "teacher_layer_name": self.teacher_layer_name,
+            "student_layer_name": self.student_layer_name,
+            "pooling": self.pooling,
+        }
 
     def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
         if self.capture.teacher_features is None:
@@ -104,11 +135,12 @@ def fsp_distillation_losses(pairs, student_pairs=None, pooling="max"):
         )
     losses = []
     for (t_a, t_b), (s_a, s_b) in zip(pairs, student_pairs):
-        capture = _Capture(t_a, s_a)
+        capture = FSPCapture(t_a, s_a)
         losses += [capture, FSPPairDistillation(capture, t_b, s_b, pooling)]
     return losses
 
 
+@serializable
 class SoftTargetDistillation(DistillationLoss):
     """Hinton soft targets with the `T^2` factor (`keras_fsp.SoftTargetLoss`)
     on the final outputs."""
@@ -124,6 +156,7 @@ class SoftTargetDistillation(DistillationLoss):
         return {"temperature": self.temperature}
 
 
+@serializable
 class HintDistillation(DistillationLoss):
     """FitNets hint between equally shaped maps (Keras' `Distiller` has no
     place for a trainable regressor: use `FSPDistiller` when shapes differ)."""

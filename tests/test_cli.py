@@ -266,3 +266,20 @@ def test_help(capsys):
     out = capsys.readouterr().out
     assert "Subcommands: train-teacher, distill, evaluate, export, visualize" in out
     assert "--schedule_scale" in out and "--learning_rate_scale" in out
+
+
+def test_tensorboard_logs_every_term_and_the_stage(teacher_run, tmp_path):
+    pytest.importorskip("tensorboard")
+    import tensorflow as tf
+
+    teacher_dir, _ = teacher_run
+    model_dir = tmp_path / "tb"
+    _run("distill", "--method=fsp", *TINY, "--tensorboard", f"--teacher={teacher_dir}",
+         f"--model_dir={model_dir}")
+    tags = {}
+    for path in (model_dir / "tensorboard" / "train").glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(float(tf.make_ndarray(value.tensor)))
+    assert len(tags["epoch_fsp_loss"]) == 1 and len(tags["epoch_task_loss"]) == 2
+    assert tags["epoch_stage_index"] == [0.0, 1.0, 1.0]  # fsp, then task

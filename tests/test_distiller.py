@@ -327,3 +327,18 @@ def test_device_arrays_in_scans_train_like_one_step_at_a_time(monkeypatch):
         np.testing.assert_allclose(h1[key], h2[key], rtol=1e-4, err_msg=key)
     for a, b in zip(w1, w2):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_saved_distiller_and_its_checkpoint_files_load_with_plain_keras(tmp_path):
+    d = _distiller(hint_layer="stage2", guided_layer="stage1", stage="kd", temperature=3.0)
+    x, y = data()
+    d.fit(x, y, batch_size=16, epochs=1, verbose=0,
+          callbacks=[keras.callbacks.ModelCheckpoint(str(tmp_path / "ckpt.keras"))])
+    d.save(tmp_path / "distiller.keras")
+    for path in ("distiller.keras", "ckpt.keras"):
+        loaded = keras.models.load_model(tmp_path / path)  # no custom_objects
+        assert isinstance(loaded, FSPDistiller) and loaded.stage.name == "kd" and loaded.compiled
+        assert loaded.terms["kd"].temperature == 3.0
+        np.testing.assert_allclose(loaded.predict(x, verbose=0), d.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(ops.convert_to_numpy(loaded.terms["hint"].regressor.kernel),
+                                      ops.convert_to_numpy(d.terms["hint"].regressor.kernel))

@@ -46,3 +46,26 @@ def test_hint_distillation_needs_equal_shapes():
     x, y = data()
     with pytest.raises(ValueError, match="regressor"):
         distiller.compute_loss(x, y, distiller(x), training=True)
+
+
+def test_a_distiller_with_keras_fsp_losses_round_trips_through_its_config():
+    teacher, student = small_pair()
+    losses = fsp_distillation_losses(PAIRS) + [SoftTargetDistillation(temperature=2.0),
+                                               HintDistillation("stage2", "stage2")]
+    distiller = keras.distillation.Distiller(teacher, student, distillation_losses=losses,
+                                             student_loss_weight=0.5)
+    distiller.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    config = keras.saving.serialize_keras_object(distiller)
+    clone = keras.saving.deserialize_keras_object(config)  # no custom_objects needed
+    clone.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    clone.teacher.set_weights(teacher.get_weights())
+    clone.student.set_weights(student.get_weights())
+    x, y = data()
+    ours = distiller.compute_loss(x, y, distiller(x, training=False), training=False)
+    theirs = clone.compute_loss(x, y, clone(x, training=False), training=False)
+    assert float(keras.ops.convert_to_numpy(theirs)) == pytest.approx(
+        float(keras.ops.convert_to_numpy(ours)), rel=1e-5)
+    assert float(keras.ops.convert_to_numpy(ours)) > 0
+    # each pair loss reads the capture restored just before it
+    pairs = [l for l in clone.distillation_losses if hasattr(l, "capture")]
+    assert [p.capture.teacher_layer_name for p in pairs] == [a for a, _ in PAIRS]
