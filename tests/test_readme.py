@@ -1,27 +1,57 @@
-"""The README's API tour runs as written."""
+"""The README's code blocks run as written: every ```python block, top to
+bottom in one namespace (as a reader pastes them into one session), then
+every `keras-fsp` command of the ```bash blocks. The Quickstart's two
+commands are the install, the demo (tests/test_demo.py runs it at a small
+scale) and this test suite itself."""
 
 import os
 import re
+import shlex
+import subprocess
+import sys
+import textwrap
 
 import keras
+import numpy as np
 import pytest
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
 
+def _blocks(kind):
+    text = open(README, encoding="utf-8").read()
+    # A block inside a list item is indented with the item.
+    return [textwrap.dedent(b) for b in re.findall(rf"(?ms)^ *```{kind}\n(.*?)^ *```", text)]
+
+
 @pytest.mark.large
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the tour exports a SavedModel")
-def test_api_tour_runs(tmp_path, monkeypatch):
-    text = open(README, encoding="utf-8").read()
-    tour = text.split("## API tour", 1)[1]
-    code = re.search(r"```python\n(.*?)```", tour, re.S).group(1)
+def test_python_blocks_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    blocks = _blocks("python")
+    assert len(blocks) >= 3
     namespace = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"README.md python block {i + 1}", "exec"), namespace)
     distiller = namespace["distiller"]
     assert distiller.stage.name == "task"
-    import numpy as np
     losses = namespace["history"].history
     assert np.all(np.isfinite(losses["fsp_loss"])) and np.all(np.isfinite(losses["task_loss"]))
     assert distiller.terms["fsp"].pairs == [("stem", "stage1"), ("stage1", "stage2"), ("stage2", "stage3")]
     assert os.path.exists(tmp_path / "student_savedmodel" / "saved_model.pb")
+    assert sorted(namespace["mixed"].terms) == ["attention", "fsp", "kd", "logit_mse", "task"]
+
+
+@pytest.mark.large
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the CLI exports a SavedModel")
+def test_command_lines_run(tmp_path):
+    pytest.importorskip("sklearn")
+    commands = [line for block in _blocks("bash") for line in block.splitlines()
+                if line.startswith("keras-fsp ")]
+    assert len(commands) >= 4
+    for line in commands:
+        argv = shlex.split(line.split("#")[0])
+        done = subprocess.run([sys.executable, "-m", "keras_fsp.apps.cli", *argv[1:]], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, (line, done.stderr[-3000:])
+    assert (tmp_path / "runs" / "distill-fsp-digits" / "student.keras").is_file()
