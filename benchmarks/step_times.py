@@ -28,6 +28,8 @@ flags.DEFINE_integer("steps", 20, "Timed steps.")
 flags.DEFINE_list("stages", ["student_alone", "fsp", "kd", "task"],
                   "What to time: student_alone, a built-in stage (fsp, hint, kd, task) or "
                   "kd_fsp (KD plus the FSP term).")
+flags.DEFINE_list("steps_per_execution", ["1"], "compile(steps_per_execution=...) values to time "
+                  "(TensorFlow loops over them inside one graph call).")
 flags.DEFINE_bool("cached_teacher", False,
                   "Also time each teacher stage on a teacher cache.")
 flags.DEFINE_string("json_out", None, "Also write the results here.")
@@ -57,7 +59,8 @@ def _result(name, batch_size, seconds, **extra):
 
 
 def run(teacher_depth=26, student_depth=8, batch_size=128, warmup=3, steps=20,
-        stages=("student_alone", "fsp", "kd", "task"), cached_teacher=False):
+        stages=("student_alone", "fsp", "kd", "task"), cached_teacher=False,
+        steps_per_execution=(1,)):
     import keras
     import numpy as np
 
@@ -70,26 +73,31 @@ def run(teacher_depth=26, student_depth=8, batch_size=128, warmup=3, steps=20,
     n = batch_size * max(steps, warmup)
     x = rng.normal(size=(n, 32, 32, 3)).astype("float32")
     y = rng.integers(0, 10, n)
-    def distiller(name):
+    def distiller(name, spe=1):
         model = FSPDistiller(cifar_resnet(teacher_depth), cifar_resnet(student_depth),
                              stages={"kd_fsp": KD_FSP}, stage=name)
-        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), steps_per_execution=spe)
         return model
 
     results = []
     for name in stages:
-        if name == "student_alone":
-            model = cifar_resnet(student_depth)
-            model.compile(
-                optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            )
+        for spe in steps_per_execution:
+            suffix = "" if spe == 1 else f"_spe{spe}"
+            if name == "student_alone":
+                model = cifar_resnet(student_depth)
+                model.compile(
+                    optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                    steps_per_execution=spe,
+                )
+                seconds = _time_fit(model, x, y, batch_size, warmup, steps)
+                results.append(_result(name + suffix, batch_size, seconds))
+                continue
+            model = distiller(name, spe)
             seconds = _time_fit(model, x, y, batch_size, warmup, steps)
-            results.append(_result(name, batch_size, seconds))
+            results.append(_result(f"stage_{name}{suffix}", batch_size, seconds))
+        if name == "student_alone":
             continue
-        model = distiller(name)
-        seconds = _time_fit(model, x, y, batch_size, warmup, steps)
-        results.append(_result(f"stage_{name}", batch_size, seconds))
         if cached_teacher and model.uses_teacher():
             model = distiller(name)
             start = time.perf_counter()
@@ -107,7 +115,8 @@ def run(teacher_depth=26, student_depth=8, batch_size=128, warmup=3, steps=20,
 
 def main(_):
     out = run(FLAGS.teacher_depth, FLAGS.student_depth, FLAGS.batch_size,
-              FLAGS.warmup, FLAGS.steps, FLAGS.stages, FLAGS.cached_teacher)
+              FLAGS.warmup, FLAGS.steps, FLAGS.stages, FLAGS.cached_teacher,
+              [int(s) for s in FLAGS.steps_per_execution])
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w") as f:
             json.dump(out, f, indent=2)

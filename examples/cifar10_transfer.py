@@ -74,22 +74,12 @@ def split(x_train, y_train, x_test, y_test, per_class):
             take(x_test, y_test, np.isin(y_test, TARGET_CLASSES)))
 
 
-def _finetune_head(teacher, classes):
-    import keras
-
-    features = teacher.get_layer("pool").output
-    logits = keras.layers.Dense(classes, kernel_initializer="he_normal",
-                                kernel_regularizer=teacher.get_layer("logits").kernel_regularizer,
-                                name="logits_target")(features)
-    return keras.Model(teacher.input, logits, name=f"{teacher.name}_finetuned")
-
-
 def run(f):
     """Trains what `f.method` says; returns the result (also `metrics.json`)."""
     import keras
 
     from keras_fsp.augment import PadCropFlip
-    from keras_fsp.papers import cifar_resnet, recipes
+    from keras_fsp.papers import cifar_resnet, recipes, with_new_head
 
     keras.utils.set_random_seed(f.seed)
     (x_train, y_train), (x_test, y_test) = common.load(f.dataset, "cifar10", f.smoke,
@@ -122,7 +112,7 @@ def run(f):
     steps = max(1, len(x_small) // f.batch_size)
     kw = dict(augment=augment, scale=scale)
     if f.method == "teacher_finetuned":
-        net = _finetune_head(teacher, n_target)
+        net = with_new_head(teacher, n_target, name="teacher_finetuned")
         recipe = recipes.supervised(net, steps, iterations=TASK_ITERATIONS,
                                     rates=(0.01, 0.001, 0.0001), name="teacher_finetuned", **kw)
     else:

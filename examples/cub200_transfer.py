@@ -67,23 +67,12 @@ def load_cub(image_size, tfds_data_dir=None, smoke=False):
     return arrays("train"), arrays("test")
 
 
-def _with_new_head(source, num_classes):
-    """The source network's body under a fresh `num_classes`-way head."""
-    import keras
-
-    features = source.get_layer("pool").output
-    logits = keras.layers.Dense(num_classes, kernel_initializer="he_normal",
-                                kernel_regularizer=source.get_layer("logits").kernel_regularizer,
-                                name="logits_birds")(features)
-    return keras.Model(source.input, logits, name=f"{source.name}_birds")
-
-
 def run(f):
     """Trains what `f.method` says; returns the result (also `metrics.json`)."""
     import keras
 
     from keras_fsp.augment import PadCropFlip
-    from keras_fsp.papers import cifar_resnet, recipes
+    from keras_fsp.papers import cifar_resnet, recipes, with_new_head
 
     keras.utils.set_random_seed(f.seed)
     (x_train, y_train), (x_test, y_test) = load_cub(f.image_size, f.tfds_data_dir, f.smoke)
@@ -97,7 +86,7 @@ def run(f):
         # Same graph as the source network (whatever its class count), new head.
         source = cifar_resnet(f.teacher_depth, num_classes=f.source_classes, input_shape=shape,
                               name=f"resnet{f.teacher_depth}")
-        return source, _with_new_head(source, NUM_CLASSES)
+        return source, with_new_head(source, NUM_CLASSES, name=f"{source.name}_birds")
 
     if f.method == "teacher_finetune":
         source, net = teacher_net()

@@ -4,6 +4,6 @@ al. (`cifar_resnet`), Hinton's MNIST multilayer perceptrons (`mnist_mlp`), and
 methods keras_fsp adds."""
 
 from keras_fsp.papers import recipes
-from keras_fsp.papers.cifar_resnet import block_names, cifar_resnet, dense_taps
+from keras_fsp.papers.cifar_resnet import block_names, cifar_resnet, dense_taps, with_new_head
 
-__all__ = ["block_names", "cifar_resnet", "dense_taps", "recipes"]
+__all__ = ["block_names", "cifar_resnet", "dense_taps", "recipes", "with_new_head"]

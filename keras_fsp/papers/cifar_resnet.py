@@ -100,6 +100,18 @@ def cifar_resnet(
     return keras.Model(inputs, logits, name=name or f"resnet{depth}")
 
 
+def with_new_head(model, num_classes, name=None):
+    """A `cifar_resnet`'s body (shared, up to its pooled features) under a
+    fresh `num_classes`-way head with the same regularisation: for fine-tuning
+    on another task."""
+    features = model.get_layer("pool").output
+    head = model.get_layer("logits")
+    logits = keras.layers.Dense(num_classes, kernel_initializer="he_normal",
+                                kernel_regularizer=head.kernel_regularizer,
+                                name=f"logits_{num_classes}")(features)
+    return keras.Model(model.input, logits, name=name or f"{model.name}_{num_classes}way")
+
+
 def block_names(model):
     """Names of the residual-block outputs of a `cifar_resnet`, in order."""
     return [
