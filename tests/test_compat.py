@@ -75,3 +75,31 @@ def test_pass_inputs_unconverted():
     layer = Echo(dtype="float32")
     compat.pass_inputs_unconverted(layer)
     assert keras.backend.standardize_dtype(layer(x).dtype) == "float16"
+
+
+def test_symbolic_build_builds_model_metrics_and_all():
+    model = keras.Sequential([keras.layers.Dense(3)])
+    model.compile(optimizer="sgd", loss="mse", metrics=["mae"])
+    assert not model.built
+    compat.symbolic_build(model, (np.zeros((4, 5), "float32"), np.zeros((4, 3), "float32")))
+    assert model.built and compat.compiled_metrics(model).built
+    assert [tuple(v.shape) for v in model.weights] == [(5, 3), (3,)]
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="a JAX trainer internal")
+def test_state_sharding_spec_has_one_sharding_per_variable():
+    import jax
+
+    devices = jax.devices()
+    if len(devices) < 2:
+        pytest.skip("needs two devices (tests/conftest.py makes two host devices on JAX)")
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices[:2]))
+    try:
+        model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
+        model.compile(optimizer="sgd", loss="mse", metrics=["mae"])
+        model.optimizer.build(model.trainable_variables)
+        spec = compat.state_sharding_spec(model)
+        assert [len(s) for s in spec] == [len(model.trainable_variables), len(model.non_trainable_variables),
+                                         len(model.optimizer.variables), len(model.metrics_variables)]
+    finally:
+        keras.distribution.set_distribution(None)
