@@ -25,6 +25,9 @@ setup(
     extras_require={
         # The offline Quickstart demo: bundled digits data and pictures.
         "demo": ["scikit-learn>=1.4"],
+        # Writing ONNX (Keras converts through tf2onnx) and running the
+        # exports: LiteRT's interpreter and ONNX Runtime (keras_fsp.export).
+        "export": ["tf2onnx>=1.17", "onnx>=1.23", "onnxruntime>=1.32", "ai-edge-litert>=2.3"],
         "test": ["pytest>=8", "scikit-learn>=1.4"],
         # The second test suite (the same tests on the JAX backend, CPU).
         "jax": ["jax[cpu]>=0.4.30"],
