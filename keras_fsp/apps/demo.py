@@ -461,7 +461,9 @@ def run(output_dir=DEFAULT_OUTPUT_DIR, epochs_scale=1.0, seed=0, verbose=2,
         files["savedmodel"] = str(export_student(distiller, str(out / "student_savedmodel")))
     else:
         print("  (SavedModel export needs KERAS_BACKEND=tensorflow: skipped)")
-    files["keras"] = str(export_student(distiller, str(out / "student.keras"), format="keras"))
+    # The demo's own file from an earlier run: replaced, as Keras' save would.
+    files["keras"] = str(export_student(distiller, str(out / "student.keras"), format="keras",
+                                        overwrite=True))
 
     # Pictures.
     print("Drawing the pictures ...", flush=True)
