@@ -26,7 +26,12 @@ setup(
     extras_require={
         # The offline Quickstart demo: bundled digits data and pictures.
         "demo": ["scikit-learn>=1.4"],
-        "test": ["pytest>=8", "scikit-learn>=1.4", "tensorboard>=2.21"],
+        # Writing ONNX (Keras converts through tf2onnx) and running the
+        # exports: LiteRT's interpreter and ONNX Runtime (keras_fsp.export).
+        "export": ["tf2onnx>=1.17", "onnx>=1.23", "onnxruntime>=1.32", "ai-edge-litert>=2.3"],
+        # The tests run every export with its own runtime, and the TensorBoard callback.
+        "test": ["pytest>=8", "scikit-learn>=1.4", "tensorboard>=2.21", "tf2onnx>=1.17",
+                 "onnx>=1.23", "onnxruntime>=1.32", "ai-edge-litert>=2.3"],
         # TensorBoard logs (`keras-fsp ... --tensorboard`); TensorFlow 2.21 no longer brings it.
         "tensorboard": ["tensorboard>=2.21"],
         # The second test suite (the same tests on the JAX backend, CPU).

@@ -15,8 +15,8 @@ The package is split by purpose:
 
 keras_fsp never imports TensorFlow at import time (on the TensorFlow backend
 Keras does): on JAX it runs without TensorFlow installed, and the
-TensorFlow-only parts (SavedModel export, `keras_fsp.apps.data`) import it
-when used.
+TensorFlow-only parts (SavedModel, LiteRT and ONNX export,
+`keras_fsp.apps.data`) import it when used.
 """
 
 from keras_fsp import (

@@ -1,6 +1,16 @@
-"""Student export (TensorFlow only: imports TensorFlow when called)."""
+"""Student export for serving: SavedModel, LiteRT, ONNX or a .keras file.
+
+Every format but "keras" goes through Keras' own exporters on the
+TensorFlow backend, and imports TensorFlow only when called.
+"""
 
 import os
+import shutil
+import tempfile
+
+# format -> the file suffix it needs (None: a directory).
+FORMATS = {"tf_saved_model": None, "litert": ".tflite", "onnx": ".onnx", "keras": ".keras"}
+QUANTIZE = (None, "int8")
 
 
 def _student_of(distiller_or_model):
@@ -15,54 +25,152 @@ def _student_of(distiller_or_model):
     return student
 
 
-def export_student(distiller_or_model, path, format="tf_saved_model"):
-    """Exports the student alone, without the teacher, for serving.
-
-    Args:
-        distiller_or_model: an `FSPDistiller` (its student is exported) or a
-            `keras.Model`.
-        path: output directory (SavedModel) or file ending in `.keras`.
-        format: `"tf_saved_model"` (default): a SavedModel whose
-            `serving_default` signature takes a float32 batch of images,
-            `inputs`, and returns `{"logits": ...}`; it loads with plain
-            `tf.saved_model.load` and needs neither Keras nor keras_fsp.
-            `"keras"`: a `.keras` file of the student.
-
-    Returns:
-        the path written.
-    """
-    student = _student_of(distiller_or_model)
-    if format == "keras":
-        if not str(path).endswith(".keras"):
-            raise ValueError(f"A .keras export needs a path ending in .keras; got {path!r}.")
-        student.save(path)
-        return path
-    if format != "tf_saved_model":
+def _check_request(path, format, overwrite, representative_data, quantize):
+    """Refuses a bad request before anything is written or traced."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(map(repr, FORMATS))}; got {format!r}.")
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be None or 'int8'; got {quantize!r}.")
+    if quantize and format != "litert":
+        raise ValueError(f"quantize={quantize!r} is for format='litert'; got format={format!r}.")
+    if quantize == "int8" and representative_data is None:
         raise ValueError(
-            f"format must be 'tf_saved_model' or 'keras'; got {format!r}."
+            "quantize='int8' calibrates the activations' ranges: pass "
+            "representative_data=, a few hundred normalised training images."
         )
-    import keras
+    if representative_data is not None and quantize is None:
+        raise ValueError("representative_data= is only used with quantize='int8'.")
+    suffix = FORMATS[format]
+    if suffix is None:
+        known = tuple(s for s in FORMATS.values() if s) + (".h5", ".pb")
+        if path.endswith(known) or os.path.isfile(path):
+            raise ValueError(f"format={format!r} writes a directory; got the file path {path!r}.")
+    elif not path.endswith(suffix) or os.path.isdir(path):
+        raise ValueError(f"format={format!r} writes a file ending in {suffix}; got {path!r}.")
+    if not overwrite and os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
+        raise FileExistsError(
+            f"{path!r} exists and is not empty: pass overwrite=True to replace it, "
+            "or choose a new path."
+        )
+    if format != "keras":
+        import keras
 
-    if keras.backend.backend() != "tensorflow":
-        raise RuntimeError(
-            "SavedModel export needs the TensorFlow backend "
-            "(KERAS_BACKEND=tensorflow); on other backends export with "
-            "format='keras' and convert on a TensorFlow machine."
-        )
+        if keras.backend.backend() != "tensorflow":
+            raise RuntimeError(
+                f"format={format!r} needs the TensorFlow backend (KERAS_BACKEND=tensorflow); "
+                f"on {keras.backend.backend()!r} export with format='keras', then load that "
+                "file with KERAS_BACKEND=tensorflow and export it there."
+            )
+    if format == "onnx":
+        import importlib.util
+
+        if importlib.util.find_spec("tf2onnx") is None:
+            raise ImportError("format='onnx' needs tf2onnx: pip install 'keras-fsp[export]'.")
+
+
+def _input_spec(student):
+    """The batch of float32 images every exported format takes, named `inputs`."""
     import tensorflow as tf
 
-    if os.path.exists(path) and os.listdir(path):
-        raise FileExistsError(
-            f"{path!r} exists and is not empty: choose a new directory so no "
-            "earlier export is overwritten."
-        )
-    spec = tf.TensorSpec((None,) + tuple(student.input_shape[1:]), tf.float32, name="inputs")
+    return tf.TensorSpec((None,) + tuple(student.input_shape[1:]), tf.float32, name="inputs")
+
+
+def _write_saved_model(student, path):
+    # An ExportArchive rather than `student.export`, whose signature would be
+    # `serve(<input layer's name>) -> {"output_0"}`: serving code (and the
+    # tests) rely on `serving_default(inputs) -> {"logits"}`.
+    import keras
+    import tensorflow as tf
+
     archive = keras.export.ExportArchive()
     archive.track(student)
 
     def serve(inputs):
         return {"logits": student(inputs, training=False)}
 
-    archive.add_endpoint("serving_default", tf.function(serve, input_signature=[spec]))
+    archive.add_endpoint("serving_default", tf.function(serve, input_signature=[_input_spec(student)]))
     archive.write_out(path, verbose=False)
+
+
+def _int8_options(representative_data):
+    """TFLiteConverter attributes for full-integer post-training quantization,
+    which Keras' LiteRT exporter sets on its converter."""
+    import numpy as np
+    import tensorflow as tf
+
+    samples = np.asarray(representative_data, dtype="float32")
+    return {
+        "optimizations": [tf.lite.Optimize.DEFAULT],
+        # The converter calibrates the activations' int8 ranges on these,
+        # one image at a time.
+        "representative_dataset": lambda: ([samples[i:i + 1]] for i in range(len(samples))),
+        # Int8 ops only (conversion fails rather than leave a float op
+        # behind); the input and output stay float32 (a quantize/dequantize
+        # at each end), so callers feed the same normalised images.
+        "target_spec": {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]},
+    }
+
+
+def _write(student, path, format, representative_data, quantize):
+    if format == "keras":
+        student.save(path)
+    elif format == "tf_saved_model":
+        _write_saved_model(student, path)
+    else:
+        options = _int8_options(representative_data) if quantize == "int8" else {}
+        student.export(path, format=format, input_signature=[_input_spec(student)],
+                       verbose=False, **options)
+
+
+def export_student(distiller_or_model, path, format="tf_saved_model", overwrite=False,
+                   representative_data=None, quantize=None):
+    """Exports the student alone, without the teacher, for serving.
+
+    Args:
+        distiller_or_model: an `FSPDistiller` (its student is exported) or a
+            `keras.Model`.
+        path: where to write: a directory for `"tf_saved_model"`, else a file
+            ending in `.tflite`, `.onnx` or `.keras`.
+        format: `"tf_saved_model"` (default): a SavedModel whose
+            `serving_default` signature takes a float32 batch of images,
+            `inputs`, and returns `{"logits": ...}`; it loads with plain
+            `tf.saved_model.load` and needs neither Keras nor keras_fsp.
+            `"litert"`: a LiteRT (TFLite) flatbuffer for
+            `ai_edge_litert.interpreter.Interpreter`, input `inputs`.
+            `"onnx"`: an ONNX model (via tf2onnx) for
+            `onnxruntime.InferenceSession`, input `inputs`.
+            `"keras"`: a `.keras` file of the student.
+            All but `"keras"` need the TensorFlow backend; every format takes
+            and returns float32 (images normalised as in training, logits).
+        overwrite: replace an existing file or non-empty directory at `path`
+            (the new export is written beside it first, then renamed over
+            it); `False` refuses it.
+        representative_data: with `quantize="int8"`: float32 inputs (a few
+            hundred normalised training images) that calibrate the int8
+            activation ranges.
+        quantize: `None` or, for `"litert"`, `"int8"`: full-integer
+            post-training quantization (int8 weights and activations,
+            float32 input and output).
+
+    Returns:
+        the path written.
+    """
+    student = _student_of(distiller_or_model)
+    path = os.fspath(path)
+    _check_request(path, format, overwrite, representative_data, quantize)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    # Written into a sibling temporary folder (same file system, so the
+    # renames below are atomic): a failed export leaves `path` untouched.
+    tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+    try:
+        staged = os.path.join(tmp, os.path.basename(os.path.normpath(path)))
+        _write(student, staged, format, representative_data, quantize)
+        if os.path.isdir(path):
+            # rename() cannot replace a non-empty directory: move the old one
+            # into the temporary folder, which is deleted below.
+            os.replace(path, os.path.join(tmp, ".replaced"))
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path

@@ -1,4 +1,4 @@
-"""keras_fsp.apps.data: dataset loading, input pipelines, augmentation, errors."""
+"""keras_fsp.apps.data: dataset loading, normalisation, errors (augmentation: test_augment)."""
 
 import importlib.util
 import os
@@ -18,10 +18,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def _batches(ds):
-    return [(x.numpy(), y.numpy()) for x, y in ds]
 
 
 def test_import_does_not_import_tensorflow():
@@ -59,27 +55,10 @@ def test_cifar10_through_tfds_mock():
     np.testing.assert_allclose(info["mean"], pixels.mean(0), rtol=1e-5)
     np.testing.assert_allclose(info["std"], pixels.std(0), rtol=1e-4)
 
-    train = data.make_dataset(
-        x_train, y_train, 4, True, info["mean"], info["std"],
-        augment=info["augment"], seed=0,
-    )
-    batches = _batches(train)
-    assert len(batches) == 2  # 10 images, drop_remainder when training
-    x, y = batches[0]
-    assert x.shape == (4, 32, 32, 3) and x.dtype == np.float32
-    assert y.shape == (4,) and y.dtype == np.int32
-
-    evaluation = _batches(
-        data.make_dataset(x_train, y_train, 4, False, info["mean"], info["std"])
-    )
-    assert [len(b[1]) for b in evaluation] == [4, 4, 2]
-    x = np.concatenate([b[0] for b in evaluation])
-    np.testing.assert_allclose(
-        x, (x_train.astype(np.float32) - info["mean"]) / info["std"], rtol=1e-5, atol=1e-5
-    )
+    x = data.normalize(x_train, info["mean"], info["std"])
+    assert x.dtype == np.float32 and x.shape == x_train.shape
     np.testing.assert_allclose(x.reshape(-1, 3).mean(0), 0.0, atol=1e-4)
     np.testing.assert_allclose(x.reshape(-1, 3).std(0), 1.0, atol=1e-3)
-    np.testing.assert_array_equal(np.concatenate([b[1] for b in evaluation]), y_train)
 
 
 def test_npz_round_trip(tmp_path):
@@ -113,80 +92,19 @@ def test_npz_round_trip(tmp_path):
     assert info["augment"] == {"pad": 4, "flip": True}
 
 
-def _crop_offsets(augmented, original, pad, mode):
-    """All (dy, dx, flipped) with augmented == crop of the padded original."""
-    h, w = original.shape[:2]
-    padded = np.pad(original, ((pad, pad), (pad, pad), (0, 0)), mode=mode)
-    found = []
-    for dy in range(2 * pad + 1):
-        for dx in range(2 * pad + 1):
-            crop = padded[dy:dy + h, dx:dx + w]
-            for flipped, candidate in ((False, crop), (True, crop[:, ::-1])):
-                if np.allclose(augmented, candidate, atol=1e-6):
-                    found.append((dy, dx, flipped))
-    return found
-
-
-@pytest.mark.parametrize("padding", ["zero", "reflect"])
-def test_augmentation_is_a_padded_crop_and_flip(padding):
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(16, 8, 8, 3)).astype(np.float32)
-    y = np.arange(16)  # label = index of the original image
-    mean, std = np.zeros(3), np.ones(3)
-    kw = dict(augment={"pad": 2, "flip": True}, seed=7, padding=padding)
-    ds = data.make_dataset(x, y, 8, True, mean, std, **kw)
-    epoch1, epoch2 = _batches(ds), _batches(ds)
-    again = _batches(data.make_dataset(x, y, 8, True, mean, std, **kw))
-
-    transforms = []
-    for images, labels in epoch1:
-        for image, label in zip(images, labels):
-            found = _crop_offsets(image, x[label], 2, "constant" if padding == "zero" else "reflect")
-            assert found, f"image {label} is not a padded crop (or its flip) of the original"
-            transforms.append(found[0])
-    assert sorted(np.concatenate([b[1] for b in epoch1])) == list(range(16))
-    # Really augmented: several translations, some flipped, some shifted.
-    assert len(set(transforms)) > 3
-    assert any(t[2] for t in transforms) and not all(t[2] for t in transforms)
-    assert any(t[:2] != (2, 2) for t in transforms)
-    # Seeded: repeatable; each epoch differs (order and augmentation).
-    for (a, la), (b, lb) in zip(epoch1, again):
-        np.testing.assert_array_equal(a, b)
-        np.testing.assert_array_equal(la, lb)
-    assert not all(np.array_equal(a[0], b[0]) for a, b in zip(epoch1, epoch2))
-
-
-def test_digit_defaults_pad_one_and_do_not_flip():
-    rng = np.random.default_rng(2)
-    x = rng.random((12, 8, 8, 1)).astype(np.float32)
-    ds = data.make_dataset(x, np.arange(12), 12, True, [0.0], [1.0],
-                           augment={"pad": 1, "flip": False}, seed=3)
-    (images, labels), = _batches(ds)
-    for image, label in zip(images, labels):
-        found = _crop_offsets(image, x[label], 1, "constant")
-        assert found and not found[0][2]
-
-
-def test_eval_pipeline_is_deterministic_and_unaugmented():
+def test_normalize_matches_numpy_in_chunks():
     rng = np.random.default_rng(3)
     x = rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
-    y = rng.integers(0, 10, 10)
     mean, std = np.array([100.0, 110.0, 120.0]), np.array([50.0, 60.0, 70.0])
-    ds = data.make_dataset(x, y, 4, False, mean, std, seed=1)
-    first, second = _batches(ds), _batches(ds)
-    assert [len(b[1]) for b in first] == [4, 4, 2]
-    for (a, la), (b, lb) in zip(first, second):
-        np.testing.assert_array_equal(a, b)
-        np.testing.assert_array_equal(la, lb)
-    images = np.concatenate([b[0] for b in first])
-    np.testing.assert_allclose(images, (x - mean) / std, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(np.concatenate([b[1] for b in first]), y)
-    # Training without augmentation: shuffled, but the same pixels.
-    index = np.arange(10)
-    plain = _batches(data.make_dataset(x, index, 5, True, mean, std, augment=False, seed=0))
-    assert not np.array_equal(np.concatenate([b[1] for b in plain]), index)
-    for images, labels in plain:
-        np.testing.assert_allclose(images, (x[labels] - mean) / std, rtol=1e-5, atol=1e-5)
+    expected = (x.astype(np.float64) - mean) / std
+    for chunk in (3, 8192):  # chunk boundaries change nothing
+        out = data.normalize(x, mean, std, chunk=chunk)
+        assert out.dtype == np.float32
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    gray = rng.random((4, 5, 5, 1)).astype(np.float32)
+    np.testing.assert_allclose(data.normalize(gray, [0.5], [0.25]), (gray - 0.5) / 0.25, rtol=1e-5)
+    with pytest.raises(ValueError, match="one per channel"):
+        data.normalize(x, [1.0, 2.0], [1.0, 2.0])
 
 
 def test_digits_split():
@@ -276,5 +194,5 @@ def test_shared_cifar10_converted_with_the_documented_one_liner(tmp_path):
     assert info["augment"] == {"pad": 4, "flip": True}
     assert 80 < float(info["mean"].mean()) < 180  # real photographs, 0..255
     # The archive itself is JPEG data: a clear error pointing to the conversion.
-    with pytest.raises(data.DatasetError, match="JPEG archive.*load_cifar10"):
+    with pytest.raises(data.DatasetError, match="JPEG-encoded.*np.savez"):
         data.load_arrays(f"npz:{SHARED_DATA / 'cifar10.npz'}")

@@ -403,10 +403,13 @@ def run(output_dir=DEFAULT_OUTPUT_DIR, epochs_scale=1.0, seed=0, verbose=2,
     print("\nExporting the distilled student ...", flush=True)
     files = {}
     if keras.backend.backend() == "tensorflow":
-        files["savedmodel"] = str(export_student(distiller, str(out / "student_savedmodel")))
+        files["savedmodel"] = str(export_student(distiller, str(out / "student_savedmodel"),
+                                                 overwrite=True))
     else:
         print("  (SavedModel export needs KERAS_BACKEND=tensorflow: skipped)")
-    files["keras"] = str(export_student(distiller, str(out / "student.keras"), format="keras"))
+    # The demo's own files from an earlier run are replaced, as Keras' save would.
+    files["keras"] = str(export_student(distiller, str(out / "student.keras"), format="keras",
+                                        overwrite=True))
 
     # Pictures.
     print("Drawing the pictures ...", flush=True)
