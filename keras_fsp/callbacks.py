@@ -56,9 +56,9 @@ class StageSchedule(keras.callbacks.Callback):
         return self.schedule[start]
 
     def on_train_begin(self, logs=None):
-        distiller = _distiller(self)
-        for stage in self.schedule.values():  # fail before any training
-            resolve_stage(stage, distiller.stages)
+        # Fail before any training, not at the switch, perhaps after a
+        # whole earlier stage.
+        _distiller(self).check_stages(self.schedule.values())
         self._announced = None
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -260,11 +260,15 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             return
         term, value = bad
         kind = "NaN" if math.isnan(value) else "infinite"
+        self.stop(f"{term} became {kind}", f"at epoch {self._epoch + 1}, batch {batch + 1}")
+
+    def stop(self, what, when):
+        """Stops `fit` with the `NonFiniteLossError` saying `what` happened
+        `when`, in which stage, what is kept and what to do."""
         stage = getattr(getattr(self.model, "stage", None), "name", None)
         where = f" in stage {stage!r}" if stage else ""
         kept = self.kept()
         self.model.stop_training = True
         raise NonFiniteLossError(
-            f"{term} became {kind}{where} at epoch {self._epoch + 1}, batch {batch + 1}"
-            f"{'; ' + kept if kept else ''}; {self._advice(stage)}."
+            f"{what}{where} {when}{'; ' + kept if kept else ''}; {self._advice(stage)}."
         )

@@ -150,3 +150,26 @@ def symbolic_build(model, data_batch):
     from a real batch beforehand, through the private `_symbolic_build`.
     """
     model._symbolic_build(data_batch=data_batch)
+
+
+def weights_h5_bytes(model):
+    """The bytes of the `.weights.h5` file `model.save_weights` would write.
+
+    Why: `save_weights` only writes to a path, through h5py; on a full disk
+    h5py fails inside HDF5 and the interpreter can segfault later, when the
+    broken file object is freed. Keras' own writer into memory (the private
+    `H5IOStore` over a `BytesIO`, as `.keras` archives use) lets the caller
+    check the free space first and write the bytes with plain Python I/O.
+    """
+    import io
+
+    from keras.src.saving import saving_lib
+
+    buffer = io.BytesIO()
+    store = saving_lib.H5IOStore(buffer, mode="w")
+    try:
+        saving_lib._save_state(model, weights_store=store, assets_store=None, inner_path="",
+                               visited_saveables=set())
+    finally:
+        store.close()
+    return buffer.getvalue()

@@ -11,9 +11,10 @@ each network once, hands every term the outputs and sums
 import contextlib
 
 import keras
+import numpy as np
 from keras import ops
 
-from keras_fsp import compat, jax_steps, kernel_norms, taps, teacher_cache
+from keras_fsp import compat, data_checks, jax_steps, kernel_norms, taps, teacher_cache
 from keras_fsp.callbacks import StopOnNonFiniteLoss
 from keras_fsp.stages import UP_TO_TAPS, Stage, builtin_stages, resolve_stage
 from keras_fsp.terms import (
@@ -86,6 +87,22 @@ def _with_nan_guard(args, kwargs):
     else:
         kwargs["callbacks"] = callbacks
     return args, kwargs
+
+
+def _check_input_shapes(teacher, student):
+    """The teacher runs on exactly the student's batches: refuses networks
+    whose input shapes differ (a dimension of None matches any), which
+    otherwise fail at the first step that runs the teacher."""
+    shapes = [tuple(m.inputs[0].shape[1:]) if taps.is_functional(m) and len(m.inputs) == 1
+              else None for m in (teacher, student)]
+    if None in shapes:
+        return  # subclassed networks: their shapes are known once called
+    t, s = shapes
+    if len(t) != len(s) or any(a is not None and b is not None and a != b for a, b in zip(t, s)):
+        raise ValueError(
+            f"The teacher takes inputs of shape {t} and the student {s}: the teacher runs on "
+            "the student's batches, so the shapes must agree."
+        )
 
 
 class _LossScaled:
@@ -222,6 +239,7 @@ class FSPDistiller(keras.Model):
                 "would freeze the student. Pass a separate student (e.g. "
                 "keras.models.clone_model(teacher) for self-distillation)."
             )
+        _check_input_shapes(teacher, student)
         self.teacher = teacher
         self.student = student
         self.teacher.trainable = False
@@ -356,9 +374,20 @@ class FSPDistiller(keras.Model):
                 "keras_fsp.terms.register_term."
             )
 
-    def _check_stage_optimizers(self):
+    def check_stages(self, stages):
+        """Raises `ValueError` now for what would fail only when training
+        reaches one of `stages` (names or `Stage`s, e.g. a `StageSchedule`'s):
+        an unknown stage, a term this distiller cannot compute (e.g. soft
+        targets between networks with other class counts), an optimizer
+        shared by two stages."""
+        stages = [resolve_stage(s, self.stages) for s in stages]
+        for stage in stages:
+            self._check_stage_terms(stage)
+        self._check_stage_optimizers([*self.stages.values(), *stages])
+
+    def _check_stage_optimizers(self, stages=None):
         owners = {}
-        for stage in self.stages.values():
+        for stage in self.stages.values() if stages is None else stages:
             if stage.optimizer is None:
                 continue
             other = owners.setdefault(id(stage.optimizer), stage.name)
@@ -778,6 +807,7 @@ class FSPDistiller(keras.Model):
             users = [t for _, t in self._active(self._stage) if t.uses_teacher]
             if users:
                 teacher_cache.select(cache, self._target_shapes(users), self._stage.name)
+        self._check_arrays(inputs, y, kwargs.get("validation_data"))
         args, kwargs = _with_nan_guard(args, kwargs)
         self._apply_trainable(self._stage)
         self._in_fit = True
@@ -792,6 +822,20 @@ class FSPDistiller(keras.Model):
             self._in_fit = False
             self._teacher_cached = False
             self._restore_student_trainable()
+
+    def _check_arrays(self, x, y, validation_data):
+        """NaN/inf inputs and labels outside the student's classes, before
+        any training (`keras_fsp.data_checks`): NumPy arrays only, datasets
+        are not read ahead."""
+        classes = taps.tap_shape(self.student, LOGITS, "student")[-1]
+        given = [("x", x, "y", y)]
+        if isinstance(validation_data, tuple) and len(validation_data) >= 2:
+            given.append(("validation x", validation_data[0], "validation y", validation_data[1]))
+        for x_name, xs, y_name, ys in given:
+            if isinstance(xs, np.ndarray):
+                data_checks.check_finite(xs, x_name)
+            if classes and isinstance(ys, np.ndarray) and np.issubdtype(ys.dtype, np.integer):
+                data_checks.check_labels(ys, classes, y_name)
 
     def evaluate(self, *args, **kwargs):
         """The student's `evaluate`: its task loss and compiled metrics."""

@@ -88,7 +88,9 @@ def test_npz_round_trip(tmp_path):
              y_test=np.array([0, 7]))
     (xt, _), _, info = data.load_arrays(f"npz:{path2}")
     assert xt.dtype == np.float32
-    assert info["num_classes"] == 8 and info["class_names"][7] == "7"
+    # Classes are counted from the training labels: the test-only label 7 is
+    # not an eighth class (keras_fsp.data_checks refuses it before training).
+    assert info["num_classes"] == 5 and info["class_names"] == ["0", "1", "2", "3", "4"]
     assert info["augment"] == {"pad": 4, "flip": True}
 
 

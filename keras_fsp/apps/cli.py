@@ -20,7 +20,19 @@ complete, export/ (the trained network as a SavedModel) and teacher.keras or
 student.keras. Running the same
 command again continues from the last checkpoint and ends with the weights an
 uninterrupted run would have. `--epochs N` stops after N epochs in all (run
-again without it to continue).
+again without it to continue); `--learning_rate_scale` may change when a run
+continues (e.g. after a NaN stop, whose message gives the command), and
+config.json's "history" records the settings of each epoch range.
+`--overwrite` starts over and moves the earlier run into
+<model_dir>/overwritten/ rather than deleting it.
+
+Before anything is trained or written, the data is checked (finite images,
+integer labels in [0, classes), at least two classes, test labels among the
+training labels) and --model_dir is probed for writing; a damaged newest
+checkpoint costs an epoch (the newest intact one is resumed, with a line
+saying which one was skipped and why); a full, read-only or vanished
+--model_dir ends the run with one line saying what to free or fix, the last
+good checkpoint kept.
 
 Examples (the digits data set is bundled with scikit-learn, no download):
 
@@ -32,11 +44,14 @@ Examples (the digits data set is bundled with scikit-learn, no download):
 messages and exit codes (2: bad input, 1: training failed, 130: interrupted).
 """
 
+import errno
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
+import tempfile
 import time
 
 SUBCOMMANDS = ("train-teacher", "distill", "evaluate", "export", "visualize", "reproduce")
@@ -60,7 +75,13 @@ TEACHER_RECIPE = "supervised"
 # Flags that may change between the runs of one model_dir (everything else
 # must stay as it was for a resumed run to be the same run).
 RESUMABLE_CHANGES = ("epochs", "verbose", "overwrite", "data_dir", "model_dir", "num_images",
-                     "max_minutes", "tensorboard")
+                     "max_minutes", "tensorboard", "learning_rate_scale")
+# The resumable flags that change what training computes: config.json's
+# "history" lists their values by epoch range, [{"from_epoch": 0,
+# "learning_rate_scale": 1.0}, {"from_epoch": 5, "learning_rate_scale": 0.1}].
+HISTORY_SETTINGS = ("learning_rate_scale",)
+# Where --overwrite moves the earlier run (inside --model_dir).
+OVERWRITTEN = "overwritten"
 # Model files of a run folder, in the order they are looked for.
 MODEL_FILES = ("student.keras", "teacher.keras", "model.keras")
 TEACHER_FILES = ("teacher.keras", "model.keras")
@@ -132,8 +153,9 @@ def _flag_values():
     flags.DEFINE_float("learning_rate_scale", 1.0, "Multiplies every learning rate of "
                        "the recipe (each stage's schedule).", **d)
     flags.DEFINE_float("weight_decay", 1e-4, "L2 weight decay of the ResNets.", **d)
-    flags.DEFINE_boolean("overwrite", False, "Start over: delete the run's checkpoints and "
-                         "outputs in --model_dir instead of continuing.", **d)
+    flags.DEFINE_boolean("overwrite", False, "Start over instead of continuing: the run's "
+                         f"checkpoints and outputs move to <model_dir>/{OVERWRITTEN}/ (replacing "
+                         "what an earlier --overwrite put there).", **d)
     flags.DEFINE_integer("num_images", 6, "visualize: how many test images.", **d)
     flags.DEFINE_integer("verbose", 2, "Keras fit verbosity (0, 1, 2).", **d)
     flags.DEFINE_boolean("tensorboard", False, "Also write TensorBoard logs (every term's loss "
@@ -240,6 +262,12 @@ def _load_data(cfg):
         raise CLIError(f"--dataset {name}: cannot load it ({type(e).__name__}: {e}).") from None
     if len(x_train) == 0 or len(x_test) == 0:
         raise CLIError(f"--dataset {name}: the training or test split is empty.")
+    from keras_fsp.data_checks import check_dataset
+
+    try:  # before training on it, not after
+        check_dataset((x_train, y_train), (x_test, y_test), int(info["num_classes"]))
+    except ValueError as e:
+        raise CLIError(f"--dataset {name}: {e}") from None
     return (x_train, y_train), (x_test, y_test), info
 
 
@@ -359,8 +387,18 @@ def _load_trained(cfg, info, flag="model", names=MODEL_FILES):
 
 
 def _outputs():
-    return ["config.json", "log.txt", "metrics.csv", "metrics.json", "checkpoints",
-            "export", *MODEL_FILES]
+    return ["config.json", "log.txt", "metrics.csv", "metrics.json", ".parts.json", "checkpoints",
+            "export", "tensorboard", "student.weights.h5", "teacher.weights.h5", *MODEL_FILES]
+
+
+def _read_config(model_dir):
+    """The run's config.json as a dict, or None when missing or unreadable."""
+    try:
+        with open(os.path.join(model_dir, "config.json"), "rb") as f:
+            config = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def _check_model_dir(cfg):
@@ -377,17 +415,12 @@ def _check_model_dir(cfg):
             raise CLIError(f"--model_dir {model_dir} holds a training run; {cfg['subcommand']} "
                            "writes its config.json and metrics.json: choose another --model_dir.")
         return None
-    if cfg["overwrite"]:
+    if cfg["overwrite"] or latest is None:
         return None
-    config_path = os.path.join(model_dir, "config.json")
-    if latest is None:
-        return None
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            old = json.load(f)
-    except (OSError, ValueError):
+    old = _read_config(model_dir)
+    if old is None:
         raise CLIError(f"--model_dir {model_dir} has checkpoints but no readable config.json; "
-                       "pass --overwrite to start over or choose another --model_dir.") from None
+                       "pass --overwrite to start over or choose another --model_dir.")
     changed = [k for k in cfg if k not in RESUMABLE_CHANGES and old.get(k) != cfg[k]]
     if changed:
         diffs = ", ".join(f"--{k}={cfg[k]!r} (was {old.get(k)!r})" for k in changed)
@@ -396,19 +429,91 @@ def _check_model_dir(cfg):
     return latest
 
 
-def _prepare_model_dir(cfg, log):
+def _io_message(error, model_dir):
+    """One line for an `OSError` met writing the run's folder: what failed
+    and what to free or fix."""
+    where = error.filename or model_dir
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = (f"free space on that disk, or move {model_dir} to a larger one and pass its new "
+               "--model_dir")
+    elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = f"make {model_dir} writable or choose another --model_dir"
+    elif error.errno in (errno.ENOENT, errno.ENOTDIR, errno.EEXIST):
+        fix = (f"{model_dir} vanished or a part of its path is not a folder: restore it or choose "
+               "another --model_dir")
+    else:
+        fix = f"check the disk holding {model_dir} or choose another --model_dir"
+    return f"cannot write {where}: {error.strerror or error}; {fix}"
+
+
+def _probe_writable(model_dir):
+    """Fails fast, before anything is moved or trained, when --model_dir
+    cannot be created or written (read-only disk, no permission, a file in
+    its path, a full disk)."""
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=model_dir)
+        try:
+            os.write(fd, b"probe")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.remove(probe)
+    except OSError as e:
+        raise CLIError(_io_message(e, model_dir)) from None
+
+
+def _move_aside(model_dir, log):
+    """--overwrite: moves the earlier run's outputs into
+    <model_dir>/overwritten/ (what an earlier --overwrite put there is
+    deleted), and says so: a checkpoint that a message said was kept is
+    never deleted unannounced."""
+    present = [n for n in _outputs() if os.path.lexists(os.path.join(model_dir, n))]
+    if not present:
+        return
+    aside = os.path.join(model_dir, OVERWRITTEN)
+    replaced = os.path.lexists(aside)
+    if replaced:
+        shutil.rmtree(aside)
+    os.mkdir(aside)
+    for name in present:
+        os.replace(os.path.join(model_dir, name), os.path.join(aside, name))
+    log(f"--overwrite: the earlier run ({', '.join(present)}) moved to {aside}"
+        + ("; what an earlier --overwrite had moved there was deleted" if replaced else "")
+        + "; delete it when it is no longer needed")
+
+
+def _history(cfg, latest, log):
+    """config.json's "history": the HISTORY_SETTINGS of each epoch range. A
+    run resumed at epoch E with other values gets an entry from E (entries
+    from E on were for epochs that now run again)."""
+    now = {k: cfg[k] for k in HISTORY_SETTINGS}
+    if latest is None:
+        return [{"from_epoch": 0, **now}]
+    old = _read_config(cfg["model_dir"]) or {}
+    earlier = old.get("history") or [{"from_epoch": 0, **{k: old.get(k) for k in now}}]
+    history = [h for h in earlier if h.get("from_epoch", 0) < latest.epoch] or earlier[:1]
+    changed = {k: (history[-1].get(k), v) for k, v in now.items() if history[-1].get(k) != v}
+    if changed:
+        history.append({"from_epoch": latest.epoch, **now})
+        log(", ".join(f"--{k} {a} -> {b}" for k, (a, b) in changed.items())
+            + f" from epoch {latest.epoch}; config.json's history holds the settings of each "
+            "epoch range")
+    return history
+
+
+def _prepare_model_dir(cfg, log, latest=None):
     model_dir = cfg["model_dir"]
-    os.makedirs(model_dir, exist_ok=True)
-    if cfg["overwrite"] and cfg["subcommand"] in TRAINING:
-        for name in _outputs():
-            path = os.path.join(model_dir, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
+    _probe_writable(model_dir)
+    config = dict(cfg)
+    if cfg["subcommand"] in TRAINING:
+        if cfg["overwrite"]:
+            _move_aside(model_dir, log)
+        config["history"] = _history(cfg, latest, log)
     from keras_fsp.apps.runs import atomic_write_text
 
-    atomic_write_text(os.path.join(model_dir, "config.json"), json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(os.path.join(model_dir, "config.json"),
+                      json.dumps(config, indent=2, sort_keys=True) + "\n")
     log.open(os.path.join(model_dir, "log.txt"))
 
 
@@ -481,7 +586,7 @@ def _recipe(cfg, teacher, student, steps, augment):
     return recipes.get(METHODS[cfg["method"]])(teacher, student, steps, **kw)
 
 
-def _train(cfg, log):
+def _train(cfg, log, argv):
     import keras
 
     from keras_fsp.apps import training
@@ -496,7 +601,7 @@ def _train(cfg, log):
         teacher, teacher_path = _load_teacher(cfg, info)
     latest = _check_model_dir(cfg)
     # Validated: from here on the run's folder is written.
-    _prepare_model_dir(cfg, log)
+    _prepare_model_dir(cfg, log, latest)
     log(f"keras-fsp {sub} " + " ".join(f"--{k}={v}" for k, v in cfg.items() if k != "subcommand"))
     log(f"{cfg['dataset']}: {len(x_train)} training and {len(x_test)} test images "
         f"{tuple(info['input_shape'])}, {info['num_classes']} classes")
@@ -518,8 +623,9 @@ def _train(cfg, log):
         + (f"; teacher {teacher_path}" if teacher_path else ""))
     if latest is not None:
         log(f"resuming from {latest.path} (epoch {latest.epoch}, stage {latest.stage!r})")
-    advice = (f"lower the learning rate (--learning_rate_scale, now "
-              f"{cfg['learning_rate_scale']:g}) or check the data for NaN/inf values")
+    # A command that works: the learning rate may change on resume.
+    lower = _command(argv, learning_rate_scale=f"{cfg['learning_rate_scale'] / 10:g}")
+    advice = f"to go on at a tenth of the learning rate, run `{lower}`"
     save_name = "teacher" if sub == "train-teacher" else "student"
     try:
         result = training.train(
@@ -531,8 +637,19 @@ def _train(cfg, log):
             fields={"subcommand": sub, "dataset": cfg["dataset"],
                     "method": cfg["method"] if sub == "distill" else "supervised"},
         )
+        if result["complete"]:  # only the finished network is exported
+            result["files"].update(_export(recipe.student, cfg["model_dir"], f"{save_name}.keras"))
+        result["seconds"] = round(time.time() - started, 1)
+        _write_result(cfg["model_dir"], result)
     except NonFiniteLossError as e:
         raise CLIError(e, code=1) from None
+    except OSError as e:  # disk full, folder not writable or vanished: no traceback
+        from keras_fsp.apps.runs import ResumableRun
+
+        last = ResumableRun(cfg["model_dir"]).latest()
+        kept = (f"the last good checkpoint (epoch {last.epoch}) is kept in {last.path}: then run "
+                "the same command again to continue" if last else "no checkpoint is kept")
+        raise CLIError(f"{_io_message(e, cfg['model_dir'])}; {kept}", code=1) from None
     except KeyboardInterrupt:
         from keras_fsp.apps.runs import ResumableRun
 
@@ -541,11 +658,20 @@ def _train(cfg, log):
                    f"{cfg['model_dir']}: run the same command again to continue")
         log(message)
         raise CLIError(message, code=130) from None
-    if result["complete"]:  # only the finished network is exported
-        result["files"].update(_export(recipe.student, cfg["model_dir"], f"{save_name}.keras"))
-    result["seconds"] = round(time.time() - started, 1)
-    _write_result(cfg["model_dir"], result)
     return result
+
+
+def _command(argv, **flags):
+    """`argv` as a keras-fsp command line with `flags` set instead, and
+    without --overwrite (which would start over)."""
+    words, skip = ["keras-fsp"], False
+    for arg in argv[1:]:
+        name = arg.lstrip("-").split("=", 1)[0]
+        if skip or (arg.startswith("-") and name in ("overwrite", "nooverwrite", *flags)):
+            skip = not skip and name in flags and "=" not in arg  # --flag VALUE
+            continue
+        words.append(arg)
+    return " ".join(shlex.quote(w) for w in words + [f"--{k}={v}" for k, v in flags.items()])
 
 
 def _evaluate_cmd(cfg, log):
@@ -623,10 +749,9 @@ def run(argv):
     from keras_fsp.apps.training import Log
 
     log = Log()
-    handlers = {
-        "train-teacher": _train, "distill": _train, "evaluate": _evaluate_cmd,
-        "export": _export_cmd, "visualize": _visualize_cmd,
-    }
+    if cfg["subcommand"] in TRAINING:
+        return _train(cfg, log, argv)
+    handlers = {"evaluate": _evaluate_cmd, "export": _export_cmd, "visualize": _visualize_cmd}
     return handlers[cfg["subcommand"]](cfg, log)
 
 

@@ -12,8 +12,9 @@ Datasets (`name` of `load_arrays`, see `DATASETS`):
   [0, 1], shape `(N, 8, 8, 1)`.
 - `"npz:PATH"`: a NumPy `.npz` file with `x_train`, `y_train`, `x_test`,
   `y_test` (images NHWC, or NHW for one channel; uint8 or float; integer
-  labels, `(N,)` or `(N, 1)`) and optionally `class_names`, e.g. CIFAR-10
-  saved once from any source:
+  labels, `(N,)` or `(N, 1)`) and optionally `class_names` (without them
+  the classes are 0 to the largest training label, each with training
+  examples), e.g. CIFAR-10 saved once from any source:
 
       np.savez("cifar10.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
 
@@ -147,7 +148,9 @@ def load_arrays(name, data_dir=None, download=True):
         )
     if name.startswith("npz:"):
         (x_train, y_train), (x_test, y_test), class_names = _load_npz(name[4:])
-        num_classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
+        # Counted from the training labels only: a test-only label is an
+        # error (keras_fsp.data_checks), not one more output.
+        num_classes = int(y_train.max(initial=0)) + 1
         if class_names is not None:
             if len(class_names) < num_classes:
                 raise DatasetError(
@@ -156,6 +159,13 @@ def load_arrays(name, data_dir=None, download=True):
                 )
             num_classes = len(class_names)
         else:
+            missing = np.setdiff1d(np.arange(num_classes), y_train)
+            if missing.size:  # e.g. one label 200 among 0..9: not 201 classes
+                raise DatasetError(
+                    f"{name}: y_train's labels go up to {num_classes - 1} but {missing.size} "
+                    f"below it have no example (e.g. {int(missing[0])}): number the classes "
+                    "0 to K-1, or give class_names."
+                )
             class_names = [str(i) for i in range(num_classes)]
         height, channels = x_train.shape[1], x_train.shape[-1]
         augment = {"pad": max(1, int(round(height / 8))), "flip": channels == 3}
@@ -197,15 +207,18 @@ def channel_stats(x, chunk=8192):
     total = np.zeros(channels)
     squares = np.zeros(channels)
     count = 0
-    for start in range(0, len(x), chunk):
-        part = np.asarray(x[start:start + chunk], np.float64).reshape(-1, channels)
-        total += part.sum(0)
-        squares += np.square(part).sum(0)
-        count += len(part)
-    if count == 0:
-        raise DatasetError("Cannot compute image statistics of an empty training set.")
-    mean = total / count
-    std = np.sqrt(np.maximum(squares / count - np.square(mean), 0.0))
+    # NaN/inf images give NaN statistics quietly: keras_fsp.data_checks
+    # refuses such images with a clearer message.
+    with np.errstate(invalid="ignore", over="ignore"):
+        for start in range(0, len(x), chunk):
+            part = np.asarray(x[start:start + chunk], np.float64).reshape(-1, channels)
+            total += part.sum(0)
+            squares += np.square(part).sum(0)
+            count += len(part)
+        if count == 0:
+            raise DatasetError("Cannot compute image statistics of an empty training set.")
+        mean = total / count
+        std = np.sqrt(np.maximum(squares / count - np.square(mean), 0.0))
     std[std == 0] = 1.0
     return mean.astype("float32"), std.astype("float32")
 

@@ -24,16 +24,24 @@ with exactly the weights of an uninterrupted run. What makes that hold:
 - random augmentation runs inside the step (`keras_fsp.augment.PadCropFlip`),
   from the saved generator state.
 
-Checkpoints are written atomically: into a temporary folder beside the
-final one, every file flushed to disk, then renamed; the previous checkpoint
-is deleted only after the new one is complete, so a kill at any moment
-leaves a loadable checkpoint.
+Checkpoints are written atomically: made in memory, the free space
+checked, written into a temporary folder beside the final one with a
+`manifest.json` (each file's size and sha256) last, read back and verified,
+then renamed; the previous checkpoint is deleted only after the new one is
+complete (renamed to a temporary name first), so a kill or a full disk at
+any moment leaves a loadable checkpoint, and whatever a kill left half done
+(`.tmp-*`) is deleted at the next start. Resumption takes the newest
+checkpoint that verifies against its manifest, saying which ones it skipped
+and why: a damaged file costs an epoch, not the run.
 
 The checkpoint files are backend-agnostic (Keras weights, NumPy arrays,
 JSON); `epoch_stream` builds a `tf.data` pipeline (TensorFlow is imported when
 it is called), which Keras' TensorFlow and JAX trainers both accept.
 """
 
+import errno
+import hashlib
+import io
 import json
 import math
 import os
@@ -42,10 +50,13 @@ import shutil
 import tempfile
 import time
 import warnings
+import zipfile
+import zlib
 
 import keras
 import numpy as np
 
+from keras_fsp import compat
 from keras_fsp.callbacks import NonFiniteLossError, StopOnNonFiniteLoss, non_finite_term  # noqa: F401
 
 CHECKPOINT_DIR = "checkpoints"
@@ -53,17 +64,20 @@ LATEST = "latest"
 WEIGHTS_FILE = "model.weights.h5"
 STATE_FILE = "state.npz"
 INFO_FILE = "state.json"
-FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 2  # 2: with MANIFEST_FILE; 1 (no manifest) is still read, unverified
+# Prefix of what a write or deletion in progress owns; left over, it is deleted.
+TMP = ".tmp-"
+# Kept free beyond a file's bytes (file-system blocks, directory entries).
+SPARE_BYTES = 1 << 16
 
 _NAME = re.compile(r"^epoch-(\d{6,})$")
+# What a damaged file raises when it is loaded (a model that does not fit the
+# checkpoint raises ValueError instead, which is not a damaged checkpoint).
+_DAMAGED = (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
 
 
 # --------------------------------------------------------------- filesystem
-
-
-def _fsync_file(path):
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def _fsync_dir(path):
@@ -85,15 +99,45 @@ def _umask():
     return mask
 
 
-def atomic_write_text(path, text):
-    """Writes `text` to `path` atomically (temporary file, fsync, rename)."""
+def _sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def _mb(size):
+    return f"{size / 1e6:.1f} MB"
+
+
+def check_free_space(folder, size, what):
+    """Raises `OSError(ENOSPC)` naming both sizes when `size` bytes (and a
+    little to spare) do not fit on the disk holding `folder`, before anything
+    is written: a write that fills the disk halfway fails later and less
+    clearly (inside h5py it can even crash the interpreter)."""
+    free = shutil.disk_usage(folder).free
+    if free < size + SPARE_BYTES:
+        raise OSError(errno.ENOSPC, f"No space left on device: {what} needs {_mb(size)}, "
+                      f"{_mb(free)} free", folder)
+
+
+def _write_new(path, data):
+    """Writes `data` (bytes) into a new file, flushed to disk."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path, data):
+    """Writes `data` to `path` atomically (temporary file, fsync, rename).
+
+    The folder must exist: a run folder that vanished is an error, not
+    silently created again empty."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    check_free_space(folder, len(data), os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(prefix=TMP, dir=folder)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 otherwise
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -102,6 +146,17 @@ def atomic_write_text(path, text):
             os.remove(tmp)
         raise
     _fsync_dir(folder)
+
+
+def atomic_write_text(path, text):
+    """Writes `text` to `path` atomically (see `atomic_write_bytes`)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_weights(model, path):
+    """`model.save_weights(path)`, atomically and with the free space checked
+    first (h5py never writes into a full disk)."""
+    atomic_write_bytes(path, compat.weights_h5_bytes(model))
 
 
 def _to_float(value):
@@ -142,6 +197,14 @@ def _seed_states(model):
     return [v for v in model.variables if id(v) not in weights]
 
 
+def _learning_rates(optimizer):
+    """The constant learning rates (variables) of an optimizer and of the
+    one a `LossScaleOptimizer` wraps; a schedule is none."""
+    optimizers = (optimizer, getattr(optimizer, "inner_optimizer", None))
+    rates = [compat.learning_rate(o) for o in optimizers if o is not None]
+    return [r for r in rates if isinstance(r, keras.Variable)]
+
+
 def _optimizer_of(model):
     optimizer = getattr(model, "optimizer", None)
     if optimizer is None:
@@ -157,6 +220,50 @@ def _optimizer_of(model):
 # -------------------------------------------------------------- checkpoints
 
 
+def _read_json(path):
+    with open(path, "rb") as f:
+        return json.loads(f.read().decode("utf-8"))
+
+
+def verify_checkpoint(path):
+    """`(info, None)` for an intact checkpoint folder (its `state.json`), or
+    `(None, why)`: every file must have the size and sha256 that its
+    `manifest.json`, written last, recorded."""
+    try:
+        manifest = _read_json(os.path.join(path, MANIFEST_FILE))
+        listed = {name: (int(f["size"]), str(f["sha256"])) for name, f in manifest["files"].items()}
+    except FileNotFoundError:
+        try:  # format 1, before manifests: complete if its files are there
+            info = _read_json(os.path.join(path, INFO_FILE))
+            if info.get("format") == 1 and all(
+                    os.path.isfile(os.path.join(path, n)) for n in (WEIGHTS_FILE, STATE_FILE)):
+                return info, None
+        except (OSError, ValueError, AttributeError):
+            pass
+        return None, f"it has no {MANIFEST_FILE} (its write did not finish)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return None, f"its {MANIFEST_FILE} is unreadable ({type(e).__name__})"
+    for name in (WEIGHTS_FILE, STATE_FILE, INFO_FILE):
+        if name not in listed:
+            return None, f"its {MANIFEST_FILE} does not list {name}"
+    for name, (size, sha256) in listed.items():
+        try:
+            with open(os.path.join(path, name), "rb") as f:
+                data = f.read()
+        except OSError as e:
+            return None, f"{name} is unreadable ({e.strerror or type(e).__name__})"
+        if len(data) != size:
+            return None, f"{name} has {len(data)} bytes, {size} were written (truncated or damaged)"
+        if _sha256(data) != sha256:
+            return None, f"{name} does not match its sha256 checksum (damaged)"
+    try:
+        info = _read_json(os.path.join(path, INFO_FILE))
+        int(info["epoch"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"its {INFO_FILE} is unreadable ({type(e).__name__})"
+    return info, None
+
+
 class Checkpoint:
     """A complete checkpoint on disk: `epoch` epochs done, in `stage`."""
 
@@ -165,6 +272,10 @@ class Checkpoint:
         self.info = info
         self.epoch = int(info["epoch"])
         self.stage = info.get("stage")
+
+    @property
+    def name(self):
+        return os.path.basename(self.path)
 
     def __repr__(self):
         return f"Checkpoint(epoch={self.epoch}, stage={self.stage!r}, path={self.path!r})"
@@ -177,73 +288,64 @@ class ResumableRun:
         model_dir: the run's folder.
         keep: how many of the latest checkpoints to keep (at least 1; the
             previous one is deleted only once the new one is complete).
+        log: called with a line for each checkpoint that `restore` skips
+            (damaged or incomplete) and why; default `warnings.warn`.
 
     Layout: `checkpoints/epoch-000007/` holds `model.weights.h5`,
-    `state.npz` (optimizer variables, random-generator states) and
-    `state.json` (epoch, stage, logs); `checkpoints/latest` names the newest.
+    `state.npz` (optimizer variables, random-generator states),
+    `state.json` (epoch, stage, logs) and, written last, `manifest.json`
+    (each file's size and sha256); `checkpoints/latest` names the newest,
+    for people: resumption takes the newest checkpoint that verifies, so a
+    damaged one or a damaged pointer costs an epoch, not the run.
     """
 
-    def __init__(self, model_dir, keep=2):
+    def __init__(self, model_dir, keep=2, log=None):
         if keep < 1:
             raise ValueError(f"keep must be >= 1; got {keep}.")
         self.model_dir = str(model_dir)
         self.checkpoint_dir = os.path.join(self.model_dir, CHECKPOINT_DIR)
         self.keep = int(keep)
+        self.log = log or (lambda message: warnings.warn(message, stacklevel=3))
 
     # ---------------------------------------------------------------- lookup
 
-    def _load_info(self, path):
+    def _folders(self):
+        """`(epoch, path)` of the folders named like checkpoints, newest first."""
         try:
-            with open(os.path.join(path, INFO_FILE), encoding="utf-8") as f:
-                info = json.load(f)
-        except (OSError, ValueError):
-            return None
-        if not isinstance(info, dict) or "epoch" not in info:
-            return None
-        for name in (WEIGHTS_FILE, STATE_FILE):
-            if not os.path.isfile(os.path.join(path, name)):
-                return None
-        return info
+            names = os.listdir(self.checkpoint_dir)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        found = [(int(m.group(1)), os.path.join(self.checkpoint_dir, n))
+                 for n in names if (m := _NAME.match(n))]
+        return sorted(found, reverse=True)
+
+    def _intact(self, report=False):
+        """The checkpoints that verify, newest first; with `report`, each
+        one skipped is logged with the reason."""
+        for _, path in self._folders():
+            info, why = verify_checkpoint(path)
+            if info is not None:
+                yield Checkpoint(path, info)
+            elif report:
+                self.log(f"checkpoint {os.path.basename(path)} skipped: {why}; "
+                         "trying the one before")
 
     def checkpoints(self):
-        """The complete checkpoints, oldest first."""
-        if not os.path.isdir(self.checkpoint_dir):
-            return []
-        found = []
-        for name in os.listdir(self.checkpoint_dir):
-            if _NAME.match(name):
-                path = os.path.join(self.checkpoint_dir, name)
-                info = self._load_info(path)
-                if info is not None:
-                    found.append(Checkpoint(path, info))
-        return sorted(found, key=lambda c: c.epoch)
+        """The intact checkpoints, oldest first."""
+        return list(self._intact())[::-1]
 
     def latest(self):
-        """The newest complete checkpoint, or None.
-
-        Follows `checkpoints/latest`; if that is missing or names a folder
-        that is not a complete checkpoint, the newest complete one found.
-        """
-        pointer = os.path.join(self.checkpoint_dir, LATEST)
-        try:
-            with open(pointer, encoding="utf-8") as f:
-                name = f.read().strip()
-        except OSError:
-            name = None
-        if name and _NAME.match(name):
-            path = os.path.join(self.checkpoint_dir, name)
-            info = self._load_info(path)
-            if info is not None:
-                return Checkpoint(path, info)
-        found = self.checkpoints()
-        return found[-1] if found else None
+        """The newest intact checkpoint (see `verify_checkpoint`), or None."""
+        return next(self._intact(), None)
 
     def _remove_partial(self):
-        """Deletes temporary folders left by writes that were killed."""
-        if not os.path.isdir(self.checkpoint_dir):
+        """Deletes what killed writes and deletions left (`.tmp-*`)."""
+        try:
+            names = os.listdir(self.checkpoint_dir)
+        except (FileNotFoundError, NotADirectoryError):
             return
-        for name in os.listdir(self.checkpoint_dir):
-            if name.startswith(".tmp-"):
+        for name in names:
+            if name.startswith(TMP):
                 path = os.path.join(self.checkpoint_dir, name)
                 if os.path.isdir(path):
                     shutil.rmtree(path, ignore_errors=True)
@@ -253,13 +355,46 @@ class ResumableRun:
                     except OSError:
                         pass
 
+    def _aside(self, path):
+        """Renames a checkpoint folder to a `.tmp-` name; returns the name."""
+        tmp = tempfile.mkdtemp(prefix=f"{TMP}old-{os.path.basename(path)}-", dir=self.checkpoint_dir)
+        os.rmdir(tmp)
+        os.replace(path, tmp)
+        return tmp
+
+    def _discard(self, path):
+        """Deletes a checkpoint folder. Renamed first: a kill halfway through
+        leaves a `.tmp-` folder, which the next start deletes, not a
+        half-deleted checkpoint."""
+        shutil.rmtree(self._aside(path), ignore_errors=True)
+
+    def _prune(self, epoch):
+        """Deletes the folders before `epoch` but the newest `keep - 1`
+        intact ones (damaged ones go too). Later folders stay until training
+        gets there again and replaces them."""
+        kept = 1  # the checkpoint of `epoch`
+        for folder_epoch, path in self._folders():
+            if folder_epoch >= epoch:
+                continue
+            if kept < self.keep and verify_checkpoint(path)[0] is not None:
+                kept += 1
+            else:
+                self._discard(path)
+
     # ------------------------------------------------------------------ save
 
     def save(self, model, epoch, logs=None, extra=None):
         """Writes the checkpoint for `epoch` completed epochs, atomically.
 
+        The files are made in memory, the free space is checked, then they
+        are written into a temporary folder, read back and checked against
+        their sha256, and the folder is renamed into place. A failure
+        (`OSError`: disk full, folder not writable or vanished) deletes the
+        temporary folder and leaves the earlier checkpoints as they were.
+
         Args:
             model: the compiled model (an `FSPDistiller` or any Keras model).
+                `model_dir` must exist (`fit` creates it).
             epoch: the number of completed epochs (the next run's
                 `initial_epoch`).
             logs: the epoch's logs, kept in `state.json`.
@@ -269,76 +404,100 @@ class ResumableRun:
             the `Checkpoint` written.
         """
         epoch = int(epoch)
-        os.makedirs(self.checkpoint_dir, exist_ok=True)
+        if not os.path.isdir(self.checkpoint_dir):
+            os.mkdir(self.checkpoint_dir)  # not makedirs: a vanished model_dir is an error
         self._remove_partial()
+        optimizer = _optimizer_of(model)
+        seeds = _seed_states(model)
+        arrays = {}
+        for i, v in enumerate(optimizer.variables):
+            arrays[f"optimizer/{i}"] = np.asarray(keras.ops.convert_to_numpy(v))
+        for i, v in enumerate(seeds):
+            arrays[f"seed/{i}"] = np.asarray(keras.ops.convert_to_numpy(v))
+        state = io.BytesIO()
+        np.savez(state, **arrays)
+        info = {
+            "format": FORMAT_VERSION,
+            "epoch": epoch,
+            "stage": _stage_name(model),
+            "optimizer": type(optimizer).__name__,
+            "optimizer_variables": len(optimizer.variables),
+            "seed_states": [v.path for v in seeds],
+            "weights": len(model.weights),
+            "backend": keras.backend.backend(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "logs": _finite_logs(logs),
+            **(extra or {}),
+        }
+        files = {
+            WEIGHTS_FILE: compat.weights_h5_bytes(model),
+            STATE_FILE: state.getvalue(),
+            INFO_FILE: json.dumps(info, indent=2).encode("utf-8"),
+        }
+        manifest = {"format": FORMAT_VERSION,
+                    "files": {n: {"size": len(d), "sha256": _sha256(d)} for n, d in files.items()}}
+        files[MANIFEST_FILE] = json.dumps(manifest, indent=2).encode("utf-8")  # last
         name = f"epoch-{epoch:06d}"
+        check_free_space(self.checkpoint_dir, sum(len(d) for d in files.values()),
+                         f"checkpoint {name}")
         final = os.path.join(self.checkpoint_dir, name)
-        tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.checkpoint_dir)
+        tmp = tempfile.mkdtemp(prefix=f"{TMP}{name}-", dir=self.checkpoint_dir)
+        old = None
         try:
             os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 otherwise
-            optimizer = _optimizer_of(model)
-            seeds = _seed_states(model)
-            model.save_weights(os.path.join(tmp, WEIGHTS_FILE))
-            arrays = {}
-            for i, v in enumerate(optimizer.variables):
-                arrays[f"optimizer/{i}"] = np.asarray(keras.ops.convert_to_numpy(v))
-            for i, v in enumerate(seeds):
-                arrays[f"seed/{i}"] = np.asarray(keras.ops.convert_to_numpy(v))
-            with open(os.path.join(tmp, STATE_FILE), "wb") as f:
-                np.savez(f, **arrays)
-            info = {
-                "format": FORMAT_VERSION,
-                "epoch": epoch,
-                "stage": _stage_name(model),
-                "optimizer": type(optimizer).__name__,
-                "optimizer_variables": len(optimizer.variables),
-                "seed_states": [v.path for v in seeds],
-                "weights": len(model.weights),
-                "backend": keras.backend.backend(),
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "logs": _finite_logs(logs),
-                **(extra or {}),
-            }
-            with open(os.path.join(tmp, INFO_FILE), "w", encoding="utf-8") as f:
-                json.dump(info, f, indent=2)
-            for entry in os.listdir(tmp):
-                _fsync_file(os.path.join(tmp, entry))
+            for file, data in files.items():
+                _write_new(os.path.join(tmp, file), data)
+            _, why = verify_checkpoint(tmp)  # what reached the disk
+            if why is not None:
+                raise OSError(errno.EIO, f"checkpoint {name} read back damaged: {why}", tmp)
             _fsync_dir(tmp)
-            old = None
-            if os.path.exists(final):  # the same epoch again (e.g. re-run)
-                old = tempfile.mkdtemp(prefix=f".tmp-old-{name}-", dir=self.checkpoint_dir)
-                os.rmdir(old)
-                os.replace(final, old)
+            if os.path.exists(final):  # the same epoch again (e.g. after a damaged one)
+                old = self._aside(final)
             os.replace(tmp, final)
             _fsync_dir(self.checkpoint_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None and not os.path.exists(final):
+                os.replace(old, final)
             raise
         atomic_write_text(os.path.join(self.checkpoint_dir, LATEST), name + "\n")
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        for stale in self.checkpoints()[: -self.keep]:
-            if stale.path != final:
-                shutil.rmtree(stale.path, ignore_errors=True)
+        self._prune(epoch)
         return Checkpoint(final, info)
 
     # --------------------------------------------------------------- restore
 
     def restore(self, model, checkpoint=None):
-        """Restores the latest (or the given) checkpoint into `model`.
+        """Restores the newest intact (or the given) checkpoint into `model`.
 
         `model` must be built and compiled as it was when the checkpoint was
         written. An `FSPDistiller` is put in the checkpoint's stage
-        (`set_stage`) and that stage's optimizer gets its saved state.
+        (`set_stage`) and that stage's optimizer gets its saved state. A
+        checkpoint that does not verify or load is skipped, with a line to
+        `log` saying why, for the one before. Leftovers of killed writes are
+        deleted first.
+
+        The optimizers' learning rates are not restored: like a schedule, a
+        constant learning rate is a setting of the code that builds the
+        optimizer, so a run may resume with another one.
 
         Returns:
             the number of completed epochs (`initial_epoch` for `fit`), 0
             when there is no checkpoint.
         """
         self._remove_partial()
-        checkpoint = checkpoint or self.latest()
-        if checkpoint is None:
-            return 0
+        for candidate in [checkpoint] if checkpoint is not None else self._intact(report=True):
+            try:
+                return self._load(model, candidate)
+            except _DAMAGED as e:
+                if checkpoint is not None:
+                    raise
+                self.log(f"checkpoint {candidate.name} skipped: it does not load "
+                         f"({type(e).__name__}: {str(e)[:200]}); trying the one before")
+        return 0
+
+    def _load(self, model, checkpoint):
         info = checkpoint.info
         if info.get("stage") is not None:
             if not hasattr(model, "set_stage"):
@@ -352,9 +511,15 @@ class ResumableRun:
                 f"{checkpoint.path} holds {info['weights']} weights; this model "
                 f"has {len(model.weights)}: it is not the model that wrote it."
             )
-        model.load_weights(os.path.join(checkpoint.path, WEIGHTS_FILE))
         with np.load(os.path.join(checkpoint.path, STATE_FILE)) as state:
             arrays = {k: state[k] for k in state.files}
+        optimizer = _optimizer_of(model)
+        # A constant learning rate is a setting, as a schedule is: the
+        # optimizer's own (a run may resume with another), not the
+        # checkpoint's, which load_weights (it holds the compiled optimizer
+        # too) and the optimizer's variables below would restore.
+        rates = [(v, keras.ops.convert_to_numpy(v)) for v in _learning_rates(optimizer)]
+        model.load_weights(os.path.join(checkpoint.path, WEIGHTS_FILE))
         seeds = _seed_states(model)
         saved_seeds = sorted(
             (int(k.split("/")[1]), v) for k, v in arrays.items() if k.startswith("seed/")
@@ -366,7 +531,6 @@ class ResumableRun:
             )
         for variable, (_, value) in zip(seeds, saved_seeds):
             variable.assign(value)
-        optimizer = _optimizer_of(model)
         saved = sorted(
             (int(k.split("/")[1]), v)
             for k, v in arrays.items()
@@ -385,6 +549,8 @@ class ResumableRun:
                     f"{checkpoint.path}: optimizer variable {variable.path} has "
                     f"shape {tuple(variable.shape)}, saved {tuple(value.shape)}."
                 )
+            variable.assign(value)
+        for variable, value in rates:
             variable.assign(value)
         return checkpoint.epoch
 
@@ -419,6 +585,7 @@ class ResumableRun:
             `(history or None, initial_epoch)`: None when the checkpoint
             already had every epoch.
         """
+        os.makedirs(self.model_dir, exist_ok=True)
         initial_epoch = self.restore(model)
         end = epochs if stop_after is None else min(int(stop_after), epochs)
         if initial_epoch >= end:
@@ -470,7 +637,9 @@ class CheckpointCallback(keras.callbacks.Callback):
 class NaNGuard(StopOnNonFiniteLoss):
     """`keras_fsp.callbacks.StopOnNonFiniteLoss` that also names the run's
     last good checkpoint, which is left untouched: nothing is saved after
-    the bad batch.
+    the bad batch; it also stops at the end of an epoch that leaves a weight
+    or the validation loss NaN or infinite (with every training loss finite,
+    the last update can).
 
     Args:
         run: the `ResumableRun` whose checkpoints the message names (optional).
@@ -480,6 +649,18 @@ class NaNGuard(StopOnNonFiniteLoss):
     def __init__(self, run=None, advice=None):
         super().__init__(advice=advice)
         self.run = run
+
+    def on_epoch_end(self, epoch, logs=None):
+        # The last update of an epoch can leave weights NaN, or so large that
+        # the validation loss is NaN, while every training loss was finite:
+        # stop here (before the checkpoint callback), or the run would end
+        # "complete" with a broken network.
+        weight = _non_finite_weight(self.model)
+        bad = non_finite_term(logs, ["val_loss"])
+        if weight is not None:
+            self.stop(f"weight {weight} became NaN or infinite", f"at the end of epoch {epoch + 1}")
+        if bad is not None:
+            self.stop(f"val_loss became {bad[1]}", f"at the end of epoch {epoch + 1}")
 
     def kept(self):
         ckpt = self.run.latest() if self.run is not None else None

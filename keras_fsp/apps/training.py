@@ -221,6 +221,8 @@ def train(recipe, train_data, test_data, run_dir, batch_size=128, seed=0, epochs
         keras_fsp.callbacks.NonFiniteLossError: a loss term became NaN or
             infinite; `metrics.json` then says so (`"diverged"`), and the
             last good checkpoint is kept.
+        OSError: the run's folder cannot be written (disk full, not
+            writable, vanished); the last good checkpoint is kept.
     """
     os.makedirs(run_dir, exist_ok=True)
     log = log or Log(os.path.join(run_dir, LOG_FILE))
@@ -231,7 +233,7 @@ def train(recipe, train_data, test_data, run_dir, batch_size=128, seed=0, epochs
         compile_kwargs.setdefault("steps_per_execution", steps_per_epoch)
     recipe.compile(metrics=["accuracy"], **compile_kwargs)
 
-    run = runs.ResumableRun(run_dir)
+    run = runs.ResumableRun(run_dir, log=log)  # skipped checkpoints are logged
     initial_epoch = run.restore(recipe.model)
     total = recipe.epochs
     end = total if epochs is None else min(int(epochs), total)
@@ -312,12 +314,16 @@ def train(recipe, train_data, test_data, run_dir, batch_size=128, seed=0, epochs
     for name, (x, y) in (extra_tests or {}).items():
         result[f"{name}_accuracy"] = accuracy_and_loss(net, x, y)["accuracy"]
     weights = os.path.join(run_dir, f"{save_name}.weights.h5")
-    net.save_weights(weights)
+    runs.write_weights(net, weights)  # not save_weights: h5py must not meet a full disk
     result["files"] = {"weights": weights}
     if result["complete"]:
         tmp = os.path.join(run_dir, f".tmp-{save_name}.keras")
-        net.save(tmp)
-        os.replace(tmp, os.path.join(run_dir, f"{save_name}.keras"))
+        try:
+            net.save(tmp)
+            os.replace(tmp, os.path.join(run_dir, f"{save_name}.keras"))
+        finally:
+            if os.path.exists(tmp):  # a failed write (disk full) leaves nothing behind
+                os.remove(tmp)
         result["files"]["keras"] = os.path.join(run_dir, f"{save_name}.keras")
     write_result(run_dir, result)
     log(f"test accuracy {result['test_accuracy']:.4f} ({result['test_errors']} errors) after "

@@ -100,6 +100,9 @@ class DistillationTerm(keras.layers.Layer):
     student_taps = ()
     teacher_taps = ()
     registered_name = None
+    #: Whether the term compares the two networks' logits class by class
+    #: (soft targets, DKD): then their class counts must be equal.
+    same_logits = False
 
     def __init__(self, name=None, **kwargs):
         super().__init__(name=name or self.registered_name or type(self).__name__.lower(), **kwargs)
@@ -114,12 +117,22 @@ class DistillationTerm(keras.layers.Layer):
         and builds the term's own layers. Called once by the distiller,
         before training; raise `ValueError` with a clear message for
         anything that cannot work. The default checks that tapped layers
-        exist."""
+        exist and, for `same_logits` terms, that the class counts agree
+        (otherwise the first step fails with a shape error, perhaps after a
+        whole earlier stage)."""
         for model, names, role in ((teacher, self.teacher_taps, "teacher"),
                                    (student, self.student_taps, "student")):
             for name in names:
                 if name != LOGITS:
                     taps.output_shape(model, name, role)
+        if self.same_logits:
+            t, s = (taps.tap_shape(m, LOGITS, r)[-1]
+                    for m, r in ((teacher, "teacher"), (student, "student")))
+            if None not in (t, s) and t != s:
+                raise ValueError(
+                    f"the {self.name!r} term compares the networks' logits class by class, but "
+                    f"the teacher has {t} classes and the student {s}."
+                )
 
     def teacher_targets(self, features):
         """`{key: tensor}` this term needs from the teacher's tapped outputs

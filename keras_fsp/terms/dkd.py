@@ -65,6 +65,7 @@ class DecoupledKD(DistillationTerm):
     """
 
     student_taps = teacher_taps = (LOGITS,)
+    same_logits = True
 
     def __init__(self, alpha=1.0, beta=8.0, temperature=4.0, name="dkd", **kwargs):
         super().__init__(name=name, **kwargs)

@@ -15,6 +15,7 @@ class SoftTargets(DistillationTerm):
     """
 
     student_taps = teacher_taps = (LOGITS,)
+    same_logits = True
 
     def __init__(self, temperature=4.0, name="kd", **kwargs):
         super().__init__(name=name, **kwargs)
