@@ -22,6 +22,31 @@ def consumers(layer):
     return [node.operation for node in getattr(layer, "_outbound_nodes", [])]
 
 
+def is_graph_model(layer):
+    """Whether `layer` is a functional model whose `call` runs its graph
+    (Keras' own `Functional.call`, not overridden).
+
+    Why: `keras_fsp.taps` traces through nested functional models (a keras-hub
+    backbone in its classifier); only the private `Functional` class tells
+    them from subclassed models, and a subclass overriding `call` may compute
+    something else than its graph.
+    """
+    from keras.src.models.functional import Functional
+
+    return isinstance(layer, Functional) and type(layer).call is Functional.call
+
+
+def run_through_graph(model, inputs, operation_fn):
+    """Runs a functional `model`'s graph on `inputs`, calling
+    `operation_fn(layer)(*args, **kwargs)` at each node; returns its outputs.
+
+    Why: tracing an outer model through a nested one's graph, so that one
+    forward pass can tap the nested model's layers, is what Keras'
+    `Functional.call` does with the private `_run_through_graph`.
+    """
+    return model._run_through_graph(inputs, operation_fn=operation_fn)
+
+
 def regularization_loss(model):
     """The sum of `model.losses` (weight decay), scaled the way Keras scales
     them for the active distribution strategy.

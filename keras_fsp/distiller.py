@@ -474,12 +474,11 @@ class FSPDistiller(keras.Model):
                     f"Stage {stage.name!r} trains {UP_TO_TAPS!r} but taps no student layer "
                     f"(its terms {list(stage.losses)} read only the logits)."
                 )
-            view = taps.tap_model(self.student, names, include_logits=False, role="student")
-            chosen = {id(l) for l in view.layers}
+            chosen = {id(l) for l in taps.layers_up_to(self.student, names, "student")}
         elif callable(selector):
             chosen = {id(l) for l in self.student.layers if selector(l)}
         else:
-            chosen = {id(taps.get_layer(self.student, name, "student")) for name in selector}
+            chosen = {id(taps.top_level_layer(self.student, name, "student")) for name in selector}
         for layer in self.student.layers:
             original = self._student_trainable[id(layer)]
             layer.trainable = original and (chosen is None or id(layer) in chosen)
@@ -798,9 +797,17 @@ class FSPDistiller(keras.Model):
         Raises:
             ValueError: for a cache with an `augment` layer, a cache of
                 another length than `x`, or one lacking what the stage needs
-                (also when a `StageSchedule` switches to such a stage).
+                (also when a `StageSchedule` switches to such a stage); for
+                a subclassed teacher or student returning probabilities
+                (`keras_fsp.taps.check_outputs_logits`).
         """
         inputs, cache = teacher_cache.split(x)
+        # A subclassed network: built on the first batch (the stage's
+        # optimizer then needs its new variables), refused if it returns
+        # probabilities.
+        built = taps.check_outputs_logits({"teacher": self.teacher, "student": self.student}, inputs)
+        if built and self._optimizer_template is not None:
+            self._install_optimizer(self._stage)
         if cache is not None:
             teacher_cache.refuse_augment(self.augment)
             teacher_cache.check_lengths(inputs, cache)

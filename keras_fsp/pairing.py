@@ -5,57 +5,120 @@ A CNN computes in sections that each keep one spatial size (a ResNet's
 stages, a MobileNet's groups of inverted residual blocks). The *trunk
 points* of a network are the maps that every path from its input to its
 output passes through (a residual block's output, not the inside of its
-branch). A section ends at the last trunk point of its spatial size.
-Padding, dropout, noise and input-preprocessing layers are not section
-points: they compute nothing a student should learn.
+branch). A section ends at the last trunk point of its spatial size, except
+where a final 1x1 convolution there (with its normalisation and activation)
+prepares the maps for what follows: one that widens them (the expansion of
+the next section's first inverted residual block in MobileNetV2 and
+EfficientNet, or the classifier's last convolution) or a pre-activated one
+(a DenseNet transition); the section's own output is the map before it. Padding,
+dropout, noise and input-preprocessing layers are not section points: they
+compute nothing a student should learn.
 
 Teacher and student are paired by the spatial sizes at which their sections
 end (both networks see the same inputs, so the sizes line up), which works
 across families: ResNet-50 -> MobileNetV2, DenseNet -> EfficientNet, a
-CIFAR ResNet-26 -> ResNet-8.
+CIFAR ResNet-26 -> ResNet-8. Nested functional models (keras-hub backbones
+in their classifiers) are seen through (`keras_fsp.taps.graph`).
 """
 
 import keras
 
-from keras_fsp import compat, taps
+from keras_fsp import taps
+
+
+def _layer_types(*names):
+    return tuple(getattr(keras.layers, n) for n in names if hasattr(keras.layers, n))
+
 
 # Layers that are never section points: they reshape, pad, regularise or
 # preprocess, but compute no features.
-_NOT_COMPUTING = tuple(
-    getattr(keras.layers, name)
-    for name in (
-        "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D", "Cropping2D", "Dropout",
-        "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "AlphaDropout",
-        "Rescaling", "Normalization", "InputLayer", "Resizing", "CenterCrop",
-    )
-    if hasattr(keras.layers, name)
+_NOT_COMPUTING = _layer_types(
+    "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D", "Cropping2D", "Dropout",
+    "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "AlphaDropout",
+    "Rescaling", "Normalization", "InputLayer", "Resizing", "CenterCrop",
 )
+# Layers that belong to the convolution before (or, pre-activated, after) them.
+_NORM_OR_ACTIVATION = _layer_types(
+    "BatchNormalization", "LayerNormalization", "GroupNormalization", "Activation", "ReLU",
+    "LeakyReLU", "PReLU", "ELU",
+)
+_CONVOLUTIONS = _layer_types("Conv2D", "DepthwiseConv2D", "SeparableConv2D")
 
 
-def _single_output_shape(layer):
-    try:
-        return tuple(layer.output.shape)
-    except (AttributeError, ValueError):
-        return None  # a layer called more than once
+def _is_pointwise(layer):
+    return (
+        isinstance(layer, keras.layers.Conv2D)
+        and tuple(layer.kernel_size) == (1, 1)
+        and tuple(layer.strides) == (1, 1)
+    )
 
 
 def trunk_layers(model):
-    """The layers of a functional `model` (graph order) whose output every
-    path from the inputs to the output passes through."""
-    taps.check_functional(model, "model", why="its graph is analysed")
-    layers = list(model.layers)
-    position = {id(layer): i for i, layer in enumerate(layers)}
-    # For each position, the furthest position reached by an edge from before it.
-    reach = [0] * len(layers)
-    furthest = -1
-    passed_over = [False] * len(layers)
-    for i, layer in enumerate(layers):
-        passed_over[i] = furthest > i
-        ends = [position[id(c)] for c in compat.consumers(layer) if id(c) in position]
-        if ends:
-            reach[i] = max(ends)
-            furthest = max(furthest, reach[i])
-    return [layer for i, layer in enumerate(layers) if not passed_over[i]]
+    """The layer names of a functional `model`'s graph (in order) whose
+    output every path from the inputs to the output passes through."""
+    g = taps.graph(model)
+    names = list(g.nodes)
+    position = {name: i for i, name in enumerate(names)}
+    trunk, furthest = [], -1
+    for i, name in enumerate(names):
+        if furthest <= i:  # no edge from before passes over this node
+            trunk.append(name)
+        furthest = max([furthest] + [position[c] for c in g.consumers(name)])
+    return trunk
+
+
+def _spatial_size(node):
+    shape = getattr(node.output, "shape", None)
+    if shape is None or len(shape) != 4 or shape[1] is None:
+        return None
+    return tuple(shape[1:3])
+
+
+def _sections(model):
+    """`{(height, width): [trunk layer names]}`: the computing trunk points
+    of each spatial size, in graph order (largest size first)."""
+    g = taps.graph(model)
+    sections = {}
+    for name in trunk_layers(model):
+        node = g.nodes[name]
+        size = _spatial_size(node)
+        if size is None or isinstance(node.layer, _NOT_COMPUTING):
+            continue
+        if sections and size != list(sections)[-1] and size in sections:
+            raise ValueError(
+                f"Cannot find the sections of {model.name!r} automatically: the spatial "
+                f"size {size} comes back at layer {name!r} after a different one. "
+                "Pass the layer pairs explicitly (fsp_pairs=[(first, second), ...])."
+            )
+        sections.setdefault(size, []).append(name)
+    if not sections:
+        raise ValueError(
+            f"{model.name!r} has no 4-D feature maps of known size on its trunk: FSP and "
+            "attention transfer need convolutional feature maps (batch, height, width, "
+            "channels) of a fixed input size (build the model, or its backbone, for one)."
+        )
+    return sections
+
+
+def _own_end(g, run):
+    """The section's output among its trunk points `run` (see the module's
+    docstring): before a final 1x1 convolution that widens the maps (with the
+    normalisation and activation after it), or that is pre-activated (the
+    normalisation and activation in front of it follow no convolution: a
+    DenseNet transition), and then before those too."""
+    nodes = [g.nodes[n] for n in run]
+    i = len(run) - 1
+    while i > 0 and isinstance(nodes[i].layer, _NORM_OR_ACTIVATION):
+        i -= 1
+    if i == 0 or not _is_pointwise(nodes[i].layer):
+        return run[-1]
+    j = i - 1
+    while j > 0 and isinstance(nodes[j].layer, _NORM_OR_ACTIVATION):
+        j -= 1
+    if not isinstance(nodes[j].layer, _CONVOLUTIONS):
+        return run[j]
+    widens = nodes[i].output.shape[-1] > nodes[i].inputs[0].shape[-1]
+    return run[i - 1] if widens else run[-1]
 
 
 def section_ends(model):
@@ -66,45 +129,19 @@ def section_ends(model):
         ValueError: if the model has no 4-D feature maps, or a spatial size
             comes back after a different one (sections cannot be told apart).
     """
-    ends = {}
-    for layer in trunk_layers(model):
-        if isinstance(layer, _NOT_COMPUTING):
-            continue
-        shape = _single_output_shape(layer)
-        if shape is None or len(shape) != 4 or shape[1] is None:
-            continue
-        size = tuple(shape[1:3])
-        if ends and size != list(ends)[-1] and size in ends:
-            raise ValueError(
-                f"Cannot find the sections of {model.name!r} automatically: the spatial "
-                f"size {size} comes back at layer {layer.name!r} after a different one. "
-                "Pass the layer pairs explicitly (fsp_pairs=[(first, second), ...])."
-            )
-        ends[size] = layer.name
-    if not ends:
-        raise ValueError(
-            f"{model.name!r} has no 4-D feature maps on its trunk: FSP and attention "
-            "transfer need convolutional feature maps (batch, height, width, channels)."
-        )
-    return ends
+    g = taps.graph(model)
+    return {size: _own_end(g, run) for size, run in _sections(model).items()}
 
 
 def section_start(model):
-    """Where the first section starts: its first trunk map that feeds more
-    than one layer (a stem's output feeding a residual block's two paths),
-    else its first trunk map."""
-    first_size = next(iter(section_ends(model)))
-    first = None
-    for layer in trunk_layers(model):
-        shape = _single_output_shape(layer)
-        if isinstance(layer, _NOT_COMPUTING) or shape is None or len(shape) != 4:
-            continue
-        if tuple(shape[1:3]) != first_size:
-            break
-        first = first or layer.name
-        if len(compat.consumers(layer)) > 1:
-            return layer.name
-    return first
+    """Where the first section starts: its first trunk map, with the
+    normalisation and activation layers that follow it (a stem's output)."""
+    g = taps.graph(model)
+    run = next(iter(_sections(model).values()))
+    k = 0
+    while k + 1 < len(run) and isinstance(g.nodes[run[k + 1]].layer, _NORM_OR_ACTIVATION):
+        k += 1
+    return run[k]
 
 
 def section_pairs(model):
@@ -120,8 +157,15 @@ def candidates(model):
         ends = section_ends(model)
     except ValueError as e:
         return f"(none found: {e})"
-    return ", ".join(
-        f"{name} {taps.output_shape(model, name)}" for name in ends.values()
+    return ", ".join(f"{name} {taps.output_shape(model, name)}" for name in ends.values())
+
+
+def mismatch(teacher, student, message):
+    """A `ValueError` with `message` and both networks' candidate taps."""
+    return ValueError(
+        f"{message} Candidate taps (section ends) of the teacher {teacher.name!r}: "
+        f"{candidates(teacher)}. Of the student {student.name!r}: {candidates(student)}. "
+        "Pass the pairs explicitly."
     )
 
 
@@ -136,11 +180,7 @@ def matched_section_ends(teacher, student):
     t_ends, s_ends = section_ends(teacher), section_ends(student)
     common = [size for size in t_ends if size in s_ends]
     if not common:
-        raise ValueError(
-            f"The teacher {teacher.name!r} and the student {student.name!r} share no "
-            f"section size to pair. Teacher: {candidates(teacher)}. Student: "
-            f"{candidates(student)}. Pass the pairs explicitly."
-        )
+        raise mismatch(teacher, student, "The teacher and the student share no section size to pair.")
     return [(t_ends[size], s_ends[size]) for size in common]
 
 
@@ -149,7 +189,8 @@ def matched_section_pairs(teacher, student):
 
     Each pair runs from one common section end to the next. The first
     section's own pair (its input, the stem's output, to its end) is
-    included when both networks have such an input.
+    included when both networks' first sections have the same size and
+    such an input.
 
     Returns:
         `(teacher_pairs, student_pairs)`, equally long.
@@ -163,13 +204,14 @@ def matched_section_pairs(teacher, student):
     s_pairs = list(zip([e[1] for e in ends[:-1]], [e[1] for e in ends[1:]]))
     t_start, s_start = section_start(teacher), section_start(student)
     first_t, first_s = ends[0]
-    if t_start and s_start and t_start != first_t and s_start != first_s:
+    same_first = next(iter(_sections(teacher))) == next(iter(_sections(student)))
+    if same_first and t_start != first_t and s_start != first_s:
         t_pairs.insert(0, (t_start, first_t))
         s_pairs.insert(0, (s_start, first_s))
     if not t_pairs:
-        raise ValueError(
-            f"Only one section size is shared by the teacher {teacher.name!r} and the "
-            f"student {student.name!r}: no pair of maps to form. Teacher: "
-            f"{candidates(teacher)}. Student: {candidates(student)}."
+        raise mismatch(
+            teacher, student,
+            "Only one section size is shared by the teacher and the student: no pair of "
+            "maps to form.",
         )
     return t_pairs, s_pairs

@@ -5,36 +5,162 @@ forward pass yields the logits and every tapped feature map.
 applies a softmax (`keras.applications` models by default), the tapped
 logits are the values *before* the softmax: distillation terms need logits,
 and the softmax of probabilities is nearly uniform.
+
+Nested functional models (a keras-hub backbone inside its
+`ImageClassifier`, or `keras.Model(x, head(backbone(x)))`) are seen through:
+the outer graph is traced once more through the nested model's own graph
+(`graph`), so that its layers are tapped in the same single forward pass. A
+layer of a nested model is named by its path, `"backbone/layer"` (the
+nested model's name, then the layer's); a plain `"layer"` also finds it
+when no other layer has that name. Nested models are traced through only
+when their `call` is Keras' own (a subclass overriding `call` stays one
+opaque layer), and a nested model trains or freezes as a whole in stages
+that select trainable layers.
 """
 
 import difflib
+import weakref
+from typing import NamedTuple
 
 import keras
+import numpy as np
 from keras import ops
+
+from keras_fsp import compat
 
 LOGITS = "logits"
 # Keys keras_fsp adds to the training-mode outputs of a distiller.
 RESERVED = (LOGITS, "augmented_inputs")
 
 
+class Node(NamedTuple):
+    """One layer call of a `Graph`."""
+
+    layer: keras.layers.Layer
+    inputs: tuple  # the symbolic tensors it was called on
+    output: object  # its symbolic output
+    top: keras.layers.Layer  # the layer of the model itself that holds it
+
+
+class Graph:
+    """A functional model's layers as one flat graph: `inputs`, the single
+    `output`, and `nodes`, `{name: Node}` in graph order."""
+
+    def __init__(self, model, inputs, output, nodes):
+        self.model, self.inputs, self.output, self.nodes = model.name, inputs, output, nodes
+        self._producer = {id(n.output): name for name, n in nodes.items()}
+        self._consumers = {name: [] for name in nodes}
+        for name, node in nodes.items():
+            for tensor in node.inputs:
+                source = self._producer.get(id(tensor))
+                if source is not None and name not in self._consumers[source]:
+                    self._consumers[source].append(name)
+
+    def producer(self, tensor):
+        """The name of the node whose output `tensor` is (None for an input)."""
+        return self._producer.get(id(tensor))
+
+    def consumers(self, name):
+        """The names of the nodes that take node `name`'s output as input."""
+        return self._consumers[name]
+
+    def resolve(self, name, role="model"):
+        """The node name that `name` means: itself, or the path of the one
+        nested layer of that name.
+
+        Raises:
+            ValueError: naming the closest layer names when there is no such
+                layer, or the candidates when a plain name is ambiguous.
+        """
+        if name in self.nodes:
+            return name
+        matches = [n for n in self.nodes if n.rsplit("/", 1)[-1] == name]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise ValueError(
+                f"The {role} {self.model!r} has several layers named {name!r}: {matches}. "
+                "Name one by its path."
+            )
+        names = list(self.nodes)
+        close = difflib.get_close_matches(str(name), names, n=5, cutoff=0.4)
+        hint = (
+            f" Closest layer names: {close}."
+            if close
+            else f" Its layers are: {names[:30]}{' ...' if len(names) > 30 else ''}."
+        )
+        raise ValueError(f"The {role} {self.model!r} has no layer named {name!r}.{hint}")
+
+
+# One graph per model: tracing through nested models calls their layers on
+# new symbolic inputs, which should happen once, not per view.
+_GRAPHS = weakref.WeakKeyDictionary()
+
+
+def graph(model, role="model"):
+    """The `Graph` of a functional `model`, nested functional models seen
+    through (see the module's docstring).
+
+    A model without nested ones is read as built (its layers' outputs). A
+    model with some is traced again from new inputs of the same shapes:
+    every layer is called once more on symbolic tensors (Keras keeps the
+    first call as the layer's `output`, so the model itself is unchanged),
+    and nested layers get the shapes of the outer model's inputs (a keras-hub
+    backbone built for any image size gets the classifier's).
+    """
+    check_functional(model, role)
+    if model not in _GRAPHS:
+        nested = any(compat.is_graph_model(layer) for layer in model.layers)
+        _GRAPHS[model] = _traced(model) if nested else _as_built(model)
+    return _GRAPHS[model]
+
+
+def _as_built(model):
+    nodes = {}
+    for layer in model.layers:
+        try:
+            inputs = tuple(keras.tree.flatten(layer.input))
+        except (AttributeError, ValueError):
+            inputs = ()
+        nodes[layer.name] = Node(layer, inputs, layer.output, layer)
+    return Graph(model, list(model.inputs), model.outputs[0], nodes)
+
+
+def _traced(model):
+    nodes = {}
+
+    def trace(net, tensors, prefix, top):
+        def operation_fn(layer):
+            owner = top or layer
+            if compat.is_graph_model(layer):
+                # The nested model's call arguments other than its inputs
+                # (training, mask) are the outer call's in a tap view.
+                return lambda *args, **kwargs: trace(layer, args[0], f"{prefix}{layer.name}/", owner)
+
+            def call(*args, **kwargs):
+                output = layer(*args, **kwargs)
+                given = [t for t in keras.tree.flatten((args, kwargs)) if isinstance(t, keras.KerasTensor)]
+                nodes.setdefault(prefix + layer.name, Node(layer, tuple(given), output, owner))
+                return output
+
+            return call
+
+        return compat.run_through_graph(net, tensors, operation_fn)
+
+    inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype) for t in model.inputs]
+    output = trace(model, inputs, "", None)
+    return Graph(model, inputs, keras.tree.flatten(output)[0], nodes)
+
+
 def get_layer(model, name, role="model"):
-    """Returns `model`'s layer called `name`.
+    """Returns `model`'s layer called `name` (a path for nested layers).
 
     Raises:
         ValueError: naming the closest layer names of the model when there is
             no such layer.
     """
-    for layer in model.layers:
-        if layer.name == name:
-            return layer
-    names = [layer.name for layer in model.layers]
-    close = difflib.get_close_matches(str(name), names, n=5, cutoff=0.4)
-    hint = (
-        f" Closest layer names: {close}."
-        if close
-        else f" Its layers are: {names[:30]}{' ...' if len(names) > 30 else ''}."
-    )
-    raise ValueError(f"The {role} {model.name!r} has no layer named {name!r}.{hint}")
+    g = graph(model, role)
+    return g.nodes[g.resolve(name, role)].layer
 
 
 def is_functional(model):
@@ -84,16 +210,16 @@ def check_functional(model, role, why="its intermediate layers are tapped"):
         )
 
 
-def _softmax_layer(model):
-    """The last layer if it applies a softmax over its output, else None."""
-    history = getattr(model.outputs[0], "_keras_history", None)
-    layer = getattr(history, "operation", None)
+def _last_node(model):
+    g = graph(model)
+    return g.nodes.get(g.producer(g.output))
+
+
+def _is_softmax(layer):
     if isinstance(layer, keras.layers.Softmax):
-        return layer
+        return True
     activation = getattr(layer, "activation", None)
-    if activation is keras.activations.softmax or getattr(activation, "__name__", "") == "softmax":
-        return layer
-    return None
+    return activation is keras.activations.softmax or getattr(activation, "__name__", "") == "softmax"
 
 
 class _DenseLogits(keras.layers.Layer):
@@ -113,23 +239,28 @@ class _DenseLogits(keras.layers.Layer):
 
 def ends_in_softmax(model):
     """Whether a functional `model`'s output is a softmax (probabilities)."""
-    return is_functional(model) and _softmax_layer(model) is not None
+    if not is_functional(model):
+        return False
+    node = _last_node(model)
+    return node is not None and _is_softmax(node.layer)
 
 
 def logits_tensor(model):
-    """The symbolic logits of a functional model: its output, or, when its
-    last layer applies a softmax, the values that go into it.
+    """The symbolic logits of a functional model (in its `graph`): its
+    output, or, when its last layer applies a softmax, the values that go
+    into it.
 
     Raises:
         ValueError: for a softmax layer whose input cannot be recovered.
     """
-    layer = _softmax_layer(model)
-    if layer is None:
-        return model.outputs[0]
+    node = _last_node(model)
+    if node is None or not _is_softmax(node.layer):
+        return graph(model).output
+    layer = node.layer
     if isinstance(layer, (keras.layers.Softmax, keras.layers.Activation)):
-        return layer.input
+        return node.inputs[0]
     if isinstance(layer, keras.layers.Dense):
-        return _DenseLogits(layer)(layer.input)
+        return _DenseLogits(layer)(node.inputs[0])
     raise ValueError(
         f"{model.name!r} ends in a softmax inside layer {layer.name!r} "
         f"({type(layer).__name__}); distillation needs logits: build it with "
@@ -148,12 +279,12 @@ def tap_model(model, layer_names, include_logits=True, role="model"):
     Args:
         model: a functional or Sequential `keras.Model` with one output.
         layer_names: names of the layers whose outputs to tap (`LOGITS` may
-            be among them).
+            be among them; paths for layers of nested models).
         include_logits: whether to include the logits as `"logits"`.
         role: word used in error messages ("teacher", "student").
 
     Returns:
-        a `keras.Model` with dict outputs.
+        a `keras.Model` with dict outputs, keyed by the names as given.
 
     Example:
 
@@ -162,7 +293,7 @@ def tap_model(model, layer_names, include_logits=True, role="model"):
     >>> sorted(view.output)
     ['logits', 'stage1', 'stage2']
     """
-    check_functional(model, role)
+    g = graph(model, role)
     names = list(layer_names)
     include_logits = include_logits or LOGITS in names
     outputs = {}
@@ -173,23 +304,88 @@ def tap_model(model, layer_names, include_logits=True, role="model"):
             continue
         if name in RESERVED:
             raise ValueError(f"The tap name {name!r} is reserved by keras_fsp.")
-        outputs[name] = get_layer(model, name, role).output
+        outputs[name] = g.nodes[g.resolve(name, role)].output
     if not outputs:
         raise ValueError("tap_model needs at least one output.")
-    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    inputs = g.inputs[0] if len(g.inputs) == 1 else g.inputs
     return keras.Model(inputs, outputs, name=f"{model.name}_taps")
+
+
+def layers_up_to(model, names, role="model"):
+    """The layers of `model` itself (`model.layers`; a nested model is one
+    of them) that compute the taps `names`."""
+    needed = {id(layer) for layer in tap_model(model, names, include_logits=False, role=role).layers}
+    return list({id(node.top): node.top for node in graph(model, role).nodes.values()
+                 if id(node.layer) in needed}.values())
+
+
+def top_level_layer(model, name, role="model"):
+    """The layer of `model` itself that holds the layer `name` (itself, or
+    the nested model it is in)."""
+    g = graph(model, role)
+    return g.nodes[g.resolve(name, role)].top
 
 
 def output_shape(model, name, role="model"):
     """Static output shape of the layer `name` of `model`."""
-    return tuple(get_layer(model, name, role).output.shape)
+    g = graph(model, role)
+    return tuple(g.nodes[g.resolve(name, role)].output.shape)
 
 
 def tap_shape(model, name, role="model"):
     """Static shape of a tap (`LOGITS`: the model's output)."""
     if name == LOGITS:
-        return tuple(model.outputs[0].shape) if is_functional(model) else (None, None)
+        return tuple(graph(model).output.shape) if is_functional(model) else (None, None)
     return output_shape(model, name, role)
+
+
+def check_outputs_logits(networks, x, examples=8):
+    """Runs each network that is not functional once on the first examples
+    of `x`: builds it if it is not built yet, and refuses one that returns
+    probabilities (a functional network's softmax is found in its graph and
+    tapped before; a subclassed one's cannot be).
+
+    Args:
+        networks: `{role: keras.Model}`.
+        x: the training inputs: an array, or a `tf.data.Dataset` or
+            `keras.utils.PyDataset` of `(x, ...)` batches (other sources,
+            e.g. generators, are not read: nothing is checked).
+        examples: how many examples to run.
+
+    Returns:
+        whether a network was built here (its variables are new).
+
+    Raises:
+        ValueError: for a network whose outputs are non-negative rows that
+            sum to 1.
+    """
+    todo = {role: m for role, m in networks.items() if not is_functional(m)}
+    batch = _first_examples(x, examples) if todo else None
+    if batch is None:
+        return False
+    built = False
+    for role, model in todo.items():
+        built = built or not model.built
+        out = ops.convert_to_numpy(model(batch, training=False)).astype("float64")
+        if out.ndim == 2 and out.shape[-1] > 1 and out.min() >= 0 and np.allclose(out.sum(-1), 1.0, atol=1e-3):
+            raise ValueError(
+                f"The {role} {model.name!r} returns probabilities (its outputs are non-negative "
+                "and sum to 1 per example); distillation needs logits: build it with "
+                "classifier_activation=None (keras.applications) or drop its final softmax."
+            )
+    return built
+
+
+def _first_examples(x, n):
+    if isinstance(x, dict) or x is None:
+        return None
+    if hasattr(x, "take") and hasattr(x, "element_spec"):  # a tf.data.Dataset
+        x = next(x.take(1).as_numpy_iterator(), None)
+    elif isinstance(x, keras.utils.PyDataset):
+        x = x[0]
+    if isinstance(x, (tuple, list)):
+        x = x[0] if x else None
+    return x[:n] if hasattr(x, "shape") and len(x.shape) else None
 
 
 class Views:

@@ -103,3 +103,40 @@ def test_state_sharding_spec_has_one_sharding_per_variable():
                                          len(model.optimizer.variables), len(model.metrics_variables)]
     finally:
         keras.distribution.set_distribution(None)
+
+
+def _nested():
+    inner_in = keras.Input((4,))
+    inner = keras.Model(inner_in, keras.layers.Dense(3, name="d")(inner_in), name="inner")
+    inputs = keras.Input((4,))
+    return inner, keras.Model(inputs, keras.layers.Dense(2, name="head")(inner(inputs)))
+
+
+def test_is_graph_model_tells_functional_models_from_subclassed_ones():
+    inner, outer = _nested()
+    assert compat.is_graph_model(inner) and compat.is_graph_model(outer)
+
+    class Overrides(keras.Model):
+        def __init__(self):
+            inputs = keras.Input((4,))
+            super().__init__(inputs, keras.layers.Dense(2)(inputs))
+
+        def call(self, x):
+            return x
+
+    assert not compat.is_graph_model(Overrides())
+    assert not compat.is_graph_model(keras.layers.Dense(2))
+
+
+def test_run_through_graph_calls_operation_fn_per_node():
+    inner, outer = _nested()
+    seen = []
+
+    def operation_fn(layer):
+        seen.append(layer.name)
+        return layer
+
+    x = np.ones((2, 4), "float32")
+    out = compat.run_through_graph(outer, x, operation_fn)
+    assert seen == ["inner", "head"]
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(out), outer.predict(x, verbose=0), rtol=1e-6)

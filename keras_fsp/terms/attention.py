@@ -4,7 +4,7 @@ to Attention")."""
 from keras import ops
 
 from keras_fsp import pairing, taps
-from keras_fsp.terms.base import DistillationTerm, register_term
+from keras_fsp.terms.base import DistillationTerm, announce, register_term
 
 REDUCTIONS = ("mean_squared", "l2")
 
@@ -67,9 +67,11 @@ class AttentionTransfer(DistillationTerm):
         self.reduction = reduction
 
     def configure(self, teacher, student):
-        """Resolves `"auto"` pairs (`pairs` then holds them) and checks that
-        each pair's maps have the same spatial size."""
-        if self.pairs == "auto":
+        """Resolves `"auto"` pairs (`pairs` then holds them, and they are
+        printed once per process) and checks that each pair's maps have the
+        same spatial size."""
+        auto = self.pairs == "auto"
+        if auto:
             self.pairs = pairing.matched_section_ends(teacher, student)
         if not self.pairs:
             raise ValueError("Attention transfer needs at least one (teacher, student) layer pair.")
@@ -85,6 +87,8 @@ class AttentionTransfer(DistillationTerm):
                 )
         self.teacher_taps = tuple(dict.fromkeys(t for t, _ in self.pairs))
         self.student_taps = tuple(dict.fromkeys(s for _, s in self.pairs))
+        if auto:
+            announce(f"keras_fsp: {teacher.name} -> {student.name}, {self.describe()}")
 
     def teacher_targets(self, features):
         return {attention_key(t, self.p): attention_map(features[t], self.p) for t in self.teacher_taps}

@@ -76,6 +76,18 @@ def term_class(name):
     return _REGISTRY[name]
 
 
+_ANNOUNCED = set()
+
+
+def announce(text):
+    """Prints `text` (a term's automatic pairing) once per process: a
+    distiller built again with the same networks (a resumed run,
+    `from_config`, a harness building one per stage) does not repeat it."""
+    if text not in _ANNOUNCED:
+        _ANNOUNCED.add(text)
+        print(text, flush=True)
+
+
 def tap_key(layer):
     """Teacher-target key of a raw tapped map (shared by every term using it)."""
     return LOGITS if layer == LOGITS else f"tap/{layer}"

@@ -7,7 +7,7 @@ import keras
 from keras_fsp import pairing, taps
 from keras_fsp.fsp import POOLING_MODES, fsp_matrices, fsp_matrices_of, pooled_spatial_size
 from keras_fsp.losses import FSPLoss
-from keras_fsp.terms.base import DistillationTerm, register_term
+from keras_fsp.terms.base import DistillationTerm, announce, register_term
 
 
 def fsp_key(pair, pooling):
@@ -63,8 +63,10 @@ class FSPTerm(DistillationTerm):
 
     def configure(self, teacher, student):
         """Resolves `"auto"` pairs (`pairs` and `student_pairs` then hold the
-        pairs found), checks shapes, and builds the projections."""
-        if self.pairs == "auto":
+        pairs found), checks shapes, and builds the projections. Automatic
+        pairs and projections are printed (once per process)."""
+        auto = self.pairs == "auto"
+        if auto:
             t_pairs, s_pairs = pairing.matched_section_pairs(teacher, student)
             if self.student_pairs is not None:
                 s_pairs = self.student_pairs
@@ -93,10 +95,17 @@ class FSPTerm(DistillationTerm):
                 try:
                     pooled_spatial_size(*shapes)
                 except ValueError as e:
-                    raise ValueError(f"FSP pair {pair} of the {role}: {e}") from None
-        self.projections = self._make_projections(teacher, student)
+                    message = f"FSP pair {pair} of the {role}: {e}"
+                    raise (pairing.mismatch(teacher, student, message) if auto
+                           else ValueError(message)) from None
+        try:
+            self.projections = self._make_projections(teacher, student)
+        except ValueError as e:
+            raise (pairing.mismatch(teacher, student, str(e)) if auto else e) from None
         self.teacher_taps = tuple(dict.fromkeys(n for p in t_pairs for n in p))
         self.student_taps = tuple(dict.fromkeys(n for p in s_pairs for n in p))
+        if auto or self.projections:
+            announce(f"keras_fsp: {teacher.name} -> {student.name}, {self.describe()}")
 
     def _make_projections(self, teacher, student):
         projections = {}
@@ -114,9 +123,9 @@ class FSPTerm(DistillationTerm):
                         "with equal channels, or pass fsp_projection='auto' to learn a 1x1 "
                         "projection of the student's map."
                     )
-                proj = keras.layers.Conv2D(
-                    t_shape[-1], 1, use_bias=False, name=f"{self.name}_projection_{s_name}"
-                )
+                # Layer names cannot hold the "/" of a nested layer's path.
+                proj = keras.layers.Conv2D(t_shape[-1], 1, use_bias=False,
+                                           name=f"{self.name}_projection_{s_name.replace('/', '_')}")
                 proj.build(s_shape)
                 projections[s_name] = proj
         return projections
@@ -132,11 +141,13 @@ class FSPTerm(DistillationTerm):
         )
 
     def describe(self):
+        """The pairs, one a line, and each learned projection's channels."""
         lines = [f"{self.name}: {len(self.pairs)} FSP pairs (teacher -> student)"]
         for t, s in zip(self.pairs, self.student_pairs):
-            proj = [n for n in s if n in self.projections]
-            note = f", 1x1 projection of {proj}" if proj else ""
-            lines.append(f"  {t} -> {s}{note}")
+            lines.append(f"  {t} -> {s}")
+        for name, proj in self.projections.items():
+            _, _, c_in, c_out = proj.kernel.shape
+            lines.append(f"  1x1 projection of the student's {name!r}: {c_in} -> {c_out} channels")
         return "\n".join(lines)
 
     # ------------------------------------------------------------- compute
