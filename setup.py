@@ -30,8 +30,10 @@ setup(
         # exports: LiteRT's interpreter and ONNX Runtime (keras_fsp.export).
         "export": ["tf2onnx>=1.17", "onnx>=1.23", "onnxruntime>=1.32", "ai-edge-litert>=2.3"],
         # The tests run every export with its own runtime, and the TensorBoard callback.
-        "test": ["pytest>=8", "scikit-learn>=1.4", "tensorboard>=2.21", "tf2onnx>=1.17",
-                 "onnx>=1.23", "onnxruntime>=1.32", "ai-edge-litert>=2.3"],
+        # keras-hub: the tests distil its backbones (built from configs, no download).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.4", "tensorboard>=2.21",
+                 "tf2onnx>=1.17", "onnx>=1.23", "onnxruntime>=1.32", "ai-edge-litert>=2.3",
+                 "keras-hub>=0.20"],
         # TensorBoard logs (`keras-fsp ... --tensorboard`); TensorFlow 2.21 no longer brings it.
         "tensorboard": ["tensorboard>=2.21"],
         # The second test suite (the same tests on the JAX backend, CPU).

@@ -64,7 +64,9 @@ def test_train_teacher_writes_config_metrics_logs_checkpoints_and_export(teacher
         "model_dir": str(model_dir), "seed": 0, "epochs": None, "learning_rate_scale": 1.0,
         "weight_decay": 1e-4, "temperature": None, "data_dir": None, "overwrite": False,
         "method": "fsp", "teacher": None, "model": None, "num_images": 6,
-        "max_minutes": None, "tensorboard": False,
+        "max_minutes": None, "tensorboard": False, "formats": ["keras", "saved_model"],
+        "checkpoint_seconds": None,
+        "history": [{"from_epoch": 0, "learning_rate_scale": 1.0}],
     }
     assert config == expected
 
@@ -166,6 +168,66 @@ def test_npz_dataset_student_alone_then_evaluate_and_export(tmp_path):
     served = tf.saved_model.load(str(tmp_path / "export" / "export"))
     logits = served.signatures["serving_default"](inputs=tf.constant(x))["logits"].numpy()
     np.testing.assert_allclose(logits, np.asarray(model.predict(x, verbose=0)), rtol=1e-5, atol=1e-5)
+
+
+def test_export_takes_the_runs_dataset_and_writes_every_format(teacher_run, tmp_path):
+    pytest.importorskip("ai_edge_litert")
+    pytest.importorskip("tf2onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from ai_edge_litert.interpreter import Interpreter
+
+    model_dir, _ = teacher_run
+    out = tmp_path / "exported"
+    # No --dataset: the run's config.json says digits (the default would be
+    # digits too, so an npz run is the real test below).
+    result = _run("export", f"--model={model_dir}", f"--model_dir={out}",
+                  "--formats=keras,litert,litert_int8,onnx")
+    assert sorted(result["files"]) == ["keras", "litert", "litert_int8", "onnx"]
+    assert sorted(os.listdir(out)) == sorted(
+        ["config.json", "log.txt", "metrics.json", "model.keras", "model.tflite",
+         "model_int8.tflite", "model.onnx"])
+    (_, _), (x_test, y_test), info = data.load_arrays("digits")
+    x = _normalize(x_test, info)
+    expected = np.asarray(keras.saving.load_model(out / "model.keras").predict(x, verbose=0))
+
+    def litert(path):
+        interpreter = Interpreter(model_path=str(path))
+        (inp,), (outp,) = interpreter.get_input_details(), interpreter.get_output_details()
+        interpreter.resize_tensor_input(inp["index"], x.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(inp["index"], x)
+        interpreter.invoke()
+        return interpreter.get_tensor(outp["index"])
+
+    np.testing.assert_allclose(litert(out / "model.tflite"), expected, rtol=1e-4, atol=1e-4)
+    session = ort.InferenceSession(str(out / "model.onnx"))
+    onnx_logits = session.run(None, {session.get_inputs()[0].name: x})[0]
+    np.testing.assert_allclose(onnx_logits, expected, rtol=1e-4, atol=1e-4)
+    # int8: close to the float network's decisions, not bit-equal.
+    agree = np.mean(litert(out / "model_int8.tflite").argmax(1) == expected.argmax(1))
+    assert agree > 0.9, agree
+
+    with pytest.raises(cli.CLIError, match="--formats keras,tflite: choose one or more of"):
+        _run("export", f"--model={model_dir}", f"--model_dir={tmp_path / 'x'}",
+             "--formats=keras,tflite")
+
+
+def test_export_of_an_npz_run_needs_no_dataset_flag(tmp_path):
+    rng = np.random.default_rng(1)
+    arrays = tmp_path / "tiny.npz"
+    np.savez(arrays, x_train=rng.integers(0, 256, (32, 8, 8, 3), dtype=np.uint8),
+             y_train=np.arange(32) % 3, x_test=rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8),
+             y_test=np.arange(6) % 3)
+    run_dir = tmp_path / "alone"
+    _run("distill", "--method=none", f"--dataset=npz:{arrays}", "--student_depth=8",
+         "--batch_size=16", "--schedule_scale=0.00003", f"--model_dir={run_dir}", "--verbose=0")
+    result = _run("export", f"--model={run_dir}", f"--model_dir={tmp_path / 'out'}",
+                  "--formats=keras")
+    assert result["dataset"] == f"npz:{arrays}" and list(result["files"]) == ["keras"]
+    # An explicit --dataset still wins, and is checked against the model.
+    with pytest.raises(cli.CLIError, match="has 3 classes; --dataset digits has"):
+        _run("export", f"--model={run_dir}", f"--model_dir={tmp_path / 'out2'}",
+             "--dataset=digits")
 
 
 def test_cifar10_through_mocked_tfds(tmp_path):

@@ -170,6 +170,53 @@ def test_a_write_that_fails_midway_leaves_the_previous_checkpoint(tmp_path, monk
     assert not partial.exists()  # cleaned up by restore
 
 
+class _Clock:
+    """A monotonic clock that advances `step` seconds each time it is read."""
+
+    def __init__(self, step):
+        self.now, self.step = 0.0, step
+
+    def __call__(self):
+        self.now += self.step
+        return self.now
+
+
+class _StopAfter(keras.callbacks.Callback):
+    def __init__(self, epochs):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 >= self.epochs:
+            self.model.stop_training = True
+
+
+@pytest.mark.parametrize("interval, stop, saved", [
+    (0.0, None, [4, 5]),     # every epoch (keep=2 keeps the last two)
+    (3600.0, None, [5]),     # only the last epoch of fit
+    (3600.0, 3, [3]),        # a fit stopped early by a callback (a deadline)
+    (2.5, None, [3, 5]),     # each read of the clock is 1 s: epochs 3 and 5
+])
+def test_checkpoints_at_a_least_interval_and_always_at_the_end(tmp_path, monkeypatch, interval,
+                                                                stop, saved):
+    monkeypatch.setattr(runs, "_clock", _Clock(1.0))
+    run = runs.ResumableRun(tmp_path)
+    model = _small_model()
+    callbacks = ([] if stop is None else [_StopAfter(stop)]) + [run.checkpoint_callback(interval)]
+    model.fit(np.ones((8, 3)), np.zeros(8), batch_size=4, epochs=5, verbose=0, callbacks=callbacks)
+    assert [c.epoch for c in run.checkpoints()][-len(saved):] == saved
+    if interval == 2.5:
+        assert [c.epoch for c in run.checkpoints()] == [3, 5]
+    # The last checkpoint holds the weights at the end of fit, not earlier ones.
+    end = _values(model.weights) + _values(model.optimizer.variables)
+    fresh = _small_model()
+    assert run.restore(fresh) == saved[-1]
+    for a, b in zip(end, _values(fresh.weights) + _values(fresh.optimizer.variables)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="min_interval_seconds must be >= 0"):
+        run.checkpoint_callback(-1.0)
+
+
 def test_nan_guard_stops_with_the_term_and_stage_and_keeps_the_last_good_checkpoint(tmp_path):
     x, y = _data()
     keras.utils.set_random_seed(0)

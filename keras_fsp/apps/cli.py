@@ -7,10 +7,11 @@ export and visualise, with runs that resume after an interruption.
 Subcommands:
     train-teacher   train the teacher (ResNet-<teacher_depth>) on the labels
     distill         distil a student (ResNet-<student_depth>) from a teacher:
-                    --method fsp | dense-fsp | fitnet | kd | none
-                    (none: the student alone, on the labels)
+                    --method fsp | dense-fsp | fitnet | kd | at | dkd | fsp-kd |
+                    dense-fsp-kd | at-kd | none (none: the student alone)
     evaluate        test accuracy of a trained model (--model)
-    export          SavedModel and .keras file of a trained model (--model)
+    export          a trained model (--model) as .keras, SavedModel, LiteRT
+                    (float or int8) or ONNX files (--formats)
     visualize       pictures comparing the teacher and a student
 
 A training run writes into --model_dir: config.json (every flag's value),
@@ -75,13 +76,20 @@ TEACHER_RECIPE = "supervised"
 # Flags that may change between the runs of one model_dir (everything else
 # must stay as it was for a resumed run to be the same run).
 RESUMABLE_CHANGES = ("epochs", "verbose", "overwrite", "data_dir", "model_dir", "num_images",
-                     "max_minutes", "tensorboard", "learning_rate_scale")
+                     "max_minutes", "tensorboard", "learning_rate_scale", "formats",
+                     "checkpoint_seconds")
 # The resumable flags that change what training computes: config.json's
 # "history" lists their values by epoch range, [{"from_epoch": 0,
 # "learning_rate_scale": 1.0}, {"from_epoch": 5, "learning_rate_scale": 0.1}].
 HISTORY_SETTINGS = ("learning_rate_scale",)
 # Where --overwrite moves the earlier run (inside --model_dir).
 OVERWRITTEN = "overwritten"
+# What `export --formats` writes, each into --model_dir.
+EXPORT_FORMATS = ("keras", "saved_model", "litert", "litert_int8", "onnx")
+EXPORT_FILES = {"keras": "model.keras", "saved_model": "export", "litert": "model.tflite",
+                "litert_int8": "model_int8.tflite", "onnx": "model.onnx"}
+# Training images that calibrate litert_int8's activation ranges.
+CALIBRATION_IMAGES = 500
 # Model files of a run folder, in the order they are looked for.
 MODEL_FILES = ("student.keras", "teacher.keras", "model.keras")
 TEACHER_FILES = ("teacher.keras", "model.keras")
@@ -94,7 +102,8 @@ Subcommands: {", ".join(SUBCOMMANDS)}
   distill        distil ResNet-<student_depth> from --teacher with --method
                  ({", ".join(METHODS)}; none = the student alone)
   evaluate       test accuracy of --model (a .keras file or a run folder)
-  export         SavedModel + .keras file of --model into --model_dir
+  export         --model as --formats (.keras, SavedModel, LiteRT, int8 LiteRT, ONNX)
+                 into --model_dir
   visualize      pictures of --teacher vs --model (student) into --model_dir
   reproduce      every run of a results table, then the table
                  (keras-fsp reproduce TABLE --help; see keras_fsp.apps.reproduce)
@@ -146,6 +155,9 @@ def _flag_values():
                          "the whole schedule); run again without it to continue.", **d)
     flags.DEFINE_float("max_minutes", None, "Stop after the epoch that passes this many minutes "
                        "(run the same command again to continue).", **d)
+    flags.DEFINE_float("checkpoint_seconds", None, "Write an epoch's checkpoint only when this "
+                       "many seconds have passed since the last one (and at the end); default: "
+                       "every epoch on the CPU, every 30 s on a GPU.", **d)
     flags.DEFINE_integer("batch_size", 128, "Training batch size.", **d)
     flags.DEFINE_integer("seed", 0, "Seed of the weights, the data order and the augmentation.", **d)
     flags.DEFINE_float("temperature", None, "Soft-target temperature (kd: default 4, "
@@ -156,6 +168,10 @@ def _flag_values():
     flags.DEFINE_boolean("overwrite", False, "Start over instead of continuing: the run's "
                          f"checkpoints and outputs move to <model_dir>/{OVERWRITTEN}/ (replacing "
                          "what an earlier --overwrite put there).", **d)
+    flags.DEFINE_list("formats", list(EXPORT_FORMATS[:2]), "export: any of "
+                      f"{', '.join(EXPORT_FORMATS)} (litert_int8: integer weights and "
+                      "activations, calibrated on training images; litert and onnx need "
+                      "pip install 'keras-fsp[export]').", **d)
     flags.DEFINE_integer("num_images", 6, "visualize: how many test images.", **d)
     flags.DEFINE_integer("verbose", 2, "Keras fit verbosity (0, 1, 2).", **d)
     flags.DEFINE_boolean("tensorboard", False, "Also write TensorBoard logs (every term's loss "
@@ -213,7 +229,7 @@ def _parse(argv):
     if not cfg["schedule_scale"] > 0:
         raise CLIError(f"--schedule_scale must be > 0; got {cfg['schedule_scale']}.")
     for flag in ("schedule_scale", "learning_rate_scale", "weight_decay", "max_minutes",
-                 "temperature"):
+                 "temperature", "checkpoint_seconds"):
         value = cfg[flag]
         if value is not None and not math.isfinite(value):
             raise CLIError(f"--{flag} must be a finite number; got {value}.")
@@ -221,6 +237,8 @@ def _parse(argv):
         raise CLIError(f"--learning_rate_scale must be > 0; got {cfg['learning_rate_scale']}.")
     if cfg["weight_decay"] < 0:
         raise CLIError(f"--weight_decay must be >= 0; got {cfg['weight_decay']}.")
+    if cfg["checkpoint_seconds"] is not None and not cfg["checkpoint_seconds"] >= 0:
+        raise CLIError(f"--checkpoint_seconds must be >= 0; got {cfg['checkpoint_seconds']}.")
     if cfg["max_minutes"] is not None and not cfg["max_minutes"] > 0:
         raise CLIError(f"--max_minutes must be > 0; got {cfg['max_minutes']}.")
     if cfg["batch_size"] < 1:
@@ -244,6 +262,17 @@ def _parse(argv):
         cfg["teacher"] = os.path.join(parent, f"train-teacher-{slug}")
     if sub in ("evaluate", "export", "visualize") and cfg["model"] is None:
         cfg["model"] = os.path.join(parent, f"distill-fsp-{slug}")
+    if sub in ("evaluate", "export", "visualize") and not fv["dataset"].present:
+        # A run folder knows its data set: --dataset is needed only to change it.
+        run_config = _read_config(cfg["model"]) if os.path.isdir(cfg["model"]) else None
+        if run_config and isinstance(run_config.get("dataset"), str):
+            cfg["dataset"] = run_config["dataset"]
+            if not fv["data_dir"].present:
+                cfg["data_dir"] = run_config.get("data_dir")
+    unknown = [f for f in cfg["formats"] if f not in EXPORT_FORMATS]
+    if unknown or not cfg["formats"]:
+        raise CLIError(f"--formats {','.join(cfg['formats'])}: choose one or more of "
+                       f"{', '.join(EXPORT_FORMATS)}.")
     return cfg
 
 
@@ -633,7 +662,7 @@ def _train(cfg, log, argv):
             cfg["model_dir"], batch_size=cfg["batch_size"], seed=cfg["seed"], epochs=cfg["epochs"],
             max_minutes=cfg["max_minutes"],
             log=log, verbose=cfg["verbose"], nan_advice=advice, save_name=save_name,
-            tensorboard=cfg["tensorboard"],
+            tensorboard=cfg["tensorboard"], checkpoint_seconds=cfg["checkpoint_seconds"],
             fields={"subcommand": sub, "dataset": cfg["dataset"],
                     "method": cfg["method"] if sub == "distill" else "supervised"},
         )
@@ -692,12 +721,36 @@ def _evaluate_cmd(cfg, log):
 
 
 def _export_cmd(cfg, log):
-    (_, _), (_, _), info = _load_data(cfg)
+    import keras
+
+    (x_train, _), (_, _), info = _load_data(cfg)
     model, path = _load_trained(cfg, info)
+    formats = list(dict.fromkeys(cfg["formats"]))
+    if keras.backend.backend() != "tensorflow" and formats != ["keras"]:
+        raise CLIError(f"--formats {','.join(formats)}: every format but keras needs "
+                       "KERAS_BACKEND=tensorflow.")
+    if {"litert", "litert_int8", "onnx"} & set(formats):
+        import importlib.util
+
+        needed = {"onnx": "tf2onnx", "litert": "ai_edge_litert", "litert_int8": "ai_edge_litert"}
+        missing = sorted({needed[f] for f in formats if f in needed
+                          and importlib.util.find_spec(needed[f]) is None})
+        if missing:
+            raise CLIError(f"--formats {','.join(formats)} needs {', '.join(missing)}: "
+                           "pip install 'keras-fsp[export]'.")
     _check_model_dir(cfg)
     _prepare_model_dir(cfg, log)
-    files = _export(model, cfg["model_dir"], "model.keras")
-    result = {"subcommand": "export", "model": path, "files": files}
+    from keras_fsp import export_student
+
+    files = {}
+    for name in formats:
+        target = os.path.join(cfg["model_dir"], EXPORT_FILES[name])
+        kwargs = {"format": {"saved_model": "tf_saved_model", "litert_int8": "litert"}.get(name, name)}
+        if name == "litert_int8":
+            kwargs.update(quantize="int8",
+                          representative_data=_normalized(x_train[:CALIBRATION_IMAGES], info))
+        files[name] = str(export_student(model, target, overwrite=True, **kwargs))
+    result = {"subcommand": "export", "model": path, "dataset": cfg["dataset"], "files": files}
     _write_result(cfg["model_dir"], result)
     log(f"exported {path} to {', '.join(files.values())}")
     return result

@@ -71,6 +71,9 @@ TMP = ".tmp-"
 # Kept free beyond a file's bytes (file-system blocks, directory entries).
 SPARE_BYTES = 1 << 16
 
+# The clock of checkpoint intervals (a name of its own, so tests can replace it).
+_clock = time.monotonic
+
 _NAME = re.compile(r"^epoch-(\d{6,})$")
 # What a damaged file raises when it is loaded (a model that does not fit the
 # checkpoint raises ValueError instead, which is not a damaged checkpoint).
@@ -556,8 +559,8 @@ class ResumableRun:
 
     # ------------------------------------------------------------- callbacks
 
-    def checkpoint_callback(self):
-        return CheckpointCallback(self)
+    def checkpoint_callback(self, min_interval_seconds=0.0):
+        return CheckpointCallback(self, min_interval_seconds)
 
     def nan_guard(self, advice=None):
         return NaNGuard(self, advice=advice)
@@ -609,14 +612,37 @@ class ResumableRun:
 
 
 class CheckpointCallback(keras.callbacks.Callback):
-    """Saves a `ResumableRun` checkpoint at the end of every epoch, unless a
+    """Saves a `ResumableRun` checkpoint at the end of epochs, unless a
     training loss of the epoch or a weight is NaN/inf (the last good one is
-    kept)."""
+    kept).
 
-    def __init__(self, run):
+    Args:
+        run: the `ResumableRun`.
+        min_interval_seconds: with epochs of a fraction of a second (a GPU),
+            writing and verifying a checkpoint every epoch costs more than
+            the epoch: then an epoch's checkpoint is written only when this
+            many seconds have passed since the last one, and always after
+            the last epoch of `fit` (also one stopped early by a callback).
+            An interruption then loses at most this much training. 0 (the
+            default): every epoch.
+    """
+
+    def __init__(self, run, min_interval_seconds=0.0):
         super().__init__()
+        if not min_interval_seconds >= 0:
+            raise ValueError(f"min_interval_seconds must be >= 0; got {min_interval_seconds}.")
         self.run = run
+        self.min_interval_seconds = float(min_interval_seconds)
         self.last = None
+        self._last_time = None
+        self._pending = None  # (epoch, logs) of an epoch not saved yet
+
+    def on_train_begin(self, logs=None):
+        self._last_time = _clock()
+        self._pending = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._pending = None  # the weights move on: that epoch's state is gone
 
     def on_epoch_end(self, epoch, logs=None):
         bad = non_finite_term(logs)
@@ -625,14 +651,26 @@ class CheckpointCallback(keras.callbacks.Callback):
             weight = _non_finite_weight(self.model)
             what = None if weight is None else f"weight {weight} is not finite"
         if what is not None:
+            self._pending = None
             warnings.warn(
                 f"{what} at the end of epoch {epoch + 1}: no checkpoint written; "
                 "the last good one is kept.",
                 stacklevel=2,
             )
             return
-        self.last = self.run.save(self.model, epoch + 1, logs)
+        if _clock() - self._last_time < self.min_interval_seconds:
+            self._pending = (epoch, logs)
+            return
+        self._save(epoch, logs)
 
+    def on_train_end(self, logs=None):
+        if self._pending is not None:
+            self._save(*self._pending)
+
+    def _save(self, epoch, logs):
+        self._pending = None
+        self.last = self.run.save(self.model, epoch + 1, logs)
+        self._last_time = _clock()
 
 class NaNGuard(StopOnNonFiniteLoss):
     """`keras_fsp.callbacks.StopOnNonFiniteLoss` that also names the run's

@@ -32,6 +32,8 @@ from keras_fsp.callbacks import NonFiniteLossError
 RESULT_FILE = "metrics.json"
 METRICS_FILE = "metrics.csv"
 LOG_FILE = "log.txt"
+# Default least time between two checkpoints on a GPU or TPU (see `train`).
+ACCELERATOR_CHECKPOINT_SECONDS = 30.0
 
 
 class Log:
@@ -182,7 +184,7 @@ def write_result(run_dir, result):
 def train(recipe, train_data, test_data, run_dir, batch_size=128, seed=0, epochs=None,
           max_minutes=None, validation_every=None, extra_tests=None, save_name="student",
           log=None, verbose=2, nan_advice=None, callbacks=(), record_kernel_norms=False,
-          tensorboard=False, fields=None, compile_kwargs=None):
+          tensorboard=False, fields=None, compile_kwargs=None, checkpoint_seconds=None):
     """Trains a `keras_fsp.papers.recipes.Recipe` resumably in `run_dir`.
 
     Args:
@@ -210,6 +212,12 @@ def train(recipe, train_data, test_data, run_dir, batch_size=128, seed=0, epochs
             (needs the `tensorboard` package).
         fields: more entries of the result.
         compile_kwargs: more arguments of `recipe.compile`.
+        checkpoint_seconds: write an epoch's checkpoint only when this many
+            seconds have passed since the last one (and always at the end):
+            an interruption loses at most this much training. Default: every
+            epoch on the CPU, every `ACCELERATOR_CHECKPOINT_SECONDS` on a GPU
+            or TPU, where an epoch of CIFAR takes under a second and writing
+            and verifying a checkpoint would take longer.
 
     Returns:
         the result dict, also written to `run_dir/metrics.json`:
@@ -253,8 +261,11 @@ def train(recipe, train_data, test_data, run_dir, batch_size=128, seed=0, epochs
         all_callbacks.append(KernelNormLog(recipe.student))
     if tensorboard:
         all_callbacks.append(_tensorboard(run_dir))
+    if checkpoint_seconds is None:
+        checkpoint_seconds = ACCELERATOR_CHECKPOINT_SECONDS if on_accelerator() else 0.0
     all_callbacks += [runs.MetricsCSV(metrics_path), _EpochLog(log, total, echo=not verbose),
-                      deadline, run.nan_guard(nan_advice), run.checkpoint_callback()]
+                      deadline, run.nan_guard(nan_advice),
+                      run.checkpoint_callback(checkpoint_seconds)]
     every = validation_every or max(1, total // 8)
     start = time.time()
     diverged = None
