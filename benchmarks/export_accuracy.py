@@ -1,8 +1,11 @@
-"""Test accuracy of a trained student as float32 Keras, LiteRT float and
-LiteRT int8 (post-training quantization), each run by its own runtime.
+"""Test accuracy of a trained student as float32 Keras, LiteRT float,
+LiteRT int8 (post-training quantization) and ONNX, each run by its own
+runtime (LiteRT's interpreter, ONNX Runtime).
 
-    python benchmarks/export_accuracy.py --dataset npz:/tmp/cifar10.npz \\
-        --model /tmp/export-kd/student.keras --out_dir /tmp/export-kd/litert \\
+    keras-fsp distill --method kd --dataset npz:cifar10.npz --schedule_scale 0.05 \
+        --teacher results/teachers/cifar10_resnet26_seed0.weights.h5 --model_dir runs/kd-short
+    python benchmarks/export_accuracy.py --dataset npz:cifar10.npz \
+        --model runs/kd-short/student.keras --out_dir runs/kd-short/exports \
         --json_out benchmarks/results/export-cifar10-resnet8-kd.json
 
 The images are normalised with the training set's per-channel mean and std
@@ -17,7 +20,7 @@ from absl import app, flags
 
 flags.DEFINE_string("dataset", "digits", "digits | npz:PATH (as keras-fsp --dataset).")
 flags.DEFINE_string("model", None, "The trained student, a .keras file.", required=True)
-flags.DEFINE_string("out_dir", "/tmp/export-accuracy", "Where the .tflite files go.")
+flags.DEFINE_string("out_dir", "/tmp/export-accuracy", "Where the exported files go.")
 flags.DEFINE_integer("representative", 500, "Training images that calibrate int8.")
 flags.DEFINE_integer("batch_size", 500, "Images per LiteRT invocation.")
 flags.DEFINE_string("json_out", None, "Also write the results here.")
@@ -44,6 +47,17 @@ def litert_logits(path, x, batch_size):
     return np.concatenate(logits)
 
 
+def onnx_logits(path, x, batch_size):
+    """Logits of `x` from an .onnx file, through ONNX Runtime."""
+    import numpy as np
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: x[i:i + batch_size]})[0]
+                           for i in range(0, len(x), batch_size)])
+
+
 def main(_):
     import keras
     import numpy as np
@@ -62,11 +76,14 @@ def main(_):
 
     reference = model.predict(x_test, batch_size=FLAGS.batch_size, verbose=0)
     results = {"keras_float32": {"accuracy": accuracy(reference)}}
-    for name, options in (("litert_float32", {}),
-                          ("litert_int8", {"quantize": "int8", "representative_data": calibration})):
-        path = keras_fsp.export_student(model, os.path.join(FLAGS.out_dir, f"{name}.tflite"),
-                                        format="litert", overwrite=True, **options)
-        logits = litert_logits(path, x_test, FLAGS.batch_size)
+    exports = (("litert_float32", "litert", ".tflite", litert_logits, {}),
+               ("litert_int8", "litert", ".tflite", litert_logits,
+                {"quantize": "int8", "representative_data": calibration}),
+               ("onnx_float32", "onnx", ".onnx", onnx_logits, {}))
+    for name, format, suffix, run, options in exports:
+        path = keras_fsp.export_student(model, os.path.join(FLAGS.out_dir, name + suffix),
+                                        format=format, overwrite=True, **options)
+        logits = run(path, x_test, FLAGS.batch_size)
         results[name] = {
             "accuracy": accuracy(logits), "bytes": os.path.getsize(path),
             "agreement_with_keras": float(np.mean(logits.argmax(1) == reference.argmax(1))),

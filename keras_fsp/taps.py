@@ -236,6 +236,11 @@ class _DenseLogits(keras.layers.Layer):
             z = z + ops.cast(dense.bias, x.dtype)
         return z
 
+    def compute_output_shape(self, input_shape):
+        # Given, not traced: the view may be built inside a JAX train step,
+        # where tracing `call` symbolically fails.
+        return tuple(input_shape[:-1]) + (self._dense[0].units,)
+
 
 def ends_in_softmax(model):
     """Whether a functional `model`'s output is a softmax (probabilities)."""

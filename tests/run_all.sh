@@ -4,9 +4,12 @@
 # suites always run; the command fails at the end if either failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# Test files are spread over one process per core (pytest-xdist), each file
+# kept in one process so that its module fixtures are made once.
+workers="${PYTEST_WORKERS:-$(python -c 'import os; print(max(1, min(4, os.cpu_count() or 1)))')}"
 status=0
-python -m pytest -q "$@" || status=1
-KERAS_BACKEND=jax python -m pytest -q "$@" || status=1
+python -m pytest -q -n "$workers" --dist loadfile "$@" || status=1
+KERAS_BACKEND=jax python -m pytest -q -n "$workers" --dist loadfile "$@" || status=1
 if [ "$status" -ne 0 ]; then
   echo "run_all: at least one suite failed (see above)" >&2
 fi

@@ -205,8 +205,15 @@ def test_kd_of_a_softmax_teacher_equals_its_logits_twin():
 # ------------------------------------------------------- the family pairs
 
 
+# The pairing is backend-independent and the TensorFlow suite trains these
+# pairs; on JAX (CPU) a DenseNet-121 step compiles for over a minute, and the
+# JAX suite trains nested and keras-hub networks below and above.
+family_pair = pytest.mark.skipif(keras.backend.backend() == "jax",
+                                 reason="trained in the TensorFlow suite (see above)")
+
+
 def _distil_and_export(teacher, student, tmp_path):
-    """`fsp` then `kd` (two epochs of four batches each), then the student's
+    """`fsp` (two epochs of four batches) then `kd` (three), then the student's
     `.keras` export reloaded: returns the distiller and the history."""
     for layer in student.layers:  # EfficientNet's stochastic depth: its noise
         if isinstance(layer, keras.layers.Dropout):  # would hide a 2-epoch trend
@@ -214,12 +221,13 @@ def _distil_and_export(teacher, student, tmp_path):
     d = FSPDistiller(teacher, student)
     d.compile(optimizer=keras.optimizers.SGD(0.002, momentum=0.9))
     x, y = _images(32)
-    history = d.fit(x, y, batch_size=8, epochs=4, shuffle=False, verbose=0,
+    history = d.fit(x, y, batch_size=8, epochs=5, shuffle=False, verbose=0,
                     callbacks=[StageSchedule({0: "fsp", 2: "kd"}, verbose=0)]).history
     print({k: np.round(v, 3).tolist() for k, v in history.items()})  # for the record (-s)
-    for key in ("fsp_loss", "kd_loss"):
+    for key, epochs in (("fsp_loss", 2), ("kd_loss", 3)):
         losses = history[key]
-        assert len(losses) == 2 and np.all(np.isfinite(losses)) and losses[1] < losses[0], (key, losses)
+        assert len(losses) == epochs and np.all(np.isfinite(losses)), (key, losses)
+        assert losses[-1] < losses[0], (key, losses)  # falling (batch-norm noise aside)
     path = keras_fsp.export_student(d, str(tmp_path / "student.keras"), format="keras")
     reloaded = keras.models.load_model(path)
     np.testing.assert_allclose(reloaded.predict(x, verbose=0), student.predict(x, verbose=0),
@@ -233,6 +241,7 @@ def _pairs(d):
 
 
 @pytest.mark.large
+@family_pair
 def test_resnet50_to_mobilenetv2(tmp_path):
     teacher = apps.ResNet50(weights=None, input_shape=SHAPE, classes=10, classifier_activation=None)
     student = apps.MobileNetV2(weights=None, input_shape=SHAPE, classes=10, alpha=0.35,
@@ -247,6 +256,7 @@ def test_resnet50_to_mobilenetv2(tmp_path):
 
 
 @pytest.mark.large
+@family_pair
 def test_resnet50_to_a_cifar_resnet(tmp_path):
     teacher = apps.ResNet50(weights=None, input_shape=SHAPE, classes=10, classifier_activation=None)
     student = cifar_resnet(8, input_shape=SHAPE)
@@ -259,6 +269,7 @@ def test_resnet50_to_a_cifar_resnet(tmp_path):
 
 
 @pytest.mark.large
+@family_pair
 def test_densenet121_to_efficientnetb0(tmp_path):
     teacher = apps.DenseNet121(weights=None, input_shape=SHAPE, classes=10, classifier_activation=None)
     student = apps.EfficientNetB0(weights=None, input_shape=SHAPE, classes=10, classifier_activation=None)

@@ -38,6 +38,11 @@ from keras_fsp.callbacks import StageSchedule  # noqa: E402
 from keras_fsp.papers import cifar_resnet  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The keras-fsp command's faults are backend-independent (files, folders,
+# processes): they run in the TensorFlow suite, as tests/test_cli.py does;
+# checkpoints and preflight run on both backends.
+command = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                             reason="the keras-fsp command's faults run in the TensorFlow suite")
 
 
 # ------------------------------------------------------------------ helpers
@@ -415,6 +420,7 @@ def _copy(prefix, folder):
 
 @pytest.mark.large
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
+@command
 def test_cli_resumes_from_the_newest_intact_checkpoint(distill, prefix, tmp_path, damage):
     args, reference = distill
     run_dir = _copy(prefix, tmp_path / "run")
@@ -428,6 +434,7 @@ def test_cli_resumes_from_the_newest_intact_checkpoint(distill, prefix, tmp_path
 
 
 @pytest.mark.large
+@command
 def test_cli_ignores_a_non_utf8_latest_pointer_even_with_overwrite(distill, prefix, tmp_path):
     args, reference = distill
     run_dir = _copy(prefix, tmp_path / "run")
@@ -443,6 +450,7 @@ def test_cli_ignores_a_non_utf8_latest_pointer_even_with_overwrite(distill, pref
 
 
 @pytest.mark.large
+@command
 def test_val_loss_of_a_resumed_run_equals_the_uninterrupted_one(distill, runs_dir, tmp_path):
     # Stopped in the FSP stage, resumed across the switch to the task stage:
     # the test function is rebuilt at the switch, as in the uninterrupted run.
@@ -495,6 +503,7 @@ BAD_DATA = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_DATA))
+@command
 def test_cli_refuses_bad_data_before_training(tmp_path, case, capsys):
     path = _npz(tmp_path, case)
     argv = ["keras-fsp", "train-teacher", f"--dataset=npz:{path}", "--teacher_depth=8",
@@ -510,6 +519,7 @@ def test_cli_refuses_bad_data_before_training(tmp_path, case, capsys):
     assert capsys.readouterr().err == f"keras-fsp: error: {error.value.message}\n"
 
 
+@command
 def test_cli_refuses_an_infinite_learning_rate_scale(tmp_path):
     with pytest.raises(cli.CLIError, match=r"--learning_rate_scale must be a finite number; got inf"):
         _run("train-teacher", *TINY, "--learning_rate_scale=inf", f"--model_dir={tmp_path}")
@@ -526,6 +536,7 @@ def _read_only_dir(tmp_path):
     return _tmpfs(folder, "1m,ro")
 
 
+@command
 def test_cli_refuses_an_unwritable_model_dir_before_training(tmp_path, capsys):
     (tmp_path / "file").write_text("not a folder")
     cases = [(tmp_path / "file" / "run", "Not a directory"),
@@ -544,6 +555,7 @@ def test_cli_refuses_an_unwritable_model_dir_before_training(tmp_path, capsys):
 
 
 @pytest.mark.large
+@command
 def test_cli_stops_with_one_line_when_the_model_dir_vanishes(distill, tmp_path, monkeypatch):
     args, _ = distill
     run_dir = tmp_path / "run"
@@ -566,6 +578,7 @@ def test_cli_stops_with_one_line_when_the_model_dir_vanishes(distill, tmp_path, 
 
 
 @pytest.mark.large
+@command
 def test_cli_nan_stop_gives_a_command_that_continues_at_a_lower_learning_rate(
         distill, prefix, tmp_path, capsys):
     args, _ = distill
@@ -609,6 +622,7 @@ def test_cli_nan_stop_gives_a_command_that_continues_at_a_lower_learning_rate(
 
 
 @pytest.mark.large
+@command
 def test_cli_overwrite_moves_the_earlier_run_aside_and_says_so(distill, prefix, tmp_path, capsys):
     args, _ = distill
     run_dir = _copy(prefix, tmp_path / "run")
@@ -660,6 +674,7 @@ def _checkpoint_bytes(folder):
 
 
 @pytest.mark.large
+@command
 def test_a_full_disk_ends_with_one_line_and_the_run_continues_once_freed(distill, prefix, tmp_path):
     args, reference = distill
     size = _checkpoint_bytes(prefix / "checkpoints" / "epoch-000002")
@@ -685,6 +700,7 @@ def test_a_full_disk_ends_with_one_line_and_the_run_continues_once_freed(distill
 
 
 @pytest.mark.large
+@command
 def test_kills_inside_saves_and_deletions_lose_nothing(distill, tmp_path):
     args, reference = distill
     run_dir = tmp_path / "run"
@@ -707,6 +723,7 @@ def test_kills_inside_saves_and_deletions_lose_nothing(distill, tmp_path):
 
 
 @pytest.mark.large
+@command
 def test_kills_at_random_moments_lose_nothing(distill, tmp_path):
     args, reference = distill
     run_dir = tmp_path / "run"

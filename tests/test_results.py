@@ -45,3 +45,22 @@ def test_summary_tables_hold_percentages():
     # the rows RESULTS.md compares on one teacher and one code version
     for method in ("kd_reproduce", "at", "dkd", "fsp_kd", "dense_fsp_kd"):
         assert len(table[method]) == 3
+
+
+def test_export_accuracies_in_results_md_are_the_benchmarks():
+    root = os.path.dirname(RESULTS)
+    with open(os.path.join(root, "benchmarks", "results", "export-cifar10-resnet8-kd.json"),
+              encoding="utf-8") as f:
+        exported = json.load(f)
+    with open(os.path.join(root, "RESULTS.md"), encoding="utf-8") as f:
+        text = f.read()
+    assert exported["test_images"] == 10000
+    for name, label in (("keras_float32", "`.keras`, float32"), ("litert_float32", "LiteRT float32"),
+                        ("litert_int8", "LiteRT int8"), ("onnx_float32", "ONNX float32")):
+        accuracy = f"{100 * exported[name]['accuracy']:.2f}"
+        row = next(line for line in text.splitlines() if line.startswith(f"| {label}"))
+        assert f"| {accuracy} |" in row, (name, row)
+        if name != "keras_float32":
+            agreement = exported[name]["agreement_with_keras"]
+            assert f"| {100 * agreement:.2f}% |" in row or (agreement == 1 and "| 100% |" in row)
+            assert f"| {round(exported[name]['bytes'] / 1000)} kB |" in row, row

@@ -646,31 +646,31 @@ class CheckpointCallback(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         bad = non_finite_term(logs)
-        what = None if bad is None else f"{bad[0]} is {bad[1]}"
-        if what is None:
-            weight = _non_finite_weight(self.model)
-            what = None if weight is None else f"weight {weight} is not finite"
-        if what is not None:
-            self._pending = None
-            warnings.warn(
-                f"{what} at the end of epoch {epoch + 1}: no checkpoint written; "
-                "the last good one is kept.",
-                stacklevel=2,
-            )
-            return
-        if _clock() - self._last_time < self.min_interval_seconds:
+        if bad is not None:
+            self._skip(f"{bad[0]} is {bad[1]}", epoch)
+        elif _clock() - self._last_time < self.min_interval_seconds:
             self._pending = (epoch, logs)
-            return
-        self._save(epoch, logs)
+        else:
+            self._save(epoch, logs)
 
     def on_train_end(self, logs=None):
         if self._pending is not None:
             self._save(*self._pending)
 
+    def _skip(self, what, epoch):
+        self._pending = None
+        warnings.warn(f"{what} at the end of epoch {epoch + 1}: no checkpoint written; "
+                      "the last good one is kept.", stacklevel=3)
+
     def _save(self, epoch, logs):
         self._pending = None
+        weight = _non_finite_weight(self.model)  # only when writing: it reads every weight
+        if weight is not None:
+            self._skip(f"weight {weight} is not finite", epoch)
+            return
         self.last = self.run.save(self.model, epoch + 1, logs)
         self._last_time = _clock()
+
 
 class NaNGuard(StopOnNonFiniteLoss):
     """`keras_fsp.callbacks.StopOnNonFiniteLoss` that also names the run's
