@@ -272,3 +272,18 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
         raise NonFiniteLossError(
             f"{what}{where} {when}{'; ' + kept if kept else ''}; {self._advice(stage)}."
         )
+
+
+def with_nan_guard(args, kwargs):
+    """`fit`'s arguments with a `StopOnNonFiniteLoss` among the callbacks."""
+    args = list(args)
+    positional = len(args) > 3  # fit(x, y, batch_size, epochs, verbose, callbacks, ...)
+    given = args[3] if positional else kwargs.get("callbacks")
+    callbacks = list(given or [])
+    if not any(isinstance(c, StopOnNonFiniteLoss) for c in callbacks):
+        callbacks.append(StopOnNonFiniteLoss())
+    if positional:
+        args[3] = callbacks
+    else:
+        kwargs["callbacks"] = callbacks
+    return args, kwargs

@@ -76,3 +76,17 @@ def check_dataset(train, test, num_classes):
             f"y_test has label(s) {', '.join(str(int(c)) for c in unseen[:5])} that no training "
             "example has: the test labels must be among the training labels."
         )
+
+
+def check_fit_arrays(num_classes, x, y, validation_data=None):
+    """The checks `FSPDistiller.fit` makes before training: finite inputs
+    and labels in `[0, num_classes)`, for NumPy arrays only (datasets are
+    not read ahead)."""
+    given = [("x", x, "y", y)]
+    if isinstance(validation_data, tuple) and len(validation_data) >= 2:
+        given.append(("validation x", validation_data[0], "validation y", validation_data[1]))
+    for x_name, xs, y_name, ys in given:
+        if isinstance(xs, np.ndarray):
+            check_finite(xs, x_name)
+        if num_classes and isinstance(ys, np.ndarray) and np.issubdtype(ys.dtype, np.integer):
+            check_labels(ys, num_classes, y_name)

@@ -11,113 +11,18 @@ each network once, hands every term the outputs and sums
 import contextlib
 
 import keras
-import numpy as np
 from keras import ops
 
-from keras_fsp import compat, data_checks, jax_steps, kernel_norms, taps, teacher_cache
-from keras_fsp.callbacks import StopOnNonFiniteLoss
-from keras_fsp.stages import UP_TO_TAPS, Stage, builtin_stages, resolve_stage
-from keras_fsp.terms import (
-    LOGITS,
-    DistillationTerm,
-    FSPTerm,
-    HintTerm,
-    SoftTargets,
-    TaskLoss,
-    registered_terms,
-    term_class,
-)
+from keras_fsp import (compat, data_checks, jax_steps, kernel_norms, stage_optimizers, taps,
+                       teacher_cache)
+from keras_fsp.callbacks import with_nan_guard
+from keras_fsp.stages import Stage, apply_trainable, builtin_stages, resolve_stage
+from keras_fsp.terms import LOGITS, TaskLoss, assemble
 
 # Key of the augmented batch in the training-mode outputs of `call`.
 AUGMENTED_INPUTS = "augmented_inputs"
 # The term whose value `evaluate` reports as the student's loss.
 TASK = "task"
-
-
-def _clone_optimizer(optimizer, learning_rate_scale=1.0, global_clipnorm=None):
-    """A fresh optimizer like `optimizer`, its learning rate (or schedule)
-    scaled, with `global_clipnorm` when it clips nothing itself."""
-    clone = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
-    inner = getattr(clone, "inner_optimizer", clone)  # LossScaleOptimizer
-    if learning_rate_scale != 1.0:
-        rate = compat.learning_rate(inner)
-        if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
-            inner.learning_rate = _ScaledSchedule(rate, learning_rate_scale)
-        else:
-            inner.learning_rate = float(ops.convert_to_numpy(rate)) * learning_rate_scale
-    clips = any(getattr(inner, k, None) for k in ("clipnorm", "clipvalue", "global_clipnorm"))
-    if global_clipnorm is not None and not clips:
-        # Keras clips each replica's gradient before summing them: clip each
-        # to its share so that the sum stays within the norm.
-        inner.global_clipnorm = float(global_clipnorm) / compat.num_replicas()
-    return clone
-
-
-@keras.saving.register_keras_serializable(package="keras_fsp")
-class _ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """A learning-rate schedule multiplied by a constant."""
-
-    def __init__(self, schedule, scale):
-        self.schedule = schedule
-        self.scale = float(scale)
-
-    def __call__(self, step):
-        return self.schedule(step) * self.scale
-
-    def get_config(self):
-        return {"schedule": keras.optimizers.schedules.serialize(self.schedule),
-                "scale": self.scale}
-
-    @classmethod
-    def from_config(cls, config):
-        schedule = keras.optimizers.schedules.deserialize(config["schedule"])
-        return cls(schedule, config["scale"])
-
-
-def _with_nan_guard(args, kwargs):
-    """`fit`'s arguments with a `StopOnNonFiniteLoss` among the callbacks."""
-    args = list(args)
-    positional = len(args) > 3  # fit(x, y, batch_size, epochs, verbose, callbacks, ...)
-    given = args[3] if positional else kwargs.get("callbacks")
-    callbacks = list(given or [])
-    if not any(isinstance(c, StopOnNonFiniteLoss) for c in callbacks):
-        callbacks.append(StopOnNonFiniteLoss())
-    if positional:
-        args[3] = callbacks
-    else:
-        kwargs["callbacks"] = callbacks
-    return args, kwargs
-
-
-def _check_input_shapes(teacher, student):
-    """The teacher runs on exactly the student's batches: refuses networks
-    whose input shapes differ (a dimension of None matches any), which
-    otherwise fail at the first step that runs the teacher."""
-    shapes = [tuple(m.inputs[0].shape[1:]) if taps.is_functional(m) and len(m.inputs) == 1
-              else None for m in (teacher, student)]
-    if None in shapes:
-        return  # subclassed networks: their shapes are known once called
-    t, s = shapes
-    if len(t) != len(s) or any(a is not None and b is not None and a != b for a, b in zip(t, s)):
-        raise ValueError(
-            f"The teacher takes inputs of shape {t} and the student {s}: the teacher runs on "
-            "the student's batches, so the shapes must agree."
-        )
-
-
-class _LossScaled:
-    """The `LossScaleOptimizer` wrapping each stage's own optimizer, made once
-    so that returning to a stage resumes its loss scale (not tracked)."""
-
-    def __init__(self):
-        self.wrappers = {}  # id(inner) -> (inner, wrapper)
-
-    def get(self, optimizer):
-        key = id(optimizer)
-        if key not in self.wrappers:
-            wrapper = keras.optimizers.LossScaleOptimizer(optimizer, name="loss_scale_optimizer")
-            self.wrappers[key] = (optimizer, wrapper)
-        return self.wrappers[key][1]
 
 
 @keras.saving.register_keras_serializable(package="keras_fsp")
@@ -239,7 +144,7 @@ class FSPDistiller(keras.Model):
                 "would freeze the student. Pass a separate student (e.g. "
                 "keras.models.clone_model(teacher) for self-distillation)."
             )
-        _check_input_shapes(teacher, student)
+        taps.check_same_input_shapes(teacher, student)
         self.teacher = teacher
         self.student = student
         self.teacher.trainable = False
@@ -257,15 +162,19 @@ class FSPDistiller(keras.Model):
         self._given_terms = list(terms or [])
         self._given_stages = dict(stages or {})
         self._views = taps.Views()
-        self._loss_scaled = _LossScaled()
+        self._stage_optimizers = stage_optimizers.StageOptimizers()
         self._auto_scale_loss = True
         self._teacher_cached = False  # fitting on a teacher cache
         self._student_probabilities = taps.ends_in_softmax(student)
 
         self.stages = {**builtin_stages(kd_weight), **self._given_stages}
-        self._check_stage_optimizers()
-        self._unavailable = {}  # term name -> why it cannot be used here
-        self.terms = self._make_terms()
+        stage_optimizers.check_not_shared(self.stages.values())
+        builtin = assemble.builtin_terms(
+            fsp_pairs, student_fsp_pairs, fsp_weights, fsp_pooling, fsp_projection, hint_layer,
+            guided_layer, hint_normalize, temperature)
+        # _unavailable: term name -> why it cannot be used on these networks.
+        self.terms, self._unavailable = assemble.make_terms(
+            teacher, student, *builtin, self._given_terms, self._given_stages.values())
         self._term_weights = {
             t: self.add_weight(shape=(), initializer="zeros", trainable=False, name=f"{t}_weight")
             for t in self.terms
@@ -293,86 +202,8 @@ class FSPDistiller(keras.Model):
 
     # ------------------------------------------------------------------ terms
 
-    def _builtin_terms(self):
-        """The built-in terms as configured by the constructor's arguments;
-        `explicit` says which of them the user asked for."""
-        made, explicit = {}, set()
-        pairs = self.fsp_pairs
-        if pairs is not None and (isinstance(pairs, str) or len(pairs)):
-            made["fsp"] = FSPTerm(
-                pairs=pairs, student_pairs=self.student_fsp_pairs, pair_weights=self.fsp_weights,
-                pooling=self.fsp_pooling, projection=self.fsp_projection,
-            )
-            defaults = ("auto", None, None, "max", "auto")
-            given = (pairs, self.student_fsp_pairs, self.fsp_weights, self.fsp_pooling,
-                     self.fsp_projection)
-            if any(g is not d and g != d for g, d in zip(given, defaults)):
-                explicit.add("fsp")
-        if (self.hint_layer is None) != (self.guided_layer is None):
-            raise ValueError(
-                "hint_layer (teacher) and guided_layer (student) go together: got "
-                f"hint_layer={self.hint_layer!r}, guided_layer={self.guided_layer!r}."
-            )
-        if self.hint_layer is not None:
-            made["hint"] = HintTerm(self.hint_layer, self.guided_layer, self.hint_normalize)
-            explicit.add("hint")
-        made["kd"] = SoftTargets(self.temperature)
-        made["task"] = TaskLoss()
-        return made, explicit
-
-    def _make_terms(self):
-        made, explicit = self._builtin_terms()
-        builtin = ("fsp", "hint", "kd", "task")
-        for term in self._given_terms:
-            if not isinstance(term, DistillationTerm):
-                raise ValueError(
-                    f"terms must be keras_fsp.terms.DistillationTerm instances; got {term!r}."
-                )
-            made[term.name] = term
-            explicit.add(term.name)
-        for stage in self._given_stages.values():
-            for name in stage.losses:
-                # Registered types not configured by this constructor's
-                # arguments are created with their defaults.
-                if name not in made and name not in builtin and name in registered_terms():
-                    made[name] = term_class(name)()
-                    explicit.add(name)
-        terms = {}
-        for name, term in made.items():
-            try:
-                term.configure(self.teacher, self.student)
-            except ValueError as e:
-                if name in explicit:
-                    raise
-                # A built-in term the user did not ask for (e.g. automatic
-                # FSP pairs on networks that have none): only its stages fail.
-                self._unavailable[name] = str(e)
-                continue
-            terms[name] = term
-        return terms
-
     def _check_stage_terms(self, stage):
-        for name in stage.losses:
-            if name in self.terms:
-                continue
-            if name in self._unavailable:
-                raise ValueError(f"Stage {stage.name!r} uses the {name!r} term: {self._unavailable[name]}")
-            if name == "fsp" and self.fsp_pairs is None:
-                raise ValueError(
-                    f"Stage {stage.name!r} uses the FSP loss but this distiller has no FSP pairs "
-                    "(fsp_pairs=None)."
-                )
-            if name == "hint":
-                raise ValueError(
-                    f"Stage {stage.name!r} uses the hint loss: create the distiller with "
-                    "hint_layer=... and guided_layer=...."
-                )
-            raise ValueError(
-                f"Stage {stage.name!r} uses the unknown loss term {name!r}. This distiller's "
-                f"terms are {sorted(self.terms)}; registered term types: "
-                f"{sorted(registered_terms())}. Pass terms=[...] or register the type with "
-                "keras_fsp.terms.register_term."
-            )
+        assemble.check_stage_terms(stage, self.terms, self._unavailable, self.fsp_pairs)
 
     def check_stages(self, stages):
         """Raises `ValueError` now for what would fail only when training
@@ -383,19 +214,7 @@ class FSPDistiller(keras.Model):
         stages = [resolve_stage(s, self.stages) for s in stages]
         for stage in stages:
             self._check_stage_terms(stage)
-        self._check_stage_optimizers([*self.stages.values(), *stages])
-
-    def _check_stage_optimizers(self, stages=None):
-        owners = {}
-        for stage in self.stages.values() if stages is None else stages:
-            if stage.optimizer is None:
-                continue
-            other = owners.setdefault(id(stage.optimizer), stage.name)
-            if other != stage.name:
-                raise ValueError(
-                    f"Stages {other!r} and {stage.name!r} share one optimizer instance; an "
-                    "optimizer is built for one set of variables: give each Stage its own."
-                )
+        stage_optimizers.check_not_shared([*self.stages.values(), *stages])
 
     def _active(self, stage):
         """`[(name, term)]` of the stage's terms."""
@@ -443,7 +262,7 @@ class FSPDistiller(keras.Model):
         if known is None:
             self.stages[stage.name] = stage
             self._given_stages[stage.name] = stage
-            self._check_stage_optimizers()
+            stage_optimizers.check_not_shared(self.stages.values())
         compat.flush_jax_state(self)
         self._apply_trainable(stage)
         for name, variable in self._term_weights.items():
@@ -464,24 +283,8 @@ class FSPDistiller(keras.Model):
         self._term_weights[name].assign(float(value))
 
     def _apply_trainable(self, stage):
-        selector = stage.trainable
-        if selector is None:
-            chosen = None
-        elif selector == UP_TO_TAPS:
-            names = [n for n in self._student_taps(stage) if n != LOGITS]
-            if not names:
-                raise ValueError(
-                    f"Stage {stage.name!r} trains {UP_TO_TAPS!r} but taps no student layer "
-                    f"(its terms {list(stage.losses)} read only the logits)."
-                )
-            chosen = {id(l) for l in taps.layers_up_to(self.student, names, "student")}
-        elif callable(selector):
-            chosen = {id(l) for l in self.student.layers if selector(l)}
-        else:
-            chosen = {id(taps.top_level_layer(self.student, name, "student")) for name in selector}
-        for layer in self.student.layers:
-            original = self._student_trainable[id(layer)]
-            layer.trainable = original and (chosen is None or id(layer) in chosen)
+        tapped = [n for n in self._student_taps(stage) if n != LOGITS]
+        apply_trainable(stage, self.student, self._student_trainable, tapped)
         for name, term in self.terms.items():
             term.trainable = name in stage.losses  # the term's own layers
 
@@ -491,35 +294,12 @@ class FSPDistiller(keras.Model):
 
     # -------------------------------------------------------------- optimizers
 
-    def _needs_loss_scaling(self):
-        """Whether training computes in float16, as Keras' `compile` checks
-        (there: the model's policy is `"mixed_float16"`); here also when only
-        the student (or one of its layers) computes in float16."""
-        if not self._auto_scale_loss:
-            return False
-        layers = [self, self.student, *self.student.layers, *self.terms.values()]
-        return any(getattr(l, "compute_dtype", None) == "float16" for l in layers)
-
     def _stage_optimizer(self, stage):
-        """The stage's optimizer, loss-scaled (once) when training in float16.
-
-        `keras.Model.compile` wraps the compiled optimizer in a
-        `LossScaleOptimizer` under `"mixed_float16"`; a stage's own optimizer
-        and the per-stage copies would bypass it, so the wrapping is done
-        here, for every stage.
-        """
-        if stage.optimizer is not None:
-            optimizer = stage.optimizer
-        else:
-            optimizer = _clone_optimizer(self._optimizer_template, stage.learning_rate_scale,
-                                         stage.global_clipnorm)
-        if not self._needs_loss_scaling() or isinstance(
-            optimizer, keras.optimizers.LossScaleOptimizer
-        ):
-            return optimizer
-        if stage.optimizer is not None:
-            return self._loss_scaled.get(optimizer)  # the same wrapper each time
-        return keras.optimizers.LossScaleOptimizer(optimizer, name="loss_scale_optimizer")
+        """The stage's optimizer, loss-scaled when training computes in
+        float16 (also when only the student or one of its layers does)."""
+        layers = [self, self.student, *self.student.layers, *self.terms.values()]
+        scaled = self._auto_scale_loss and stage_optimizers.computes_in_float16(layers)
+        return self._stage_optimizers.for_stage(stage, self._optimizer_template, scaled)
 
     def _install_optimizer(self, stage):
         variables = self.trainable_variables
@@ -814,8 +594,9 @@ class FSPDistiller(keras.Model):
             users = [t for _, t in self._active(self._stage) if t.uses_teacher]
             if users:
                 teacher_cache.select(cache, self._target_shapes(users), self._stage.name)
-        self._check_arrays(inputs, y, kwargs.get("validation_data"))
-        args, kwargs = _with_nan_guard(args, kwargs)
+        data_checks.check_fit_arrays(taps.tap_shape(self.student, LOGITS, "student")[-1],
+                                     inputs, y, kwargs.get("validation_data"))
+        args, kwargs = with_nan_guard(args, kwargs)
         self._apply_trainable(self._stage)
         self._in_fit = True
         self._teacher_cached = cache is not None
@@ -829,20 +610,6 @@ class FSPDistiller(keras.Model):
             self._in_fit = False
             self._teacher_cached = False
             self._restore_student_trainable()
-
-    def _check_arrays(self, x, y, validation_data):
-        """NaN/inf inputs and labels outside the student's classes, before
-        any training (`keras_fsp.data_checks`): NumPy arrays only, datasets
-        are not read ahead."""
-        classes = taps.tap_shape(self.student, LOGITS, "student")[-1]
-        given = [("x", x, "y", y)]
-        if isinstance(validation_data, tuple) and len(validation_data) >= 2:
-            given.append(("validation x", validation_data[0], "validation y", validation_data[1]))
-        for x_name, xs, y_name, ys in given:
-            if isinstance(xs, np.ndarray):
-                data_checks.check_finite(xs, x_name)
-            if classes and isinstance(ys, np.ndarray) and np.issubdtype(ys.dtype, np.integer):
-                data_checks.check_labels(ys, classes, y_name)
 
     def evaluate(self, *args, **kwargs):
         """The student's `evaluate`: its task loss and compiled metrics."""

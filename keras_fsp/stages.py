@@ -11,6 +11,8 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 
 import keras
 
+from keras_fsp import taps
+
 UP_TO_TAPS = "up_to_taps"
 #: How the built-in "fsp" and "hint" stages adapt a copy of the compiled
 #: optimizer: 1/100 of its learning rate (the FSP paper's stage-1 rate, 1e-3,
@@ -187,3 +189,26 @@ def resolve_stage(stage, stages):
         f"Unknown stage {stage!r}. Valid stage names are {sorted(stages)}, "
         "or pass a keras_fsp.Stage(...)."
     )
+
+
+def apply_trainable(stage, student, original, tapped):
+    """Sets which of the student's layers train in `stage` (its `trainable`
+    selector); `original` maps `id(layer)` to the layer's own flag, which a
+    stage never overrides to True; `tapped` are the student layers the
+    stage's terms tap (for `UP_TO_TAPS`)."""
+    selector = stage.trainable
+    if selector is None:
+        chosen = None
+    elif selector == UP_TO_TAPS:
+        if not tapped:
+            raise ValueError(
+                f"Stage {stage.name!r} trains {UP_TO_TAPS!r} but taps no student layer "
+                f"(its terms {list(stage.losses)} read only the logits)."
+            )
+        chosen = {id(l) for l in taps.layers_up_to(student, tapped, "student")}
+    elif callable(selector):
+        chosen = {id(l) for l in student.layers if selector(l)}
+    else:
+        chosen = {id(taps.top_level_layer(student, name, "student")) for name in selector}
+    for layer in student.layers:
+        layer.trainable = original[id(layer)] and (chosen is None or id(layer) in chosen)

@@ -210,6 +210,22 @@ def check_functional(model, role, why="its intermediate layers are tapped"):
         )
 
 
+def check_same_input_shapes(teacher, student):
+    """The teacher runs on exactly the student's batches: refuses networks
+    whose input shapes differ (a dimension of None matches any), which
+    otherwise fail at the first step that runs the teacher."""
+    shapes = [tuple(m.inputs[0].shape[1:]) if is_functional(m) and len(m.inputs) == 1
+              else None for m in (teacher, student)]
+    if None in shapes:
+        return  # subclassed networks: their shapes are known once called
+    t, s = shapes
+    if len(t) != len(s) or any(a is not None and b is not None and a != b for a, b in zip(t, s)):
+        raise ValueError(
+            f"The teacher takes inputs of shape {t} and the student {s}: the teacher runs on "
+            "the student's batches, so the shapes must agree."
+        )
+
+
 def _last_node(model):
     g = graph(model)
     return g.nodes.get(g.producer(g.output))
