@@ -224,6 +224,10 @@ def test_export_of_an_npz_run_needs_no_dataset_flag(tmp_path):
     result = _run("export", f"--model={run_dir}", f"--model_dir={tmp_path / 'out'}",
                   "--formats=keras")
     assert result["dataset"] == f"npz:{arrays}" and list(result["files"]) == ["keras"]
+    # A .keras file of a run folder: the folder's config says the data set too.
+    result = _run("export", f"--model={run_dir / 'student.keras'}",
+                  f"--model_dir={tmp_path / 'out3'}", "--formats=keras")
+    assert result["dataset"] == f"npz:{arrays}"
     # An explicit --dataset still wins, and is checked against the model.
     with pytest.raises(cli.CLIError, match="has 3 classes; --dataset digits has"):
         _run("export", f"--model={run_dir}", f"--model_dir={tmp_path / 'out2'}",

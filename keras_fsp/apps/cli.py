@@ -264,8 +264,10 @@ def _parse(argv):
         cfg["model"] = os.path.join(parent, f"distill-fsp-{slug}")
     if sub in ("evaluate", "export", "visualize") and not fv["dataset"].present:
         # A run folder knows its data set: --dataset is needed only to change it.
-        run_config = _read_config(cfg["model"]) if os.path.isdir(cfg["model"]) else None
-        if run_config and isinstance(run_config.get("dataset"), str):
+        # (a .keras file inside a run folder counts as the folder)
+        folder = cfg["model"] if os.path.isdir(cfg["model"]) else os.path.dirname(cfg["model"])
+        run_config = _read_config(folder or ".")
+        if run_config and "subcommand" in run_config and isinstance(run_config.get("dataset"), str):
             cfg["dataset"] = run_config["dataset"]
             if not fv["data_dir"].present:
                 cfg["data_dir"] = run_config.get("data_dir")
