@@ -737,10 +737,9 @@ def epoch_stream(x, y, batch_size, seed, initial_epoch, epochs, preprocess=None,
         preprocess: optional TensorFlow function applied to each `x` batch
             (e.g. normalisation).
         drop_remainder: leave out each epoch's last, smaller batch (another
-            example is left out each epoch), as
-            `keras_fsp.apps.data.make_dataset` does in training: one batch shape,
-            so the train step is traced once. Ignored when there are fewer
-            examples than `batch_size`.
+            example is left out each epoch), as `keras_fsp.inputs.DeviceArrays`
+            does: one batch shape, so the train step is traced once. Ignored
+            when there are fewer examples than `batch_size`.
 
     Returns:
         `(dataset, steps_per_epoch)`.
