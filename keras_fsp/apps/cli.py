@@ -548,29 +548,17 @@ def _prepare_model_dir(cfg, log, latest=None):
     log.open(os.path.join(model_dir, "log.txt"))
 
 
-def _export(model, model_dir, keras_name):
-    """`export/` (SavedModel, TensorFlow only) and `<keras_name>`, replacing
-    earlier ones only once the new ones are complete."""
+def _saved_model(model, model_dir):
+    """`export/` (a SavedModel; TensorFlow only), replacing an earlier one
+    only once the new one is complete; `{}` on other backends."""
     import keras
 
     from keras_fsp import export_student
 
-    files = {}
-    keras_path = os.path.join(model_dir, keras_name)
-    tmp_keras = os.path.join(model_dir, ".tmp-" + keras_name)
-    export_student(model, tmp_keras, format="keras")
-    os.replace(tmp_keras, keras_path)
-    files["keras"] = keras_path
-    if keras.backend.backend() == "tensorflow":
-        final = os.path.join(model_dir, "export")
-        tmp = os.path.join(model_dir, ".tmp-export")
-        shutil.rmtree(tmp, ignore_errors=True)
-        export_student(model, tmp)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        files["saved_model"] = final
-    return files
+    if keras.backend.backend() != "tensorflow":
+        return {}
+    return {"saved_model": export_student(model, os.path.join(model_dir, "export"),
+                                          overwrite=True)}
 
 
 def _write_result(model_dir, result):
@@ -669,7 +657,8 @@ def _train(cfg, log, argv):
                     "method": cfg["method"] if sub == "distill" else "supervised"},
         )
         if result["complete"]:  # only the finished network is exported
-            result["files"].update(_export(recipe.student, cfg["model_dir"], f"{save_name}.keras"))
+            # the harness wrote <save_name>.keras already
+            result["files"].update(_saved_model(recipe.student, cfg["model_dir"]))
         result["seconds"] = round(time.time() - started, 1)
         _write_result(cfg["model_dir"], result)
     except NonFiniteLossError as e:

@@ -183,7 +183,11 @@ def _non_finite_weight(model):
     """The path of the first weight holding a NaN/inf, or None. A loss can
     stay finite while batch-norm statistics are already NaN (XLA's
     max(NaN, 0) is 0, so the ReLUs hide them)."""
+    teacher = getattr(model, "teacher", None)  # frozen: never changes
+    frozen = {id(v) for v in teacher.weights} if teacher is not None else set()
     for variable in model.weights:
+        if id(variable) in frozen:
+            continue
         if not np.all(np.isfinite(keras.ops.convert_to_numpy(variable))):
             return variable.path
     return None

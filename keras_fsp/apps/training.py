@@ -28,6 +28,7 @@ import numpy as np
 
 from keras_fsp.apps import runs
 from keras_fsp.callbacks import NonFiniteLossError
+from keras_fsp.export import export_student
 
 RESULT_FILE = "metrics.json"
 METRICS_FILE = "metrics.csv"
@@ -327,15 +328,9 @@ def train(recipe, train_data, test_data, run_dir, batch_size=128, seed=0, epochs
     weights = os.path.join(run_dir, f"{save_name}.weights.h5")
     runs.write_weights(net, weights)  # not save_weights: h5py must not meet a full disk
     result["files"] = {"weights": weights}
-    if result["complete"]:
-        tmp = os.path.join(run_dir, f".tmp-{save_name}.keras")
-        try:
-            net.save(tmp)
-            os.replace(tmp, os.path.join(run_dir, f"{save_name}.keras"))
-        finally:
-            if os.path.exists(tmp):  # a failed write (disk full) leaves nothing behind
-                os.remove(tmp)
-        result["files"]["keras"] = os.path.join(run_dir, f"{save_name}.keras")
+    if result["complete"]:  # replaced only once complete; a failed write leaves nothing
+        result["files"]["keras"] = export_student(
+            net, os.path.join(run_dir, f"{save_name}.keras"), format="keras", overwrite=True)
     write_result(run_dir, result)
     log(f"test accuracy {result['test_accuracy']:.4f} ({result['test_errors']} errors) after "
         f"{done}/{total} epochs, {seconds:.0f} s; outputs in {run_dir}")

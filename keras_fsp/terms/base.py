@@ -24,7 +24,6 @@ distiller = FSPDistiller(teacher, student, stages={"mine": Stage("mine", {"my_te
 """
 
 import keras
-from keras import ops
 
 from keras_fsp import taps
 
@@ -178,7 +177,3 @@ class DistillationTerm(keras.layers.Layer):
 
     def get_config(self):
         return super().get_config()
-
-
-def as_float32(x):
-    return ops.cast(x, "float32")
