@@ -1,28 +1,38 @@
 """Data-parallel scaling on several accelerators (JAX backend, Keras'
-`keras.distribution.DataParallel`): the compiled train step at a fixed batch
-per device, on 1 device and on N devices.
+`keras.distribution.DataParallel`) at a fixed batch per device, on 1 device
+and on N devices, with synchronised and with per-replica batch norm.
 
-    KERAS_BACKEND=jax python benchmarks/data_parallel.py --per_device_batch 512 --iters 100 \
-        --json_out benchmarks/results/gpu-h200x2-data-parallel.json
+    KERAS_BACKEND=jax python benchmarks/data_parallel.py --dataset npz:cifar10.npz \
+        --per_device_batch 512 --json_out benchmarks/results/gpu-h100x2-data-parallel.json
 
-For each step (`student_alone`, `stage_fsp`, `stage_kd`, ...; the same
-models as `gpu_throughput.py`) and each device count, the model is built
-under `DataParallel(devices[:n])` (variables replicated), the batch of
-`n * per_device_batch` images is sharded over the devices, and the jitted
-`train_step` (what `fit` runs) is timed in a loop after warm-up. XLA
-inserts the all-reduces: one for the weight gradients, and one for every
-batch norm's statistics over the global batch and their gradients (Keras'
-`DataParallel` gives synchronised batch norm). Scaling efficiency is
-`images_per_sec(n) / (n * images_per_sec(1))`.
+Two measurements, each on 1 device and on N (the same models as
+`gpu_throughput.py`):
+
+- `--dp_fits` (`fit_student_alone`, `fit_stage_kd`, `fit_stage_fsp`): what a
+  user runs, `fit` over the training set held on the devices
+  (`keras_fsp.inputs.DeviceArrays`), pad-crop-flip augmentation inside the
+  step and one epoch per dispatch (`keras_fsp.jax_steps`);
+- `--dp_steps` (`student_alone`, `stage_fsp`, ...; none by default): the
+  jitted `train_step` called from Python once per step on one sharded batch.
+
+`--batch_norm global,replica`: the student's batch norms as Keras builds
+them (their statistics over the global batch: XLA inserts one all-reduce
+per layer, forward and backward) or `keras_fsp.per_replica_batch_norm`
+(each device's examples normalised with their own statistics, what
+`tf.distribute` and PyTorch's DDP do). The teacher runs in inference mode
+and adds none. Scaling efficiency is `images_per_sec(n) / (n *
+images_per_sec(1))`, against one device with Keras' batch norm.
 
 On a CPU, `XLA_FLAGS=--xla_force_host_platform_device_count=2` gives two
 host devices to try it (the timings then mean nothing); `--collectives_only`
-compiles each step and counts its all-reduce ops, and how many of them reduce
-only per-channel vectors (batch-norm statistics and their gradients):
+compiles each `--dp_steps` step and counts its all-reduce ops, and how many
+of them reduce only per-channel vectors (batch-norm statistics and their
+gradients):
 
     XLA_FLAGS=--xla_force_host_platform_device_count=2 KERAS_BACKEND=jax \
-        python benchmarks/data_parallel.py --collectives_only --devices 2 \
-        --per_device_batch 8 --json_out benchmarks/results/cpu-jax-2dev-collectives.json
+        python benchmarks/data_parallel.py --collectives_only --devices 2 --dp_fits= \
+        --dp_steps student_alone,stage_task,stage_kd,stage_fsp --per_device_batch 8 \
+        --json_out benchmarks/results/cpu-jax-2dev-collectives.json
 """
 
 import json
@@ -34,13 +44,16 @@ import time
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import gpu_throughput as g  # noqa: E402  (the same models; its --iters and --json_out)
+import gpu_throughput as g  # noqa: E402  (the same models; its --pair, --iters, --dataset, --fit_epochs, --json_out)
 
 flags.DEFINE_integer("per_device_batch", 512, "Images per device per step.")
 flags.DEFINE_list("devices", None, "Device counts to time (default: 1 and all).")
-flags.DEFINE_list("dp_steps", ["student_alone", "stage_fsp", "stage_kd", "stage_task"],
-                  "Compiled steps to time.")
-flags.DEFINE_string("pair", "26:8", "teacher_depth:student_depth.")
+flags.DEFINE_list("dp_steps", [], "Compiled steps to time one dispatch per step "
+                  "(student_alone, stage_task, stage_kd, stage_fsp).")
+flags.DEFINE_list("dp_fits", ["fit_student_alone", "fit_stage_kd", "fit_stage_fsp"],
+                  "fit paths to time (one epoch per dispatch).")
+flags.DEFINE_list("batch_norm", ["global", "replica"], "The student's batch norm: global "
+                  "(synchronised over the devices) and/or replica (per-device statistics).")
 flags.DEFINE_bool("collectives_only", False, "Compile each step and count its all-reduce ops "
                   "(no timing): works on host devices.")
 FLAGS = flags.FLAGS
@@ -54,9 +67,10 @@ def all_reduces(compiled):
     return len(ops), len(vector)
 
 
-def time_step(name, teacher_depth, student_depth, devices, per_device_batch, iters):
+def time_step(name, teacher_depth, student_depth, devices, per_device_batch, iters, groups):
     """Seconds per step of `name` data-parallel over `devices` (None with
-    --collectives_only), the last loss, and the step's all-reduce counts."""
+    --collectives_only), the last loss, and the step's all-reduce counts;
+    the student's batch norms in `groups` groups (1: Keras' own)."""
     import jax
     import keras
     import numpy as np
@@ -65,8 +79,9 @@ def time_step(name, teacher_depth, student_depth, devices, per_device_batch, ite
     distribution = keras.distribution.DataParallel(devices=devices)
     keras.distribution.set_distribution(distribution)
     try:
-        model = (g._student(student_depth) if name == "student_alone"
-                 else g._distiller(name[len("stage_"):], teacher_depth, student_depth))
+        model = (g._student(student_depth, batch_norm_groups=groups) if name == "student_alone"
+                 else g._distiller(name[len("stage_"):], teacher_depth, student_depth,
+                                   batch_norm_groups=groups))
         if hasattr(model, "stage"):
             model._apply_trainable(model.stage)
         elif not model.optimizer.built:
@@ -105,6 +120,18 @@ def _record(results, entry):
             json.dump(results, f, indent=1)
 
 
+def time_fit(name, teacher_depth, student_depth, devices, per_device_batch, groups, data):
+    """Seconds per step of `fit` path `name` data-parallel over `devices`."""
+    import keras
+
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    try:
+        return g.time_fit(name, teacher_depth, student_depth, len(devices) * per_device_batch,
+                          *data, batch_norm_groups=groups)
+    finally:
+        keras.distribution.set_distribution(None)
+
+
 def main(_):
     import jax
     import keras
@@ -115,27 +142,39 @@ def main(_):
     print(f"{len(devices)} devices ({jax.devices()[0].device_kind}); keras {keras.__version__}, "
           f"jax {jax.__version__}", flush=True)
     results, single = [], {}
-    for name in FLAGS.dp_steps:
+    data = g._cifar10(FLAGS.dataset) if FLAGS.dp_fits else None
+    for name in FLAGS.dp_fits + FLAGS.dp_steps:
         for count in counts:
-            sec, loss, (n_ops, n_vector) = time_step(name, t_depth, s_depth, devices[:count],
-                                                     FLAGS.per_device_batch, FLAGS.iters)
-            if sec is None:
-                entry = {"name": f"data_parallel_{name}", "devices": count,
-                         "pair": f"{t_depth}->{s_depth}", "all_reduce_ops": n_ops,
-                         "all_reduce_ops_per_channel": n_vector}
+            for batch_norm in FLAGS.batch_norm if count > 1 else ["global"]:
+                if g._out_of_time():
+                    print(f"--max_seconds reached: {name} on {count} devices ({batch_norm}) "
+                          "not measured", flush=True)
+                    continue
+                groups = count if batch_norm == "replica" else 1
+                entry = {"name": name if name in FLAGS.dp_fits else f"data_parallel_{name}",
+                         "devices": count, "batch_norm": batch_norm,
+                         "pair": f"{t_depth}->{s_depth}"}
+                if name in FLAGS.dp_fits:
+                    sec = time_fit(name, t_depth, s_depth, devices[:count],
+                                   FLAGS.per_device_batch, groups, data)
+                else:
+                    sec, loss, (n_ops, n_vector) = time_step(
+                        name, t_depth, s_depth, devices[:count], FLAGS.per_device_batch,
+                        FLAGS.iters, groups)
+                    entry.update(all_reduce_ops=n_ops, all_reduce_ops_per_channel=n_vector)
+                    if sec is None:
+                        _record(results, entry)
+                        continue
+                    entry["final_loss"] = round(loss, 4)
+                ips = count * FLAGS.per_device_batch / sec
+                if count == 1:
+                    single[name] = ips
+                entry.update(per_device_batch=FLAGS.per_device_batch,
+                             batch_size=count * FLAGS.per_device_batch,
+                             images_per_sec=round(ips, 1), ms_per_step=round(1e3 * sec, 3))
+                if single.get(name) and count > 1:
+                    entry["scaling_efficiency"] = round(ips / (count * single[name]), 3)
                 _record(results, entry)
-                continue
-            ips = count * FLAGS.per_device_batch / sec
-            single.setdefault(name, ips if count == 1 else None)
-            entry = {"name": f"data_parallel_{name}", "devices": count,
-                     "per_device_batch": FLAGS.per_device_batch,
-                     "batch_size": count * FLAGS.per_device_batch,
-                     "images_per_sec": round(ips, 1), "ms_per_step": round(1e3 * sec, 3),
-                     "pair": f"{t_depth}->{s_depth}", "final_loss": round(loss, 4),
-                     "all_reduce_ops": n_ops, "all_reduce_ops_per_channel": n_vector}
-            if single.get(name) and count > 1:
-                entry["scaling_efficiency"] = round(ips / (count * single[name]), 3)
-            _record(results, entry)
 
 
 if __name__ == "__main__":

@@ -73,13 +73,16 @@ def _out_of_time():
     return time.time() - _START > FLAGS.max_seconds
 
 
-def _distiller(stage, teacher_depth, student_depth, augment=None, steps_per_execution=1):
+def _distiller(stage, teacher_depth, student_depth, augment=None, steps_per_execution=1,
+               batch_norm_groups=1):
     import keras
 
-    from keras_fsp import FSPDistiller, Stage
+    from keras_fsp import FSPDistiller, Stage, per_replica_batch_norm
     from keras_fsp.papers import cifar_resnet
 
     teacher, student = cifar_resnet(teacher_depth), cifar_resnet(student_depth)
+    if batch_norm_groups > 1:
+        student = per_replica_batch_norm(student, batch_norm_groups)
     stages = {}
     if stage == "kd_fsp":  # KD plus the FSP term: what the FSP matrices add to a KD step
         stages = {"kd_fsp": Stage("kd_fsp", {"kd": 0.9, "task": 0.1, "fsp": 1e-3})}
@@ -89,13 +92,15 @@ def _distiller(stage, teacher_depth, student_depth, augment=None, steps_per_exec
     return model
 
 
-def _student(depth, augment=None, steps_per_execution=1):
+def _student(depth, augment=None, steps_per_execution=1, batch_norm_groups=1):
     import keras
 
-    from keras_fsp import jax_steps
+    from keras_fsp import jax_steps, per_replica_batch_norm
     from keras_fsp.papers import cifar_resnet
 
     net = cifar_resnet(depth)
+    if batch_norm_groups > 1:
+        net = per_replica_batch_norm(net, batch_norm_groups)
     if augment is not None:
         inputs = keras.Input((32, 32, 3))
         net = keras.Model(inputs, net(augment(inputs)))
@@ -215,8 +220,9 @@ def _cifar10(dataset):
     return ((x - mean) / std).astype("float32"), y.astype("int32")
 
 
-def time_fit(name, teacher_depth, student_depth, batch_size, x, y):
-    """`fit` over the device-resident training set with in-step augmentation."""
+def time_fit(name, teacher_depth, student_depth, batch_size, x, y, batch_norm_groups=1):
+    """`fit` over the device-resident training set with in-step augmentation;
+    seconds per step."""
     import keras
 
     from keras_fsp.augment import PadCropFlip
@@ -231,8 +237,10 @@ def time_fit(name, teacher_depth, student_depth, batch_size, x, y):
         data = DeviceArrays(x, y, batch_size=batch_size, seed=0, drop_remainder=True)
         steps = 1 if one_per_dispatch else len(data)
         augment = PadCropFlip(pad=4, flip=True, seed=0)
-        model = (_student(student_depth, augment, steps) if what == "student_alone"
-                 else _distiller(what[len("stage_"):], teacher_depth, student_depth, augment, steps))
+        model = (_student(student_depth, augment, steps, batch_norm_groups)
+                 if what == "student_alone"
+                 else _distiller(what[len("stage_"):], teacher_depth, student_depth, augment, steps,
+                                 batch_norm_groups))
         model.fit(data, epochs=1, verbose=0)  # compiles
         start = time.perf_counter()
         model.fit(data, epochs=FLAGS.fit_epochs, verbose=0)

@@ -7,6 +7,7 @@ The package is split by purpose:
 - the library (this folder): `FSPDistiller`, the loss `terms`, `stages`,
   `callbacks`, `taps` and automatic `pairing`, the `fsp` matrix, `losses`,
   `teacher_cache`, `augment`, `inputs`, `kernel_norms`, `export`,
+  `replica_batch_norm` (per-replica statistics for data parallelism),
   `keras_distillation` (adapters for `keras.distillation`) and `compat`
   (the Keras internals used, in one place); it depends on Keras and NumPy;
 - `keras_fsp.papers`: the papers' networks and recipes;
@@ -33,6 +34,7 @@ from keras_fsp import (
     losses,
     pairing,
     papers,
+    replica_batch_norm,
     stages,
     taps,
     teacher_cache,
@@ -43,6 +45,7 @@ from keras_fsp.export import export_student
 from keras_fsp.fsp import fsp_matrix
 from keras_fsp.losses import FSPLoss, HintLoss, SoftTargetLoss
 from keras_fsp.papers import recipes
+from keras_fsp.replica_batch_norm import ReplicaBatchNormalization, per_replica_batch_norm
 from keras_fsp.stages import Stage
 
 __version__ = "0.2.0"
@@ -69,6 +72,9 @@ __all__ = [
     "pairing",
     "papers",
     "recipes",
+    "replica_batch_norm",
+    "ReplicaBatchNormalization",
+    "per_replica_batch_norm",
     "stages",
     "taps",
     "teacher_cache",

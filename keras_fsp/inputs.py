@@ -15,6 +15,16 @@ import keras
 from keras import ops
 
 
+def _replicated(tensor):
+    """`tensor` copied to every device of the active `keras.distribution`
+    (once, rather than at every compiled call that gathers batches from it)."""
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return tensor
+    layout = keras.distribution.TensorLayout([None] * len(tensor.shape), distribution.device_mesh)
+    return keras.distribution.distribute_tensor(tensor, layout)
+
+
 class DeviceArrays(keras.utils.PyDataset):
     """Batches of `(x, y)` from arrays kept on the device, reshuffled per epoch.
 
@@ -62,8 +72,8 @@ class DeviceArrays(keras.utils.PyDataset):
         self.seed = int(seed or 0)
         self.drop_remainder = drop_remainder
         self.num_examples = n
-        self.x = ops.convert_to_tensor(x, dtype=dtype)
-        self.y = None if y is None else ops.convert_to_tensor(y)
+        self.x = _replicated(ops.convert_to_tensor(x, dtype=dtype))
+        self.y = None if y is None else _replicated(ops.convert_to_tensor(y))
         self.epoch = int(initial_epoch)
         self.order = self._order(self.epoch)
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from keras_fsp import compat
 from keras_fsp.inputs import DeviceArrays
+from keras_fsp.replica_batch_norm import replica_count
 
 ON_CPU = False
 
@@ -66,7 +67,12 @@ class DeviceBlocks(keras.utils.PyDataset):
     def __getitem__(self, index):
         if not 0 <= index < len(self):
             raise IndexError(f"Block {index} of {len(self)}.")
-        return (np.array([index], "int32"),)
+        # Under a distribution Keras splits every item over the devices along
+        # its first axis: one copy of the number for each of this process's.
+        import jax
+
+        copies = max(1, replica_count() // jax.process_count())
+        return (np.full([copies], index, "int32"),)
 
     def on_epoch_end(self):
         self.data.on_epoch_end()
@@ -79,12 +85,29 @@ def _shape_signature(batch):
     )
 
 
+def _shard_batch(data):
+    """`data` constrained to the active distribution's data layout (split
+    over the devices along the batch): a batch gathered or sliced inside a
+    compiled scan has no sharding of its own, and the partitioner would
+    otherwise run the whole batch on every device."""
+    import jax
+
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return data
+
+    def constrain(a):
+        return jax.lax.with_sharding_constraint(a, distribution.get_data_layout(a.shape).backend_layout)
+
+    return jax.tree.map(constrain, data)
+
+
 def _scan(model, state, batches):
     """Runs `model.train_step` over the leading axis of `batches`."""
     import jax
 
     def body(carry, data):
-        logs, carry = model.train_step(carry, data)
+        logs, carry = model.train_step(carry, _shard_batch(data))
         return carry, logs
 
     state, logs = jax.lax.scan(body, state, batches)
@@ -144,6 +167,8 @@ def multi_step_train_function(model, source=None):
     size, n = source.batch_size, source.num_examples
 
     def run_block(state, block):
+        if hasattr(block, "addressable_data"):  # a JAX array, perhaps split over devices
+            block = block.addressable_data(0)
         first = int(np.asarray(block).reshape(-1)[0]) * steps
         last = min(first + steps, len(source))
         order = source.order if source.order is not None else jnp.arange(n, dtype="int32")

@@ -88,3 +88,18 @@ def decoupled_kd(teacher_logits, student_logits, labels, alpha=1.0, beta=8.0, t=
     qs = ps[keep].reshape(len(ps), -1)
     qs = qs / qs.sum(axis=1, keepdims=True)
     return (alpha * kl(bt, bs) + beta * kl(qt, qs)) * t * t
+
+
+def batch_norm_per_group(x, gamma, beta, groups, epsilon=1e-3):
+    """Training-mode batch norm of `x` (channels last), each of `groups`
+    consecutive parts of the batch with its own (biased) statistics; returns
+    the outputs and the groups' mean statistics."""
+    x = np.asarray(x, np.float64)
+    parts = x.reshape((groups, -1) + x.shape[1:])
+    axes = tuple(range(1, parts.ndim - 1))
+    mean = parts.mean(axis=axes, keepdims=True)
+    var = parts.var(axis=axes, keepdims=True)
+    out = (parts - mean) / np.sqrt(var + epsilon) * gamma + beta
+    channels = x.shape[-1]
+    return (out.reshape(x.shape), mean.reshape(groups, channels).mean(0),
+            var.reshape(groups, channels).mean(0))
