@@ -52,6 +52,8 @@ flags.DEFINE_list("dp_steps", [], "Compiled steps to time one dispatch per step 
                   "(student_alone, stage_task, stage_kd, stage_fsp).")
 flags.DEFINE_list("dp_fits", ["fit_student_alone", "fit_stage_kd", "fit_stage_fsp"],
                   "fit paths to time (one epoch per dispatch).")
+flags.DEFINE_string("profile_dir", None, "Trace one more epoch of each fit measurement into "
+                    "PROFILE_DIR/<name>-<devices>-<batch_norm> (jax.profiler, Perfetto trace).")
 flags.DEFINE_list("batch_norm", ["global", "replica"], "The student's batch norm: global "
                   "(synchronised over the devices) and/or replica (per-device statistics).")
 flags.DEFINE_bool("collectives_only", False, "Compile each step and count its all-reduce ops "
@@ -124,10 +126,15 @@ def time_fit(name, teacher_depth, student_depth, devices, per_device_batch, grou
     """Seconds per step of `fit` path `name` data-parallel over `devices`."""
     import keras
 
-    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    if len(devices) > 1:
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
     try:
+        profile = None
+        if FLAGS.profile_dir:
+            batch_norm = "replica" if groups > 1 else "global"
+            profile = os.path.join(FLAGS.profile_dir, f"{name}-{len(devices)}-{batch_norm}")
         return g.time_fit(name, teacher_depth, student_depth, len(devices) * per_device_batch,
-                          *data, batch_norm_groups=groups)
+                          *data, batch_norm_groups=groups, profile_dir=profile)
     finally:
         keras.distribution.set_distribution(None)
 

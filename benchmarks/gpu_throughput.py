@@ -220,9 +220,11 @@ def _cifar10(dataset):
     return ((x - mean) / std).astype("float32"), y.astype("int32")
 
 
-def time_fit(name, teacher_depth, student_depth, batch_size, x, y, batch_norm_groups=1):
+def time_fit(name, teacher_depth, student_depth, batch_size, x, y, batch_norm_groups=1,
+             profile_dir=None):
     """`fit` over the device-resident training set with in-step augmentation;
-    seconds per step."""
+    seconds per step. With `profile_dir`, one more epoch is then traced there
+    (`jax.profiler`, with a Perfetto trace)."""
     import keras
 
     from keras_fsp.augment import PadCropFlip
@@ -244,7 +246,13 @@ def time_fit(name, teacher_depth, student_depth, batch_size, x, y, batch_norm_gr
         model.fit(data, epochs=1, verbose=0)  # compiles
         start = time.perf_counter()
         model.fit(data, epochs=FLAGS.fit_epochs, verbose=0)
-        return (time.perf_counter() - start) / (FLAGS.fit_epochs * len(data))
+        seconds = (time.perf_counter() - start) / (FLAGS.fit_epochs * len(data))
+        if profile_dir:
+            import jax
+
+            with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+                model.fit(data, epochs=1, verbose=0)
+        return seconds
     finally:
         keras.config.set_dtype_policy("float32")
 

@@ -47,6 +47,25 @@ def test_summary_tables_hold_percentages():
         assert len(table[method]) == 3
 
 
+@pytest.mark.parametrize("summary, reproduced, rows", [
+    ("cifar10_resnet26_to_resnet14.json", "cifar10_resnet26_to_resnet14.json",
+     {"kd": "kd", "dense_fsp_kd": "dense-fsp-kd"}),
+    ("cifar10_transfer.json", "cifar10_transfer.json",
+     {"teacher_source_classes": "teacher", "student_alone": "student_alone",
+      "teacher_finetuned": "teacher_finetuned", "fitnet": "fitnet", "fsp": "fsp", "at": "at"}),
+    ("cifar10_resnet26_to_resnet8.json", "cifar10_resnet26_to_resnet8_at_kd.json",
+     {"at_kd": "at-kd"}),
+])
+def test_summary_tables_are_the_reproduced_runs(summary, reproduced, rows):
+    with open(os.path.join(RESULTS, summary), encoding="utf-8") as f:
+        table = json.load(f)
+    with open(os.path.join(RESULTS, "reproduce", reproduced), encoding="utf-8") as f:
+        runs = json.load(f)["rows"]
+    for name, method in rows.items():
+        assert table[name] == pytest.approx([100 * v for v in runs[method]["test_accuracy"]],
+                                            abs=0.005), name
+
+
 def test_export_accuracies_in_results_md_are_the_benchmarks():
     root = os.path.dirname(RESULTS)
     with open(os.path.join(root, "benchmarks", "results", "export-cifar10-resnet8-kd.json"),
