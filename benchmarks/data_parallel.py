@@ -122,19 +122,17 @@ def _record(results, entry):
             json.dump(results, f, indent=1)
 
 
-def time_fit(name, teacher_depth, student_depth, devices, per_device_batch, groups, data):
-    """Seconds per step of `fit` path `name` data-parallel over `devices`."""
+def time_fit(name, teacher_depth, student_depth, devices, per_device_batch, groups, data,
+             profile_dir=None):
+    """Seconds per step of `fit` path `name` data-parallel over `devices`
+    (one device: plain `fit`, no distribution)."""
     import keras
 
     if len(devices) > 1:
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
     try:
-        profile = None
-        if FLAGS.profile_dir:
-            batch_norm = "replica" if groups > 1 else "global"
-            profile = os.path.join(FLAGS.profile_dir, f"{name}-{len(devices)}-{batch_norm}")
         return g.time_fit(name, teacher_depth, student_depth, len(devices) * per_device_batch,
-                          *data, batch_norm_groups=groups, profile_dir=profile)
+                          *data, batch_norm_groups=groups, profile_dir=profile_dir)
     finally:
         keras.distribution.set_distribution(None)
 
@@ -162,8 +160,10 @@ def main(_):
                          "devices": count, "batch_norm": batch_norm,
                          "pair": f"{t_depth}->{s_depth}"}
                 if name in FLAGS.dp_fits:
+                    profile = FLAGS.profile_dir and os.path.join(
+                        FLAGS.profile_dir, f"{name}-{count}-{batch_norm}")
                     sec = time_fit(name, t_depth, s_depth, devices[:count],
-                                   FLAGS.per_device_batch, groups, data)
+                                   FLAGS.per_device_batch, groups, data, profile)
                 else:
                     sec, loss, (n_ops, n_vector) = time_step(
                         name, t_depth, s_depth, devices[:count], FLAGS.per_device_batch,

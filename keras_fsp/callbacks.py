@@ -277,7 +277,8 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
 def with_nan_guard(args, kwargs):
     """`fit`'s arguments with a `StopOnNonFiniteLoss` among the callbacks."""
     args = list(args)
-    positional = len(args) > 3  # fit(x, y, batch_size, epochs, verbose, callbacks, ...)
+    # `args` follow x and y: (batch_size, epochs, verbose, callbacks, ...)
+    positional = len(args) > 3
     given = args[3] if positional else kwargs.get("callbacks")
     callbacks = list(given or [])
     if not any(isinstance(c, StopOnNonFiniteLoss) for c in callbacks):

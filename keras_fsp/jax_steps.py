@@ -58,8 +58,13 @@ class DeviceBlocks(keras.utils.PyDataset):
     themselves are gathered inside the compiled step)."""
 
     def __init__(self, data, steps):
+        import jax
+
         super().__init__(workers=1, use_multiprocessing=False)
         self.data, self.steps = data, steps
+        # Under a distribution Keras splits every item over the devices along
+        # its first axis: one copy of the number for each of this process's.
+        self._copies = max(1, replica_count() // jax.process_count())
 
     def __len__(self):
         return math.ceil(len(self.data) / self.steps)
@@ -67,12 +72,7 @@ class DeviceBlocks(keras.utils.PyDataset):
     def __getitem__(self, index):
         if not 0 <= index < len(self):
             raise IndexError(f"Block {index} of {len(self)}.")
-        # Under a distribution Keras splits every item over the devices along
-        # its first axis: one copy of the number for each of this process's.
-        import jax
-
-        copies = max(1, replica_count() // jax.process_count())
-        return (np.full([copies], index, "int32"),)
+        return (np.full([self._copies], index, "int32"),)
 
     def on_epoch_end(self):
         self.data.on_epoch_end()

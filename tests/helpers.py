@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import pytest
 
 from keras_fsp.papers import cifar_resnet
 
@@ -32,3 +33,17 @@ class CallCounter(keras.layers.Layer):
     def call(self, x):
         type(self).calls += 1
         return x
+
+
+def run_litert(path, x):
+    """`(outputs, tensor dtypes, input details)` of a .tflite file run on `x`
+    by LiteRT's interpreter (skips the test without ai-edge-litert)."""
+    interpreter = pytest.importorskip("ai_edge_litert.interpreter").Interpreter(
+        model_path=str(path))
+    (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
+    interpreter.resize_tensor_input(inp["index"], x.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(inp["index"], x)
+    interpreter.invoke()
+    dtypes = {t["dtype"] for t in interpreter.get_tensor_details()}
+    return interpreter.get_tensor(out["index"]), dtypes, inp

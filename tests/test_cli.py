@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("sklearn")
 
 from keras_fsp.apps import cli, data  # noqa: E402
+from tests.helpers import run_litert  # noqa: E402
 
 if keras.backend.backend() != "tensorflow":
     pytest.skip("the CLI's SavedModel export needs TensorFlow", allow_module_level=True)
@@ -174,7 +175,6 @@ def test_export_takes_the_runs_dataset_and_writes_every_format(teacher_run, tmp_
     pytest.importorskip("ai_edge_litert")
     pytest.importorskip("tf2onnx")
     ort = pytest.importorskip("onnxruntime")
-    from ai_edge_litert.interpreter import Interpreter
 
     model_dir, _ = teacher_run
     out = tmp_path / "exported"
@@ -191,13 +191,7 @@ def test_export_takes_the_runs_dataset_and_writes_every_format(teacher_run, tmp_
     expected = np.asarray(keras.saving.load_model(out / "model.keras").predict(x, verbose=0))
 
     def litert(path):
-        interpreter = Interpreter(model_path=str(path))
-        (inp,), (outp,) = interpreter.get_input_details(), interpreter.get_output_details()
-        interpreter.resize_tensor_input(inp["index"], x.shape)
-        interpreter.allocate_tensors()
-        interpreter.set_tensor(inp["index"], x)
-        interpreter.invoke()
-        return interpreter.get_tensor(outp["index"])
+        return run_litert(path, x)[0]
 
     np.testing.assert_allclose(litert(out / "model.tflite"), expected, rtol=1e-4, atol=1e-4)
     session = ort.InferenceSession(str(out / "model.onnx"))

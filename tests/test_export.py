@@ -9,7 +9,7 @@ import pytest
 
 import keras_fsp
 from keras_fsp import FSPDistiller
-from tests.helpers import data, small_pair
+from tests.helpers import data, run_litert, small_pair
 
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "tensorflow", reason="the exports but .keras are TensorFlow-only"
@@ -33,15 +33,9 @@ def trained():
 
 
 def _run_litert(path, x):
-    interpreter = pytest.importorskip("ai_edge_litert.interpreter").Interpreter(model_path=path)
-    (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
+    served, dtypes, inp = run_litert(path, x)
     assert inp["name"].endswith("inputs:0") and inp["dtype"] == np.float32
-    interpreter.resize_tensor_input(inp["index"], x.shape)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(inp["index"], x)
-    interpreter.invoke()
-    dtypes = {t["dtype"] for t in interpreter.get_tensor_details()}
-    return interpreter.get_tensor(out["index"]), dtypes
+    return served, dtypes
 
 
 def test_savedmodel_serves_without_keras_fsp(tmp_path):

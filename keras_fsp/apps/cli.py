@@ -84,10 +84,14 @@ RESUMABLE_CHANGES = ("epochs", "verbose", "overwrite", "data_dir", "model_dir", 
 HISTORY_SETTINGS = ("learning_rate_scale",)
 # Where --overwrite moves the earlier run (inside --model_dir).
 OVERWRITTEN = "overwritten"
-# What `export --formats` writes, each into --model_dir.
-EXPORT_FORMATS = ("keras", "saved_model", "litert", "litert_int8", "onnx")
-EXPORT_FILES = {"keras": "model.keras", "saved_model": "export", "litert": "model.tflite",
-                "litert_int8": "model_int8.tflite", "onnx": "model.onnx"}
+# What `export --formats` writes into --model_dir: format -> (file,
+# `export_student` format, the module that format needs beyond TensorFlow).
+EXPORTS = {"keras": ("model.keras", "keras", None),
+           "saved_model": ("export", "tf_saved_model", None),
+           "litert": ("model.tflite", "litert", "ai_edge_litert"),
+           "litert_int8": ("model_int8.tflite", "litert", "ai_edge_litert"),
+           "onnx": ("model.onnx", "onnx", "tf2onnx")}
+EXPORT_FORMATS = tuple(EXPORTS)
 # Training images that calibrate litert_int8's activation ranges.
 CALIBRATION_IMAGES = 500
 # Model files of a run folder, in the order they are looked for.
@@ -720,23 +724,22 @@ def _export_cmd(cfg, log):
     if keras.backend.backend() != "tensorflow" and formats != ["keras"]:
         raise CLIError(f"--formats {','.join(formats)}: every format but keras needs "
                        "KERAS_BACKEND=tensorflow.")
-    if {"litert", "litert_int8", "onnx"} & set(formats):
-        import importlib.util
+    import importlib.util
 
-        needed = {"onnx": "tf2onnx", "litert": "ai_edge_litert", "litert_int8": "ai_edge_litert"}
-        missing = sorted({needed[f] for f in formats if f in needed
-                          and importlib.util.find_spec(needed[f]) is None})
-        if missing:
-            raise CLIError(f"--formats {','.join(formats)} needs {', '.join(missing)}: "
-                           "pip install 'keras-fsp[export]'.")
+    needed = {EXPORTS[f][2] for f in formats} - {None}
+    missing = sorted(m for m in needed if importlib.util.find_spec(m) is None)
+    if missing:
+        raise CLIError(f"--formats {','.join(formats)} needs {', '.join(missing)}: "
+                       "pip install 'keras-fsp[export]'.")
     _check_model_dir(cfg)
     _prepare_model_dir(cfg, log)
     from keras_fsp import export_student
 
     files = {}
     for name in formats:
-        target = os.path.join(cfg["model_dir"], EXPORT_FILES[name])
-        kwargs = {"format": {"saved_model": "tf_saved_model", "litert_int8": "litert"}.get(name, name)}
+        filename, export_format, _ = EXPORTS[name]
+        target = os.path.join(cfg["model_dir"], filename)
+        kwargs = {"format": export_format}
         if name == "litert_int8":
             kwargs.update(quantize="int8",
                           representative_data=_normalized(x_train[:CALIBRATION_IMAGES], info))
