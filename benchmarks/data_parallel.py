@@ -132,7 +132,7 @@ def time_fit(name, teacher_depth, student_depth, devices, per_device_batch, grou
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
     try:
         return g.time_fit(name, teacher_depth, student_depth, len(devices) * per_device_batch,
-                          *data, batch_norm_groups=groups, profile_dir=profile_dir)
+                          *data, batch_norm_groups=groups, profile_dir=profile_dir)[0]
     finally:
         keras.distribution.set_distribution(None)
 

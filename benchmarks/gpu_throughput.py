@@ -15,11 +15,14 @@ Measurements (each a name in the JSON list `{"name", "batch_size",
   training step (`model.train_step` under `jax.jit`, exactly what `fit`
   runs) called from Python on one device-resident batch: keras_fsp's own
   compiled step. `temp_mib` is XLA's temporary buffer size for the step.
-- `fit_stage_{fsp,kd}`, `fit_student_alone` (and `_bf16` under
+- `fit_stage_{fsp,kd,kd_fsp}`, `fit_student_alone` (and `_bf16` under
   `mixed_bfloat16`): `fit` over the training set held on the device
   (`keras_fsp.inputs.DeviceArrays`) with pad-crop-flip augmentation inside
   the step and `steps_per_execution` = one epoch (`keras_fsp.jax_steps`);
-  `fit_spe1_*`: the same `fit` one step per dispatch (Keras' own loop).
+  `fit_spe1_*`: the same `fit` one step per dispatch (Keras' own loop);
+  `_noaug`: without augmentation; `_cached`: without augmentation, on a
+  teacher cache (`teacher_outputs`, its time in `teacher_cache_seconds`),
+  so the teacher does not run.
 - `fsp_parts_*`: where an FSP step's time goes: the teacher's forward pass to
   its last FSP map, the student's forward and backward pass to its last FSP
   map, and the FSP matrices with their loss and gradient alone.
@@ -85,7 +88,9 @@ def _distiller(stage, teacher_depth, student_depth, augment=None, steps_per_exec
         student = per_replica_batch_norm(student, batch_norm_groups)
     stages = {}
     if stage == "kd_fsp":  # KD plus the FSP term: what the FSP matrices add to a KD step
-        stages = {"kd_fsp": Stage("kd_fsp", {"kd": 0.9, "task": 0.1, "fsp": 1e-3})}
+        # (a small FSP weight: its cost does not depend on it, and SGD at 0.01
+        # diverges on an FSP loss of 1e5 weighted 1e-3)
+        stages = {"kd_fsp": Stage("kd_fsp", {"kd": 0.9, "task": 0.1, "fsp": 1e-6})}
     model = FSPDistiller(teacher, student, stage=stage, augment=augment, stages=stages)
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
                   steps_per_execution=steps_per_execution)
@@ -230,19 +235,28 @@ def time_fit(name, teacher_depth, student_depth, batch_size, x, y, batch_norm_gr
     from keras_fsp.augment import PadCropFlip
     from keras_fsp.inputs import DeviceArrays
 
-    what, bf16 = name, name.endswith("_bf16")
-    what = what[: -len("_bf16")] if bf16 else what
+    what, extra = name, {}
+    suffixes = {s: what.endswith("_" + s) for s in ("bf16", "cached", "noaug")}
+    for suffix in suffixes:
+        what = what[: -len(suffix) - 1] if what.endswith("_" + suffix) else what
     one_per_dispatch = what.startswith("fit_spe1_")
     what = what[len("fit_spe1_"):] if one_per_dispatch else what[len("fit_"):]
-    keras.config.set_dtype_policy("mixed_bfloat16" if bf16 else "float32")
+    keras.config.set_dtype_policy("mixed_bfloat16" if suffixes["bf16"] else "float32")
     try:
-        data = DeviceArrays(x, y, batch_size=batch_size, seed=0, drop_remainder=True)
-        steps = 1 if one_per_dispatch else len(data)
-        augment = PadCropFlip(pad=4, flip=True, seed=0)
+        steps = 1 if one_per_dispatch else len(x) // batch_size
+        # A teacher cache needs fixed inputs: no augmentation there.
+        fixed = suffixes["cached"] or suffixes["noaug"]
+        augment = None if fixed else PadCropFlip(pad=4, flip=True, seed=0)
         model = (_student(student_depth, augment, steps, batch_norm_groups)
                  if what == "student_alone"
                  else _distiller(what[len("stage_"):], teacher_depth, student_depth, augment, steps,
                                  batch_norm_groups))
+        inputs = x
+        if suffixes["cached"]:
+            start = time.perf_counter()
+            inputs = {"inputs": x, "teacher": model.teacher_outputs(x, batch_size=1000)}
+            extra["teacher_cache_seconds"] = round(time.perf_counter() - start, 2)
+        data = DeviceArrays(inputs, y, batch_size=batch_size, seed=0, drop_remainder=True)
         model.fit(data, epochs=1, verbose=0)  # compiles
         start = time.perf_counter()
         model.fit(data, epochs=FLAGS.fit_epochs, verbose=0)
@@ -252,7 +266,7 @@ def time_fit(name, teacher_depth, student_depth, batch_size, x, y, batch_norm_gr
 
             with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
                 model.fit(data, epochs=1, verbose=0)
-        return seconds
+        return seconds, extra
     finally:
         keras.config.set_dtype_policy("float32")
 
@@ -292,8 +306,12 @@ def main(_):
     for b in batch_sizes:
         for name in FLAGS.fits:
             if not _out_of_time():
-                _record(name, b, time_fit(name, t_depth, s_depth, b, x, y), pair=pair,
-                        data=FLAGS.dataset or "random")
+                try:
+                    seconds, extra = time_fit(name, t_depth, s_depth, b, x, y)
+                except Exception as e:  # noqa: BLE001 (one failed measurement, not the run)
+                    print(f"{name}: {type(e).__name__}: {e}", flush=True)
+                    continue
+                _record(name, b, seconds, pair=pair, data=FLAGS.dataset or "random", **extra)
     stats = device.memory_stats() or {}
     print(f"peak device memory in use (whole run): {stats.get('peak_bytes_in_use', 0) / 2**30:.2f} GiB")
 

@@ -68,6 +68,32 @@ def _check_request(path, format, overwrite, representative_data, quantize):
             raise ImportError("format='onnx' needs tf2onnx: pip install 'keras-fsp[export]'.")
 
 
+def float32_copy(model):
+    """`model` computing in float32: `model` itself when every layer does,
+    else a copy with float32 dtype policies and the same weights (a network
+    trained under `"mixed_bfloat16"` or `"mixed_float16"` keeps float32
+    variables, so nothing is lost; serving runtimes expect float32 graphs)."""
+    import keras
+
+    def layers(m):
+        for layer in m.layers:
+            yield layer
+            if isinstance(layer, keras.Model):
+                yield from layers(layer)
+
+    if all(layer.compute_dtype == "float32" for layer in [model, *layers(model)]):
+        return model
+
+    def as_float32(layer):
+        if isinstance(layer, keras.Model):
+            return float32_copy(layer)
+        return layer.__class__.from_config({**layer.get_config(), "dtype": "float32"})
+
+    copy = keras.models.clone_model(model, clone_function=as_float32)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def _input_spec(student):
     """The batch of float32 images every exported format takes, named `inputs`."""
     import tensorflow as tf
@@ -141,7 +167,9 @@ def export_student(distiller_or_model, path, format="tf_saved_model", overwrite=
             `onnxruntime.InferenceSession`, input `inputs`.
             `"keras"`: a `.keras` file of the student.
             All but `"keras"` need the TensorFlow backend; every format takes
-            and returns float32 (images normalised as in training, logits).
+            and returns float32 (images normalised as in training, logits),
+            and computes in float32 whatever dtype policy the student
+            trained under (`float32_copy`).
         overwrite: replace an existing file or non-empty directory at `path`
             (the new export is written beside it first, then renamed over
             it); `False` refuses it.
@@ -158,6 +186,7 @@ def export_student(distiller_or_model, path, format="tf_saved_model", overwrite=
     student = _student_of(distiller_or_model)
     path = os.fspath(path)
     _check_request(path, format, overwrite, representative_data, quantize)
+    student = float32_copy(student)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     # Written into a sibling temporary folder (same file system, so the

@@ -35,7 +35,9 @@ class DeviceArrays(keras.utils.PyDataset):
     saw; a batch is a device-side gather.
 
     Args:
-        x: array `(N, ...)` of inputs (NumPy or a backend tensor).
+        x: array `(N, ...)` of inputs (NumPy or a backend tensor), or a dict
+            of such arrays, e.g. `{"inputs": x, "teacher": cache}` for a
+            distiller fit on a teacher cache (`keras_fsp.teacher_cache`).
         y: optional array `(N, ...)` of targets.
         batch_size: examples per batch.
         shuffle: a new order every epoch (else the arrays' order).
@@ -43,8 +45,8 @@ class DeviceArrays(keras.utils.PyDataset):
         initial_epoch: the epoch the first `fit` starts at (for resuming).
         drop_remainder: drop the last partial batch. Keeping it (default)
             costs one extra compilation of the step for its shape.
-        dtype: cast `x` to this dtype on the device (e.g. `"float32"` for
-            uint8 images); default: keep `x`'s dtype.
+        dtype: cast `x` (each of its arrays) to this dtype on the device
+            (e.g. `"float32"` for uint8 images); default: keep their dtypes.
 
     Example:
 
@@ -57,7 +59,11 @@ class DeviceArrays(keras.utils.PyDataset):
     def __init__(self, x, y=None, batch_size=128, shuffle=True, seed=0, initial_epoch=0,
                  drop_remainder=False, dtype=None):
         super().__init__(workers=1, use_multiprocessing=False)
-        n = len(x)
+        n = len(keras.tree.flatten(x)[0])
+        lengths = {len(a) for a in keras.tree.flatten(x)}
+        if len(lengths) > 1:
+            raise ValueError(f"The arrays of x have different lengths {sorted(lengths)}: "
+                             "every array needs one row per example.")
         if y is not None and len(y) != n:
             raise ValueError(f"x has {n} examples but y has {len(y)}: they must match.")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -72,7 +78,8 @@ class DeviceArrays(keras.utils.PyDataset):
         self.seed = int(seed or 0)
         self.drop_remainder = drop_remainder
         self.num_examples = n
-        self.x = _replicated(ops.convert_to_tensor(x, dtype=dtype))
+        self.x = keras.tree.map_structure(
+            lambda a: _replicated(ops.convert_to_tensor(a, dtype=dtype)), x)
         self.y = None if y is None else _replicated(ops.convert_to_tensor(y))
         self.epoch = int(initial_epoch)
         self.order = self._order(self.epoch)
@@ -96,13 +103,15 @@ class DeviceArrays(keras.utils.PyDataset):
         start = index * self.batch_size
         stop = min(start + self.batch_size, self.num_examples)
         if self.order is None:
-            x = self.x[start:stop]
-            y = None if self.y is None else self.y[start:stop]
+            def pick(a):
+                return a[start:stop]
         else:
             idx = self.order[start:stop]
-            x = ops.take(self.x, idx, axis=0)
-            y = None if self.y is None else ops.take(self.y, idx, axis=0)
-        return (x,) if y is None else (x, y)
+
+            def pick(a):
+                return ops.take(a, idx, axis=0)
+        x = keras.tree.map_structure(pick, self.x)
+        return (x,) if self.y is None else (x, pick(self.y))
 
     def on_epoch_end(self):
         self.epoch += 1

@@ -135,8 +135,8 @@ def multi_step_train_function(model, source=None):
         return _scan(model, state, jax.tree.map(lambda *leaves: jnp.stack(leaves), *batches))
 
     def gathered_run(state, x, y, index):  # index: (steps, batch)
-        def take(a):
-            return None if a is None else jnp.take(a, index, axis=0)
+        def take(a):  # x may be a dict (inputs and a teacher cache)
+            return jax.tree.map(lambda leaf: jnp.take(leaf, index, axis=0), a)
 
         return _scan(model, state, (take(x), take(y)))
 

@@ -66,7 +66,8 @@ def test_train_teacher_writes_config_metrics_logs_checkpoints_and_export(teacher
         "weight_decay": 1e-4, "temperature": None, "data_dir": None, "overwrite": False,
         "method": "fsp", "teacher": None, "model": None, "num_images": 6,
         "max_minutes": None, "tensorboard": False, "formats": ["keras", "saved_model"],
-        "checkpoint_seconds": None,
+        "checkpoint_seconds": None, "dtype_policy": "float32",
+        "compilation_cache_dir": os.path.join("~", ".cache", "keras_fsp", "jax"),
         "history": [{"from_epoch": 0, "learning_rate_scale": 1.0}],
     }
     assert config == expected
@@ -122,6 +123,35 @@ def test_distill_stops_at_epochs_then_resumes_at_the_right_epoch(teacher_run, tm
     with pytest.raises(cli.CLIError, match=r"other settings: --seed=1 \(was 0\).*--overwrite"):
         _run(*args, "--seed=1")
     assert _snapshot(model_dir) == before
+
+
+def test_mixed_bfloat16_trains_exports_float32_and_resumes_only_under_its_policy(
+        teacher_run, tmp_path):
+    teacher_dir, _ = teacher_run
+    model_dir = tmp_path / "distill-kd-bf16"
+    args = ["distill", "--method=kd", *TINY, f"--teacher={teacher_dir}", f"--model_dir={model_dir}",
+            "--dtype_policy=mixed_bfloat16"]
+    first = _run(*args, "--epochs=1")
+    assert keras.config.dtype_policy().name == "float32"  # restored after the run
+    with pytest.raises(cli.CLIError, match=r"--dtype_policy='float32' \(was 'mixed_bfloat16'\)"):
+        _run(*args[:-1])
+    result = _run(*args)
+    assert first["epochs_done"] == 1 and result["complete"] and result["initial_epoch"] == 1
+    student = keras.saving.load_model(result["files"]["keras"], compile=False)
+    assert {layer.compute_dtype for layer in student.layers} == {"float32"}
+    (_, _), (x, y), info = data.load_arrays("digits")
+    # The reported accuracy is that of the exported (float32) network.
+    accuracy = np.mean(np.argmax(student.predict(_normalize(x, info), verbose=0), 1) == y)
+    assert accuracy == pytest.approx(result["test_accuracy"], abs=1e-9)
+
+    # A run made before --dtype_policy existed resumes as float32.
+    old_dir = tmp_path / "distill-kd-old"
+    old_args = ["distill", "--method=kd", *TINY, f"--teacher={teacher_dir}", f"--model_dir={old_dir}"]
+    _run(*old_args, "--epochs=1")
+    config = json.loads((old_dir / "config.json").read_text())
+    del config["dtype_policy"]
+    (old_dir / "config.json").write_text(json.dumps(config))
+    assert _run(*old_args)["complete"]
 
 
 @pytest.mark.parametrize("method", ["dense-fsp", "fitnet", "kd", "at", "dkd", "fsp-kd", "at-kd"])

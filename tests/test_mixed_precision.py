@@ -7,7 +7,7 @@ from keras import ops
 
 from keras_fsp import FSPDistiller, Stage, taps
 from tests import reference
-from tests.helpers import data, small_pair, weights_of
+from tests.helpers import SHAPE, data, small_pair, weights_of
 
 LossScaleOptimizer = keras.optimizers.LossScaleOptimizer
 NAMES = ["stem", "stage1", "stage2", "stage3"]
@@ -149,3 +149,34 @@ def test_bfloat16_needs_no_loss_scaling(policy):
     d = FSPDistiller(*small_pair())
     d.compile(optimizer="sgd")
     assert type(d.optimizer) is keras.optimizers.SGD
+
+
+@BOTH
+def test_float32_copy_computes_in_float32_with_the_same_weights(policy):
+    from keras_fsp.export import float32_copy
+    from keras_fsp.papers import cifar_resnet
+
+    keras.utils.set_random_seed(0)
+    inner = cifar_resnet(8, input_shape=SHAPE)
+    inputs = keras.Input(SHAPE)
+    mixed = keras.Model(inputs, inner(inputs))  # nested, as keras-hub classifiers are
+    keras.mixed_precision.set_dtype_policy("float32")
+    copy = float32_copy(mixed)
+    assert copy is not mixed
+    nested = [layer for layer in copy.layers if isinstance(layer, keras.Model)]
+    every = copy.layers + [layer for m in nested for layer in m.layers]
+    assert {layer.compute_dtype for layer in every} == {"float32"}
+    for a, b in zip(weights_of(copy), weights_of(mixed)):
+        np.testing.assert_array_equal(a, b)
+    # The same weights in a network built under float32: the copy must
+    # compute exactly what it computes.
+    reference_net = cifar_resnet(8, input_shape=SHAPE)
+    reference_net.set_weights(mixed.get_weights())
+    x, _ = data(4)
+    expected = ops.convert_to_numpy(reference_net(x, training=False))
+    np.testing.assert_allclose(ops.convert_to_numpy(copy(x, training=False)), expected,
+                               rtol=1e-5, atol=1e-5)
+    low = ops.convert_to_numpy(ops.cast(mixed(x, training=False), "float32"))
+    assert keras.backend.standardize_dtype(mixed(x).dtype) == COMPUTE_DTYPE[policy]
+    assert not np.allclose(low, expected, rtol=1e-6, atol=1e-6)  # the copy is not the original
+    assert float32_copy(copy) is copy

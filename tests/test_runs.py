@@ -217,6 +217,23 @@ def test_checkpoints_at_a_least_interval_and_always_at_the_end(tmp_path, monkeyp
         run.checkpoint_callback(-1.0)
 
 
+def test_non_finite_weight_names_the_first_bad_student_weight_and_ignores_the_teacher():
+    keras.utils.set_random_seed(0)
+    distiller = FSPDistiller(cifar_resnet(8, input_shape=SHAPE, name="teacher"),
+                             cifar_resnet(8, input_shape=SHAPE, name="student"), stage="kd")
+    assert runs._non_finite_weight(distiller) is None
+    teacher_kernel = distiller.teacher.weights[0]
+    teacher_kernel.assign(np.full(teacher_kernel.shape, np.nan, "float32"))
+    assert runs._non_finite_weight(distiller) is None  # frozen: never checked
+    student = [v for v in distiller.student.weights if len(v.shape) == 4]
+    first, later = student[2], student[5]
+    values = keras.ops.convert_to_numpy(later)
+    later.assign(np.where(np.arange(values.size).reshape(values.shape) == 7, np.inf, values))
+    assert runs._non_finite_weight(distiller) == later.path
+    first.assign(np.full(first.shape, np.nan, "float32"))
+    assert runs._non_finite_weight(distiller) == first.path
+
+
 def test_nan_guard_stops_with_the_term_and_stage_and_keeps_the_last_good_checkpoint(tmp_path):
     x, y = _data()
     keras.utils.set_random_seed(0)
@@ -246,3 +263,38 @@ def test_nan_guard_stops_with_the_term_and_stage_and_keeps_the_last_good_checkpo
     fresh.compile()
     assert run.restore(fresh) == 1
     assert all(np.all(np.isfinite(v)) for v in _values(fresh.student.weights))
+
+
+def test_compilation_cache_keeps_compiled_programs_for_the_next_process(tmp_path):
+    if keras.backend.backend() != "jax":
+        pytest.skip("JAX's persistent compilation cache")
+    import subprocess
+    import sys
+
+    # A fresh process each time: JAX decides at its first compilation whether
+    # the process uses a cache.
+    script = (
+        "import sys, jax, jax.numpy as jnp\n"
+        "from keras_fsp.apps.training import use_compilation_cache\n"
+        "hits = []\n"
+        "jax.monitoring.register_event_listener(\n"
+        "    lambda event, **kw: hits.append(1) if event.endswith('cache_hits') else None)\n"
+        "print(use_compilation_cache(sys.argv[1]))\n"
+        "f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())\n"
+        "print(float(f(jnp.ones((64, 64)))), 'loaded' if hits else 'compiled')\n"
+    )
+    cache = tmp_path / "cache"
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    runs = [subprocess.run([sys.executable, "-c", script, str(cache)], capture_output=True,
+                           text=True, env=env, check=True).stdout.split() for _ in range(2)]
+    value = str(float(64 * np.tanh(64.0) * 64))
+    assert runs[0] == [str(cache), value, "compiled"]  # and stored
+    assert runs[1] == [str(cache), value, "loaded"]
+    assert os.listdir(cache)
+    # A cache the user configured wins; an empty path means none.
+    script_user = ("import jax\nfrom keras_fsp.apps.training import use_compilation_cache\n"
+                   "jax.config.update('jax_compilation_cache_dir', 'mine')\n"
+                   "print(use_compilation_cache('theirs'), use_compilation_cache(''))\n")
+    out = subprocess.run([sys.executable, "-c", script_user], capture_output=True, text=True,
+                         env=env, check=True).stdout.split()
+    assert out == ["mine", "mine"]

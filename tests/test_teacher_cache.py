@@ -84,6 +84,33 @@ def test_cached_fit_equals_uncached_fit():
     )
 
 
+def test_cached_fit_on_device_arrays_in_scans_equals_uncached_fit(monkeypatch):
+    # On JAX the batches of inputs and cache are gathered inside one compiled
+    # scan (keras_fsp.jax_steps); on TensorFlow DeviceArrays feeds Keras' loop.
+    import keras_fsp.jax_steps
+    from keras_fsp.inputs import DeviceArrays
+
+    monkeypatch.setattr(keras_fsp.jax_steps, "ON_CPU", True)
+    x, y = data()
+    uncached, cached = _distiller(), _distiller()
+    cache = cached.teacher_outputs(x, batch_size=8)
+    start = _trained_weights(uncached)
+    cached.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9), steps_per_execution=2)
+    fit = dict(epochs=2, shuffle=False, verbose=0)
+    h_uncached = uncached.fit(DeviceArrays(x, y, batch_size=16, seed=4), **fit).history
+    h_cached = cached.fit(DeviceArrays({"inputs": x, "teacher": cache}, y, batch_size=16, seed=4),
+                          **fit).history
+    for term in TERMS:
+        assert np.all(np.isfinite(h_cached[term]))
+        np.testing.assert_allclose(h_cached[term], h_uncached[term], rtol=1e-5, err_msg=term)
+    after = _trained_weights(uncached)
+    assert max(np.abs(a - b).max() for a, b in zip(start, after)) > 1e-2  # it trained
+    for a, b in zip(after, _trained_weights(cached)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="different lengths"):
+        DeviceArrays({"inputs": x, "teacher": {k: v[:-1] for k, v in cache.items()}}, y)
+
+
 def test_cache_is_shuffled_together_with_its_inputs():
     # One full batch: each term is a mean over examples, which a consistent
     # shuffle leaves unchanged and a misaligned cache does not. Scaling the

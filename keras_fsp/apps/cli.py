@@ -77,7 +77,7 @@ TEACHER_RECIPE = "supervised"
 # must stay as it was for a resumed run to be the same run).
 RESUMABLE_CHANGES = ("epochs", "verbose", "overwrite", "data_dir", "model_dir", "num_images",
                      "max_minutes", "tensorboard", "learning_rate_scale", "formats",
-                     "checkpoint_seconds")
+                     "checkpoint_seconds", "compilation_cache_dir")
 # The resumable flags that change what training computes: config.json's
 # "history" lists their values by epoch range, [{"from_epoch": 0,
 # "learning_rate_scale": 1.0}, {"from_epoch": 5, "learning_rate_scale": 0.1}].
@@ -98,6 +98,11 @@ CALIBRATION_IMAGES = 500
 MODEL_FILES = ("student.keras", "teacher.keras", "model.keras")
 TEACHER_FILES = ("teacher.keras", "model.keras")
 FSP_IMAGES = 256
+# --dtype_policy values; training flags added later than a run read as their
+# default when the run's config.json has none.
+DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
+LATER_FLAG_DEFAULTS = {"dtype_policy": "float32"}
+DEFAULT_COMPILATION_CACHE = os.path.join("~", ".cache", "keras_fsp", "jax")
 
 USAGE = f"""Usage: keras-fsp SUBCOMMAND [--flag=value ...]
 
@@ -163,6 +168,13 @@ def _flag_values():
                        "many seconds have passed since the last one (and at the end); default: "
                        "every epoch on the CPU, every 30 s on a GPU.", **d)
     flags.DEFINE_integer("batch_size", 128, "Training batch size.", **d)
+    flags.DEFINE_string("compilation_cache_dir", DEFAULT_COMPILATION_CACHE, "JAX on a GPU or TPU: "
+                        "keep compiled programs here, so that later runs of the same networks "
+                        "skip compilation; empty: no cache.", **d)
+    flags.DEFINE_enum("dtype_policy", "float32", list(DTYPE_POLICIES), "Keras dtype policy "
+                      "of teacher and student while training (variables, terms and FSP "
+                      "matrices stay float32); mixed_bfloat16 is the faster setting on "
+                      "recent GPUs.", **d)
     flags.DEFINE_integer("seed", 0, "Seed of the weights, the data order and the augmentation.", **d)
     flags.DEFINE_float("temperature", None, "Soft-target temperature (kd: default 4, "
                        "fitnet: default 3); other methods have none.", **d)
@@ -456,6 +468,7 @@ def _check_model_dir(cfg):
     if old is None:
         raise CLIError(f"--model_dir {model_dir} has checkpoints but no readable config.json; "
                        "pass --overwrite to start over or choose another --model_dir.")
+    old = {**LATER_FLAG_DEFAULTS, **old}
     changed = [k for k in cfg if k not in RESUMABLE_CHANGES and old.get(k) != cfg[k]]
     if changed:
         diffs = ", ".join(f"--{k}={cfg[k]!r} (was {old.get(k)!r})" for k in changed)
@@ -610,6 +623,21 @@ def _recipe(cfg, teacher, student, steps, augment):
 
 
 def _train(cfg, log, argv):
+    import keras
+
+    from keras_fsp.apps import training
+
+    if training.on_accelerator():  # before anything compiles: JAX decides at the first
+        training.use_compilation_cache(cfg["compilation_cache_dir"])
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(cfg["dtype_policy"])  # for the networks built here
+    try:
+        return _train_networks(cfg, log, argv)
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _train_networks(cfg, log, argv):
     import keras
 
     from keras_fsp.apps import training

@@ -185,12 +185,31 @@ def _non_finite_weight(model):
     max(NaN, 0) is 0, so the ReLUs hide them)."""
     teacher = getattr(model, "teacher", None)  # frozen: never changes
     frozen = {id(v) for v in teacher.weights} if teacher is not None else set()
-    for variable in model.weights:
-        if id(variable) in frozen:
-            continue
-        if not np.all(np.isfinite(keras.ops.convert_to_numpy(variable))):
-            return variable.path
-    return None
+    checked = [v for v in model.weights if id(v) not in frozen]
+    if not checked:
+        return None
+    bad = np.flatnonzero(~_finite_flags([v.value for v in checked]))
+    return checked[bad[0]].path if len(bad) else None
+
+
+def _all_finite(values):
+    return keras.ops.stack([keras.ops.all(keras.ops.isfinite(v)) for v in values])
+
+
+_jitted_all_finite = []
+
+
+def _finite_flags(values):
+    """Whether each array is finite, computed on the device and read back at
+    once (reading every weight costs a transfer and a wait each, every epoch;
+    on JAX in one compiled call: op by op it took 25 ms per epoch on a GPU)."""
+    if keras.backend.backend() == "jax":
+        if not _jitted_all_finite:
+            import jax
+
+            _jitted_all_finite.append(jax.jit(_all_finite))
+        return np.asarray(_jitted_all_finite[0](values))
+    return keras.ops.convert_to_numpy(_all_finite(values))
 
 
 def _stage_name(model):

@@ -28,7 +28,7 @@ import numpy as np
 
 from keras_fsp.apps import runs
 from keras_fsp.callbacks import NonFiniteLossError
-from keras_fsp.export import export_student
+from keras_fsp.export import export_student, float32_copy
 
 RESULT_FILE = "metrics.json"
 METRICS_FILE = "metrics.csv"
@@ -81,6 +81,25 @@ class _EpochLog(keras.callbacks.Callback):
         self.log(f"epoch {epoch + 1}/{self.total}{where} {values}", echo=self.echo)
 
 
+class _Validation(keras.callbacks.Callback):
+    """Scores the trained network alone on the test set at the end of the
+    given epochs, as `val_accuracy` and `val_loss` (mean cross-entropy, as
+    the final `test_loss`), for the callbacks after it.
+
+    Why not `fit(validation_data=...)`: a distiller's evaluation passes the
+    teacher's variables too and is compiled again at every stage switch; the
+    network's own `predict` compiles once (and again for the final score)."""
+
+    def __init__(self, net, test_data, epochs):
+        super().__init__()
+        self.net, self.test_data, self.epochs = net, test_data, set(epochs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and epoch + 1 in self.epochs:
+            test = accuracy_and_loss(self.net, *self.test_data)
+            logs["val_accuracy"], logs["val_loss"] = test["accuracy"], test["loss"]
+
+
 class _Deadline(keras.callbacks.Callback):
     """Stops after the epoch that passes `minutes` of wall time."""
 
@@ -128,6 +147,32 @@ def on_accelerator():
     import jax
 
     return jax.default_backend() != "cpu"
+
+
+def use_compilation_cache(path):
+    """On JAX, keeps XLA's compiled programs in `path` (JAX's persistent
+    compilation cache), so that a later run of the same networks (another
+    seed, a resumed run, the next method of a table) loads them instead of
+    compiling again: on a GPU compilation is a sizeable part of a short
+    run (BENCHMARKS.md). A cache the user configured is left as it is. Call
+    it before anything is compiled: JAX decides at the first compilation
+    whether the process uses a cache.
+
+    Returns the cache folder in use, or None."""
+    if keras.backend.backend() != "jax":
+        return None
+    import jax
+
+    current = jax.config.jax_compilation_cache_dir
+    if current or not path:
+        return current or None
+    path = os.path.abspath(os.path.expanduser(path))
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    # Every program, not only those over JAX's default second: the many small
+    # ones (weight initialisers, one per shape) add up to seconds on a GPU.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path
 
 
 def read_history(path):
@@ -200,8 +245,9 @@ def train(recipe, train_data, test_data, run_dir, batch_size=128, seed=0, epochs
         epochs: stop after this many epochs in all (default: the recipe's);
             calling again without it continues.
         max_minutes: stop after the epoch that passes this wall time.
-        validation_every: validate every this many epochs (default about
-            eight times per run, and at the end).
+        validation_every: score the trained network alone on `test_data`
+            every this many epochs (`val_accuracy`, and `val_loss`: mean
+            cross-entropy; default about eight times per run, and at the end).
         extra_tests: `{name: (x, y)}` more test sets to score at the end.
         save_name: file stem of the trained network's weights.
         log: a `Log` (default: one writing `log.txt` in `run_dir`).
@@ -257,7 +303,10 @@ def train(recipe, train_data, test_data, run_dir, batch_size=128, seed=0, epochs
         log(f"resuming at epoch {initial_epoch} of {total}")
 
     deadline = _Deadline(max_minutes)
-    all_callbacks = list(recipe.callbacks) + list(callbacks)
+    every = validation_every or max(1, total // 8)
+    validated = [e for e in range(1, end + 1) if e % every == 0 or e == total]
+    all_callbacks = ([_Validation(recipe.student, test_data, validated)]
+                     + list(recipe.callbacks) + list(callbacks))
     if record_kernel_norms:
         all_callbacks.append(KernelNormLog(recipe.student))
     if tensorboard:
@@ -267,7 +316,6 @@ def train(recipe, train_data, test_data, run_dir, batch_size=128, seed=0, epochs
     all_callbacks += [runs.MetricsCSV(metrics_path), _EpochLog(log, total, echo=not verbose),
                       deadline, run.nan_guard(nan_advice),
                       run.checkpoint_callback(checkpoint_seconds)]
-    every = validation_every or max(1, total // 8)
     start = time.time()
     diverged = None
     if initial_epoch < end:
@@ -283,8 +331,6 @@ def train(recipe, train_data, test_data, run_dir, batch_size=128, seed=0, epochs
         try:
             recipe.model.fit(
                 **data, epochs=end, initial_epoch=initial_epoch, shuffle=False,
-                validation_data=test_data,
-                validation_freq=[e for e in range(1, end + 1) if e % every == 0 or e == total],
                 callbacks=all_callbacks, verbose=verbose,
             )
         except NonFiniteLossError as e:
@@ -296,7 +342,9 @@ def train(recipe, train_data, test_data, run_dir, batch_size=128, seed=0, epochs
     done = len(history.get("epoch", [])) if history else initial_epoch
     done = max(done, initial_epoch)
     net = recipe.student
-    test = accuracy_and_loss(net, *test_data)
+    # Scored as exported: in float32 whatever the dtype policy it trained under.
+    scored = float32_copy(net)
+    test = accuracy_and_loss(scored, *test_data)
     result = {
         "name": recipe.name,
         "seed": seed,
@@ -322,9 +370,9 @@ def train(recipe, train_data, test_data, run_dir, batch_size=128, seed=0, epochs
     }
     teacher = getattr(recipe.model, "teacher", None)
     result["teacher_test_accuracy"] = (
-        None if teacher is None else accuracy_and_loss(teacher, *test_data)["accuracy"])
+        None if teacher is None else accuracy_and_loss(float32_copy(teacher), *test_data)["accuracy"])
     for name, (x, y) in (extra_tests or {}).items():
-        result[f"{name}_accuracy"] = accuracy_and_loss(net, x, y)["accuracy"]
+        result[f"{name}_accuracy"] = accuracy_and_loss(scored, x, y)["accuracy"]
     weights = os.path.join(run_dir, f"{save_name}.weights.h5")
     runs.write_weights(net, weights)  # not save_weights: h5py must not meet a full disk
     result["files"] = {"weights": weights}
