@@ -32,18 +32,20 @@ import collections  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
-flags.DEFINE_string("dataset", "npz:cifar10.npz", "The data (keras-fsp --dataset).")
-flags.DEFINE_string("teacher", None, "The teacher (keras-fsp --teacher).")
-flags.DEFINE_string("method", "fsp", "keras-fsp --method.")
-flags.DEFINE_list("flags", [], "More keras-fsp flags, e.g. --dtype_policy=mixed_bfloat16.")
-flags.DEFINE_string("model_dir", None, "The run's folder (default: a temporary one, deleted).")
-flags.DEFINE_string("json_out", None, "Write the results here.")
 FLAGS = flags.FLAGS
+
+
+def _define_flags():  # only when run: the module is also imported by the tests
+    flags.DEFINE_string("dataset", "npz:cifar10.npz", "The data (keras-fsp --dataset).")
+    flags.DEFINE_string("teacher", None, "The teacher (keras-fsp --teacher).")
+    flags.DEFINE_string("method", "fsp", "keras-fsp --method.")
+    flags.DEFINE_list("flags", [], "More keras-fsp flags, e.g. --dtype_policy=mixed_bfloat16.")
+    flags.DEFINE_string("model_dir", None, "The run's folder (default: a temporary one, deleted).")
+    flags.DEFINE_string("json_out", None, "Write the results here.")
 
 
 class Timeline:
@@ -209,5 +211,5 @@ def main(_):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    _define_flags()
     app.run(main)

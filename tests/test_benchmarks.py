@@ -49,3 +49,32 @@ def test_trace_summary_splits_busy_and_idle_time(tmp_path):
     assert got == {"steps": 2, "span_ms_per_step": 1.3, "busy_ms_per_step": 0.275,
                    "idle_ms_per_step": 1.025, "idle_in_gaps_over_1ms_ms_per_step": 1.0,
                    "idle_in_short_gaps_ms_per_step": 0.025, "nccl_ms_per_step": 0.15}
+
+
+def test_paper_schedule_timeline_splits_device_host_and_first_epochs():
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        import paper_schedule
+    finally:
+        sys.path.remove(BENCHMARKS)
+    timeline = paper_schedule.Timeline()
+    timeline.fit = [10.0, 31.0]
+    # (dispatch, logs ready, stage, validated): a first epoch of each stage
+    # that compiles, then steady ones; the host gap runs to the next dispatch.
+    epochs = [(10.5, 15.5, "fsp", False), (16.0, 17.0, "fsp", False), (17.5, 18.5, "fsp", True),
+              (20.0, 24.0, "task", False), (24.5, 25.0, "task", False), (25.5, 26.0, "task", False)]
+    for dispatch, logs, stage, validated in epochs:
+        timeline.epochs.append({"dispatch": dispatch, "logs": logs, "stage": stage,
+                                "validated": validated})
+    timeline.timed("NaNGuard", lambda: None)()
+    got = timeline.summary()
+    assert got["epochs"] == 6 and got["before_first_dispatch_seconds"] == 0.5
+    assert got["device_seconds"] == 5 + 1 + 1 + 4 + 0.5 + 0.5
+    assert got["host_seconds"] == 0.5 + 0.5 + 1.5 + 0.5 + 0.5 + 5.0  # the last runs to fit's end
+    assert got["by_stage"]["fsp"] == {
+        "epochs": 3, "device_seconds": 7.0, "host_seconds": 2.5,
+        "first_epoch_device_seconds": 5.0, "median_epoch_device_seconds": 1.0,
+        "median_host_seconds_between_epochs": 0.5}  # the validated epoch's gap left out
+    assert got["by_stage"]["task"]["median_epoch_device_seconds"] == 0.5
+    assert got["by_stage"]["task"]["first_epoch_device_seconds"] == 4.0
+    assert set(got["callbacks"]) == {"NaNGuard"}
