@@ -627,7 +627,7 @@ def _train(cfg, log, argv):
 
     from keras_fsp.apps import training
 
-    if training.on_accelerator():  # before anything compiles: JAX decides at the first
+    if training.on_accelerator():  # before anything compiles (see use_compilation_cache)
         training.use_compilation_cache(cfg["compilation_cache_dir"])
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(cfg["dtype_policy"])  # for the networks built here

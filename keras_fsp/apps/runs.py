@@ -201,8 +201,8 @@ _jitted_all_finite = []
 
 def _finite_flags(values):
     """Whether each array is finite, computed on the device and read back at
-    once (reading every weight costs a transfer and a wait each, every epoch;
-    on JAX in one compiled call: op by op it took 25 ms per epoch on a GPU)."""
+    once: reading every weight back took 25 ms per epoch on a GPU (a transfer
+    and a wait each), one compiled call on JAX takes a few."""
     if keras.backend.backend() == "jax":
         if not _jitted_all_finite:
             import jax

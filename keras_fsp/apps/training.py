@@ -88,7 +88,7 @@ class _Validation(keras.callbacks.Callback):
 
     Why not `fit(validation_data=...)`: a distiller's evaluation passes the
     teacher's variables too and is compiled again at every stage switch; the
-    network's own `predict` compiles once (and again for the final score)."""
+    network's own `predict` compiles once, and the final score reuses it."""
 
     def __init__(self, net, test_data, epochs):
         super().__init__()
