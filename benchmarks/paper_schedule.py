@@ -53,7 +53,7 @@ class Timeline:
 
     def __init__(self):
         self.epochs = []  # per epoch: dispatch, logs, end, stage
-        self.callbacks = collections.defaultdict(float)
+        self.seconds = collections.defaultdict(float)  # by name: callbacks, setup steps
         self.fit = [None, None]
 
     def callback(self):
@@ -88,7 +88,7 @@ class Timeline:
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.callbacks[name] += time.perf_counter() - start
+                self.seconds[name] += time.perf_counter() - start
         return wrapper
 
     def summary(self):
@@ -117,7 +117,7 @@ class Timeline:
             "host_seconds": round(sum(r["host"] for r in rows), 2),
             "before_first_dispatch_seconds": round(epochs[0]["dispatch"] - self.fit[0], 2) if epochs else None,
             "by_stage": by_stage,
-            "callbacks": {k: round(v, 2) for k, v in sorted(self.callbacks.items(), key=lambda kv: -kv[1])},
+            "callbacks": {k: round(v, 2) for k, v in sorted(self.seconds.items(), key=lambda kv: -kv[1])},
         }
 
 
@@ -196,7 +196,7 @@ def main(_):
         "steps_per_epoch": result["steps_per_epoch"],
         "stages": result["stages"],
         "phases": {k: round(v, 2) for k, v in phases.items()},
-        "before_fit": {k: round(v, 2) for k, v in setup.callbacks.items()},
+        "before_fit": {k: round(v, 2) for k, v in setup.seconds.items()},
         "compile_seconds": {k: round(v, 2) for k, v in
                             sorted(compile_seconds.items(), key=lambda kv: -kv[1]) if v >= 0.05},
         "compile_seconds_total": round(sum(compile_seconds.values()), 2),

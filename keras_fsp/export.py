@@ -8,6 +8,8 @@ import os
 import shutil
 import tempfile
 
+from keras_fsp.cloning import rebuilt_copy
+
 # format -> the file suffix it needs (None: a directory).
 FORMATS = {"tf_saved_model": None, "litert": ".tflite", "onnx": ".onnx", "keras": ".keras"}
 QUANTIZE = (None, "int8")
@@ -84,14 +86,8 @@ def float32_copy(model):
     if all(layer.compute_dtype == "float32" for layer in [model, *layers(model)]):
         return model
 
-    def as_float32(layer):
-        if isinstance(layer, keras.Model):
-            return float32_copy(layer)
-        return layer.__class__.from_config({**layer.get_config(), "dtype": "float32"})
-
-    copy = keras.models.clone_model(model, clone_function=as_float32)
-    copy.set_weights(model.get_weights())
-    return copy
+    return rebuilt_copy(model, lambda layer: layer.__class__.from_config(
+        {**layer.get_config(), "dtype": "float32"}))
 
 
 def _input_spec(student):

@@ -59,8 +59,9 @@ class DeviceArrays(keras.utils.PyDataset):
     def __init__(self, x, y=None, batch_size=128, shuffle=True, seed=0, initial_epoch=0,
                  drop_remainder=False, dtype=None):
         super().__init__(workers=1, use_multiprocessing=False)
-        n = len(keras.tree.flatten(x)[0])
-        lengths = {len(a) for a in keras.tree.flatten(x)}
+        arrays = keras.tree.flatten(x)
+        n = len(arrays[0])
+        lengths = {len(a) for a in arrays}
         if len(lengths) > 1:
             raise ValueError(f"The arrays of x have different lengths {sorted(lengths)}: "
                              "every array needs one row per example.")

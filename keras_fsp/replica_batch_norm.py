@@ -27,6 +27,7 @@ import keras
 from keras import ops
 
 from keras_fsp import compat
+from keras_fsp.cloning import rebuilt_copy
 
 
 @keras.saving.register_keras_serializable("keras_fsp")
@@ -108,6 +109,4 @@ def per_replica_batch_norm(model, groups=None):
             return ReplicaBatchNormalization.from_config(config)
         return layer.__class__.from_config(config)
 
-    copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
-    copy.set_weights(model.get_weights())
-    return copy
+    return rebuilt_copy(model, clone)

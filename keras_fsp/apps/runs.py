@@ -41,6 +41,7 @@ it is called), which Keras' TensorFlow and JAX trainers both accept.
 
 import errno
 import hashlib
+import functools
 import io
 import json
 import math
@@ -196,7 +197,11 @@ def _all_finite(values):
     return keras.ops.stack([keras.ops.all(keras.ops.isfinite(v)) for v in values])
 
 
-_jitted_all_finite = []
+@functools.cache
+def _jitted_all_finite():
+    import jax
+
+    return jax.jit(_all_finite)
 
 
 def _finite_flags(values):
@@ -204,11 +209,7 @@ def _finite_flags(values):
     once: reading every weight back took 25 ms per epoch on a GPU (a transfer
     and a wait each), one compiled call on JAX takes a few."""
     if keras.backend.backend() == "jax":
-        if not _jitted_all_finite:
-            import jax
-
-            _jitted_all_finite.append(jax.jit(_all_finite))
-        return np.asarray(_jitted_all_finite[0](values))
+        return np.asarray(_jitted_all_finite()(values))
     return keras.ops.convert_to_numpy(_all_finite(values))
 
 
