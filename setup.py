@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="keras-fsp",
-    version="0.2.0",
+    version="0.3.0",
     description=(
         "Knowledge distillation for Keras 3: the FSP matrix (Yim et al. 2017), dense "
         "sequential FSP, FitNets hints, Hinton soft targets, attention transfer and "

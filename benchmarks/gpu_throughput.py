@@ -170,7 +170,7 @@ def time_fsp_parts(teacher_depth, student_depth, batch_size):
     import jax.numpy as jnp
 
     from keras_fsp import taps
-    from keras_fsp.fsp import fsp_matrix
+    from keras_fsp.terms import fsp_matrix
     from keras_fsp.papers import cifar_resnet
 
     names = ["stem", "stage1", "stage2", "stage3"]

@@ -98,7 +98,7 @@ def run(teacher_depth=26, student_depth=8, batch_size=128, warmup=3, steps=20,
             results.append(_result(f"stage_{name}{suffix}", batch_size, seconds))
         if name == "student_alone":
             continue
-        if cached_teacher and model.uses_teacher():
+        if cached_teacher and any(t.uses_teacher for t in model.active_terms()):
             model = distiller(name)
             start = time.perf_counter()
             cache = model.teacher_outputs(x, batch_size=batch_size)

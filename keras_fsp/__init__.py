@@ -2,33 +2,27 @@
 (Yim et al., CVPR 2017), dense sequential FSP, FitNets hints, Hinton soft
 targets, attention transfer and decoupled KD.
 
-The package is split by purpose:
-
-- the library (this folder): `FSPDistiller`, the loss `terms`, `stages`,
-  `callbacks`, `taps` and automatic `pairing`, the `fsp` matrix, `losses`,
-  `teacher_cache`, `augment`, `inputs`, `kernel_norms`, `export`,
-  `replica_batch_norm` (per-replica statistics for data parallelism),
-  `keras_distillation` (adapters for `keras.distillation`) and `compat`
-  (the Keras internals used, in one place); it depends on Keras and NumPy;
-- `keras_fsp.papers`: the papers' networks and recipes;
-- `keras_fsp.apps`: the command line, training harness, runs, data, demo
-  and pictures.
+The library (this package): `FSPDistiller`, the loss `terms` (one module per
+method, registered by name), `stages`, `callbacks`, `taps` and automatic
+`pairing`, `losses` and `keras_distillation` (adapters for Keras' loss APIs),
+`teacher_cache`, `augment`, `inputs`, `kernel_norms`, `export`,
+`replica_batch_norm`, `training` (run folders, checkpoints and the one
+training loop) and `papers` (the papers' networks, recipes and the method
+table). `keras_fsp.apps` holds the applications built on it (the
+`keras-fsp` command line, datasets, the demo, pictures); the library never
+imports them.
 
 keras_fsp never imports TensorFlow at import time (on the TensorFlow backend
 Keras does): on JAX it runs without TensorFlow installed, and the
-TensorFlow-only parts (SavedModel, LiteRT and ONNX export,
-`keras_fsp.apps.data`) import it when used.
+TensorFlow-only parts (SavedModel, LiteRT and ONNX export, tfds datasets)
+import it when used.
 """
 
 from keras_fsp import (
-    apps,
     augment,
     callbacks,
-    compat,
     export,
-    fsp,
     inputs,
-    jax_steps,
     keras_distillation,
     kernel_norms,
     losses,
@@ -42,39 +36,35 @@ from keras_fsp import (
 )
 from keras_fsp.distiller import FSPDistiller
 from keras_fsp.export import export_student
-from keras_fsp.fsp import fsp_matrix
 from keras_fsp.losses import FSPLoss, HintLoss, SoftTargetLoss
 from keras_fsp.papers import recipes
 from keras_fsp.replica_batch_norm import ReplicaBatchNormalization, per_replica_batch_norm
 from keras_fsp.stages import Stage
+from keras_fsp.terms import fsp_matrix
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "FSPDistiller",
     "FSPLoss",
     "HintLoss",
+    "ReplicaBatchNormalization",
     "SoftTargetLoss",
     "Stage",
-    "apps",
     "augment",
     "callbacks",
-    "compat",
     "export",
     "export_student",
-    "fsp",
     "fsp_matrix",
     "inputs",
-    "jax_steps",
     "keras_distillation",
     "kernel_norms",
     "losses",
     "pairing",
     "papers",
+    "per_replica_batch_norm",
     "recipes",
     "replica_batch_norm",
-    "ReplicaBatchNormalization",
-    "per_replica_batch_norm",
     "stages",
     "taps",
     "teacher_cache",

@@ -6,6 +6,7 @@ import math
 import keras
 import numpy as np
 
+from keras_fsp.kernel_norms import restore_kernel_norms
 from keras_fsp.stages import resolve_stage
 
 
@@ -124,7 +125,8 @@ class RestoreKernelNorms(keras.callbacks.Callback):
         else:
             due = stage == self.at_stage and self._last_stage not in (None, stage)
         if due:
-            self.factors = distiller.restore_kernel_norms()
+            self.factors = restore_kernel_norms(distiller.student,
+                                                distiller.initial_kernel_norms.values())
             if self.verbose and self.factors:
                 values = list(self.factors.values())
                 print(f"\nEpoch {epoch + 1}: kernel norms restored "
@@ -170,27 +172,30 @@ class LossWeightSchedule(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         distiller = _distiller(self)
-        if self.term not in distiller.terms:
+        named = {t for stage in distiller.stages.values() for t in stage.terms}
+        if self.term not in distiller.terms and self.term not in named:
             raise ValueError(
                 f"LossWeightSchedule sets the weight of {self.term!r}, which is not one of the "
-                f"distiller's terms {sorted(distiller.terms)}."
+                f"distiller's terms {sorted(set(distiller.terms) | named)}."
             )
 
     def on_epoch_begin(self, epoch, logs=None):
         distiller = _distiller(self)
         if epoch < self.start_epoch:
             return
-        if self.term not in distiller.stage.losses:
+        if self.term not in distiller.stage.terms:
             raise ValueError(
                 f"LossWeightSchedule sets the {self.term!r} weight but the "
                 f"active stage {distiller.stage.name!r} has no such term "
-                f"{distiller.stage.terms}."
+                f"{tuple(distiller.stage.terms)}."
             )
-        distiller.set_term_weight(self.term, self.schedule(epoch - self.start_epoch))
+        # A variable: the step is not traced again.
+        distiller.terms[self.term].stage_weight.assign(float(self.schedule(epoch - self.start_epoch)))
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None and epoch >= self.start_epoch:
-            logs[f"{self.term}_weight"] = _distiller(self).term_weight(self.term)
+            weight = _distiller(self).terms[self.term].stage_weight
+            logs[f"{self.term}_weight"] = float(keras.ops.convert_to_numpy(weight))
 
 
 class NonFiniteLossError(RuntimeError):

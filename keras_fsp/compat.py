@@ -120,6 +120,20 @@ def is_multi_worker(strategy):
     )
 
 
+def reducible_logs(model, logs):
+    """A train or test step's `logs`, with one axis each under several
+    `MultiWorkerMirroredStrategy` workers.
+
+    Why: with several workers Keras reduces each step's logs with
+    `strategy.reduce("MEAN", v, axis=0)`, which fails on scalars ("Invalid
+    reduction dimension 0"); one axis, which the reduction removes, works
+    around it (tensorflow/tensorflow#72388).
+    """
+    if not is_multi_worker(distribution_strategy(model)):
+        return logs
+    return {k: keras.ops.reshape(v, (1,)) for k, v in logs.items()}
+
+
 def num_replicas():
     """Replicas of the enclosing `tf.distribute` strategy (1 elsewhere)."""
     if keras.backend.backend() != "tensorflow":
@@ -129,20 +143,62 @@ def num_replicas():
     return tf.distribute.get_strategy().num_replicas_in_sync
 
 
-def first_replica_batch(strategy, iterator):
-    """This worker's first replica's share of the first batch of a Keras
-    epoch iterator (for building the model from shapes).
-
-    Why: Keras' TensorFlow trainer builds from the first distributed batch
-    with `strategy.reduce("MEAN", ...)`, which fails on per-replica values
-    with several workers (keras-team/keras#20585); the distiller overrides
-    the private `_maybe_symbolic_build` to build from this batch instead.
-    """
+def _first_replica_batch(strategy, iterator):
     for _, _, it in iterator:
         return keras.tree.map_structure(
             lambda v: strategy.experimental_local_results(v)[0], next(it)
         )
     return None
+
+
+class MultiWorkerBuild:
+    """A `keras.Model` mixin: with several `MultiWorkerMirroredStrategy`
+    workers, the model is built from this worker's first replica's share of
+    the first batch.
+
+    Why: Keras' TensorFlow trainer builds from the first distributed batch
+    with `strategy.reduce("MEAN", ...)`, which fails on per-replica values
+    with several workers (keras-team/keras#20585); this overrides the private
+    `_maybe_symbolic_build` to build from one replica's batch instead.
+    """
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        strategy = distribution_strategy(self)
+        if iterator is not None and is_multi_worker(strategy):
+            data_batch = _first_replica_batch(strategy, iterator)
+            iterator = None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+
+def reattach_state_on_error(model, train_function):
+    """Wraps a JAX train function `(state, data) -> (logs, state)` so that
+    when it raises, the state it was given goes back into the model's
+    variables; elsewhere returns it as it is.
+
+    Why: Keras' JAX `fit` takes the values out of the model's variables
+    (the private `_purge_model_variables` sets each `_value` to None) before
+    the first step of an epoch and puts the step's results back afterwards.
+    A step that raises (a shape error found while tracing) leaves them None:
+    the teacher's and the student's `get_weights()` then fail.
+    """
+    if (keras.backend.backend() != "jax" or train_function is None
+            or getattr(train_function, "reattaches_state", False)):
+        return train_function
+
+    def guarded(state, data):
+        try:
+            return train_function(state, data)
+        except BaseException:
+            groups = (model.trainable_variables, model.non_trainable_variables,
+                      model.optimizer.variables, model.metrics_variables)
+            for variables, values in zip(groups, state):
+                for variable, value in zip(variables, values):
+                    if variable._value is None:
+                        variable._value = value
+            raise
+
+    guarded.reattaches_state = True
+    return guarded
 
 
 def pass_inputs_unconverted(layer):

@@ -22,11 +22,14 @@ about 20 times slower than the same step called from Python (measured with
 JAX 0.10.2), so on the CPU Keras' own loop is kept (`ON_CPU = True` forces
 the scan, for tests).
 
-`FSPDistiller` uses it by itself; `install(model)` gives any Keras model
-(a student trained alone, a teacher) the same train function.
+`FSPDistiller` uses it by itself (`make_train_function`, `prepare_fit`);
+`install(model)` gives any Keras model (a student trained alone, a teacher)
+the same train function.
 """
 
+import functools
 import math
+import weakref
 
 import keras
 import numpy as np
@@ -196,42 +199,54 @@ def multi_step_train_function(model, source=None):
     return train_function
 
 
+# model -> the DeviceArrays its scanned train function gathers from.
+_SOURCES = weakref.WeakKeyDictionary()
+
+
+def make_train_function(model, keras_make_train_function, force=False):
+    """`model.make_train_function(force)`: the scanned train function where
+    it applies (see `applies`), Keras' own elsewhere; on JAX a step that
+    raises leaves the model's variables usable
+    (`keras_fsp.compat.reattach_state_on_error`)."""
+    if not applies(model):
+        keras_make_train_function(force)
+    elif model.train_function is None or force:
+        model.train_function = multi_step_train_function(model, _SOURCES.get(model))
+    model.train_function = compat.reattach_state_on_error(model, model.train_function)
+
+
 def prepare_fit(model, x, kwargs):
-    """`(x, source)` for `fit`: a `DeviceArrays` becomes `DeviceBlocks` (and
-    the `source` the train function gathers from) when the scan applies;
-    the model is built from one real batch first, as Keras would."""
-    if not (isinstance(x, DeviceArrays) and applies(model)):
-        return x, None
-    if kwargs.get("steps_per_epoch") is not None:
-        raise ValueError(
-            "fit(steps_per_epoch=...) counts Keras steps, which are blocks of "
-            "steps_per_execution batches on DeviceArrays here: leave it out and "
-            "let DeviceArrays define the epoch."
-        )
-    compat.symbolic_build(model, x[0])
-    return DeviceBlocks(x, model.steps_per_execution), x
+    """The `x` to give Keras' `fit`: a `DeviceArrays` becomes `DeviceBlocks`
+    (and the source the train function gathers from) when the scan applies;
+    the model is then built from one real batch first, as Keras would."""
+    source = None
+    if isinstance(x, DeviceArrays) and applies(model):
+        if kwargs.get("steps_per_epoch") is not None:
+            raise ValueError(
+                "fit(steps_per_epoch=...) counts Keras steps, which are blocks of "
+                "steps_per_execution batches on DeviceArrays here: leave it out and "
+                "let DeviceArrays define the epoch."
+            )
+        compat.symbolic_build(model, x[0])
+        source, x = x, DeviceBlocks(x, model.steps_per_execution)
+    if source is not _SOURCES.get(model):
+        model.train_function = None  # built for another data source
+    if source is None:
+        _SOURCES.pop(model, None)
+    else:
+        _SOURCES[model] = source
+    return x
 
 
 def install(model):
     """Gives `model` (any compiled Keras model) the scanned train function on
     JAX when it is compiled with `steps_per_execution > 1`, and the gathered
     path for `DeviceArrays`; elsewhere a no-op. Returns `model`."""
-    original_make, original_fit = model.make_train_function, model.fit
-    sources = [None]
-
-    def make_train_function(force=False):
-        if not applies(model):
-            return original_make(force)
-        if model.train_function is None or force:
-            model.train_function = multi_step_train_function(model, sources[0])
-        return None
+    keras_make, keras_fit = model.make_train_function, model.fit
 
     def fit(x=None, y=None, **kwargs):
-        x, source = prepare_fit(model, x, kwargs)
-        if source is not sources[0]:
-            model.train_function = None  # built for another data source
-        sources[0] = source
-        return original_fit(x, y, **kwargs)
+        return keras_fit(prepare_fit(model, x, kwargs), y, **kwargs)
 
-    model.make_train_function, model.fit = make_train_function, fit
+    model.make_train_function = functools.partial(make_train_function, model, keras_make)
+    model.fit = fit
     return model

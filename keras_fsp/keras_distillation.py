@@ -33,8 +33,9 @@ import itertools
 import keras
 from keras import ops
 
-from keras_fsp.fsp import fsp_matrix
-from keras_fsp.losses import HintLoss, SoftTargetLoss
+from keras_fsp.terms.fsp import fsp_distance, fsp_matrix
+from keras_fsp.terms.hint import hint_distance
+from keras_fsp.terms.soft_targets import check_temperature, soft_target_loss
 
 serializable = keras.saving.register_keras_serializable(package="keras_fsp")
 
@@ -104,7 +105,7 @@ class FSPPairDistillation(DistillationLoss):
         g_t = fsp_matrix(ops.stop_gradient(self.capture.teacher_features),
                          ops.stop_gradient(teacher_outputs), self.pooling)
         g_s = fsp_matrix(self.capture.student_features, student_outputs, self.pooling)
-        return ops.mean(ops.sum(ops.square(g_t - g_s), axis=(1, 2)))
+        return ops.mean(fsp_distance([g_t], [g_s]))
 
     def validate_outputs(self, teacher_outputs, student_outputs):
         if teacher_outputs.shape[-1] != student_outputs.shape[-1]:
@@ -142,15 +143,15 @@ def fsp_distillation_losses(pairs, student_pairs=None, pooling="max"):
 
 @serializable
 class SoftTargetDistillation(DistillationLoss):
-    """Hinton soft targets with the `T^2` factor (`keras_fsp.SoftTargetLoss`)
-    on the final outputs."""
+    """Hinton soft targets with the `T^2` factor
+    (`keras_fsp.terms.soft_target_loss`) on the final outputs."""
 
     def __init__(self, temperature=4.0):
-        self.loss = SoftTargetLoss(temperature=temperature)
-        self.temperature = self.loss.temperature
+        self.temperature = check_temperature(temperature)
 
     def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
-        return ops.mean(self.loss.call(ops.stop_gradient(teacher_outputs), student_outputs))
+        return ops.mean(soft_target_loss(ops.stop_gradient(teacher_outputs), student_outputs,
+                                         self.temperature))
 
     def get_config(self):
         return {"temperature": self.temperature}
@@ -164,7 +165,7 @@ class HintDistillation(DistillationLoss):
     def __init__(self, teacher_layer_name, student_layer_name, normalize=False):
         self.teacher_layer_name = teacher_layer_name
         self.student_layer_name = student_layer_name
-        self.loss = HintLoss(normalize=normalize)
+        self.normalize = bool(normalize)
 
     def validate_outputs(self, teacher_outputs, student_outputs):
         if tuple(teacher_outputs.shape[1:]) != tuple(student_outputs.shape[1:]):
@@ -172,16 +173,17 @@ class HintDistillation(DistillationLoss):
                 f"Hint layer {self.teacher_layer_name!r} "
                 f"{tuple(teacher_outputs.shape)} and guided layer "
                 f"{self.student_layer_name!r} {tuple(student_outputs.shape)} "
-                "differ in shape: keras_fsp.FSPDistiller(hint_layer=..., "
-                "guided_layer=...) adds the regressor FitNets uses."
+                "differ in shape: keras_fsp.FSPDistiller with "
+                "terms=[keras_fsp.terms.HintTerm(...)] adds the regressor FitNets uses."
             )
 
     def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
-        return ops.mean(self.loss.call(ops.stop_gradient(teacher_outputs), student_outputs))
+        return ops.mean(hint_distance(ops.stop_gradient(teacher_outputs), student_outputs,
+                                      self.normalize))
 
     def get_config(self):
         return {
             "teacher_layer_name": self.teacher_layer_name,
             "student_layer_name": self.student_layer_name,
-            "normalize": self.loss.normalize,
+            "normalize": self.normalize,
         }

@@ -110,3 +110,23 @@ def restore_kernel_norms(model, norms):
         bn.moving_variance.assign(bn.moving_variance * (c * c))
         factors[name] = c
     return factors
+
+
+class InitialKernelNorms(keras.layers.Layer):
+    """The batch-normalised kernel norms of a network as it was created, as
+    variables of the model that holds this layer, so that checkpoints keep
+    them: a resumed run restores to the same targets
+    (`keras_fsp.callbacks.RestoreKernelNorms`)."""
+
+    def __init__(self, model, **kwargs):
+        super().__init__(name="initial_kernel_norms", **kwargs)
+        self.norms = {
+            name: self.add_weight(shape=(), trainable=False, name=name,
+                                  initializer=keras.initializers.Constant(norm))
+            for name, norm in kernel_norms(model).items()
+        }
+        self.built = True
+
+    def values(self):
+        """`{layer name: norm}` as floats."""
+        return {name: float(ops.convert_to_numpy(v)) for name, v in self.norms.items()}

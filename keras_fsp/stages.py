@@ -1,17 +1,22 @@
-"""Training stages, declared as data.
+"""Training stages, declared as data, and the controller that switches them.
 
 A stage says which loss terms are active with which weights, which student
 variables train, and with which optimizer. The papers train in stages (FSP:
 FSP loss first, then the task; FitNets: hint first, then KD).
+`StageController` applies a stage to a distiller: it creates the terms the
+stage names, sets their weights and which student layers train, and gives
+the stage its optimizer.
 """
 
+import contextlib
 import dataclasses
 import math
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import keras
 
-from keras_fsp import taps
+from keras_fsp import compat, optimizers, taps
+from keras_fsp.terms.base import LOGITS, term_class
 
 UP_TO_TAPS = "up_to_taps"
 #: How the built-in "fsp" and "hint" stages adapt a copy of the compiled
@@ -29,12 +34,12 @@ class Stage:
 
     Args:
         name: the stage's name, shown in logs.
-        losses: `{term name: weight}`: the distiller's terms (built in:
-            `"fsp"`, `"hint"`, `"kd"`, `"task"`, `"attention"`, `"dkd"`, or
-            any registered or given term) and their weights, all `>= 0`.
-            Only these terms are computed; the teacher runs only if one of
-            them uses it. Weights can be changed during training with
-            `keras_fsp.callbacks.LossWeightSchedule`.
+        terms: `{term name: weight}`: the terms of the stage (registered
+            types, `"fsp"`, `"hint"`, `"kd"`, `"task"`, `"attention"`,
+            `"dkd"` or your own, or terms given to the distiller) and their
+            weights, all `>= 0`. Only these terms are computed; the teacher
+            runs only if one of them uses it. Weights can be changed during
+            training with `keras_fsp.callbacks.LossWeightSchedule`.
         trainable: which student layers train. `None`: all of them;
             `"up_to_taps"`: the layers that the stage's tapped student maps
             depend on (FitNets stage 1 trains the student up to the guided
@@ -58,13 +63,13 @@ class Stage:
 
     Example:
 
-    >>> fsp_then_kd = Stage("fsp+kd", losses={"fsp": 1e-2, "kd": 1.0})
-    >>> fsp_then_kd.terms
-    ('fsp', 'kd')
+    >>> fsp_and_kd = Stage("fsp+kd", {"fsp": 1e-2, "kd": 1.0})
+    >>> fsp_and_kd.terms
+    {'fsp': 0.01, 'kd': 1.0}
     """
 
     name: str
-    losses: Mapping[str, float]
+    terms: Mapping[str, float]
     trainable: Union[None, str, Sequence[str], Callable] = None
     optimizer: Optional[keras.optimizers.Optimizer] = None
     regularization: bool = True
@@ -74,13 +79,13 @@ class Stage:
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"A stage's name must be a non-empty string; got {self.name!r}.")
-        if not isinstance(self.losses, Mapping) or not self.losses:
+        if not isinstance(self.terms, Mapping) or not self.terms:
             raise ValueError(
-                f"Stage {self.name!r}: losses must be a non-empty dict {{term: weight}}, "
-                f"e.g. {{'kd': 0.9, 'task': 0.1}}; got {self.losses!r}."
+                f"Stage {self.name!r}: terms must be a non-empty dict {{term: weight}}, "
+                f"e.g. {{'kd': 0.9, 'task': 0.1}}; got {self.terms!r}."
             )
-        losses = {}
-        for term, weight in self.losses.items():
+        terms = {}
+        for term, weight in self.terms.items():
             if not isinstance(term, str):
                 raise ValueError(f"Stage {self.name!r}: term names are strings; got {term!r}.")
             try:
@@ -94,8 +99,8 @@ class Stage:
                     f"Stage {self.name!r}: the weight of {term!r} must be finite and >= 0; "
                     f"got {weight}."
                 )
-            losses[term] = weight
-        object.__setattr__(self, "losses", losses)
+            terms[term] = weight
+        object.__setattr__(self, "terms", terms)
         if isinstance(self.trainable, str) and self.trainable != UP_TO_TAPS:
             raise ValueError(
                 f"Stage {self.name!r}: trainable={self.trainable!r}; use None "
@@ -116,11 +121,6 @@ class Stage:
                 f"got {self.global_clipnorm!r}."
             )
 
-    @property
-    def terms(self):
-        """The names of the stage's terms."""
-        return tuple(self.losses)
-
     def get_config(self):
         if callable(self.trainable):
             raise ValueError(
@@ -129,7 +129,7 @@ class Stage:
             )
         return {
             "name": self.name,
-            "losses": dict(self.losses),
+            "terms": dict(self.terms),
             "trainable": list(self.trainable)
             if isinstance(self.trainable, tuple)
             else self.trainable,
@@ -144,12 +144,14 @@ class Stage:
     @classmethod
     def from_config(cls, config):
         config = dict(config)
+        if "losses" in config:  # saved by keras_fsp 0.2
+            config["terms"] = config.pop("losses")
         if config.get("optimizer") is not None:
             config["optimizer"] = keras.optimizers.deserialize(config["optimizer"])
         return cls(**config)
 
 
-def builtin_stages(kd_weight=0.9):
+def builtin_stages():
     """The built-in stages by name.
 
     - `"fsp"`: FSP loss only, training the student up to its last FSP map
@@ -160,21 +162,15 @@ def builtin_stages(kd_weight=0.9):
     In both, the student's head is neither run nor trained; they train at
     `FEATURE_STAGE_LR_SCALE` times the compiled learning rate with gradients
     clipped to a global norm of `FEATURE_STAGE_CLIPNORM`.
-    - `"kd"`: `kd_weight * soft targets + (1 - kd_weight) * labels` (Hinton).
+    - `"kd"`: `0.9 * soft targets + 0.1 * labels` (Hinton), the default.
     - `"task"`: labels only; the teacher does not run.
     """
-    kd_weight = float(kd_weight)
-    if not 0.0 <= kd_weight <= 1.0:
-        raise ValueError(
-            f"kd_weight is the soft targets' share of the 'kd' stage, between 0 and 1 (the "
-            f"labels get 1 - kd_weight); got {kd_weight}."
-        )
     feature = dict(trainable=UP_TO_TAPS, learning_rate_scale=FEATURE_STAGE_LR_SCALE,
                    global_clipnorm=FEATURE_STAGE_CLIPNORM)
     return {
         "fsp": Stage("fsp", {"fsp": 1.0}, **feature),
         "hint": Stage("hint", {"hint": 1.0}, **feature),
-        "kd": Stage("kd", {"kd": kd_weight, "task": 1.0 - kd_weight}),
+        "kd": Stage("kd", {"kd": 0.9, "task": 0.1}),
         "task": Stage("task", {"task": 1.0}),
     }
 
@@ -191,24 +187,186 @@ def resolve_stage(stage, stages):
     )
 
 
-def apply_trainable(stage, student, original, tapped):
-    """Sets which of the student's layers train in `stage` (its `trainable`
-    selector); `original` maps `id(layer)` to the layer's own flag, which a
-    stage never overrides to True; `tapped` are the student layers the
-    stage's terms tap (for `UP_TO_TAPS`)."""
-    selector = stage.trainable
-    if selector is None:
-        chosen = None
-    elif selector == UP_TO_TAPS:
-        if not tapped:
+def _same_stage(a, b):
+    return a is b or a == b
+
+
+class StageController:
+    """Applies stages to a distiller: which stage is active, the terms each
+    stage names (created from the term registry when the distiller has none
+    of that name), their weights, which student layers train, and each
+    stage's optimizer (its own, or a copy of the compiled one).
+
+    Outside `fit` the student keeps its own trainable flags; inside
+    (`training()`), the active stage's selection holds, since Keras reads the
+    trainable variables as each epoch starts.
+    """
+
+    def __init__(self, distiller, stages=None):
+        self.model = distiller
+        self.given = dict(stages or {})
+        self.stages = {**builtin_stages(), **self.given}
+        optimizers.check_not_shared(self.stages.values())
+        self.active = None
+        self.template = None  # the compiled optimizer
+        self.auto_scale_loss = True
+        self.teacher_cached = False  # fitting on a teacher cache
+        self._optimizers = optimizers.StageOptimizers()
+        self._student_flags = {id(l): l.trainable for l in distiller.student.layers}
+        self._training = False
+
+    # ----------------------------------------------------------- the terms
+
+    def terms_of(self, stage):
+        """The stage's terms, `[term]`, created (registered types, with their
+        defaults) and configured where the distiller has none of the name.
+
+        Raises:
+            ValueError: naming the stage, for a name that is neither a term
+                of the distiller nor a registered type, or a term that cannot
+                work on these networks.
+        """
+        model = self.model
+        for name in stage.terms:
+            if name in model.terms:
+                continue
+            try:
+                cls = term_class(name)
+            except ValueError as e:
+                raise ValueError(f"Stage {stage.name!r} uses the unknown term {name!r}: {e} "
+                                 f"This distiller's terms are {sorted(model.terms)}.") from None
+            try:
+                model.add_term(cls())
+            except ValueError as e:
+                raise ValueError(f"Stage {stage.name!r} uses the {name!r} term: {e}") from None
+        return [model.terms[name] for name in stage.terms]
+
+    def student_taps(self, stage=None):
+        terms = self.terms_of(stage or self.active)
+        return list(dict.fromkeys(n for t in terms for n in t.student_taps))
+
+    def uses_teacher(self, stage=None):
+        stage = self.active if stage is None else resolve_stage(stage, self.stages)
+        return any(t.uses_teacher for t in self.terms_of(stage))
+
+    def runs_teacher(self):
+        """Whether the active stage's step runs the teacher (not in a stage
+        without it, nor on a teacher cache)."""
+        return self.active is None or (self.uses_teacher() and not self.teacher_cached)
+
+    def check(self, stages):
+        """Resolves `stages` (names or `Stage`s) and makes their terms now,
+        so that what would fail only when training reaches one fails before
+        any training."""
+        stages = [resolve_stage(s, self.stages) for s in stages]
+        for stage in stages:
+            self.terms_of(stage)
+        optimizers.check_not_shared([*self.stages.values(), *stages])
+        return stages
+
+    # ----------------------------------------------------------- switching
+
+    def set(self, stage):
+        stage = resolve_stage(stage, self.stages)
+        if stage is self.active:
+            return
+        known = self.stages.get(stage.name)
+        if known is not None and not _same_stage(known, stage):
             raise ValueError(
-                f"Stage {stage.name!r} trains {UP_TO_TAPS!r} but taps no student layer "
-                f"(its terms {list(stage.losses)} read only the logits)."
+                f"The distiller already has a different stage named {stage.name!r}; give the "
+                "new stage another name."
             )
-        chosen = {id(l) for l in taps.layers_up_to(student, tapped, "student")}
-    elif callable(selector):
-        chosen = {id(l) for l in student.layers if selector(l)}
-    else:
-        chosen = {id(taps.top_level_layer(student, name, "student")) for name in selector}
-    for layer in student.layers:
-        layer.trainable = original[id(layer)] and (chosen is None or id(layer) in chosen)
+        self.terms_of(stage)
+        if known is None:
+            optimizers.check_not_shared([*self.stages.values(), stage])
+            self.stages[stage.name] = self.given[stage.name] = stage
+        compat.flush_jax_state(self.model)
+        self.active = stage
+        self.apply_trainable()
+        for name, term in self.model.terms.items():
+            term.stage_weight.assign(stage.terms.get(name, 0.0))
+        if self.template is not None:
+            self.install_optimizer()
+        if not self._training:
+            self.restore_student_flags()
+
+    def custom_stages(self):
+        """The stages that are not the built-in ones (overrides included)."""
+        builtin = builtin_stages()
+        return {n: s for n, s in self.stages.items() if not _same_stage(builtin.get(n), s)}
+
+    # ---------------------------------------------------- trainable layers
+
+    def apply_trainable(self):
+        """Sets which student layers (and terms' own layers) train in the
+        active stage; a layer the student froze itself stays frozen."""
+        stage, student = self.active, self.model.student
+        selector = stage.trainable
+        chosen = None
+        if selector == UP_TO_TAPS:
+            tapped = [n for n in self.student_taps(stage) if n != LOGITS]
+            if not tapped:
+                raise ValueError(
+                    f"Stage {stage.name!r} trains {UP_TO_TAPS!r} but taps no student layer "
+                    f"(its terms {list(stage.terms)} read only the logits)."
+                )
+            chosen = {id(l) for l in taps.layers_up_to(student, tapped, "student")}
+        elif callable(selector):
+            chosen = {id(l) for l in student.layers if selector(l)}
+        elif selector is not None:
+            chosen = {id(taps.top_level_layer(student, name, "student")) for name in selector}
+        for layer in student.layers:
+            layer.trainable = self._student_flags[id(layer)] and (chosen is None or id(layer) in chosen)
+        for name, term in self.model.terms.items():
+            term.trainable = name in stage.terms
+
+    def restore_student_flags(self):
+        for layer in self.model.student.layers:
+            layer.trainable = self._student_flags[id(layer)]
+
+    @contextlib.contextmanager
+    def training(self, teacher_cached=False):
+        """Inside `fit`: the active stage's trainable selection holds."""
+        self.apply_trainable()
+        self._training, self.teacher_cached = True, teacher_cached
+        try:
+            yield
+        finally:
+            self._training, self.teacher_cached = False, False
+            self.restore_student_flags()
+
+    # ---------------------------------------------------------- optimizers
+
+    def compile(self, template, auto_scale_loss):
+        self.template, self.auto_scale_loss = template, bool(auto_scale_loss)
+        self.apply_trainable()
+        self.install_optimizer()
+        if not self._training:
+            self.restore_student_flags()
+
+    def install_optimizer(self):
+        """Gives the distiller the active stage's optimizer, built for the
+        variables the stage trains, and has Keras rebuild its train and test
+        functions (Keras builds them once per `fit`)."""
+        model, stage = self.model, self.active
+        variables = model.trainable_variables
+        strategy = getattr(model, "distribute_strategy", None)
+        layers = [model, model.student, *model.student.layers, *model.terms.values()]
+        scaled = self.auto_scale_loss and optimizers.computes_in_float16(layers)
+        # A Keras optimizer remembers the strategy it was created under: make
+        # (clone) and build it inside the model's, or a stage switch inside
+        # `fit` raises "Mixing different tf.distribute.Strategy objects".
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            optimizer = self._optimizers.for_stage(stage, self.template, scaled)
+            if not optimizer.built:
+                optimizer.build(variables)
+        built_for = compat.optimizer_variable_count(optimizer)
+        if built_for != len(variables):
+            raise ValueError(
+                f"The optimizer of stage {stage.name!r} was built for {built_for} variables but "
+                f"the stage trains {len(variables)}: give each Stage its own optimizer instance."
+            )
+        model.optimizer = optimizer
+        model.train_function = None
+        model.test_function = None
+        model.make_train_function()

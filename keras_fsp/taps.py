@@ -200,8 +200,8 @@ def check_functional(model, role, why="its intermediate layers are tapped"):
     if not is_functional(model):
         raise ValueError(
             f"The {role} {model.name!r} is a subclassed model: {why}, which needs a "
-            "functional (or Sequential) Keras model built on an Input. Stages with "
-            "logits-only terms ('kd', 'task', 'dkd') accept any model."
+            "functional (or Sequential) Keras model built on an Input. Stages whose terms "
+            "read only the logits accept any model."
         )
     if len(model.outputs) != 1:
         raise ValueError(
@@ -210,10 +210,26 @@ def check_functional(model, role, why="its intermediate layers are tapped"):
         )
 
 
-def check_same_input_shapes(teacher, student):
-    """The teacher runs on exactly the student's batches: refuses networks
-    whose input shapes differ (a dimension of None matches any), which
-    otherwise fail at the first step that runs the teacher."""
+def check_networks(teacher, student):
+    """Refuses a teacher and student that cannot be distilled, before any
+    training: something other than Keras models, one model as both, a
+    student with nothing to train, and input shapes that differ (a
+    dimension of None matches any): the teacher runs on exactly the
+    student's batches."""
+    check_model(teacher, "teacher")
+    check_model(student, "student")
+    if teacher is student:
+        raise ValueError(
+            "The teacher and the student are the same model object: freezing the teacher "
+            "would freeze the student. Pass a separate student (e.g. "
+            "keras.models.clone_model(teacher) for self-distillation)."
+        )
+    if student.built and not student.trainable_weights:
+        raise ValueError(
+            f"The student {student.name!r} has no trainable weights: every layer of it is "
+            "frozen (a clone of a frozen teacher keeps its layers' trainable=False). Unfreeze "
+            "them before distilling into it: for layer in student.layers: layer.trainable = True."
+        )
     shapes = [tuple(m.inputs[0].shape[1:]) if is_functional(m) and len(m.inputs) == 1
               else None for m in (teacher, student)]
     if None in shapes:
@@ -264,6 +280,14 @@ def ends_in_softmax(model):
         return False
     node = _last_node(model)
     return node is not None and _is_softmax(node.layer)
+
+
+def as_logits(outputs, probabilities):
+    """A network's `outputs` as logits: log-probabilities when they are
+    `probabilities` (the softmax of log p is p)."""
+    if not probabilities:
+        return outputs
+    return ops.log(ops.clip(ops.cast(outputs, "float32"), 1e-30, 1.0))
 
 
 def logits_tensor(model):

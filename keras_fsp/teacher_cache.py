@@ -4,7 +4,8 @@ When the training inputs are fixed (no random augmentation), the teacher's
 contribution to a stage's loss is the same at every epoch: the FSP matrices
 of the active pairs, the hint map, the logits. The FSP paper (Yim et al.
 2017) stored the teacher's FSP matrices instead of recomputing them and
-measured a 2.18x faster stage. `FSPDistiller.teacher_outputs(x)` computes
+measured a 2.18x faster stage. `FSPDistiller.teacher_outputs(x)`
+(`teacher_outputs` here) computes
 these targets once (inference mode, in batches) and returns them as numpy
 arrays, one row per example; `fit` takes them next to the inputs:
 
@@ -23,7 +24,8 @@ other pairs or another FSP pooling is refused rather than silently misused:
 
 - `"fsp/{pooling}/{first}/{second}"`: the teacher's FSP matrix of the pair
   `(first, second)`, float32 `(examples, channels_first, channels_second)`;
-- `"tap/{layer}"`: the teacher's raw map of `layer` (the FitNets hint);
+- `"{layer}"`: the teacher's raw map of `layer` (the FitNets hint), keyed
+  as the term taps it;
 - `"attention/{p}/{layer}"`: the normalised attention map of `layer`;
 - `"logits"`: the teacher's logits `(examples, classes)`, before any
   temperature, so one cache serves every temperature.
@@ -174,21 +176,41 @@ class _TargetModel(keras.Model):
         return self._targets(x)
 
 
-def compute(targets, x, batch_size=None, verbose=0):
-    """Runs `targets(x_batch)` over `x` in batches.
+def target_shapes(terms, teacher):
+    """`{key: per-example shape}` of what `terms` need from `teacher`."""
+    shapes = {}
+    for term in terms:
+        shapes.update(term.target_shapes(teacher))
+    return shapes
 
-    Args:
-        targets: function `inputs -> {cache key: tensor}` (the teacher in
-            inference mode).
-        x: the inputs (arrays; what `predict` accepts).
-        batch_size: batch size of the passes (default 32, as `predict`).
-        verbose: `predict`'s verbosity.
+
+def check_fit(distiller, inputs, cache):
+    """The checks of a cached `fit` before any training: fixed inputs, as
+    many cached rows as examples, and what the active stage needs."""
+    refuse_augment(distiller.augment)
+    check_lengths(inputs, cache)
+    users = [t for t in distiller.active_terms() if t.uses_teacher]
+    if users:
+        select(cache, target_shapes(users, distiller.teacher), distiller.stage.name)
+
+
+def teacher_outputs(distiller, x, batch_size=None, stages=None, verbose=0):
+    """The teacher's targets for the terms of `stages` (default the active
+    one) on `x`, computed once in batches (see `FSPDistiller.teacher_outputs`).
 
     Returns:
         `{cache key: numpy array}`, one row per example; FSP matrices in
         float32.
     """
-    model = _TargetModel(targets)
+    refuse_augment(distiller.augment)
+    stages = distiller.check_stages(stages or [distiller.stage])
+    terms = list({id(t): t for s in stages for t in distiller.active_terms(s)}.values())
+    if not any(t.uses_teacher for t in terms):
+        raise ValueError(
+            f"Stage(s) {[s.name for s in stages]} do not use the teacher: there is nothing "
+            "to cache. Pass the stage(s) the cache is for, e.g. stage='fsp'."
+        )
+    model = _TargetModel(lambda v: distiller.teacher_targets(terms, v))
     out = model.predict(x, batch_size=batch_size, verbose=verbose)
     return {
         k: np.asarray(v, "float32") if k.startswith("fsp/") else np.asarray(v)

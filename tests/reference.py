@@ -43,9 +43,13 @@ def soft_target_loss(teacher_logits, student_logits, t):
     return (t * t * -(p * np.log(q)).sum(axis=-1)).mean()
 
 
-def cross_entropy(labels, logits):
+def cross_entropy_per_example(labels, logits):
     q = softmax(logits)
-    return -np.log(q[np.arange(len(labels)), labels]).mean()
+    return -np.log(q[np.arange(len(labels)), labels])
+
+
+def cross_entropy(labels, logits):
+    return cross_entropy_per_example(labels, logits).mean()
 
 
 def hint_loss(hint, regressed):

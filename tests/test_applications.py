@@ -10,6 +10,7 @@ import keras_fsp
 from keras_fsp import FSPDistiller, pairing, taps
 from keras_fsp.callbacks import StageSchedule
 from keras_fsp.papers import cifar_resnet
+from keras_fsp.terms import FSPTerm
 
 SHAPE = (32, 32, 3)
 apps = keras.applications
@@ -124,17 +125,17 @@ def test_unresolvable_mismatch_lists_both_networks_candidates():
         pairing.matched_section_ends(teacher, student)
     with pytest.raises(ValueError, match=r"FSP pair mismatch.*Candidate taps.*teacher 'teacher'.*student 'wide'"):
         FSPDistiller(teacher, cifar_resnet(8, input_shape=SHAPE, width_multiplier=2, name="wide"),
-                     fsp_projection=False)
+                     terms=[FSPTerm(projection=False)])
 
 
 def test_the_pairing_is_printed_once(capsys):
     teacher = cifar_resnet(14, input_shape=SHAPE, name="printed_teacher")
     student = cifar_resnet(8, input_shape=SHAPE, width_multiplier=2, name="printed_student")
-    FSPDistiller(teacher, student)
+    FSPDistiller(teacher, student, stage="fsp")
     printed = capsys.readouterr().out
     assert "keras_fsp: printed_teacher -> printed_student, fsp: 3 FSP pairs" in printed
     assert "1x1 projection of the student's 'stage3': 128 -> 64 channels" in printed
-    FSPDistiller(teacher, student)
+    FSPDistiller(teacher, student, stage="fsp")
     assert capsys.readouterr().out == ""
 
 
@@ -171,7 +172,7 @@ def test_kd_trains_subclassed_and_sequential_networks(kind):
         "sequential_both": (_sequential(), _sequential()),
     }[kind]
     d = FSPDistiller(teacher, student)
-    assert d.stage.name == "kd"  # FSP pairs need two graphs: not available here
+    assert d.stage.name == "kd"  # the default
     d.compile(optimizer=keras.optimizers.SGD(0.05))
     x, y = _images(32)
     history = d.fit(x, y, batch_size=16, epochs=3, verbose=0).history

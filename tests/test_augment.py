@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_fsp import FSPDistiller
 from keras_fsp.augment import PadCropFlip
+from keras_fsp.terms import SoftTargetTerm
 from tests import reference
 from tests.helpers import data, small_pair
 
@@ -43,7 +44,8 @@ class _Negate(keras.layers.Layer):
 
 def test_teacher_sees_the_augmented_batch():
     teacher, student = small_pair()
-    d = FSPDistiller(teacher, student, stage="kd", augment=_Negate(), temperature=2.0)
+    d = FSPDistiller(teacher, student, stage="kd", augment=_Negate(),
+                     terms=[SoftTargetTerm(temperature=2.0)])
     d.compile(optimizer=keras.optimizers.SGD(0.0))
     x, y = data()
     t_logits = teacher.predict(-x, verbose=0)

@@ -140,3 +140,22 @@ def test_run_through_graph_calls_operation_fn_per_node():
     out = compat.run_through_graph(outer, x, operation_fn)
     assert seen == ["inner", "head"]
     np.testing.assert_allclose(keras.ops.convert_to_numpy(out), outer.predict(x, verbose=0), rtol=1e-6)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="Keras' JAX fit empties the variables")
+def test_reattach_state_on_error_puts_the_given_state_back():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    state = tuple([v.value for v in variables] for variables in (
+        model.trainable_variables, model.non_trainable_variables, model.optimizer.variables,
+        model.metrics_variables))
+    for variable in model.trainable_variables:
+        variable._value = None  # as Keras' fit leaves them before a step
+
+    def fails(state, data):
+        raise ValueError("a step that cannot be traced")
+
+    with pytest.raises(ValueError, match="cannot be traced"):
+        compat.reattach_state_on_error(model, fails)(state, None)
+    assert [v.shape for v in model.get_weights()] == [(3, 2), (2,)]

@@ -6,6 +6,7 @@ from keras import ops
 import keras_fsp
 from keras_fsp import FSPDistiller, Stage, taps
 from keras_fsp.callbacks import LossWeightSchedule, StageSchedule
+from keras_fsp.terms import FSPTerm, HintTerm, SoftTargetTerm
 from tests import reference
 from tests.helpers import CallCounter, data, small_pair, weights_of
 
@@ -52,7 +53,9 @@ def test_fsp_stage_loss_equals_numpy_reference_on_auto_pairs():
 
 
 def test_kd_stage_losses_equal_numpy_reference():
-    d = _distiller(stage="kd", temperature=3.0, kd_weight=0.75)
+    kd = Stage("kd", {"kd": 0.75, "task": 0.25})
+    d = _distiller(terms=[SoftTargetTerm(temperature=3.0)], stages={"kd": kd})
+    assert d.stage is kd  # "kd" is the default stage
     x, y = data()
     t_logits = d.teacher.predict(x, verbose=0)
     s_logits = ops.convert_to_numpy(d.student(x, training=True))
@@ -65,7 +68,7 @@ def test_kd_stage_losses_equal_numpy_reference():
 
 
 def test_teacher_weights_and_batchnorm_statistics_are_frozen():
-    d = _distiller()
+    d = _distiller(stage="fsp")
     before = weights_of(d.teacher)
     bn_means = [v for v in d.teacher.weights if "moving_mean" in v.path]
     assert bn_means
@@ -79,7 +82,7 @@ def test_teacher_weights_and_batchnorm_statistics_are_frozen():
 
 
 def test_stage_schedule_switches_what_is_computed_within_one_fit():
-    d = _distiller()
+    d = _distiller(stage="fsp")
     x, y = data()
     history = d.fit(
         x, y, batch_size=16, epochs=4, verbose=0,
@@ -100,7 +103,7 @@ def test_task_stage_never_runs_the_teacher():
     _, student = small_pair()
     body = small_pair()[0]
     teacher = keras.Model(inputs, body(counted), name="counted_teacher")
-    d = FSPDistiller(teacher, student, fsp_pairs=None, stage="task")
+    d = FSPDistiller(teacher, student, stage="task")
     d.compile(optimizer="sgd")
     x, y = data()
     CallCounter.calls = 0
@@ -112,7 +115,7 @@ def test_task_stage_never_runs_the_teacher():
 
 
 def test_hint_stage_trains_only_up_to_the_guided_layer_and_the_regressor():
-    d = _distiller(hint_layer="stage2", guided_layer="stage1", stage="hint")
+    d = _distiller(terms=[HintTerm("stage2", "stage1")], stage="hint")
     # Teacher hint (8, 8, 32) vs guided (16, 16, 16): a strided regressor.
     regressor = d.terms["hint"].regressor
     assert regressor is not None and regressor.strides == (2, 2)
@@ -139,7 +142,7 @@ def test_hint_stage_trains_only_up_to_the_guided_layer_and_the_regressor():
 
 def test_custom_stage_and_linear_weight_schedule():
     # FitNets stage 2: task + lambda * soft targets, lambda 4 -> 1.
-    fitnets_kd = Stage("fitnets_kd", losses={"kd": 4.0, "task": 1.0})
+    fitnets_kd = Stage("fitnets_kd", terms={"kd": 4.0, "task": 1.0})
     d = _distiller(stages={"fitnets_kd": fitnets_kd}, stage="fitnets_kd")
     x, y = data()
     schedule = LossWeightSchedule.linear("kd", 4.0, 1.0, epochs=4)
@@ -150,7 +153,7 @@ def test_custom_stage_and_linear_weight_schedule():
 
 
 def test_stage_weights_and_optimizer_are_per_stage():
-    d = _distiller()
+    d = _distiller(stage="fsp")
     first = d.optimizer
     d.set_stage("task")
     assert d.optimizer is not first and int(ops.convert_to_numpy(d.optimizer.iterations)) == 0
@@ -163,8 +166,8 @@ def test_fsp_projection_for_unequal_channels():
     teacher, _ = small_pair()
     student = keras_fsp.papers.cifar_resnet(8, input_shape=(16, 16, 3), width_multiplier=2, name="wide")
     with pytest.raises(ValueError, match=r"teacher layer 'stem' has shape \(None, 16, 16, 16\) and student layer 'stem' has shape \(None, 16, 16, 32\)"):
-        FSPDistiller(teacher, student, fsp_projection=False)
-    d = FSPDistiller(teacher, student)  # projections by default where channels differ
+        FSPDistiller(teacher, student, terms=[FSPTerm(projection=False)])
+    d = FSPDistiller(teacher, student, stage="fsp")  # projections by default where channels differ
     d.compile(optimizer="sgd")
     assert sorted(d.terms["fsp"].projections) == ["stage1", "stage2", "stage3", "stem"]
     x, y = data()
@@ -176,31 +179,43 @@ def test_fsp_projection_for_unequal_channels():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(fsp_pairs=[("stem", "stage_2")]), r"no layer named 'stage_2'.*Closest layer names: \['stage2'"),
-        (dict(fsp_pairs=[("stem", "stage1")], student_fsp_pairs=[]), "1 FSP pairs.*0"),
-        (dict(hint_layer="stage2"), "go together"),
-        (dict(stage="distill"), r"Unknown stage 'distill'. Valid stage names are \['fsp', 'hint', 'kd', 'task'\]"),
-        (dict(fsp_pairs=None, stage="fsp"), "no FSP pairs"),
-        (dict(stage="hint"), "hint_layer"),
-        (dict(fsp_weights=[1.0]), "fsp_weights has 1 entries for 3"),
-        (dict(fsp_pairs="sections"), "'auto', None or a list"),
-        (dict(fsp_pooling="mean"), r"fsp_pooling must be one of \('max', 'avg'\)"),
+        (lambda: dict(terms=[FSPTerm(pairs=[("stem", "stage_2")])]),
+         r"no layer named 'stage_2'.*Closest layer names: \['stage2'"),
+        (lambda: dict(terms=[FSPTerm(pairs=[("stem", "stage1")], student_pairs=[])]), "1 FSP pairs.*0"),
+        (lambda: dict(stage="distill"),
+         r"Unknown stage 'distill'. Valid stage names are \['fsp', 'hint', 'kd', 'task'\]"),
+        (lambda: dict(stage="hint"), r"Stage 'hint' uses the 'hint' term: .*HintTerm\(hint_layer, guided_layer\)"),
+        (lambda: dict(terms=[FSPTerm(pair_weights=[1.0])]), "pair_weights has 1 entries for 3"),
+        (lambda: dict(terms=[FSPTerm(pairs="sections")]), "'auto' or a list"),
+        (lambda: dict(terms=[FSPTerm(pooling="mean")]), r"pooling must be one of \('max', 'avg'\)"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, message):
     teacher, student = small_pair()
     with pytest.raises(ValueError, match=message):
-        FSPDistiller(teacher, student, **kwargs)
+        FSPDistiller(teacher, student, **kwargs())
+
+
+@pytest.mark.parametrize("argument, replacement", [
+    ("fsp_pairs", r"terms=\[keras_fsp.terms.FSPTerm\(pairs=...\)\]"),
+    ("temperature", r"terms=\[keras_fsp.terms.SoftTargetTerm\(temperature=...\)\]"),
+    ("kd_weight", r"stages=\{'kd': keras_fsp.Stage\('kd', \{'kd': w, 'task': 1 - w\}\)\}"),
+    ("hint_layer", r"terms=\[keras_fsp.terms.HintTerm\(hint_layer, guided_layer\)\]"),
+])
+def test_removed_keywords_name_their_replacement(argument, replacement):
+    with pytest.raises(TypeError, match=rf"^FSPDistiller\({argument}=...\) was removed in keras_fsp 0.3: pass {replacement}\.$"):
+        FSPDistiller(*small_pair(), **{argument: 1.0})
 
 
 def test_bad_stage_definitions():
-    with pytest.raises(ValueError, match=r"unknown loss term 'fitnet'.*terms are \['fsp', 'kd', 'task'\]"):
+    with pytest.raises(ValueError, match=r"Stage 'x' uses the unknown term 'fitnet': No distillation "
+                                         r"term type is registered as 'fitnet'; registered: \[.*'attention'"):
         FSPDistiller(*small_pair(), stages={"x": Stage("x", {"fitnet": 1.0})})
     with pytest.raises(ValueError, match="finite and >= 0"):
         Stage("x", {"kd": -1.0})
     with pytest.raises(ValueError, match="non-empty"):
         Stage("x", {})
-    d = _distiller()
+    d = _distiller(stage="fsp")
     with pytest.raises(ValueError, match="Valid stage names"):
         d.set_stage("warmup")
     with pytest.raises(ValueError, match="keras.losses.Loss instance"):
@@ -220,17 +235,17 @@ def test_unpoolable_pair_is_reported_with_layer_names():
     out = keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(keras.layers.Concatenate()([keras.layers.GlobalAveragePooling2D()(b)[:, None, None], keras.layers.GlobalAveragePooling2D()(c)[:, None, None]])))
     odd = keras.Model(inputs, out)
     with pytest.raises(ValueError, match=r"FSP pair \('a', 'c'\) of the student.*\(None, 16, 16, 16\) and \(None, 14, 14, 16\)"):
-        FSPDistiller(teacher, odd, fsp_pairs=[("stem", "stem")], student_fsp_pairs=[("a", "c")])
+        FSPDistiller(teacher, odd, terms=[FSPTerm(pairs=[("stem", "stem")], student_pairs=[("a", "c")])])
 
 
 def test_get_config_round_trip():
     stages = {"mix": Stage("mix", {"fsp": 0.1, "kd": 1.0}), "fsp": Stage("fsp", {"fsp": 0.01})}
-    d = _distiller(temperature=2.0, stages=stages, stage="mix")
+    d = _distiller(terms=[SoftTargetTerm(temperature=2.0)], stages=stages, stage="mix")
     clone = FSPDistiller.from_config(d.get_config())
     assert clone.terms["fsp"].pairs == d.terms["fsp"].pairs
     assert clone.terms["kd"].temperature == 2.0
-    assert clone.stage.losses == {"fsp": 0.1, "kd": 1.0}
-    assert clone.stages["fsp"].losses == {"fsp": 0.01}  # an overridden built-in name
+    assert clone.stage.terms == {"fsp": 0.1, "kd": 1.0}
+    assert clone.stages["fsp"].terms == {"fsp": 0.01}  # an overridden built-in name
 
 
 def test_term_metrics_are_weighted_like_the_loss():
@@ -247,7 +262,7 @@ def test_builtin_feature_stages_stay_finite_with_ordinary_optimizers(stage, opti
     # compile(); fit() as for any Keras model, at the top of the usual range:
     # the built-in stages train at 1/100 of the rate with clipped gradients.
     teacher, student = small_pair()
-    kwargs = dict(hint_layer="stage2", guided_layer="stage2") if stage == "hint" else {}
+    kwargs = dict(terms=[HintTerm("stage2", "stage2")]) if stage == "hint" else {}
     d = FSPDistiller(teacher, student, stage=stage, **kwargs)
     make = {"sgd": lambda: keras.optimizers.SGD(0.1, momentum=0.9), "adam": lambda: keras.optimizers.Adam(0.1)}
     d.compile(optimizer=make[optimizer](), metrics=["accuracy"])
@@ -271,7 +286,7 @@ def test_a_loss_that_turns_nan_stops_fit_naming_the_term_and_stage():
 
 
 def _distiller_with(**compile_kwargs):
-    d = FSPDistiller(*small_pair())
+    d = FSPDistiller(*small_pair(), stage="fsp")
     d.compile(optimizer="sgd", **compile_kwargs)
     return d
 
@@ -330,7 +345,7 @@ def test_device_arrays_in_scans_train_like_one_step_at_a_time(monkeypatch):
 
 
 def test_a_saved_distiller_and_its_checkpoint_files_load_with_plain_keras(tmp_path):
-    d = _distiller(hint_layer="stage2", guided_layer="stage1", stage="kd", temperature=3.0)
+    d = _distiller(terms=[HintTerm("stage2", "stage1"), SoftTargetTerm(temperature=3.0)])
     x, y = data()
     d.fit(x, y, batch_size=16, epochs=1, verbose=0,
           callbacks=[keras.callbacks.ModelCheckpoint(str(tmp_path / "ckpt.keras"))])

@@ -6,6 +6,7 @@ import pytest
 from keras import ops
 
 from keras_fsp import FSPDistiller, Stage, taps
+from keras_fsp.terms import HintTerm
 from tests import reference
 from tests.helpers import SHAPE, data, small_pair, weights_of
 
@@ -73,7 +74,7 @@ def test_fsp_loss_is_float32_and_equals_reference(policy):
 def test_short_fit_trains_with_finite_losses(policy):
     teacher, student = small_pair()
     d = FSPDistiller(
-        teacher, student, hint_layer="stage2", guided_layer="stage1",
+        teacher, student, terms=[HintTerm("stage2", "stage1")],
         stages={"all": Stage("all", {"fsp": 1e-5, "hint": 1e-3, "kd": 0.5, "task": 0.5})},
         stage="kd",
     )
@@ -109,7 +110,7 @@ def test_every_stage_optimizer_is_loss_scaled_once_under_mixed_float16(policy):
     d = FSPDistiller(teacher, student, stages={
         "own": Stage("own", {"task": 1.0}, optimizer=own),
         "own_scaled": Stage("own_scaled", {"task": 1.0}, optimizer=own_scaled),
-    })
+    }, stage="fsp")
     d.compile(optimizer=keras.optimizers.SGD(0.01))
     fsp_optimizer = d.optimizer
     assert isinstance(fsp_optimizer, LossScaleOptimizer)

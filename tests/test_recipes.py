@@ -20,7 +20,7 @@ def test_fsp_paper_schedule():
     r = recipes.fsp_paper(teacher, student, steps_per_epoch=100)
     assert r.epochs == 210 + 640
     fsp, task = r.schedule[0], r.schedule[210]
-    assert (fsp.name, fsp.losses, task.losses) == ("fsp", {"fsp": 1.0}, {"task": 1.0})
+    assert (fsp.name, fsp.terms, task.terms) == ("fsp", {"fsp": 1.0}, {"task": 1.0})
     assert r.model.terms["fsp"].pairs == [("stem", "stage1"), ("stage1", "stage2"), ("stage2", "stage3")]
     assert r.model.terms["fsp"].pooling == "max"
     for step, lr in [(0, 1e-3), (10999, 1e-3), (11001, 1e-4), (16001, 1e-5)]:
@@ -61,7 +61,7 @@ def test_dense_step_k_uses_exactly_the_pairs_of_sections_1_to_k():
     steps = [r.schedule[e] for e in sorted(r.schedule)]
     assert [s.name for s in steps] == ["dense_fsp_1", "dense_fsp_2", "dense_fsp_3", "task"]
     for k, stage in enumerate(steps[:3], start=1):
-        assert stage.terms == (f"dense_fsp_{k}",)
+        assert stage.terms == {f"dense_fsp_{k}": 1.0}
         term = d.terms[f"dense_fsp_{k}"]
         sections = {int(b[5]) for _, b in term.student_pairs}
         assert sections == set(range(1, k + 1))
@@ -89,7 +89,7 @@ def test_kd_and_supervised_recipes():
     teacher, student = small_pair()
     r = recipes.hinton_kd(teacher, student, steps_per_epoch=10, iterations=40, temperature=20.0)
     assert r.epochs == 4 and r.model.terms["kd"].temperature == 20.0
-    assert r.schedule[0].losses == {"kd": 0.9, "task": pytest.approx(0.1)}
+    assert r.schedule[0].terms == {"kd": 0.9, "task": pytest.approx(0.1)}
     base = recipes.student_alone(student, steps_per_epoch=10, iterations=40, augment=PadCropFlip(seed=0))
     base.compile()
     x, y = data(n=16)

@@ -6,7 +6,7 @@ import pytest
 from keras import layers, ops
 
 from keras_fsp import FSPDistiller, Stage, taps
-from keras_fsp.terms import FSPTerm
+from keras_fsp.terms import FSPTerm, HintTerm
 from keras_fsp.augment import PadCropFlip
 from keras_fsp.callbacks import StageSchedule
 from tests import reference
@@ -19,12 +19,13 @@ FSP_KEYS = [f"fsp/max/{a}/{b}" for a, b in PAIRS]
 TERMS = ("fsp_loss", "hint_loss", "kd_loss", "task_loss", "loss")
 
 
-def _distiller(stage="all", **kwargs):
+def _distiller(stage="all", extra_terms=(), **kwargs):
     teacher, student = small_pair()
     keras.utils.set_random_seed(1)  # the same hint regressor in every copy
     d = FSPDistiller(
-        teacher, student, hint_layer="stage2", guided_layer="stage1",
-        terms=[FSPTerm(pairs=PAIRS[:1], name="fsp_first_pair")],
+        teacher, student,
+        terms=[HintTerm("stage2", "stage1"), FSPTerm(pairs=PAIRS[:1], name="fsp_first_pair"),
+               *extra_terms],
         stages={"all": ALL_TERMS, "first_pair": Stage("first_pair", {"fsp_first_pair": 1.0})},
         stage=stage, **kwargs,
     )
@@ -42,7 +43,7 @@ def test_teacher_outputs_equal_numpy_reference():
     d = _distiller()
     x, _ = data()
     cache = d.teacher_outputs(x, batch_size=8)  # 4 batches
-    assert sorted(cache) == sorted(FSP_KEYS + ["tap/stage2", "logits"])
+    assert sorted(cache) == sorted(FSP_KEYS + ["stage2", "logits"])
     names = ["stem", "stage1", "stage2", "stage3"]
     t = {
         k: ops.convert_to_numpy(v)
@@ -51,7 +52,7 @@ def test_teacher_outputs_equal_numpy_reference():
     for key, (a, b) in zip(FSP_KEYS, PAIRS):
         assert cache[key].dtype == np.float32 and cache[key].shape[0] == len(x)
         np.testing.assert_allclose(cache[key], reference.fsp(t[a], t[b]), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(cache["tap/stage2"], t["stage2"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cache["stage2"], t["stage2"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(cache["logits"], t["logits"], rtol=1e-5, atol=1e-5)
     # Only what the given stages need.
     assert sorted(d.teacher_outputs(x, stage="kd")) == ["logits"]
@@ -145,7 +146,7 @@ def _counted_teacher():
 
 def test_cached_step_never_runs_the_teacher():
     teacher, (_, student) = _counted_teacher(), small_pair()
-    d = FSPDistiller(teacher, student, fsp_pairs=PAIRS, stage="fsp")
+    d = FSPDistiller(teacher, student, terms=[FSPTerm(pairs=PAIRS)], stage="fsp")
     d.compile(optimizer=keras.optimizers.SGD(1e-6))
     x, y = data()
     cache = d.teacher_outputs(x, stage=["fsp", "kd"])
@@ -192,7 +193,7 @@ def test_cache_for_another_stage_or_pair_set_is_refused():
     with pytest.raises(ValueError, match=r"no \['fsp/max/stage1/stage2', 'fsp/max/stage2/stage3'\] that stage 'fsp'"):
         d.fit({"inputs": x, "teacher": first_pair}, y, verbose=0)
     # FSP pooling is part of the key: an avg-pooling distiller refuses it.
-    avg = _distiller(stage="fsp", fsp_pooling="avg")
+    avg = _distiller(stage="fsp", extra_terms=[FSPTerm(pooling="avg")])
     with pytest.raises(ValueError, match=r"no \['fsp/avg/stem/stage1'"):
         avg.fit({"inputs": x, "teacher": d.teacher_outputs(x)}, y, verbose=0)
     # A switch inside fit to a stage the cache lacks is caught when the step

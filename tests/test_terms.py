@@ -8,9 +8,9 @@ import pytest
 from keras import ops
 
 from keras_fsp import FSPDistiller, Stage, taps, terms
-from keras_fsp.terms import LOGITS, AttentionTransfer, DecoupledKD, DistillationTerm
+from keras_fsp.terms import LOGITS, AttentionTerm, DecoupledKDTerm, DistillationTerm
 from tests import reference
-from tests.helpers import data, small_pair
+from tests.helpers import data, small_pair, weights_of
 
 RNG = np.random.default_rng(0)
 
@@ -34,7 +34,7 @@ def test_attention_map_equals_numpy_reference():
 def test_attention_transfer_term_equals_numpy_reference(reduction):
     t = [RNG.normal(size=(4, 8, 8, 16)), RNG.normal(size=(4, 4, 4, 32))]
     s = [RNG.normal(size=(4, 8, 8, 8)), RNG.normal(size=(4, 4, 4, 8))]  # channels may differ
-    term = AttentionTransfer(pairs=[("a", "x"), ("b", "y")], beta=1000.0, reduction=reduction)
+    term = AttentionTerm(pairs=[("a", "x"), ("b", "y")], beta=1000.0, reduction=reduction)
     term.teacher_taps, term.student_taps = ("a", "b"), ("x", "y")
     targets = term.teacher_targets({"a": t[0], "b": t[1]})
     value = _np(term.compute({"x": s[0], "y": s[1]}, targets, None)).mean()
@@ -102,7 +102,7 @@ def test_dkd_stage_loss_equals_numpy_reference():
     expected = reference.decoupled_kd(teacher.predict(x, verbose=0), _np(student(x, training=True)), y).mean()
     history = _fit_one_step(d, x, y)
     assert history["dkd_loss"][0] == pytest.approx(expected, rel=1e-4)
-    d2 = FSPDistiller(*small_pair(), terms=[DecoupledKD(beta=2.0)],
+    d2 = FSPDistiller(*small_pair(), terms=[DecoupledKDTerm(beta=2.0)],
                       stages={"dkd": Stage("dkd", {"dkd": 1.0})}, stage="dkd")
     assert d2.terms["dkd"].beta == 2.0  # a given instance replaces the default
 
@@ -124,7 +124,7 @@ def test_attention_teacher_cache_holds_normalised_maps():
 def test_attention_pairs_must_share_a_spatial_size():
     teacher, student = small_pair()
     with pytest.raises(ValueError, match=r"Attention pair \('stage1', 'stage2'\).*same spatial size"):
-        FSPDistiller(teacher, student, terms=[AttentionTransfer(pairs=[("stage1", "stage2")])])
+        FSPDistiller(teacher, student, terms=[AttentionTerm(pairs=[("stage1", "stage2")])])
 
 
 # ----------------------------------------------------- a term from outside
@@ -152,7 +152,7 @@ class Stage1MapMatch(DistillationTerm):
 
     def compute(self, student, teacher, y_true):
         s = ops.mean(student[self.layer], axis=(1, 2))
-        t = ops.mean(teacher[terms.tap_key(self.layer)], axis=(1, 2))
+        t = ops.mean(teacher[self.layer], axis=(1, 2))  # keyed like the student's
         return ops.sum(ops.square(s - t), axis=-1)
 
     def get_config(self):
@@ -184,3 +184,104 @@ def test_a_term_defined_outside_keras_fsp_trains_in_a_stage():
     # The distiller with the outside term saves and loads.
     clone = FSPDistiller.from_config(d.get_config())
     assert isinstance(clone.terms["map_match"], Stage1MapMatch) and clone.stage.name == "maps"
+
+
+# ------------------------------------------------------------ the term API
+
+
+@terms.register_term("logit_gram_for_test")
+class LogitGram(DistillationTerm):
+    """A batch-level term: the mean squared difference of the two networks'
+    logit Gram matrices over the batch (one value for the batch)."""
+
+    student_taps = teacher_taps = (LOGITS,)
+
+    def compute(self, student, teacher, y_true):
+        s, t = student[LOGITS], teacher[LOGITS]
+        gram = lambda z: ops.matmul(z, ops.transpose(z))  # noqa: E731
+        return ops.mean(ops.square(gram(s) - gram(t)))
+
+
+def test_a_batch_level_term_is_used_as_it_is_and_per_example_terms_are_averaged():
+    teacher, student = small_pair()
+    d = FSPDistiller(teacher, student, stages={"g": Stage("g", {"logit_gram_for_test": 0.5, "task": 1.0})},
+                     stage="g")
+    x, y = data(n=16)
+    t = teacher.predict(x, verbose=0).astype("float64")
+    s = _np(student(x, training=True)).astype("float64")
+    gram = np.mean((s @ s.T - t @ t.T) ** 2)
+    # Sample weights weight the per-example task term only.
+    w = np.linspace(0.5, 1.5, 16).astype("float32")
+    d.compile(optimizer=keras.optimizers.SGD(0.0))
+    history = d.fit(x, y, sample_weight=w, batch_size=16, epochs=1, verbose=0).history
+    assert history["logit_gram_for_test_loss"][0] == pytest.approx(gram, rel=1e-4)
+    task = np.mean(w * reference.cross_entropy_per_example(y, s))
+    assert history["task_loss"][0] == pytest.approx(task, rel=1e-4)
+    assert history["loss"][0] == pytest.approx(0.5 * gram + task, rel=1e-4)
+
+
+def test_a_registered_term_in_a_stage_made_after_construction_is_created():
+    teacher, student = small_pair()
+    d = FSPDistiller(teacher, student)  # "kd": no attention term yet
+    assert "attention" not in d.terms
+    d.compile(optimizer=keras.optimizers.SGD(1e-3))
+    d.set_stage(Stage("at", {"attention": 1.0, "task": 1.0}))
+    assert d.terms["attention"].pairs == [("stage1", "stage1"), ("stage2", "stage2"), ("stage3", "stage3")]
+    history = d.fit(*data(), batch_size=16, epochs=1, verbose=0).history
+    assert np.isfinite(history["attention_loss"][0]) and history["attention_loss"][0] > 0
+    # ... and through a StageSchedule, before the first epoch.
+    from keras_fsp.callbacks import StageSchedule
+
+    d2 = FSPDistiller(*small_pair())
+    d2.compile(optimizer=keras.optimizers.SGD(1e-3))
+    later = Stage("dkd_later", {"dkd": 1.0, "task": 1.0})
+    history = d2.fit(*data(), batch_size=16, epochs=2, verbose=0,
+                     callbacks=[StageSchedule({0: "kd", 1: later}, verbose=0)]).history
+    assert len(history["dkd_loss"]) == 1 and np.isfinite(history["dkd_loss"][0])
+
+
+class _FailsOnFirstStep(DistillationTerm):
+    """Compares the logits with a map of another shape: fails while the
+    first step is traced."""
+
+    student_taps = (LOGITS,)
+    teacher_taps = ("stage2",)
+
+    def compute(self, student, teacher, y_true):
+        return ops.mean(student[LOGITS] - teacher["stage2"], axis=-1)
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 2])
+def test_a_failing_first_step_leaves_both_networks_intact(steps_per_execution, monkeypatch):
+    import keras_fsp.jax_steps
+
+    monkeypatch.setattr(keras_fsp.jax_steps, "ON_CPU", True)  # the scanned path too, on JAX
+    teacher, student = small_pair()
+    before = [weights_of(teacher), weights_of(student)]
+    d = FSPDistiller(teacher, student, terms=[_FailsOnFirstStep(name="bad")],
+                     stages={"bad": Stage("bad", {"bad": 1.0})}, stage="bad")
+    d.compile(optimizer=keras.optimizers.SGD(0.1), steps_per_execution=steps_per_execution)
+    x, y = data()
+    with pytest.raises(Exception):
+        d.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    for model, values in zip((teacher, student), before):
+        for a, b in zip(values, weights_of(model)):  # readable, and unchanged
+            np.testing.assert_array_equal(a, b)
+        assert len(model.get_weights()) == len(values)
+    # The same distiller trains once given a stage that works.
+    d.set_stage("kd")
+    history = d.fit(x, y, batch_size=16, epochs=1, verbose=0).history
+    assert np.isfinite(history["kd_loss"][0])
+
+
+def test_a_frozen_clone_as_student_is_refused_with_the_fix():
+    teacher, _ = small_pair()
+    FSPDistiller(teacher, small_pair()[1])  # freezes the teacher
+    clone = keras.models.clone_model(teacher)
+    with pytest.raises(ValueError, match=r"student .* has no trainable weights.*for layer in "
+                                         r"student.layers: layer.trainable = True\.$"):
+        FSPDistiller(teacher, clone)
+    for layer in clone.layers:  # the fix the message gives
+        layer.trainable = True
+    d = FSPDistiller(teacher, clone)  # self-distillation
+    assert d.student.trainable_weights

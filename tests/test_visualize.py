@@ -138,7 +138,7 @@ def test_unknown_method(models, batch):
 def test_visualize_distillation_with_a_distiller(models, batch, tmp_path, monkeypatch):
     teacher, student = models
     raw, images, labels = batch
-    distiller = FSPDistiller(teacher, student)
+    distiller = FSPDistiller(teacher, student, stage="fsp")
     drawn = {}
     original = visualize.plot_fsp_matrices
 

@@ -32,7 +32,7 @@ from keras_fsp import FSPDistiller, Stage, export_student
 from keras_fsp.apps import training
 from keras_fsp.apps.visualize import plot_fsp_matrices
 from keras_fsp.callbacks import StageSchedule
-from keras_fsp.fsp import fsp_matrices_of
+from keras_fsp.terms.fsp import fsp_matrices_of
 from keras_fsp.papers import cifar_resnet
 from keras_fsp.papers.recipes import Recipe
 
@@ -344,7 +344,8 @@ def run(output_dir=DEFAULT_OUTPUT_DIR, epochs_scale=1.0, seed=0, verbose=2,
     fsp_stage = Stage("fsp", {"fsp": 1.0}, trainable="up_to_taps",
                       optimizer=_optimizer(e_task, steps))
     task_stage = Stage("task", {"task": 1.0}, optimizer=_optimizer(e_task, steps))
-    distiller = FSPDistiller(teacher, student, stages={"fsp": fsp_stage, "task": task_stage})
+    distiller = FSPDistiller(teacher, student, stages={"fsp": fsp_stage, "task": task_stage},
+                             stage="fsp")
     fsp = distiller.terms["fsp"]  # pairs found automatically
     print(f"\n[3/3] FSP student ResNet-{STUDENT_DEPTH}: stage 1 'fsp' for {e_fsp} "
           f"epochs (FSP pairs {fsp.pairs}; the student's head does not "

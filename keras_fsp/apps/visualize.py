@@ -476,7 +476,7 @@ def visualize_distillation(
         distiller = distiller_or_models
         teacher, student = distiller.teacher, distiller.student
         if "fsp" not in distiller.terms:
-            raise ValueError("The distiller has no FSP term to draw (fsp_pairs=None).")
+            raise ValueError("The distiller has no FSP term to draw (no stage of it uses 'fsp').")
         term = distiller.terms["fsp"]
     t_pairs, s_pairs = term.pairs, term.student_pairs
 

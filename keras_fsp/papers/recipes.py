@@ -23,7 +23,7 @@ from keras_fsp.callbacks import LossWeightSchedule, RestoreKernelNorms, StageSch
 from keras_fsp.distiller import FSPDistiller
 from keras_fsp.papers.cifar_resnet import dense_taps
 from keras_fsp.stages import UP_TO_TAPS, Stage
-from keras_fsp.terms import AttentionTransfer, DecoupledKD, FSPTerm
+from keras_fsp.terms import AttentionTerm, DecoupledKDTerm, FSPTerm, HintTerm, SoftTargetTerm
 
 
 STAGE1_OPTIMIZERS = ("sgd", "adam")
@@ -151,12 +151,12 @@ def student_alone(student, steps_per_epoch, iterations=64000, augment=None, scal
 STAGE2 = ("task", "kd")
 
 
-def _task_stage(iterations, scale, lr=0.1, losses=None, name="task"):
-    """Stage 2 of the FSP paper: labels only (or `losses`), `lr` (0.1) ->
+def _task_stage(iterations, scale, lr=0.1, terms=None, name="task"):
+    """Stage 2 of the FSP paper: labels only (or `terms`), `lr` (0.1) ->
     /10 -> /100 at 50% and 75%."""
     iterations, b1, b2 = _scaled([iterations, iterations // 2, iterations * 3 // 4], scale)
     rates = (lr, lr / 10, lr / 100)
-    return Stage(name, losses or {"task": 1.0}, optimizer=sgd(rates, (b1, b2))), iterations
+    return Stage(name, terms or {"task": 1.0}, optimizer=sgd(rates, (b1, b2))), iterations
 
 
 def _stage2(stage2, iterations, scale, kd_weight):
@@ -165,9 +165,15 @@ def _stage2(stage2, iterations, scale, kd_weight):
     if stage2 == "task":
         return _task_stage(iterations, scale)
     if stage2 == "kd":
-        return _task_stage(iterations, scale, losses={"kd": kd_weight, "task": 1.0 - kd_weight},
+        return _task_stage(iterations, scale, terms={"kd": kd_weight, "task": 1.0 - kd_weight},
                            name="kd")
     raise ValueError(f"stage2 must be one of {STAGE2}; got {stage2!r}.")
+
+
+def _soft_targets(stage2, temperature):
+    """The soft-target term a stage 2 of KD needs (none for the task alone:
+    a teacher of other classes has no soft targets for the student)."""
+    return [SoftTargetTerm(temperature)] if stage2 == "kd" else []
 
 
 def _stage_callbacks(schedule, restore_kernel_norms):
@@ -228,8 +234,9 @@ def fsp_paper(teacher, student, steps_per_epoch, stage1_iterations=21000,
                 optimizer=_stage1_optimizer(stage1_optimizer, (1e-3, 1e-4, 1e-5), (b1, b2),
                                            stage1_clipnorm))
     task, s2 = _stage2(stage2, stage2_iterations, scale, kd_weight)
-    distiller = FSPDistiller(teacher, student, fsp_pairs=fsp_pairs, fsp_pooling=pooling,
-                             fsp_projection=projection, augment=augment, temperature=temperature,
+    terms = [FSPTerm(pairs=fsp_pairs, pooling=pooling, projection=projection),
+             *_soft_targets(stage2, temperature)]
+    distiller = FSPDistiller(teacher, student, terms=terms, augment=augment,
                              stages={"fsp": fsp, task.name: task}, stage="fsp")
     e1 = _epochs(s1, steps_per_epoch)
     schedule = {0: fsp, e1: task}
@@ -272,8 +279,8 @@ def dense_fsp(teacher, student, steps_per_epoch, points_per_section=2,
         )
     task, s2 = _stage2(stage2, stage2_iterations, scale, kd_weight)
     stages[task.name] = task
-    distiller = FSPDistiller(teacher, student, fsp_pairs=None, terms=terms, augment=augment,
-                             temperature=temperature, stages=stages, stage="dense_fsp_1")
+    distiller = FSPDistiller(teacher, student, terms=terms + _soft_targets(stage2, temperature),
+                             augment=augment, stages=stages, stage="dense_fsp_1")
     step_epochs = _epochs(n, steps_per_epoch)
     schedule = {(k - 1) * step_epochs: stages[f"dense_fsp_{k}"] for k in (1, 2, 3)}
     schedule[3 * step_epochs] = task
@@ -303,10 +310,9 @@ def fitnets(teacher, student, steps_per_epoch, hint_layer="stage2", guided_layer
         second = task
     else:
         raise ValueError(f"stage2 must be one of {STAGE2}; got {stage2!r}.")
-    distiller = FSPDistiller(teacher, student, fsp_pairs=None, hint_layer=hint_layer,
-                             guided_layer=guided_layer, temperature=temperature,
-                             augment=augment, stages={"hint": hint, second.name: second},
-                             stage="hint")
+    terms = [HintTerm(hint_layer, guided_layer), *_soft_targets(stage2, temperature)]
+    distiller = FSPDistiller(teacher, student, terms=terms, augment=augment,
+                             stages={"hint": hint, second.name: second}, stage="hint")
     e1, e2 = _epochs(s1, steps_per_epoch), _epochs(s2, steps_per_epoch)
     schedule = {0: hint, e1: second}
     callbacks = [StageSchedule(schedule)]
@@ -316,38 +322,47 @@ def fitnets(teacher, student, steps_per_epoch, hint_layer="stage2", guided_layer
     return Recipe("fitnet", distiller, schedule, e1 + e2, callbacks, student)
 
 
+def single_stage(teacher, student, steps_per_epoch, terms, name, given_terms=(),
+                 iterations=64000, lr=0.1, augment=None, scale=1.0, callbacks=()):
+    """One stage of `terms` (`{term: weight}`, e.g. `{"kd": 0.9, "task":
+    0.1}`) on the student's usual schedule: SGD momentum 0.9 at `lr` ->
+    `lr/10` -> `lr/100` at 50% and 75% of `iterations`. `given_terms` are
+    term instances with settings (e.g. `SoftTargetTerm(temperature=3)`);
+    registered types a stage names get their defaults. The building block
+    of one-stage methods, your own included."""
+    stage, its = _task_stage(iterations, scale, lr, terms=terms, name=name)
+    distiller = FSPDistiller(teacher, student, terms=list(given_terms), augment=augment,
+                             stages={name: stage}, stage=name)
+    return Recipe(name, distiller, {0: stage}, _epochs(its, steps_per_epoch),
+                  [StageSchedule({0: stage}), *callbacks], student)
+
+
 def hinton_kd(teacher, student, steps_per_epoch, iterations=64000, temperature=4.0,
               kd_weight=0.9, lr=0.1, augment=None, scale=1.0):
     """Hinton soft targets: `kd_weight * T^2 H(soft) + (1 - kd_weight) * H(labels)`,
     one stage, the student's usual schedule (`lr` -> `lr/10` -> `lr/100` at
     50% and 75%)."""
-    task, its = _task_stage(iterations, scale, lr)
-    kd = Stage("kd", {"kd": kd_weight, "task": 1.0 - kd_weight}, optimizer=task.optimizer)
-    distiller = FSPDistiller(teacher, student, fsp_pairs=None, temperature=temperature,
-                             augment=augment, stages={"kd": kd}, stage="kd")
-    return Recipe("kd", distiller, {0: kd}, _epochs(its, steps_per_epoch),
-                  [StageSchedule({0: kd})], student)
+    return single_stage(teacher, student, steps_per_epoch, {"kd": kd_weight, "task": 1.0 - kd_weight},
+                        "kd", [SoftTargetTerm(temperature)], iterations, lr, augment, scale)
 
 
 def attention_transfer(teacher, student, steps_per_epoch, iterations=64000, beta=1000.0,
                        kd_weight=0.0, temperature=4.0, lr=0.1, augment=None, scale=1.0):
     """Attention transfer (Zagoruyko & Komodakis 2017): one stage of the
     task's cross-entropy plus `beta / 2` times the attention terms of the
-    sections' outputs (`keras_fsp.terms.AttentionTransfer`, the authors'
-    mean of squares, beta 1000), on the student's usual schedule.
+    sections' outputs (`keras_fsp.terms.AttentionTerm`, the authors' mean
+    of squares, beta 1000), on the student's usual schedule.
 
     `kd_weight > 0` adds Hinton's soft targets as in the paper's AT + KD
-    (`kd_weight` soft, `1 - kd_weight` labels): `at_kd`.
+    (`kd_weight` soft, `1 - kd_weight` labels): `at-kd`.
     """
-    losses = {"attention": 1.0, "task": 1.0 - kd_weight}
+    terms = {"attention": 1.0, "task": 1.0 - kd_weight}
+    given = [AttentionTerm(beta=beta)]
     if kd_weight:
-        losses["kd"] = kd_weight
-    stage, its = _task_stage(iterations, scale, lr, losses=losses, name="at" if not kd_weight else "at_kd")
-    distiller = FSPDistiller(teacher, student, fsp_pairs=None, temperature=temperature,
-                             terms=[AttentionTransfer(beta=beta)], augment=augment,
-                             stages={stage.name: stage}, stage=stage.name)
-    return Recipe(stage.name, distiller, {0: stage}, _epochs(its, steps_per_epoch),
-                  [StageSchedule({0: stage})], student)
+        terms["kd"] = kd_weight
+        given.append(SoftTargetTerm(temperature))
+    return single_stage(teacher, student, steps_per_epoch, terms, "at_kd" if kd_weight else "at",
+                        given, iterations, lr, augment, scale)
 
 
 def attention_kd(teacher, student, steps_per_epoch, kd_weight=0.9, **kwargs):
@@ -361,14 +376,11 @@ def decoupled_kd(teacher, student, steps_per_epoch, iterations=64000, alpha=1.0,
     * NCKD) * T^2`, the DKD weight warmed up linearly over the first
     `warmup_epochs` epochs (the paper's CIFAR settings: alpha 1, beta 8,
     T 4, 20 epochs), on the student's usual schedule."""
-    stage, its = _task_stage(iterations, scale, lr, losses={"dkd": 1.0, "task": 1.0}, name="dkd")
-    distiller = FSPDistiller(teacher, student, fsp_pairs=None, augment=augment,
-                             terms=[DecoupledKD(alpha=alpha, beta=beta, temperature=temperature)],
-                             stages={"dkd": stage}, stage="dkd")
     warmup = max(1, int(warmup_epochs))
     ramp = LossWeightSchedule("dkd", lambda epoch: min((epoch + 1) / warmup, 1.0))
-    return Recipe("dkd", distiller, {0: stage}, _epochs(its, steps_per_epoch),
-                  [StageSchedule({0: stage}), ramp], student)
+    return single_stage(teacher, student, steps_per_epoch, {"dkd": 1.0, "task": 1.0}, "dkd",
+                        [DecoupledKDTerm(alpha=alpha, beta=beta, temperature=temperature)],
+                        iterations, lr, augment, scale, callbacks=[ramp])
 
 
 def fsp_kd(teacher, student, steps_per_epoch, **kwargs):

@@ -1,40 +1,45 @@
 """Distillation terms: each one summand of a stage's loss, registered by name.
 
-Built in: `"fsp"` (`FSPTerm`), `"hint"` (`HintTerm`), `"kd"`
-(`SoftTargets`), `"task"` (`TaskLoss`), `"attention"` (`AttentionTransfer`),
-`"dkd"` (`DecoupledKD`). Write your own by subclassing `DistillationTerm` and
-registering it with `register_term` (see `keras_fsp.terms.base`).
+One module per method, holding its maths and its term: `"fsp"` (`FSPTerm`,
+`fsp_matrix`), `"hint"` (`HintTerm`), `"kd"` (`SoftTargetTerm`), `"task"`
+(`TaskTerm`), `"attention"` (`AttentionTerm`), `"dkd"` (`DecoupledKDTerm`).
+Write your own by subclassing `DistillationTerm` and registering it with
+`register_term` (see `keras_fsp.terms.base`).
 """
 
-from keras_fsp.terms.attention import AttentionTransfer, attention_map
+from keras_fsp.terms.attention import AttentionTerm, attention_map
 from keras_fsp.terms.base import (
     LOGITS,
     DistillationTerm,
+    batch_mean,
     register_term,
     registered_terms,
-    tap_key,
     term_class,
 )
-from keras_fsp.terms.dkd import DecoupledKD, decoupled_kd
-from keras_fsp.terms.fsp import FSPTerm, fsp_key
-from keras_fsp.terms.hint import HintTerm
-from keras_fsp.terms.soft_targets import SoftTargets
-from keras_fsp.terms.task import TaskLoss
+from keras_fsp.terms.dkd import DecoupledKDTerm, decoupled_kd
+from keras_fsp.terms.fsp import FSPTerm, fsp_distance, fsp_key, fsp_matrix
+from keras_fsp.terms.hint import HintTerm, hint_distance
+from keras_fsp.terms.soft_targets import SoftTargetTerm, soft_target_loss
+from keras_fsp.terms.task import TaskTerm
 
 __all__ = [
     "LOGITS",
-    "AttentionTransfer",
-    "DecoupledKD",
+    "AttentionTerm",
+    "DecoupledKDTerm",
     "DistillationTerm",
     "FSPTerm",
     "HintTerm",
-    "SoftTargets",
-    "TaskLoss",
+    "SoftTargetTerm",
+    "TaskTerm",
     "attention_map",
+    "batch_mean",
     "decoupled_kd",
+    "fsp_distance",
     "fsp_key",
+    "fsp_matrix",
+    "hint_distance",
     "register_term",
     "registered_terms",
-    "tap_key",
+    "soft_target_loss",
     "term_class",
 ]

@@ -1,5 +1,5 @@
 """Attention transfer (Zagoruyko & Komodakis, ICLR 2017, "Paying More Attention
-to Attention")."""
+to Attention"): the maths and the term."""
 
 from keras import ops
 
@@ -33,7 +33,7 @@ def attention_key(layer, p):
 
 
 @register_term("attention")
-class AttentionTransfer(DistillationTerm):
+class AttentionTerm(DistillationTerm):
     """`beta / 2 * sum_j d(Q_S^j, Q_T^j)` over same-resolution tap pairs `j`,
     `Q` the normalised attention maps (`attention_map`).
 

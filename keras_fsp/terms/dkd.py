@@ -1,8 +1,10 @@
-"""Decoupled knowledge distillation (Zhao, Cui, Song, Qiu, Liang, CVPR 2022)."""
+"""Decoupled knowledge distillation (Zhao, Cui, Song, Qiu, Liang, CVPR 2022):
+the maths and the term."""
 
 from keras import ops
 
 from keras_fsp.terms.base import LOGITS, DistillationTerm, register_term
+from keras_fsp.terms.soft_targets import check_temperature
 
 # Subtracted from the target class's logit to take it out of a softmax; a
 # finite number, so that nothing becomes inf or NaN.
@@ -49,13 +51,13 @@ def decoupled_kd(teacher_logits, student_logits, labels, alpha=1.0, beta=8.0, te
 
 
 @register_term("dkd")
-class DecoupledKD(DistillationTerm):
+class DecoupledKDTerm(DistillationTerm):
     """Decoupled KD on the two networks' logits (`decoupled_kd`); the
     cross-entropy with the labels is the stage's separate `"task"` term.
 
     The paper's CIFAR settings are the defaults (alpha 1, beta 8, T 4); it
     warms the DKD weight up linearly over the first 20 epochs
-    (`keras_fsp.papers.recipes.dkd` does, with a `LossWeightSchedule`).
+    (`keras_fsp.papers.recipes.decoupled_kd` does, with a `LossWeightSchedule`).
 
     Args:
         alpha: weight of the target-class term (TCKD).
@@ -69,9 +71,8 @@ class DecoupledKD(DistillationTerm):
 
     def __init__(self, alpha=1.0, beta=8.0, temperature=4.0, name="dkd", **kwargs):
         super().__init__(name=name, **kwargs)
-        if not float(temperature) > 0:
-            raise ValueError(f"temperature must be > 0; got {temperature}.")
-        self.alpha, self.beta, self.temperature = float(alpha), float(beta), float(temperature)
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.temperature = check_temperature(temperature)
 
     def compute(self, student, teacher, y_true):
         return decoupled_kd(teacher[LOGITS], student[LOGITS], y_true,

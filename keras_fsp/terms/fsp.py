@@ -1,13 +1,160 @@
-"""The FSP term (Yim et al., CVPR 2017, eq. 2), also the building block of
-dense sequential FSP (Yeo et al., ICIP 2018: one term per step, each with the
-pairs of its sections)."""
+"""The FSP matrix ("flow of solution procedure", Yim et al., CVPR 2017) and its
+term, eq. (2); also the building block of dense sequential FSP (Yeo et al.,
+ICIP 2018: one term per step, each with the pairs of its sections).
+
+The maths (`fsp_matrix`, `fsp_distance`) is written with `keras.ops` only;
+`keras_fsp.losses.FSPLoss` and `keras_fsp.keras_distillation` adapt it to
+Keras' loss APIs.
+"""
 
 import keras
+from keras import ops
 
 from keras_fsp import pairing, taps
-from keras_fsp.fsp import POOLING_MODES, fsp_matrices, fsp_matrices_of, pooled_spatial_size
-from keras_fsp.losses import FSPLoss
 from keras_fsp.terms.base import DistillationTerm, announce, register_term
+
+POOLING_MODES = ("max", "avg")
+
+
+def pooled_spatial_size(shape1, shape2):
+    """The spatial size two feature maps are brought to for their FSP matrix.
+
+    Args:
+        shape1: shape `(batch, h1, w1, m)` of the first map (batch may be None).
+        shape2: shape `(batch, h2, w2, n)` of the second map.
+
+    Returns:
+        `(h, w)`, the smaller of the two sizes.
+
+    Raises:
+        ValueError: if a shape is not 4-D, a spatial size is unknown, or the
+            larger map is not an integer multiple of the smaller in both axes.
+    """
+    for shape in (shape1, shape2):
+        if len(shape) != 4 or shape[1] is None or shape[2] is None:
+            raise ValueError(
+                "FSP matrices need channels-last feature maps with a known "
+                f"spatial size, (batch, height, width, channels); got shapes "
+                f"{tuple(shape1)} and {tuple(shape2)}."
+            )
+    (h1, w1), (h2, w2) = tuple(shape1[1:3]), tuple(shape2[1:3])
+    if (h1, w1) == (h2, w2):
+        return h1, w1
+    big, small = ((h1, w1), (h2, w2)) if h1 >= h2 else ((h2, w2), (h1, w1))
+    if big[1] < small[1] or big[0] % small[0] or big[1] % small[1]:
+        raise ValueError(
+            "Cannot pair feature maps of shapes "
+            f"{tuple(shape1)} and {tuple(shape2)} in an FSP matrix: the larger "
+            "spatial size must be an integer multiple of the smaller in both "
+            "height and width, so that pooling can bring it down."
+        )
+    return small
+
+
+def _pool_to(x, size, pooling):
+    """Non-overlapping max or average pooling of `x` down to `size`, written
+    as a reshape and a reduction: the same values as a pooling op, and on
+    GPUs a much cheaper gradient than XLA's select-and-scatter."""
+    h, w = x.shape[1], x.shape[2]
+    if (h, w) == tuple(size):
+        return x
+    rh, rw = h // size[0], w // size[1]
+    blocks = ops.reshape(x, (-1, size[0], rh, size[1], rw, x.shape[-1]))
+    reduce = ops.max if pooling == "max" else ops.mean
+    return reduce(blocks, axis=(2, 4))
+
+
+def fsp_matrix(f1, f2, pooling="max"):
+    """FSP matrix between two feature maps of one network, eq. (1).
+
+    `G[b, i, j] = sum_{s,t} f1[b, s, t, i] * f2[b, s, t, j] / (h * w)`.
+
+    When the spatial sizes differ, the larger map is pooled down to the
+    smaller one first (max pooling, as in the paper; `"avg"` is the variant
+    some PyTorch toolkits use). The product is accumulated in float32 and the
+    result is float32 whatever the input dtype (float16/bfloat16 sums of
+    h*w products lose too much precision).
+
+    Args:
+        f1: tensor `(batch, h1, w1, m)`, the earlier feature map.
+        f2: tensor `(batch, h2, w2, n)`, the later feature map.
+        pooling: `"max"` (default, the paper) or `"avg"`.
+
+    Returns:
+        float32 tensor `(batch, m, n)`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> g = fsp_matrix(np.ones((2, 8, 8, 3)), np.ones((2, 4, 4, 5)))
+    >>> tuple(g.shape)
+    (2, 3, 5)
+    """
+    if pooling not in POOLING_MODES:
+        raise ValueError(f"pooling must be one of {POOLING_MODES}; got {pooling!r}.")
+    f1 = ops.convert_to_tensor(f1)
+    f2 = ops.convert_to_tensor(f2)
+    size = pooled_spatial_size(f1.shape, f2.shape)
+    # Pool in the input dtype (max pooling is exact), then accumulate in f32.
+    f1 = ops.cast(_pool_to(f1, size, pooling), "float32")
+    f2 = ops.cast(_pool_to(f2, size, pooling), "float32")
+    g = ops.einsum("bhwm,bhwn->bmn", f1, f2)
+    return g / float(size[0] * size[1])
+
+
+def fsp_matrices(features, pairs, pooling="max", projections=None):
+    """FSP matrices of the layer `pairs` from a dict `{layer: feature map}`;
+    `projections` (`{layer: layer}`) map some of the maps first."""
+    projections = projections or {}
+    out = []
+    for a, b in pairs:
+        fa, fb = features[a], features[b]
+        fa = projections[a](fa) if a in projections else fa
+        fb = projections[b](fb) if b in projections else fb
+        out.append(fsp_matrix(fa, fb, pooling=pooling))
+    return out
+
+
+def fsp_matrices_of(model, pairs, x, pooling="max", projections=None, role="model"):
+    """FSP matrices of a functional `model` for its layer `pairs` on `x`
+    (inference mode), as numpy arrays `(batch, m, n)`, one per pair."""
+    names = list(dict.fromkeys(n for p in pairs for n in p))
+    features = taps.tap_model(model, names, include_logits=False, role=role)(x, training=False)
+    return [ops.convert_to_numpy(g) for g in fsp_matrices(features, pairs, pooling, projections)]
+
+
+def fsp_distance(teacher_matrices, student_matrices, weights=None, normalize=False):
+    """Eq. (2) per example: `sum_i lambda_i ||G_i^T - G_i^S||_F^2`.
+
+    Args:
+        teacher_matrices, student_matrices: lists of `(batch, m_i, n_i)`.
+        weights: one lambda per pair; default 1 each (the paper).
+        normalize: divide each pair's squared norm by its matrix size
+            `m * n` (a mean over the entries instead of the paper's sum),
+            which keeps the value near 1 whatever the network widths.
+
+    Returns:
+        float32 `(batch,)`.
+    """
+    teacher_matrices, student_matrices = list(teacher_matrices), list(student_matrices)
+    if len(teacher_matrices) != len(student_matrices):
+        raise ValueError(
+            f"Got {len(teacher_matrices)} teacher and {len(student_matrices)} student FSP "
+            "matrices: they must come in pairs."
+        )
+    if weights is None:
+        weights = [1.0] * len(teacher_matrices)
+    if len(weights) != len(teacher_matrices):
+        raise ValueError(
+            f"{len(weights)} weights (lambda_i) for {len(teacher_matrices)} FSP matrix pairs: "
+            "give one weight per pair."
+        )
+    reduce = ops.mean if normalize else ops.sum
+    total = 0.0
+    for w, g_t, g_s in zip(weights, teacher_matrices, student_matrices):
+        diff = ops.cast(g_t, "float32") - ops.cast(g_s, "float32")
+        total = total + float(w) * reduce(ops.square(diff), axis=(1, 2))
+    return total
 
 
 def fsp_key(pair, pooling):
@@ -34,8 +181,7 @@ class FSPTerm(DistillationTerm):
             (the mapping is printed); `False`: such a pair is an error;
             `True`: same as `"auto"`.
         normalize: divide each pair's squared norm by the matrix size
-            `m * n`, which keeps the loss near 1 whatever the widths (the
-            paper's sum when False, the default).
+            `m * n` (see `fsp_distance`).
         name: the term's name in stages (default `"fsp"`).
     """
 
@@ -43,12 +189,12 @@ class FSPTerm(DistillationTerm):
                  projection="auto", normalize=False, name="fsp", **kwargs):
         super().__init__(name=name, **kwargs)
         if pooling not in POOLING_MODES:
-            raise ValueError(f"fsp_pooling must be one of {POOLING_MODES}; got {pooling!r}.")
+            raise ValueError(f"FSPTerm pooling must be one of {POOLING_MODES}; got {pooling!r}.")
         if projection not in ("auto", True, False):
             raise ValueError(f"projection must be 'auto', True or False; got {projection!r}.")
         if isinstance(pairs, str) and pairs != "auto":
             raise ValueError(
-                f"fsp_pairs must be 'auto', None or a list of layer-name pairs; got {pairs!r}."
+                f"FSPTerm pairs must be 'auto' or a list of layer-name pairs; got {pairs!r}."
             )
         self.pairs = pairs if isinstance(pairs, str) else [tuple(p) for p in pairs]
         self.student_pairs = None if student_pairs is None else [tuple(p) for p in student_pairs]
@@ -56,9 +202,8 @@ class FSPTerm(DistillationTerm):
         self.pooling = pooling
         self.projection = projection
         self.normalize = bool(normalize)
-        self.loss = FSPLoss(weights=self.pair_weights, normalize=self.normalize)
         self.projections = {}
-        
+
     # ---------------------------------------------------------------- setup
 
     def configure(self, teacher, student):
@@ -85,7 +230,7 @@ class FSPTerm(DistillationTerm):
             raise ValueError("The FSP term needs at least one pair of layers.")
         if self.pair_weights is not None and len(self.pair_weights) != len(t_pairs):
             raise ValueError(
-                f"fsp_weights has {len(self.pair_weights)} entries for {len(t_pairs)} FSP pairs "
+                f"pair_weights has {len(self.pair_weights)} entries for {len(t_pairs)} FSP pairs "
                 f"{list(t_pairs)}."
             )
         self.pairs, self.student_pairs = list(t_pairs), list(s_pairs)
@@ -120,7 +265,7 @@ class FSPTerm(DistillationTerm):
                         f"FSP pair mismatch: teacher layer {t_name!r} has shape {t_shape} and "
                         f"student layer {s_name!r} has shape {s_shape}; their channel counts "
                         "must be equal for the FSP matrices to have the same size. Tap layers "
-                        "with equal channels, or pass fsp_projection='auto' to learn a 1x1 "
+                        "with equal channels, or pass FSPTerm(projection='auto') to learn a 1x1 "
                         "projection of the student's map."
                     )
                 # Layer names cannot hold the "/" of a nested layer's path.
@@ -168,7 +313,7 @@ class FSPTerm(DistillationTerm):
     def compute(self, student, teacher, y_true):
         g_t = [teacher[fsp_key(p, self.pooling)] for p in self.pairs]
         g_s = fsp_matrices(student, self.student_pairs, self.pooling, self.projections)
-        return self.loss.call(g_t, g_s)
+        return fsp_distance(g_t, g_s, self.pair_weights, self.normalize)
 
     def get_config(self):
         return {
@@ -180,4 +325,3 @@ class FSPTerm(DistillationTerm):
             "projection": self.projection,
             "normalize": self.normalize,
         }
-

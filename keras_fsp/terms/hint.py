@@ -1,10 +1,28 @@
-"""The FitNets hint term (Romero et al., ICLR 2015)."""
+"""The FitNets hint (Romero et al., ICLR 2015): its maths and its term."""
 
 import keras
+from keras import ops
 
 from keras_fsp import taps
-from keras_fsp.losses import HintLoss
-from keras_fsp.terms.base import DistillationTerm, register_term, tap_key
+from keras_fsp.terms.base import DistillationTerm, register_term
+
+
+def hint_distance(hint, guided, normalize=False):
+    """`1/2 ||hint - guided||^2` per example.
+
+    Args:
+        hint: the teacher's map, `(batch, ...)`.
+        guided: the (regressed) student map, same shape.
+        normalize: `False` (the paper): the sum of squares over the whole
+            map; `True`: their mean, which keeps the value independent of
+            the map's size.
+
+    Returns:
+        float32 `(batch,)`.
+    """
+    sq = ops.square(ops.cast(hint, "float32") - ops.cast(guided, "float32"))
+    axes = tuple(range(1, len(sq.shape)))
+    return 0.5 * (ops.mean(sq, axis=axes) if normalize else ops.sum(sq, axis=axes))
 
 
 @register_term("hint")
@@ -19,7 +37,7 @@ class HintTerm(DistillationTerm):
     Args:
         hint_layer: the teacher layer giving the hint.
         guided_layer: the student layer it guides (default: the same name).
-        normalize: see `keras_fsp.losses.HintLoss`.
+        normalize: see `hint_distance`.
         name: the term's name in stages (default `"hint"`).
     """
 
@@ -27,13 +45,12 @@ class HintTerm(DistillationTerm):
         super().__init__(name=name, **kwargs)
         if hint_layer is None:
             raise ValueError(
-                "The hint term needs its layers: create the distiller with hint_layer=... "
-                "and guided_layer=..., or pass HintTerm(hint_layer, guided_layer)."
+                "The hint term needs its layers: give the distiller "
+                "terms=[keras_fsp.terms.HintTerm(hint_layer, guided_layer)]."
             )
         self.hint_layer = hint_layer
         self.guided_layer = guided_layer or hint_layer
         self.normalize = bool(normalize)
-        self.loss = HintLoss(normalize=self.normalize)
         self.teacher_taps = (self.hint_layer,)
         self.student_taps = (self.guided_layer,)
         self.regressor = None
@@ -65,7 +82,7 @@ class HintTerm(DistillationTerm):
         guided = student[self.guided_layer]
         if self.regressor is not None:
             guided = self.regressor(guided)
-        return self.loss.call(teacher[tap_key(self.hint_layer)], guided)
+        return hint_distance(teacher[self.hint_layer], guided, self.normalize)
 
     def get_config(self):
         return {

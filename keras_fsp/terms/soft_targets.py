@@ -1,13 +1,42 @@
-"""Hinton's soft-target term (knowledge distillation, 2015)."""
+"""Hinton's soft targets (knowledge distillation, 2015): the maths and the
+term."""
 
-from keras_fsp.losses import SoftTargetLoss
+from keras import ops
+
 from keras_fsp.terms.base import LOGITS, DistillationTerm, register_term
 
 
+def check_temperature(temperature):
+    """`temperature` as a float, refused unless it is > 0."""
+    temperature = float(temperature)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}.")
+    return temperature
+
+
+def soft_target_loss(teacher_logits, student_logits, temperature=4.0):
+    """`T^2 * H(softmax(z_t / T), softmax(z_s / T))` per example.
+
+    The cross-entropy between the teacher's and the student's softened
+    distributions, multiplied by `T^2` so that its gradients keep their scale
+    relative to the hard-label loss when `T` changes. (It differs from the
+    KL divergence only by the teacher's entropy, a constant: the gradients
+    are the same.)
+
+    Returns:
+        float32 `(batch,)`.
+    """
+    t = float(temperature)
+    soft_teacher = ops.softmax(ops.cast(teacher_logits, "float32") / t, axis=-1)
+    log_student = ops.log_softmax(ops.cast(student_logits, "float32") / t, axis=-1)
+    return -(t * t) * ops.sum(soft_teacher * log_student, axis=-1)
+
+
 @register_term("kd")
-class SoftTargets(DistillationTerm):
-    """`T^2 * H(softmax(z_t / T), softmax(z_s / T))`
-    (`keras_fsp.losses.SoftTargetLoss`) on the two networks' logits.
+class SoftTargetTerm(DistillationTerm):
+    """Soft targets (`soft_target_loss`) on the two networks' logits. The mix
+    with the labels is the stage's: the built-in `"kd"` stage is
+    `0.9 * kd + 0.1 * task`.
 
     Args:
         temperature: `T > 0`.
@@ -19,11 +48,10 @@ class SoftTargets(DistillationTerm):
 
     def __init__(self, temperature=4.0, name="kd", **kwargs):
         super().__init__(name=name, **kwargs)
-        self.loss = SoftTargetLoss(temperature=temperature)
-        self.temperature = self.loss.temperature
+        self.temperature = check_temperature(temperature)
 
     def compute(self, student, teacher, y_true):
-        return self.loss.call(teacher[LOGITS], student[LOGITS])
+        return soft_target_loss(teacher[LOGITS], student[LOGITS], self.temperature)
 
     def get_config(self):
         return {**super().get_config(), "temperature": self.temperature}

@@ -6,14 +6,39 @@ from keras import ops
 from keras_fsp.terms.base import LOGITS, DistillationTerm, register_term
 
 
+def default_student_loss():
+    """Cross-entropy of integer labels and logits."""
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def check_student_loss(loss):
+    """Raises unless `loss` is a `keras.losses.Loss` instance; returns it."""
+    if not isinstance(loss, keras.losses.Loss):
+        raise ValueError(
+            "The student's loss must be a keras.losses.Loss instance that takes the student's "
+            "logits, e.g. keras.losses.SparseCategoricalCrossentropy(from_logits=True); "
+            f"got {loss!r}."
+        )
+    return loss
+
+
+def per_example_loss(loss, y_true, logits):
+    """`loss` of each example as float32 `(batch,)` (axes past the batch,
+    e.g. of a sequence's positions, averaged)."""
+    value = ops.cast(loss.call(y_true, ops.cast(logits, "float32")), "float32")
+    while len(value.shape) > 1:
+        value = ops.mean(value, axis=-1)
+    return value
+
+
 @register_term("task")
-class TaskLoss(DistillationTerm):
-    """The hard-label loss of the student's logits; the teacher is not used.
+class TaskTerm(DistillationTerm):
+    """The student's loss on the labels; the teacher is not used.
 
     Args:
-        loss: a `keras.losses.Loss` taking `(labels, logits)`; default
-            `SparseCategoricalCrossentropy(from_logits=True)`. It is also the
-            loss `evaluate` reports.
+        loss: a `keras.losses.Loss` taking `(labels, logits)`; default the
+            loss given to the distiller's `compile` (itself
+            `SparseCategoricalCrossentropy(from_logits=True)` by default).
         name: the term's name in stages (default `"task"`).
     """
 
@@ -21,25 +46,20 @@ class TaskLoss(DistillationTerm):
 
     def __init__(self, loss=None, name="task", **kwargs):
         super().__init__(name=name, **kwargs)
-        if loss is None:
-            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        if not isinstance(loss, keras.losses.Loss):
-            raise ValueError(
-                "The task loss must be a keras.losses.Loss instance that takes the student's "
-                "logits, e.g. keras.losses.SparseCategoricalCrossentropy(from_logits=True); "
-                f"got {loss!r}."
-            )
-        self.loss = loss
+        self.own_loss = None if loss is None else check_student_loss(loss)
+        self.loss = self.own_loss or default_student_loss()
+
+    def use_student_loss(self, loss):
+        if self.own_loss is None:
+            self.loss = loss
 
     def compute(self, student, teacher, y_true):
-        per_example = self.loss.call(y_true, ops.cast(student[LOGITS], "float32"))
-        per_example = ops.cast(per_example, "float32")
-        while len(per_example.shape) > 1:
-            per_example = ops.mean(per_example, axis=-1)
-        return per_example
+        return per_example_loss(self.loss, y_true, student[LOGITS])
 
     def get_config(self):
-        return {**super().get_config(), "loss": keras.saving.serialize_keras_object(self.loss)}
+        own = self.own_loss
+        return {**super().get_config(),
+                "loss": None if own is None else keras.saving.serialize_keras_object(own)}
 
     @classmethod
     def from_config(cls, config):

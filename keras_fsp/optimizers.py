@@ -1,6 +1,7 @@
-"""Each stage's optimizer: a stage's own, or a fresh copy of the compiled one
+"""Optimizers of stages: a stage's own, or a fresh copy of the compiled one
 with the stage's learning-rate scale and gradient clipping; loss-scaled when
-training computes in float16. Backend-agnostic."""
+training computes in float16; and learning rates scaled by a constant.
+Backend-agnostic."""
 
 import keras
 from keras import ops
@@ -9,7 +10,7 @@ from keras_fsp import compat
 
 
 @keras.saving.register_keras_serializable(package="keras_fsp")
-class _ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
+class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """A learning-rate schedule multiplied by a constant."""
 
     def __init__(self, schedule, scale):
@@ -29,17 +30,25 @@ class _ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return cls(schedule, config["scale"])
 
 
+def scale_learning_rate(optimizer, factor):
+    """Multiplies `optimizer`'s learning rate (a constant or a schedule, also
+    inside a `LossScaleOptimizer`) by `factor`, in place."""
+    if factor == 1.0:
+        return
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    rate = compat.learning_rate(inner)
+    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+        inner.learning_rate = ScaledSchedule(rate, factor)
+    else:
+        inner.learning_rate = float(ops.convert_to_numpy(rate)) * factor
+
+
 def clone_optimizer(optimizer, learning_rate_scale=1.0, global_clipnorm=None):
     """A fresh optimizer like `optimizer`, its learning rate (or schedule)
     scaled, with `global_clipnorm` when it clips nothing itself."""
     clone = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
+    scale_learning_rate(clone, learning_rate_scale)
     inner = getattr(clone, "inner_optimizer", clone)  # LossScaleOptimizer
-    if learning_rate_scale != 1.0:
-        rate = compat.learning_rate(inner)
-        if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
-            inner.learning_rate = _ScaledSchedule(rate, learning_rate_scale)
-        else:
-            inner.learning_rate = float(ops.convert_to_numpy(rate)) * learning_rate_scale
     clips = any(getattr(inner, k, None) for k in ("clipnorm", "clipvalue", "global_clipnorm"))
     if global_clipnorm is not None and not clips:
         # Keras clips each replica's gradient before summing them: clip each
