@@ -126,7 +126,7 @@ def main(_):
     import keras
 
     from keras_fsp import FSPDistiller
-    from keras_fsp.apps import cli
+    from keras_fsp.apps import cli, commands, networks
 
     phases = {"imports": time.time() - STARTED}
     compile_seconds = collections.defaultdict(float)
@@ -159,12 +159,13 @@ def main(_):
     FSPDistiller.fit = fit
     # What comes before fit, by function of the command line.
     setup = Timeline()
-    patched = {name: getattr(cli, name) for name in ("_load_data", "_load_teacher", "_resnet",
-                                                    "_recipe")}
-    for name, function in patched.items():
-        setup_name = {"_load_data": "data", "_load_teacher": "teacher (built and loaded)",
-                      "_resnet": "networks built (teacher and student)", "_recipe": "distiller and stages"}[name]
-        setattr(cli, name, setup.timed(setup_name, function))
+    timed = {(commands, "load_data"): "data",
+             (networks, "load_teacher"): "teacher (built and loaded)",
+             (networks, "resnet"): "networks built (teacher and student)",
+             (commands, "_recipe"): "distiller and stages"}
+    patched = {(module, name): getattr(module, name) for module, name in timed}
+    for (module, name), function in patched.items():
+        setattr(module, name, setup.timed(timed[module, name], function))
     model_dir = FLAGS.model_dir or tempfile.mkdtemp(prefix="paper-schedule-")
     argv = ["keras-fsp", "distill", f"--method={FLAGS.method}", f"--dataset={FLAGS.dataset}",
             f"--model_dir={model_dir}", "--verbose=0", "--overwrite", *FLAGS.flags]
@@ -174,8 +175,8 @@ def main(_):
         result = cli.run(argv)
     finally:
         FSPDistiller.fit = original_fit
-        for name, function in patched.items():
-            setattr(cli, name, function)
+        for (module, name), function in patched.items():
+            setattr(module, name, function)
         if FLAGS.model_dir is None:
             shutil.rmtree(model_dir, ignore_errors=True)
     ended = time.time()

@@ -1,5 +1,5 @@
 """What the example scripts share: their common flags, loading a dataset as
-arrays, and training through keras_fsp's harness (`keras_fsp.apps.training`:
+arrays, and training through keras_fsp's training loop (`keras_fsp.training`:
 resumable checkpoints, `--max_minutes`, a NaN stop, `metrics.json`).
 
 Every example is `run(flags) -> dict` (the flags as attributes, e.g. absl's
@@ -55,8 +55,8 @@ def standardize(x_train, *others):
 
 
 def train(recipe, train_data, test_data, flags, fields=None, **kwargs):
-    """`keras_fsp.apps.training.train` with the common flags."""
-    from keras_fsp.apps import training
+    """`keras_fsp.training.train` with the common flags."""
+    from keras_fsp import training
 
     return training.train(recipe, train_data, test_data, flags.run_dir,
                           batch_size=flags.batch_size, seed=flags.seed,

@@ -110,7 +110,6 @@ def run(f):
     """Trains what `f.method` says; returns the result (also `metrics.json`)."""
     import keras
 
-    from keras_fsp.apps import training
     from keras_fsp.augment import PadCropFlip
     from keras_fsp.papers import recipes
 
@@ -150,30 +149,35 @@ def run(f):
               "student_jitter": f.student_jitter, "train_size": int(len(x_train)),
               "temperature": f.temperature if teacher is not None else None}
     save_name = "teacher" if f.method == "teacher" else "student"
-    result = common.train(recipe, (x_train, y_train), (x_test, y_test), f, fields,
-                          save_name=save_name, validation_every=max(1, recipe.epochs // 4))
-    if teacher is not None:
-        result["teacher_test_errors"] = _errors(teacher, x_test, y_test)
-    if f.method == "omitted_class":
-        # the weights are saved before this bias shift
-        digit = y_test == f.omitted_digit
-        pred = net.predict(x_test, batch_size=1000, verbose=0).argmax(-1)
-        bias = net.get_layer("logits").bias
-        before = keras.ops.convert_to_numpy(bias).copy()
-        shifted = before.copy()
-        shifted[f.omitted_digit] += f.bias_shift
-        bias.assign(shifted)
-        pred_after = net.predict(x_test, batch_size=1000, verbose=0).argmax(-1)
-        bias.assign(before)
-        result.update(
-            omitted_digit=f.omitted_digit, bias_shift=f.bias_shift,
-            omitted_test_count=int(digit.sum()),
-            omitted_accuracy_before=float((pred[digit] == f.omitted_digit).mean()),
-            omitted_accuracy_after=float((pred_after[digit] == f.omitted_digit).mean()),
-            test_errors_after=int((pred_after != y_test).sum()),
-        )
-    training.write_result(f.run_dir, result)
-    return result
+
+    def scores(trained):
+        """The teacher's errors, and for the omitted class the student's
+        predictions of it before and after its bias is shifted."""
+        out = {}
+        if teacher is not None:
+            out["teacher_test_errors"] = _errors(teacher, x_test, y_test)
+        if f.method == "omitted_class":
+            digit = y_test == f.omitted_digit
+            pred = trained.predict(x_test, batch_size=1000, verbose=0).argmax(-1)
+            bias = trained.get_layer("logits").bias
+            before = keras.ops.convert_to_numpy(bias).copy()
+            shifted = before.copy()
+            shifted[f.omitted_digit] += f.bias_shift
+            bias.assign(shifted)
+            pred_after = trained.predict(x_test, batch_size=1000, verbose=0).argmax(-1)
+            bias.assign(before)  # the network is saved after this, unshifted
+            out.update(
+                omitted_digit=f.omitted_digit, bias_shift=f.bias_shift,
+                omitted_test_count=int(digit.sum()),
+                omitted_accuracy_before=float((pred[digit] == f.omitted_digit).mean()),
+                omitted_accuracy_after=float((pred_after[digit] == f.omitted_digit).mean()),
+                test_errors_after=int((pred_after != y_test).sum()),
+            )
+        return out
+
+    return common.train(recipe, (x_train, y_train), (x_test, y_test), f, fields,
+                        save_name=save_name, validation_every=max(1, recipe.epochs // 4),
+                        scores=scores)
 
 
 def main(_):

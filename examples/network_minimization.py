@@ -12,9 +12,9 @@ keras_fsp's methods.
 Data: `npz:PATH` (arrays `x_train, y_train, x_test, y_test`) or a
 tensorflow-datasets name (`cifar10`, the default, or `cifar100`: a prepared
 tfds folder or network access); per-channel standardisation, 4-pixel pad +
-random crop + flip inside the compiled step. Methods: `teacher`,
-`student_alone` and the recipes of `keras_fsp.papers.recipes` (`fsp`,
-`dense_fsp`, `fitnet`, `kd`, `at`, `dkd`, `fsp_kd`, `dense_fsp_kd`, `at_kd`),
+random crop + flip inside the compiled step. Methods: `teacher` and every
+method of `keras_fsp.papers.methods` (`none`, the student alone; `kd`,
+`fitnet`, `fsp`, `dense-fsp`, `at`, `dkd`, `fsp-kd`, `dense-fsp-kd`, `at-kd`),
 with the papers' schedules (FSP: 21k stage-1 + 64k stage-2 iterations; Yeo
 et al. ran 32k + 64k on CIFAR-100: `--stage1_iterations 32000`).
 `keras-fsp distill` runs the same trainings from the command line, and
@@ -31,13 +31,13 @@ import common  # noqa: E402  (examples/common.py)
 
 _O = common.FLAG_OPTIONS
 common.define_flags("runs/network_minimization")
-flags.DEFINE_string("method", "fsp", "teacher, student_alone, or a recipe of "
-                    "keras_fsp.papers.recipes.RECIPES.", **_O)
+flags.DEFINE_string("method", "fsp", "teacher, or a method of keras_fsp.papers.methods "
+                    "(none: the student alone).", **_O)
 flags.DEFINE_integer("teacher_depth", 26, "Teacher ResNet depth (6n+2).", **_O)
 flags.DEFINE_integer("student_depth", 8, "Student ResNet depth (6n+2).", **_O)
 flags.DEFINE_string("teacher_weights", None, "Teacher weights (.weights.h5) for distillation.", **_O)
-flags.DEFINE_integer("stage1_iterations", None, "fsp / dense_fsp: stage-1 iterations "
-                     "(default the recipe's 21k).", **_O)
+flags.DEFINE_integer("stage1_iterations", None, "fsp / dense-fsp (and their -kd): stage-1 "
+                     "iterations (default the recipe's 21k).", **_O)
 flags.DEFINE_enum("dtype_policy", "float32", ["float32", "mixed_bfloat16", "mixed_float16"],
                   "Keras dtype policy of teacher and student (FSP matrices stay float32).", **_O)
 FLAGS = flags.FLAGS
@@ -49,7 +49,7 @@ def run(f):
     import numpy as np
 
     from keras_fsp.augment import PadCropFlip
-    from keras_fsp.papers import cifar_resnet, recipes
+    from keras_fsp.papers import cifar_resnet, methods, recipes
 
     keras.utils.set_random_seed(f.seed)
     keras.config.set_dtype_policy(f.dtype_policy)
@@ -65,17 +65,16 @@ def run(f):
 
     if f.method == "teacher":
         recipe = recipes.supervised(resnet(f.teacher_depth, "teacher"), steps, name="teacher", **kw)
-    elif f.method == "student_alone":
-        recipe = recipes.student_alone(resnet(f.student_depth, "student"), steps, **kw)
     else:
-        teacher = resnet(f.teacher_depth, "teacher")
-        if f.teacher_weights:
+        method = methods.get(f.method)
+        teacher = resnet(f.teacher_depth, "teacher") if method.uses_teacher else None
+        if teacher is not None and f.teacher_weights:
             teacher.load_weights(f.teacher_weights)
-        elif not f.smoke:
+        elif teacher is not None and not f.smoke:
             raise app.UsageError("--teacher_weights is needed to distil.")
-        if f.stage1_iterations and f.method in ("fsp", "dense_fsp", "fsp_kd", "dense_fsp_kd"):
+        if f.stage1_iterations and f.method in ("fsp", "dense-fsp", "fsp-kd", "dense-fsp-kd"):
             kw["stage1_iterations"] = f.stage1_iterations
-        recipe = recipes.get(f.method)(teacher, resnet(f.student_depth, "student"), steps, **kw)
+        recipe = method.build(teacher, resnet(f.student_depth, "student"), steps, **kw)
     return common.train(recipe, (x_train, y_train), (x_test, y_test), f,
                         {"method": f.method, "teacher_depth": f.teacher_depth,
                          "student_depth": f.student_depth, "dtype_policy": f.dtype_policy},

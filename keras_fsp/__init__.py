@@ -33,6 +33,7 @@ from keras_fsp import (
     taps,
     teacher_cache,
     terms,
+    training,
 )
 from keras_fsp.distiller import FSPDistiller
 from keras_fsp.export import export_student
@@ -69,4 +70,5 @@ __all__ = [
     "taps",
     "teacher_cache",
     "terms",
+    "training",
 ]

@@ -202,7 +202,8 @@ class NonFiniteLossError(RuntimeError):
     """A training loss term became NaN or infinite (see `StopOnNonFiniteLoss`)."""
 
 
-def _as_float(value):
+def as_float(value):
+    """`value` (a tensor or a number) as a Python float, or None."""
     try:
         return float(np.asarray(keras.ops.convert_to_numpy(value)).reshape(()))
     except (TypeError, ValueError):
@@ -221,7 +222,7 @@ def non_finite_term(logs, terms=None):
         terms.append("loss")
     for term in terms:
         if term in logs:
-            value = _as_float(logs[term])
+            value = as_float(logs[term])
             if value is not None and not math.isfinite(value):
                 return term, value
     return None
@@ -233,7 +234,7 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
     Raises `NonFiniteLossError` naming the term, the stage, the epoch and
     batch (1-based, as Keras prints them) and what to do. `FSPDistiller.fit`
     adds one unless its callbacks already hold one (or a subclass, such as
-    `keras_fsp.apps.runs.NaNGuard`, which also names the kept checkpoint).
+    `keras_fsp.training.callbacks.NaNGuard`, which also names the kept checkpoint).
 
     Args:
         advice: what to do, the message's last sentence.

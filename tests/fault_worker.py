@@ -22,10 +22,10 @@ def _die():
 
 
 def _inject(fault):
-    from keras_fsp.apps import runs
+    from keras_fsp.training import checkpoints
 
     if fault.startswith("write:"):
-        target, calls, write = int(fault.split(":")[1]), [0], runs._write_new
+        target, calls, write = int(fault.split(":")[1]), [0], checkpoints.write_new
 
         def write_then_die(path, data):
             calls[0] += 1
@@ -36,7 +36,7 @@ def _inject(fault):
                 _die()
             write(path, data)
 
-        runs._write_new = write_then_die
+        checkpoints.write_new = write_then_die
     elif fault == "discard":
         import shutil
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from keras_fsp.papers import cifar_resnet
+from keras_fsp.training import RunFolder
 
 SHAPE = (16, 16, 3)
 
@@ -47,3 +48,8 @@ def run_litert(path, x):
     interpreter.invoke()
     dtypes = {t["dtype"] for t in interpreter.get_tensor_details()}
     return interpreter.get_tensor(out["index"]), dtypes, inp
+
+
+def checkpoints_of(folder, **kwargs):
+    """The `Checkpoints` of the run folder `folder`."""
+    return RunFolder(folder).checkpoints(**kwargs)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 import keras
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 pytest.importorskip("sklearn")
 
 from keras_fsp.apps import cli, data  # noqa: E402
+from keras_fsp.papers import methods  # noqa: E402
 from tests.helpers import run_litert  # noqa: E402
 
 if keras.backend.backend() != "tensorflow":
@@ -66,7 +68,7 @@ def test_train_teacher_writes_config_metrics_logs_checkpoints_and_export(teacher
         "weight_decay": 1e-4, "temperature": None, "data_dir": None, "overwrite": False,
         "method": "fsp", "teacher": None, "model": None, "num_images": 6,
         "max_minutes": None, "tensorboard": False, "formats": ["keras", "saved_model"],
-        "checkpoint_seconds": None, "dtype_policy": "float32",
+        "checkpoint_seconds": None, "dtype_policy": "float32", "plugins": [],
         "compilation_cache_dir": os.path.join("~", ".cache", "keras_fsp", "jax"),
         "history": [{"from_epoch": 0, "learning_rate_scale": 1.0}],
     }
@@ -151,14 +153,16 @@ def test_mixed_bfloat16_trains_exports_float32_and_resumes_only_under_its_policy
 
 
 
-@pytest.mark.parametrize("method", ["dense-fsp", "fitnet", "kd", "at", "dkd", "fsp-kd", "at-kd"])
+# Every method of the table but those other tests train (fsp, none) and a
+# combination of two that are here (dense-fsp-kd).
+@pytest.mark.parametrize("method", [m for m in methods.METHODS if m not in ("fsp", "none", "dense-fsp-kd")])
 def test_every_method_trains_an_epoch(teacher_run, tmp_path, method):
     teacher_dir, _ = teacher_run
     result = _run("distill", f"--method={method}", *TINY, "--epochs=1", "--temperature=2", f"--teacher={teacher_dir}",
                   f"--model_dir={tmp_path / method}")
     assert result["epochs_done"] == 1 and 0.0 <= result["test_accuracy"] <= 1.0
     first_stage = {"dense-fsp": "dense_fsp_1", "fitnet": "hint", "kd": "kd", "at": "at",
-                   "dkd": "dkd", "fsp-kd": "fsp", "at-kd": "at_kd"}[method]
+                   "dkd": "dkd", "fsp-kd": "fsp", "at-kd": "at_kd"}.get(method, result["stages"]["0"])
     rows = _csv(tmp_path / method / "metrics.csv")
     assert rows[0]["stage"] == first_stage and len(rows) == 1
     assert 0.0 <= result["teacher_test_accuracy"] <= 1.0
@@ -303,7 +307,7 @@ def test_bad_inputs_give_one_line_and_touch_nothing(teacher_run, tmp_path, capsy
     cases = {
         "unknown subcommand 'train'; choose one of train-teacher, distill, evaluate, export, visualize":
             ["train"],
-        "unknown method 'fsp2'; choose one of fsp, dense-fsp, fitnet, kd, at, dkd, fsp-kd, dense-fsp-kd, at-kd, none":
+        f"unknown method 'fsp2'; choose one of {', '.join(methods.METHODS)}.":
             ["distill", "--method=fsp2"],
         "Unknown command line flag 'learning_rate'":
             ["distill", "--learning_rate=0.1"],
@@ -337,7 +341,8 @@ def test_bad_inputs_give_one_line_and_touch_nothing(teacher_run, tmp_path, capsy
     # main: one line on stderr, exit status 2, no traceback.
     assert cli.main(["keras-fsp", "distill", "--method=nope"]) == 2
     err = capsys.readouterr().err
-    assert err == "keras-fsp: error: unknown method 'nope'; choose one of fsp, dense-fsp, fitnet, kd, at, dkd, fsp-kd, dense-fsp-kd, at-kd, none.\n"
+    assert err == f"keras-fsp: error: unknown method 'nope'; choose one of {', '.join(methods.METHODS)}.\n"
+    assert list(methods.METHODS)[:3] == ["none", "kd", "fitnet"]  # the table's order
 
 
 def _npz(folder, classes):
@@ -370,3 +375,53 @@ def test_tensorboard_logs_every_term_and_the_stage(teacher_run, tmp_path):
                 tags.setdefault(value.tag, []).append(float(tf.make_ndarray(value.tensor)))
     assert len(tags["epoch_fsp_loss"]) == 1 and len(tags["epoch_task_loss"]) == 2
     assert tags["epoch_stage_index"] == [0.0, 1.0, 1.0]  # fsp, then task
+
+
+MY_METHOD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "examples", "my_method.py")
+
+
+@pytest.fixture
+def plugin_registries(monkeypatch):
+    """What a plugin registers stays in this test."""
+    from keras_fsp.terms import base
+
+    monkeypatch.setattr(methods, "METHODS", dict(methods.METHODS))
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    monkeypatch.delitem(sys.modules, "keras_fsp_plugin_my_method", raising=False)
+
+
+def test_a_method_in_one_file_runs_from_the_command_line(plugin_registries, teacher_run, tmp_path,
+                                                         capsys):
+    teacher_dir, _ = teacher_run
+    plugin = f"--plugins={MY_METHOD}"
+    assert cli.main(["keras-fsp", plugin, "distill", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--method: distill: one of none, kd," in help_text and "at-kd, logit-mse" in help_text
+
+    run_dir = tmp_path / "mine"
+    result = _run(plugin, "distill", "--method=logit-mse", *TINY, f"--teacher={teacher_dir}",
+                  f"--model_dir={run_dir}")
+    assert result["complete"] and result["method"] == "logit-mse" and result["name"] == "logit-mse"
+    rows = _csv(run_dir / "metrics.csv")
+    assert [r["stage"] for r in rows] == ["logit_mse"] * len(rows)
+    assert all(float(r["logit_mse_loss"]) > 0 for r in rows)
+    assert json.loads((run_dir / "config.json").read_text())["plugins"] == [MY_METHOD]
+
+    # keras-fsp reproduce takes it too, and passes the plugin to each run.
+    from keras_fsp.apps import reproduce
+
+    argv = ["reproduce", "cifar10-resnet26-to-resnet8", "--methods=kd,logit-mse", "--seeds=0",
+            f"--runs_dir={tmp_path / 'table'}", f"--results_dir={tmp_path / 'results'}",
+            "--summary_only", "--dataset=digits"]
+    summary = _run(plugin, *argv)
+    assert list(summary["rows"]) == ["teacher", "kd", "logit-mse"]
+    assert summary["rows"]["logit-mse"]["label"] == "logit MSE + labels (a plugin)"
+    flags, _ = reproduce._flags(argv)
+    flags.seeds, flags.plugins = [0], [MY_METHOD]
+    runs = reproduce.TABLES["cifar10-resnet26-to-resnet8"].runs(flags, str(tmp_path / "table"))
+    mine = next(r for r in runs if r.method == "logit-mse")
+    assert f"--plugins={MY_METHOD}" in mine.argv and "--method" in mine.argv
+
+    with pytest.raises(cli.CLIError, match=r"--plugins .*nowhere.py: no such file"):
+        _run("--plugins=nowhere.py", "distill", "--method=kd")

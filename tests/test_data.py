@@ -124,7 +124,7 @@ def test_digits_split():
 
 
 def test_errors(tmp_path, monkeypatch):
-    with pytest.raises(data.DatasetError, match=r"Unknown dataset 'imagenet'.*'cifar10', 'cifar100', 'digits' or 'npz:PATH'"):
+    with pytest.raises(data.DatasetError, match=r"Unknown dataset 'imagenet': use one of cifar10, cifar100, digits, npz:PATH"):
         data.load_arrays("imagenet")
     with pytest.raises(data.DatasetError, match="no such file.*x_train, y_train, x_test, y_test"):
         data.load_arrays(f"npz:{tmp_path / 'missing.npz'}")

@@ -128,7 +128,7 @@ def test_transfer_methods_train_from_a_source_task_teacher(tmp_path, method):
     assert result["stages"].get("0") == first
 
 
-@pytest.mark.parametrize("method", ["student_alone", "fsp", "dense_fsp_kd", "dkd"])
+@pytest.mark.parametrize("method", ["none", "fsp", "dense-fsp-kd", "dkd"])
 def test_network_minimization(tmp_path, method):
     example = _load("network_minimization")
     f = _flags(tmp_path, method=method, teacher_depth=8, student_depth=8, teacher_weights=None,
@@ -136,7 +136,7 @@ def test_network_minimization(tmp_path, method):
     result = example.run(f)
     _saved(tmp_path, result)
     assert result["complete"] and result["method"] == method and result["seed"] == 2
-    if method != "student_alone":
+    if method != "none":
         assert result["teacher_test_accuracy"] is not None
         assert "kernel_norm_ratio_median" in result["history"]
 
@@ -189,7 +189,7 @@ def test_scripts_parse_their_flags():
 
     ok = [("mnist_hinton.py", "--method=omitted_class", "--omitted_digit=7", "--bias_shift=2"),
           ("cifar10_fast_optimization.py", "--method=teacher_21k", "--depth=8"),
-          ("network_minimization.py", "--method=dense_fsp", "--stage1_iterations=32000"),
+          ("network_minimization.py", "--method=dense-fsp", "--stage1_iterations=32000"),
           ("cifar10_transfer.py", "--method=at", "--per_class=100")]
     for args in ok:
         out = parse(*args)

@@ -33,7 +33,9 @@ import pytest
 pytest.importorskip("sklearn")  # the digits data set of the keras-fsp runs
 
 from keras_fsp import FSPDistiller, Stage  # noqa: E402
-from keras_fsp.apps import cli, runs  # noqa: E402
+from keras_fsp.apps import cli  # noqa: E402
+from keras_fsp.training import checkpoints, files, run_folder  # noqa: E402
+from tests.helpers import checkpoints_of as _checkpoints  # noqa: E402
 from keras_fsp.callbacks import StageSchedule  # noqa: E402
 from keras_fsp.papers import cifar_resnet  # noqa: E402
 
@@ -95,18 +97,18 @@ def _truncate(path, size=None):
 
 # What each damage does to a checkpoint folder, and what the log then says.
 DAMAGE = {
-    "truncated weights": (lambda c: _truncate(os.path.join(c, runs.WEIGHTS_FILE)),
+    "truncated weights": (lambda c: _truncate(os.path.join(c, checkpoints.WEIGHTS_FILE)),
                           "model.weights.h5 has"),
-    "garbled weights": (lambda c: _garble(os.path.join(c, runs.WEIGHTS_FILE)),
+    "garbled weights": (lambda c: _garble(os.path.join(c, checkpoints.WEIGHTS_FILE)),
                         "model.weights.h5 does not match its sha256 checksum"),
-    "empty weights": (lambda c: _truncate(os.path.join(c, runs.WEIGHTS_FILE), 0),
+    "empty weights": (lambda c: _truncate(os.path.join(c, checkpoints.WEIGHTS_FILE), 0),
                       "model.weights.h5 has 0 bytes"),
-    "weights data overwritten": (lambda c: _overwrite_h5_data(os.path.join(c, runs.WEIGHTS_FILE)),
+    "weights data overwritten": (lambda c: _overwrite_h5_data(os.path.join(c, checkpoints.WEIGHTS_FILE)),
                                  "model.weights.h5 does not match its sha256 checksum"),
-    "truncated state": (lambda c: _truncate(os.path.join(c, runs.STATE_FILE)), "state.npz has"),
-    "garbled state": (lambda c: _garble(os.path.join(c, runs.STATE_FILE), count=40),
+    "truncated state": (lambda c: _truncate(os.path.join(c, checkpoints.STATE_FILE)), "state.npz has"),
+    "garbled state": (lambda c: _garble(os.path.join(c, checkpoints.STATE_FILE), count=40),
                       "state.npz does not match its sha256 checksum"),
-    "no manifest": (lambda c: os.remove(os.path.join(c, runs.MANIFEST_FILE)),
+    "no manifest": (lambda c: os.remove(os.path.join(c, checkpoints.MANIFEST_FILE)),
                     "it has no manifest.json"),
 }
 
@@ -141,7 +143,7 @@ def _small_model(seed=0, rate=0.1):
 
 def _two_checkpoints(folder):
     """Checkpoints of epochs 1 and 2; returns the run and the state saved at 1."""
-    run = runs.ResumableRun(folder, log=lambda m: None)
+    run = _checkpoints(folder, log=lambda m: None)
     os.makedirs(folder, exist_ok=True)
     model = _small_model()
     run.save(model, 1)
@@ -154,14 +156,14 @@ def _two_checkpoints(folder):
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_a_damaged_checkpoint_is_skipped_for_the_one_before(tmp_path, damage):
     run, first = _two_checkpoints(tmp_path)
-    newest = os.path.join(run.checkpoint_dir, "epoch-000002")
+    newest = os.path.join(run.path, "epoch-000002")
     harm, why = DAMAGE[damage]
     harm(newest)
-    assert runs.verify_checkpoint(newest)[0] is None
+    assert checkpoints.verify_checkpoint(newest)[0] is None
     assert run.latest().epoch == 1
     lines = []
     fresh = _small_model(seed=1)
-    assert runs.ResumableRun(tmp_path, log=lines.append).restore(fresh) == 1
+    assert _checkpoints(tmp_path, log=lines.append).restore(fresh) == 1
     for want, got in zip(first, _values(fresh.weights) + _values(fresh.optimizer.variables)):
         assert np.array_equal(want, got)
     assert len(lines) == 1 and lines[0].startswith(f"checkpoint epoch-000002 skipped: {why}"), lines
@@ -180,36 +182,36 @@ def test_a_damaged_latest_pointer_is_not_needed(tmp_path):
 
 def test_the_default_log_of_a_skipped_checkpoint_is_a_warning(tmp_path):
     run, _ = _two_checkpoints(tmp_path)
-    _truncate(os.path.join(run.checkpoint_dir, "epoch-000002", runs.STATE_FILE))
+    _truncate(os.path.join(run.path, "epoch-000002", checkpoints.STATE_FILE))
     with pytest.warns(UserWarning, match="checkpoint epoch-000002 skipped: state.npz has"):
-        assert runs.ResumableRun(tmp_path).restore(_small_model(seed=1)) == 1
+        assert _checkpoints(tmp_path).restore(_small_model(seed=1)) == 1
 
 
 def test_a_checkpoint_without_manifest_from_format_1_still_loads(tmp_path):
     run, _ = _two_checkpoints(tmp_path)
-    newest = os.path.join(run.checkpoint_dir, "epoch-000002")
-    os.remove(os.path.join(newest, runs.MANIFEST_FILE))
-    info = json.loads(open(os.path.join(newest, runs.INFO_FILE)).read())
-    open(os.path.join(newest, runs.INFO_FILE), "w").write(json.dumps({**info, "format": 1}))
+    newest = os.path.join(run.path, "epoch-000002")
+    os.remove(os.path.join(newest, checkpoints.MANIFEST_FILE))
+    info = json.loads(open(os.path.join(newest, checkpoints.INFO_FILE)).read())
+    open(os.path.join(newest, checkpoints.INFO_FILE), "w").write(json.dumps({**info, "format": 1}))
     assert run.latest().epoch == 2  # unverifiable, but complete
-    _truncate(os.path.join(newest, runs.WEIGHTS_FILE))  # damaged: found when loading
+    _truncate(os.path.join(newest, checkpoints.WEIGHTS_FILE))  # damaged: found when loading
     lines = []
-    assert runs.ResumableRun(tmp_path, log=lines.append).restore(_small_model(seed=1)) == 1
+    assert _checkpoints(tmp_path, log=lines.append).restore(_small_model(seed=1)) == 1
     assert "epoch-000002 skipped: it does not load (" in lines[0]
 
 
 def test_a_full_disk_writes_nothing_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     run, _ = _two_checkpoints(tmp_path)
-    before = sorted(os.listdir(run.checkpoint_dir))
+    before = sorted(os.listdir(run.path))
     model = _small_model()
     free = shutil.disk_usage(tmp_path)._replace(free=1000)
-    monkeypatch.setattr(runs.shutil, "disk_usage", lambda path: free)
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: free)
     with pytest.raises(OSError, match=r"No space left on device: checkpoint epoch-000003 needs "
                                       r"0\.0 MB, 0\.0 MB free") as error:
         run.save(model, 3)
     assert error.value.errno == 28
     monkeypatch.undo()
-    assert sorted(os.listdir(run.checkpoint_dir)) == before
+    assert sorted(os.listdir(run.path)) == before
 
     # The disk fills up halfway through the write: the partial folder goes.
     def write_half(path, data):
@@ -217,25 +219,25 @@ def test_a_full_disk_writes_nothing_and_keeps_the_last_checkpoint(tmp_path, monk
             f.write(data[: len(data) // 2])
         raise OSError(28, "No space left on device", path)
 
-    monkeypatch.setattr(runs, "_write_new", write_half)
+    monkeypatch.setattr(checkpoints, "write_new", write_half)
     with pytest.raises(OSError, match="No space left"):
         run.save(model, 3)
-    assert sorted(os.listdir(run.checkpoint_dir)) == before
+    assert sorted(os.listdir(run.path)) == before
     assert run.latest().epoch == 2
 
 
 def test_a_checkpoint_is_read_back_and_verified_after_writing(tmp_path, monkeypatch):
     run, _ = _two_checkpoints(tmp_path)
-    write = runs._write_new
+    write = checkpoints.write_new
 
     def write_damaged(path, data):  # what a failing disk might do
-        write(path, data[:-1] + b"!" if path.endswith(runs.STATE_FILE) else data)
+        write(path, data[:-1] + b"!" if path.endswith(checkpoints.STATE_FILE) else data)
 
-    monkeypatch.setattr(runs, "_write_new", write_damaged)
+    monkeypatch.setattr(checkpoints, "write_new", write_damaged)
     with pytest.raises(OSError, match="checkpoint epoch-000003 read back damaged: state.npz "
                                       "does not match its sha256 checksum"):
         run.save(_small_model(), 3)
-    assert sorted(os.listdir(run.checkpoint_dir)) == ["epoch-000001", "epoch-000002", "latest"]
+    assert sorted(os.listdir(run.path)) == ["epoch-000001", "epoch-000002", "latest"]
 
 
 def test_a_vanished_run_folder_is_an_error_not_created_again(tmp_path):
@@ -258,31 +260,31 @@ def test_a_kill_inside_a_deletion_leaves_nothing_after_the_next_start(tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         run.save(_small_model(), 3)  # keep=2: deletes epoch 1
     monkeypatch.setattr(shutil, "rmtree", rmtree)
-    assert runs.ResumableRun(tmp_path).restore(_small_model(seed=1)) == 3
-    assert sorted(os.listdir(run.checkpoint_dir)) == ["epoch-000002", "epoch-000003", "latest"]
+    assert _checkpoints(tmp_path).restore(_small_model(seed=1)) == 3
+    assert sorted(os.listdir(run.path)) == ["epoch-000002", "epoch-000003", "latest"]
 
 
 def test_leftovers_of_killed_writes_are_deleted_at_the_next_start(tmp_path):
     run, _ = _two_checkpoints(tmp_path)
     for name in (".tmp-epoch-000003-abc", ".tmp-old-epoch-000001-def"):
-        os.mkdir(os.path.join(run.checkpoint_dir, name))
-        open(os.path.join(run.checkpoint_dir, name, runs.WEIGHTS_FILE), "wb").write(b"half")
-    open(os.path.join(run.checkpoint_dir, ".tmp-xyz"), "w").write("epoch-0000")
+        os.mkdir(os.path.join(run.path, name))
+        open(os.path.join(run.path, name, checkpoints.WEIGHTS_FILE), "wb").write(b"half")
+    open(os.path.join(run.path, ".tmp-xyz"), "w").write("epoch-0000")
     assert run.restore(_small_model(seed=1)) == 2
-    assert sorted(os.listdir(run.checkpoint_dir)) == ["epoch-000001", "epoch-000002", "latest"]
+    assert sorted(os.listdir(run.path)) == ["epoch-000001", "epoch-000002", "latest"]
 
 
 def test_damaged_checkpoints_older_than_a_new_one_are_pruned(tmp_path):
     run, _ = _two_checkpoints(tmp_path)
     run.keep = 1
-    _truncate(os.path.join(run.checkpoint_dir, "epoch-000001", runs.STATE_FILE))
-    os.mkdir(os.path.join(run.checkpoint_dir, "epoch-000000"))  # half-deleted, old code
+    _truncate(os.path.join(run.path, "epoch-000001", checkpoints.STATE_FILE))
+    os.mkdir(os.path.join(run.path, "epoch-000000"))  # half-deleted, old code
     run.save(_small_model(), 3)
-    assert sorted(os.listdir(run.checkpoint_dir)) == ["epoch-000003", "latest"]
+    assert sorted(os.listdir(run.path)) == ["epoch-000003", "latest"]
 
 
 def test_the_learning_rate_is_the_optimizers_own_not_the_checkpoints(tmp_path):
-    run = runs.ResumableRun(tmp_path)
+    run = _checkpoints(tmp_path)
     model = _small_model(rate=0.1)
     run.save(model, 1)
     fresh = _small_model(seed=1, rate=0.01)
@@ -559,14 +561,14 @@ def test_cli_refuses_an_unwritable_model_dir_before_training(tmp_path, capsys):
 def test_cli_stops_with_one_line_when_the_model_dir_vanishes(distill, tmp_path, monkeypatch):
     args, _ = distill
     run_dir = tmp_path / "run"
-    save = runs.ResumableRun.save
+    save = checkpoints.Checkpoints.save
 
     def vanish_then_save(self, model, epoch, *a, **k):
         if epoch == 2:
             shutil.rmtree(run_dir)
         return save(self, model, epoch, *a, **k)
 
-    monkeypatch.setattr(runs.ResumableRun, "save", vanish_then_save)
+    monkeypatch.setattr(checkpoints.Checkpoints, "save", vanish_then_save)
     with pytest.raises(cli.CLIError) as error:
         _run(*args, f"--model_dir={run_dir}")
     assert error.value.code == 1
@@ -626,17 +628,17 @@ def test_cli_nan_stop_gives_a_command_that_continues_at_a_lower_learning_rate(
 def test_cli_overwrite_moves_the_earlier_run_aside_and_says_so(distill, prefix, tmp_path, capsys):
     args, _ = distill
     run_dir = _copy(prefix, tmp_path / "run")
-    kept = _h5_arrays(run_dir / "checkpoints" / "epoch-000002" / runs.WEIGHTS_FILE)
+    kept = _h5_arrays(run_dir / "checkpoints" / "epoch-000002" / checkpoints.WEIGHTS_FILE)
     result = _run(*args, "--epochs=1", "--overwrite", f"--model_dir={run_dir}")
     assert result["initial_epoch"] == 0 and result["epochs_done"] == 1
-    aside = run_dir / cli.OVERWRITTEN
+    aside = run_dir / run_folder.OVERWRITTEN
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("--overwrite: the earlier run ("))
     moved = line[len("--overwrite: the earlier run ("):line.index(")")].split(", ")
     assert {"config.json", "log.txt", "metrics.csv", "checkpoints"} <= set(moved), line
     assert f") moved to {aside}; delete it" in line
     assert sorted(os.listdir(aside)) == sorted(moved)
-    _assert_same_weights(aside / "checkpoints" / "epoch-000002" / runs.WEIGHTS_FILE, kept)
+    _assert_same_weights(aside / "checkpoints" / "epoch-000002" / checkpoints.WEIGHTS_FILE, kept)
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["epoch-000001", "latest"]
     # Once more: the earlier overwritten run goes, announced.
     _run(*args, "--epochs=1", "--overwrite", f"--model_dir={run_dir}")

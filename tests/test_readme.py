@@ -49,9 +49,19 @@ def test_command_lines_run(tmp_path):
     commands = [line for block in _blocks("bash") for line in block.splitlines()
                 if line.startswith("keras-fsp ")]
     assert len(commands) >= 4
+    # As from a clone's root: the README's plugin is examples/my_method.py.
+    (tmp_path / "examples").symlink_to(os.path.join(os.path.dirname(README), "examples"))
     for line in commands:
         argv = shlex.split(line.split("#")[0])
         done = subprocess.run([sys.executable, "-m", "keras_fsp.apps.cli", *argv[1:]], cwd=tmp_path,
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, (line, done.stderr[-3000:])
     assert (tmp_path / "runs" / "distill-fsp-digits" / "student.keras").is_file()
+
+
+def test_the_method_list_is_the_method_table():
+    from keras_fsp.papers import methods
+
+    text = " ".join(open(README, encoding="utf-8").read().split())
+    listed = re.search(r"Methods \(`keras_fsp.papers.methods`.*?\): (.*?)\. Datasets", text).group(1)
+    assert re.findall(r"`([^`]+)`", listed) == list(methods.METHODS)

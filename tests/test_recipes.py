@@ -4,10 +4,16 @@ import pytest
 from keras import ops
 
 from keras_fsp import taps
-from keras_fsp.papers import recipes
+from keras_fsp.papers import methods, recipes
 from keras_fsp.augment import PadCropFlip
 from tests import reference
 from tests.helpers import data, small_pair
+
+
+def _fit(recipe, x, y):
+    """Keras' `fit` with the recipe's epochs and callbacks."""
+    return recipe.model.fit(x, y, batch_size=16, epochs=recipe.epochs, callbacks=recipe.callbacks,
+                            verbose=0)
 
 
 def _lr(optimizer, step):
@@ -43,7 +49,7 @@ def test_fitnets_lambda_is_4_at_start_of_stage_2_and_1_at_its_end():
     assert r.model.terms["hint"].regressor is None  # both stage2 maps are (8, 8, 32): no regressor needed
     r.compile()
     x, y = data(n=16)
-    history = r.fit(x, y, batch_size=16, verbose=0).history
+    history = _fit(r, x, y).history
     assert len(history["hint_loss"]) == 2
     assert history["kd_weight"] == pytest.approx([4.0, 3.0, 2.0, 1.0])
     for w, kd, task, loss in zip(history["kd_weight"], history["kd_loss"], history["task_loss"], history["loss"][2:]):
@@ -79,7 +85,7 @@ def test_dense_step_k_uses_exactly_the_pairs_of_sections_1_to_k():
         [reference.fsp(t[a], t[b]) for a, b in first.pairs],
         [reference.fsp(s[a], s[b]) for a, b in first.student_pairs],
     )
-    history = r.fit(x, y, batch_size=16, verbose=0).history
+    history = _fit(r, x, y).history
     assert history["dense_fsp_1_loss"][0] == pytest.approx(expected, rel=1e-4)
     assert [len(history[f"dense_fsp_{k}_loss"]) for k in (1, 2, 3)] == [1, 1, 1]
     assert len(history["task_loss"]) == 2
@@ -93,12 +99,13 @@ def test_kd_and_supervised_recipes():
     base = recipes.student_alone(student, steps_per_epoch=10, iterations=40, augment=PadCropFlip(seed=0))
     base.compile()
     x, y = data(n=16)
-    history = base.fit(x, y, batch_size=16, verbose=0).history
+    history = _fit(base, x, y).history
     assert len(history["loss"]) == 4
     # The augmented wrapper shares the student's weights.
     np.testing.assert_allclose(base.model.predict(x, verbose=0), student.predict(x, verbose=0), rtol=1e-6)
-    with pytest.raises(ValueError, match="Unknown method 'fitnets'"):
-        recipes.get("fitnets")
+    with pytest.raises(ValueError, match="unknown method 'fitnets'; choose one of none, kd, fitnet"):
+        methods.get("fitnets")
+    assert methods.get("kd").build(*small_pair(), steps_per_epoch=10).name == "kd"
 
 
 def test_stage1_optimizer_options_reach_every_fsp_step():

@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 
 from keras_fsp import FSPDistiller, Stage
-from keras_fsp.apps import runs
+from keras_fsp import training
+from keras_fsp.callbacks import NonFiniteLossError
+from keras_fsp.training import RunFolder, checkpoints
+from keras_fsp.training import callbacks as run_callbacks
+from tests.helpers import checkpoints_of as _checkpoints
 from keras_fsp.papers import recipes
 from keras_fsp.augment import PadCropFlip
 from keras_fsp.papers import cifar_resnet
@@ -34,55 +38,48 @@ def _fsp_recipe(init_seed):
     return r
 
 
-class _KillAtEpochEnd(keras.callbacks.Callback):
-    """Ctrl-C at the end of an epoch, before its checkpoint is written."""
-
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
-
-
 def _values(variables):
     return [np.array(keras.ops.convert_to_numpy(v)) for v in variables]
 
 
-def test_interrupted_and_resumed_run_ends_with_the_uninterrupted_weights(tmp_path):
+def test_interrupted_and_resumed_run_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch):
     x, y = _data()
+    test = _data(8)
     fit = dict(batch_size=BATCH, seed=SEED, verbose=0)
 
     full = _fsp_recipe(0)
     assert full.epochs == 3 and {e: s.name for e, s in full.schedule.items()} == {0: "fsp", 1: "task"}
-    runs.ResumableRun(tmp_path / "full").fit(full.model, x, y, full.epochs, callbacks=full.callbacks, **fit)
+    training.train(full, (x, y), test, tmp_path / "full", **fit)
 
     # The same run stopped after epoch 1 (the FSP stage). Each later part
     # has new objects (a new process) with other initial weights (the
     # teacher's too) and another augmentation seed: all must come from the
     # checkpoint.
-    run = runs.ResumableRun(tmp_path / "cut")
+    run = RunFolder(tmp_path / "cut").checkpoints()
     part = _fsp_recipe(0)
-    run.fit(part.model, x, y, part.epochs, callbacks=part.callbacks, stop_after=1, **fit)
+    training.train(part, (x, y), test, tmp_path / "cut", epochs=1, **fit)
     assert (run.latest().epoch, run.latest().stage) == (1, "fsp")
 
     # Resumed in stage fsp, switched to task at once, and killed at the end
-    # of epoch 3, before its checkpoint: the next part resumes from epoch 2,
-    # with the task stage's SGD state (step count, momentum).
-    part = _fsp_recipe(2)
-    csv = runs.MetricsCSV(tmp_path / "cut" / "metrics.csv")
+    # of epoch 3 while its checkpoint is written: the next part resumes from
+    # epoch 2, with the task stage's SGD state (step count, momentum).
+    save = checkpoints.Checkpoints.save
+
+    def killed_at_epoch_3(self, model, epoch, logs=None):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return save(self, model, epoch, logs)
+
+    monkeypatch.setattr(checkpoints.Checkpoints, "save", killed_at_epoch_3)
     with pytest.raises(KeyboardInterrupt):
-        run.fit(part.model, x, y, part.epochs,
-                callbacks=part.callbacks + [csv, _KillAtEpochEnd(2)], **fit)
+        training.train(_fsp_recipe(2), (x, y), test, tmp_path / "cut", **fit)
+    monkeypatch.undo()
     assert (run.latest().epoch, run.latest().stage) == (2, "task")
-    assert sorted(os.listdir(run.checkpoint_dir)) == ["epoch-000001", "epoch-000002", "latest"]
+    assert sorted(os.listdir(run.path)) == ["epoch-000001", "epoch-000002", "latest"]
 
     resumed = _fsp_recipe(3)
-    csv = runs.MetricsCSV(tmp_path / "cut" / "metrics.csv")
-    history, initial_epoch = run.fit(resumed.model, x, y, resumed.epochs,
-                                     callbacks=resumed.callbacks + [csv], **fit)
-    assert initial_epoch == 2 and len(history.history["loss"]) == 1
+    result = training.train(resumed, (x, y), test, tmp_path / "cut", **fit)
+    assert result["initial_epoch"] == 2 and result["epochs_done"] == 3 and result["complete"]
 
     a, b = full.model, resumed.model
     assert len(b.student.weights) == 47 and len(a.variables) == len(b.variables)
@@ -94,17 +91,18 @@ def test_interrupted_and_resumed_run_ends_with_the_uninterrupted_weights(tmp_pat
 
     # Two checkpoints kept; the CSV has one row per epoch with its stage (the
     # row of the epoch killed before its checkpoint was replaced).
-    assert sorted(os.listdir(run.checkpoint_dir)) == ["epoch-000002", "epoch-000003", "latest"]
+    assert sorted(os.listdir(run.path)) == ["epoch-000002", "epoch-000003", "latest"]
     lines = (tmp_path / "cut" / "metrics.csv").read_text().splitlines()
     header = lines[0].split(",")
-    assert [r.split(",")[0] for r in lines[1:]] == ["1", "2"]
-    assert [r.split(",")[header.index("stage")] for r in lines[1:]] == ["task", "task"]
+    assert [r.split(",")[0] for r in lines[1:]] == ["0", "1", "2"]
+    assert [r.split(",")[header.index("stage")] for r in lines[1:]] == ["fsp", "task", "task"]
     assert "task_loss" in header and "accuracy" in header
+    assert result["history"]["stage"] == ["fsp", "task", "task"]
 
     # Everything done: running again trains nothing.
     again = _fsp_recipe(5)
-    history, initial_epoch = run.fit(again.model, x, y, again.epochs, callbacks=again.callbacks, **fit)
-    assert history is None and initial_epoch == 3
+    result = training.train(again, (x, y), test, tmp_path / "cut", **fit)
+    assert result["initial_epoch"] == 3 and result["epochs_done"] == 3
     for va, vb in zip(_values(a.student.weights), _values(again.student.weights)):
         assert np.array_equal(va, vb)
 
@@ -112,16 +110,16 @@ def test_interrupted_and_resumed_run_ends_with_the_uninterrupted_weights(tmp_pat
 def test_epoch_stream_depends_on_seed_and_epoch_only():
     x = np.arange(10, dtype="float32")[:, None]
     y = np.arange(10)
-    whole, steps = runs.epoch_stream(x, y, 4, seed=7, initial_epoch=0, epochs=3,
+    whole, steps = training.epoch_stream(x, y, 4, seed=7, initial_epoch=0, epochs=3,
                                      drop_remainder=False)
-    late, _ = runs.epoch_stream(x, y, 4, seed=7, initial_epoch=2, epochs=3, drop_remainder=False)
+    late, _ = training.epoch_stream(x, y, 4, seed=7, initial_epoch=2, epochs=3, drop_remainder=False)
     batches = [b[1].numpy().tolist() for b in whole]
     assert steps == 3 and len(batches) == 9
     assert [b[1].numpy().tolist() for b in late] == batches[6:]
     for e in range(3):
         assert sorted(sum(batches[3 * e: 3 * e + 3], [])) == list(range(10))
     assert batches[:3] != batches[3:6]  # reshuffled every epoch
-    dropped, steps = runs.epoch_stream(x, y, 4, seed=7, initial_epoch=0, epochs=3)
+    dropped, steps = training.epoch_stream(x, y, 4, seed=7, initial_epoch=0, epochs=3)
     assert steps == 2  # one batch shape: the step is traced once
     assert [b[1].numpy().tolist() for b in dropped] == [b for i, b in enumerate(batches) if i % 3 < 2]
 
@@ -136,7 +134,7 @@ def _small_model():
 
 
 def test_a_write_that_fails_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    run = runs.ResumableRun(tmp_path, keep=1)
+    run = _checkpoints(tmp_path, keep=1)
     model = _small_model()
     run.save(model, 1)
     good = _values(model.weights) + _values(model.optimizer.variables)
@@ -145,26 +143,26 @@ def test_a_write_that_fails_midway_leaves_the_previous_checkpoint(tmp_path, monk
     def savez_then_die(*args, **kwargs):  # the weights file is written by now
         raise OSError("disk full")
 
-    monkeypatch.setattr(runs.np, "savez", savez_then_die)
+    monkeypatch.setattr(checkpoints.np, "savez", savez_then_die)
     with pytest.raises(OSError, match="disk full"):
         run.save(model, 2)
     monkeypatch.undo()
-    assert sorted(os.listdir(run.checkpoint_dir)) == ["epoch-000001", "latest"]
+    assert sorted(os.listdir(run.path)) == ["epoch-000001", "latest"]
 
     # A process killed mid-write leaves a temporary folder; a damaged folder
     # named like a checkpoint and a pointer to it must not be taken either.
     partial = tmp_path / "checkpoints" / ".tmp-epoch-000002-abc"
     partial.mkdir()
-    (partial / runs.WEIGHTS_FILE).write_bytes(b"half")
+    (partial / checkpoints.WEIGHTS_FILE).write_bytes(b"half")
     damaged = tmp_path / "checkpoints" / "epoch-000003"
     damaged.mkdir()
-    (damaged / runs.WEIGHTS_FILE).write_bytes(b"half")
+    (damaged / checkpoints.WEIGHTS_FILE).write_bytes(b"half")
     (tmp_path / "checkpoints" / "latest").write_text("epoch-000003\n")
     assert run.latest().epoch == 1
 
     fresh = _small_model()
     fresh.fit(np.ones((4, 3)), np.full(4, 1), verbose=0)
-    assert runs.ResumableRun(tmp_path).restore(fresh) == 1
+    assert _checkpoints(tmp_path).restore(fresh) == 1
     for va, vb in zip(good, _values(fresh.weights) + _values(fresh.optimizer.variables)):
         assert np.array_equal(va, vb)
     assert not partial.exists()  # cleaned up by restore
@@ -199,10 +197,11 @@ class _StopAfter(keras.callbacks.Callback):
 ])
 def test_checkpoints_at_a_least_interval_and_always_at_the_end(tmp_path, monkeypatch, interval,
                                                                 stop, saved):
-    monkeypatch.setattr(runs, "_clock", _Clock(1.0))
-    run = runs.ResumableRun(tmp_path)
+    monkeypatch.setattr(run_callbacks, "_clock", _Clock(1.0))
+    run = _checkpoints(tmp_path)
     model = _small_model()
-    callbacks = ([] if stop is None else [_StopAfter(stop)]) + [run.checkpoint_callback(interval)]
+    callbacks = ([] if stop is None else [_StopAfter(stop)]) + [
+        run_callbacks.CheckpointCallback(run, interval)]
     model.fit(np.ones((8, 3)), np.zeros(8), batch_size=4, epochs=5, verbose=0, callbacks=callbacks)
     assert [c.epoch for c in run.checkpoints()][-len(saved):] == saved
     if interval == 2.5:
@@ -214,24 +213,24 @@ def test_checkpoints_at_a_least_interval_and_always_at_the_end(tmp_path, monkeyp
     for a, b in zip(end, _values(fresh.weights) + _values(fresh.optimizer.variables)):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="min_interval_seconds must be >= 0"):
-        run.checkpoint_callback(-1.0)
+        run_callbacks.CheckpointCallback(run, -1.0)
 
 
 def test_non_finite_weight_names_the_first_bad_student_weight_and_ignores_the_teacher():
     keras.utils.set_random_seed(0)
     distiller = FSPDistiller(cifar_resnet(8, input_shape=SHAPE, name="teacher"),
                              cifar_resnet(8, input_shape=SHAPE, name="student"), stage="kd")
-    assert runs._non_finite_weight(distiller) is None
+    assert run_callbacks.non_finite_weight(distiller) is None
     teacher_kernel = distiller.teacher.weights[0]
     teacher_kernel.assign(np.full(teacher_kernel.shape, np.nan, "float32"))
-    assert runs._non_finite_weight(distiller) is None  # frozen: never checked
+    assert run_callbacks.non_finite_weight(distiller) is None  # frozen: never checked
     student = [v for v in distiller.student.weights if len(v.shape) == 4]
     first, later = student[2], student[5]
     values = keras.ops.convert_to_numpy(later)
     later.assign(np.where(np.arange(values.size).reshape(values.shape) == 7, np.inf, values))
-    assert runs._non_finite_weight(distiller) == later.path
+    assert run_callbacks.non_finite_weight(distiller) == later.path
     first.assign(np.full(first.shape, np.nan, "float32"))
-    assert runs._non_finite_weight(distiller) == first.path
+    assert run_callbacks.non_finite_weight(distiller) == first.path
 
 
 def test_nan_guard_stops_with_the_term_and_stage_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -244,16 +243,16 @@ def test_nan_guard_stops_with_the_term_and_stage_and_keeps_the_last_good_checkpo
     fsp = Stage("fsp", {"fsp": 1.0}, trainable=UP_TO_TAPS,
                 optimizer=recipes.sgd((1e-3, 1e30), (1,)))
     distiller = FSPDistiller(teacher, student, stages={"fsp": fsp}, stage="fsp")
-    distiller.compile(metrics=["accuracy"])
-    run = runs.ResumableRun(tmp_path)
-    with pytest.raises(runs.NonFiniteLossError) as error:
-        run.fit(distiller, x, y, epochs=4, batch_size=BATCH, seed=SEED, verbose=0)
+    run = _checkpoints(tmp_path)
+    recipe = recipes.Recipe("fsp", distiller, {0: fsp}, 4, [], student)
+    with pytest.raises(NonFiniteLossError) as error:
+        training.train(recipe, (x, y), _data(8), tmp_path, batch_size=BATCH, seed=SEED, verbose=0)
     message = str(error.value)
     assert message.startswith("fsp_loss became ")
     assert "in stage 'fsp' at epoch 2, batch 2;" in message
-    assert f"the last good checkpoint (epoch 1) is kept in {run.checkpoint_dir}" in message
+    assert f"the last good checkpoint (epoch 1) is kept in {run.path}" in message
     assert "learning rate" in message
-    assert sorted(os.listdir(run.checkpoint_dir)) == ["epoch-000001", "latest"]
+    assert sorted(os.listdir(run.path)) == ["epoch-000001", "latest"]
     info = json.loads((tmp_path / "checkpoints" / "epoch-000001" / "state.json").read_text())
     assert info["stage"] == "fsp" and np.isfinite(info["logs"]["fsp_loss"])
     fresh = FSPDistiller(cifar_resnet(8, input_shape=SHAPE, name="teacher"),
@@ -275,7 +274,7 @@ def test_compilation_cache_keeps_compiled_programs_for_the_next_process(tmp_path
     # the process uses a cache.
     script = (
         "import sys, jax, jax.numpy as jnp\n"
-        "from keras_fsp.apps.training import use_compilation_cache\n"
+        "from keras_fsp.training import use_compilation_cache\n"
         "hits = []\n"
         "jax.monitoring.register_event_listener(\n"
         "    lambda event, **kw: hits.append(1) if event.endswith('cache_hits') else None)\n"

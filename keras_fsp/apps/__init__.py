@@ -1,16 +1,16 @@
 """Applications built on the keras_fsp library: the `keras-fsp` command line
-(`cli`), the training harness shared by the command line, the examples and
-the demo (`training`), resumable runs and checkpoints (`runs`), input
-pipelines (`data`), pictures (`visualize`), the offline demo (`demo`) and the
-results reproducer (`reproduce`).
+(`cli`: its flags in `config`, its subcommands in `commands`, the networks
+it builds and loads in `networks`), datasets registered by name (`data`),
+pictures (`visualize`), the offline demo (`demo`) and the results
+reproducer (`reproduce`).
 
-Submodules load on first use (`keras_fsp.apps.runs`), so importing keras_fsp
+Submodules load on first use (`keras_fsp.apps.cli`), so importing keras_fsp
 stays light.
 """
 
 import importlib
 
-_SUBMODULES = ("cli", "data", "demo", "reproduce", "runs", "training", "visualize")
+_SUBMODULES = ("cli", "commands", "config", "data", "demo", "networks", "reproduce", "visualize")
 
 
 def __getattr__(name):

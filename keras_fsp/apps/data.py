@@ -3,7 +3,8 @@
 Importing this module does not import TensorFlow: `load_arrays` imports it
 (and tensorflow-datasets) only for the tfds datasets.
 
-Datasets (`name` of `load_arrays`, see `DATASETS`):
+Datasets (`name` of `load_arrays`, registered by name in `DATASETS` and by
+form in `FORMS`; `register_dataset` adds one):
 
 - `"cifar10"`, `"cifar100"`: through tensorflow-datasets (`tfds.load`). They
   need a prepared tfds `data_dir`, or network access to download.
@@ -20,7 +21,7 @@ Datasets (`name` of `load_arrays`, see `DATASETS`):
 
 Training augments inside the compiled step (`keras_fsp.augment.PadCropFlip`,
 with the dataset's `info["augment"]`), so the input pipeline is only the
-normalisation and the order of the examples (`keras_fsp.apps.training`).
+normalisation and the order of the examples (`keras_fsp.training`).
 
 Example:
 
@@ -33,8 +34,10 @@ x_test = data.normalize(x_test, info["mean"], info["std"])
 ```
 """
 
+import dataclasses
 import os
 import socket
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -61,47 +64,9 @@ CIFAR100_CLASSES = (
     "worm",
 )
 
-#: The dataset names `load_arrays` understands. `augment` is the default
-#: training augmentation: `pad` pixels of zero padding (after normalisation,
-#: i.e. the mean colour), a random crop back to the original size, and a
-#: random horizontal `flip`. For `npz:PATH` it depends on the images: pad
-#: `max(1, round(height / 8))` (4 for 32x32, 1 for 8x8) and flip only
-#: 3-channel (colour) images, since digits and letters are not flip-invariant.
-DATASETS = {
-    "cifar10": {
-        "source": "tensorflow-datasets",
-        "num_classes": 10,
-        "input_shape": (32, 32, 3),
-        "class_names": CIFAR10_CLASSES,
-        "augment": {"pad": 4, "flip": True},
-        "download_host": "www.cs.toronto.edu",
-    },
-    "cifar100": {
-        "source": "tensorflow-datasets",
-        "num_classes": 100,
-        "input_shape": (32, 32, 3),
-        "class_names": CIFAR100_CLASSES,
-        "augment": {"pad": 4, "flip": True},
-        "download_host": "www.cs.toronto.edu",
-    },
-    "digits": {
-        "source": "scikit-learn (bundled, offline)",
-        "num_classes": 10,
-        "input_shape": (8, 8, 1),
-        "class_names": tuple(str(i) for i in range(10)),
-        "augment": {"pad": 1, "flip": False},
-    },
-    "npz:PATH": {
-        "source": "a .npz file with x_train, y_train, x_test, y_test",
-        "augment": "pad max(1, round(height / 8)); flip colour images only",
-    },
-}
-
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 DIGITS_TEST_SIZE = 500
 DIGITS_SEED = 0
-
-_VALID_FORMS = "'cifar10', 'cifar100', 'digits' or 'npz:PATH'"
 
 
 class DatasetError(ValueError):
@@ -112,15 +77,84 @@ class DatasetFileNotFoundError(DatasetError, FileNotFoundError):
     """The file of an `npz:PATH` dataset does not exist."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A dataset `load_arrays` knows by name.
+
+    Attributes:
+        name: its name, e.g. `"cifar10"` or `"npz:data/x.npz"`.
+        source: where it comes from, for people.
+        load: `load(data_dir, download)` -> `((x_train, y_train), (x_test,
+            y_test))` arrays (images NHWC, integer labels), or with a third
+            item, the class names found in the files.
+        class_names: its classes; None: counted from the training labels
+            (0 to the largest, each with training examples).
+        augment: the default training augmentation, `{"pad": int, "flip":
+            bool}`: `pad` pixels of zero padding (after normalisation: the
+            mean colour), a random crop back to the size, a random horizontal
+            flip; None: `max(1, round(height / 8))` pixels (4 for 32x32, 1
+            for 8x8), flips for 3-channel (colour) images only, since digits
+            and letters are not flip-invariant.
+    """
+
+    name: str
+    source: str
+    load: Callable
+    class_names: Optional[tuple] = None
+    augment: Optional[dict] = None
+
+
+#: Datasets by name, and forms `PREFIX:ARGUMENT` by prefix (`npz:PATH`):
+#: `FORMS[prefix](argument)` -> `Dataset`.
+DATASETS = {}
+FORMS = {}
+
+
+def register_dataset(dataset):
+    """Makes `dataset` (a `Dataset`) known to `load_arrays` by its name."""
+    DATASETS[dataset.name] = dataset
+    return dataset
+
+
+def register_form(prefix, make):
+    """Makes `PREFIX:ARGUMENT` names known to `load_arrays`: `make(argument)`
+    returns the `Dataset`."""
+    FORMS[prefix] = make
+    return make
+
+
+def names():
+    """What `load_arrays` takes, for messages and help: the registered
+    names and the forms."""
+    return [*DATASETS, *(f"{p}:{FORM_ARGUMENTS.get(p, 'ARGUMENT')}" for p in FORMS)]
+
+
 # ------------------------------------------------------------------ loading
+
+
+def dataset(name):
+    """The `Dataset` called `name` (a registered name or a form).
+
+    Raises:
+        DatasetError: naming what is known when `name` is neither.
+    """
+    if isinstance(name, str) and name in DATASETS:
+        return DATASETS[name]
+    prefix, _, argument = name.partition(":") if isinstance(name, str) else ("", "", "")
+    if prefix in FORMS and _:
+        return FORMS[prefix](argument)
+    raise DatasetError(
+        f"Unknown dataset {name!r}: use one of {', '.join(names())} (a .npz file "
+        f"with {', '.join(NPZ_KEYS)})."
+    )
 
 
 def load_arrays(name, data_dir=None, download=True):
     """Loads a dataset as NumPy arrays, with what a model needs to know.
 
     Args:
-        name: `"cifar10"`, `"cifar100"`, `"digits"` or `"npz:PATH"` (see
-            `DATASETS`).
+        name: a registered name (`"cifar10"`, `"cifar100"`, `"digits"`) or
+            a form (`"npz:PATH"`), see `DATASETS` and `FORMS`.
         data_dir: tensorflow-datasets data directory (cifar10/cifar100 only);
             default tfds' own (`~/tensorflow_datasets`).
         download: whether tfds may download and prepare a missing dataset.
@@ -142,48 +176,33 @@ def load_arrays(name, data_dir=None, download=True):
             a tfds dataset that is neither prepared in `data_dir` nor
             downloadable (one line saying what to do).
     """
-    if not isinstance(name, str):
-        raise DatasetError(
-            f"Unknown dataset {name!r}: use one of {_VALID_FORMS}."
-        )
-    if name.startswith("npz:"):
-        (x_train, y_train), (x_test, y_test), class_names = _load_npz(name[4:])
-        # Counted from the training labels only: a test-only label is an
-        # error (keras_fsp.data_checks), not one more output.
-        num_classes = int(y_train.max(initial=0)) + 1
-        if class_names is not None:
-            if len(class_names) < num_classes:
-                raise DatasetError(
-                    f"{name}: class_names has {len(class_names)} entries but "
-                    f"the labels go up to {num_classes - 1}."
-                )
-            num_classes = len(class_names)
-        else:
-            missing = np.setdiff1d(np.arange(num_classes), y_train)
-            if missing.size:  # e.g. one label 200 among 0..9: not 201 classes
-                raise DatasetError(
-                    f"{name}: y_train's labels go up to {num_classes - 1} but {missing.size} "
-                    f"below it have no example (e.g. {int(missing[0])}): number the classes "
-                    "0 to K-1, or give class_names."
-                )
-            class_names = [str(i) for i in range(num_classes)]
+    spec = dataset(name)
+    loaded = spec.load(data_dir, download)
+    (x_train, y_train), (x_test, y_test) = loaded[:2]
+    class_names = spec.class_names or (loaded[2] if len(loaded) > 2 else None)
+    # Counted from the training labels only: a test-only label is an error
+    # (keras_fsp.data_checks), not one more output.
+    num_classes = int(y_train.max(initial=0)) + 1
+    if class_names is not None:
+        if len(class_names) < num_classes:
+            raise DatasetError(
+                f"{name}: class_names has {len(class_names)} entries but "
+                f"the labels go up to {num_classes - 1}."
+            )
+        num_classes = len(class_names)
+    else:
+        missing = np.setdiff1d(np.arange(num_classes), y_train)
+        if missing.size:  # e.g. one label 200 among 0..9: not 201 classes
+            raise DatasetError(
+                f"{name}: y_train's labels go up to {num_classes - 1} but {missing.size} "
+                f"below it have no example (e.g. {int(missing[0])}): number the classes "
+                "0 to K-1, or give class_names."
+            )
+        class_names = [str(i) for i in range(num_classes)]
+    augment = spec.augment
+    if augment is None:
         height, channels = x_train.shape[1], x_train.shape[-1]
         augment = {"pad": max(1, int(round(height / 8))), "flip": channels == 3}
-    elif name in ("cifar10", "cifar100"):
-        (x_train, y_train), (x_test, y_test) = _load_tfds(name, data_dir, download)
-        spec = DATASETS[name]
-        class_names, num_classes = list(spec["class_names"]), spec["num_classes"]
-        augment = dict(spec["augment"])
-    elif name == "digits":
-        (x_train, y_train), (x_test, y_test) = load_digits_split()
-        spec = DATASETS[name]
-        class_names, num_classes = list(spec["class_names"]), spec["num_classes"]
-        augment = dict(spec["augment"])
-    else:
-        raise DatasetError(
-            f"Unknown dataset {name!r}: use one of {_VALID_FORMS} (a .npz file "
-            f"with {', '.join(NPZ_KEYS)})."
-        )
     mean, std = channel_stats(x_train)
     info = {
         "name": name,
@@ -192,7 +211,7 @@ def load_arrays(name, data_dir=None, download=True):
         "class_names": [str(c) for c in class_names],
         "mean": mean,
         "std": std,
-        "augment": augment,
+        "augment": dict(augment),
     }
     return (x_train, y_train), (x_test, y_test), info
 
@@ -354,7 +373,7 @@ def _load_tfds(name, data_dir, download):
     except AssertionError as e:  # tfds: "could not find data in ..."
         if not download:
             raise _unavailable(name, data_dir, "it is not prepared and download=False") from e
-        host = DATASETS[name]["download_host"]
+        host = DOWNLOAD_HOSTS[name]
         if not _reachable(host):
             raise _unavailable(name, data_dir, f"it is not prepared and {host} cannot be reached") from e
         try:
@@ -406,3 +425,25 @@ def normalize(x, mean, std, chunk=8192):
     for start in range(0, len(x), chunk):
         out[start:start + chunk] = (x[start:start + chunk].astype("float32") - mean) * inv_std
     return out
+
+
+# ------------------------------------------------------------- the datasets
+
+DOWNLOAD_HOSTS = {"cifar10": "www.cs.toronto.edu", "cifar100": "www.cs.toronto.edu"}
+FORM_ARGUMENTS = {"npz": "PATH"}
+_CIFAR_AUGMENT = {"pad": 4, "flip": True}
+
+
+def _tfds(name):
+    return lambda data_dir, download: _load_tfds(name, data_dir, download)
+
+
+register_dataset(Dataset("cifar10", "tensorflow-datasets", _tfds("cifar10"), CIFAR10_CLASSES,
+                         _CIFAR_AUGMENT))
+register_dataset(Dataset("cifar100", "tensorflow-datasets", _tfds("cifar100"), CIFAR100_CLASSES,
+                         _CIFAR_AUGMENT))
+register_dataset(Dataset("digits", "scikit-learn (bundled, offline)",
+                         lambda data_dir, download: load_digits_split(),
+                         tuple(str(i) for i in range(10)), {"pad": 1, "flip": False}))
+register_form("npz", lambda path: Dataset(f"npz:{path}", f"a .npz file with {', '.join(NPZ_KEYS)}",
+                                          lambda data_dir, download: _load_npz(path)))

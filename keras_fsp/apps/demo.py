@@ -29,7 +29,7 @@ import keras
 import numpy as np
 
 from keras_fsp import FSPDistiller, Stage, export_student
-from keras_fsp.apps import training
+from keras_fsp import training
 from keras_fsp.apps.visualize import plot_fsp_matrices
 from keras_fsp.callbacks import StageSchedule
 from keras_fsp.terms.fsp import fsp_matrices_of
@@ -133,7 +133,7 @@ def _train(recipe, data, out, name, seed, verbose, callbacks=()):
     return training.train(recipe, (x_train, y_train), test, str(out / "runs" / name),
                           batch_size=BATCH_SIZE, seed=seed, validation_every=1,
                           verbose=verbose, save_name=name, callbacks=callbacks,
-                          log=training.Log(out / "runs" / name / "log.txt", echo=False))
+                          log=training.Log(echo=False))
 
 
 def _fsp_matrices(distiller, x):

@@ -28,21 +28,14 @@ import sys
 import time
 from typing import List, Optional
 
-CIFAR_METHODS = ("none", "kd", "fitnet", "fsp", "dense-fsp", "at", "dkd", "fsp-kd", "dense-fsp-kd",
-                 "at-kd")
-LABELS = {
-    "teacher": "teacher",
-    "none": "student alone",
-    "kd": "KD (T = 4, 0.9 soft + 0.1 hard)",
-    "fitnet": "FitNets (hint, then KD with lambda 4 -> 1)",
-    "fsp": "FSP (stage 1 clipped, kernel norms restored)",
-    "dense-fsp": "dense sequential FSP (kernel norms restored)",
-    "at": "attention transfer (beta 1000)",
-    "dkd": "decoupled KD (alpha 1, beta 8, T 4)",
-    "fsp-kd": "FSP stage 1, then KD",
-    "dense-fsp-kd": "dense FSP stage 1, then KD",
-    "at-kd": "attention transfer + KD",
-}
+from keras_fsp.papers import methods
+from keras_fsp.training.run_folder import PROCESS_LOG, RunFolder
+
+
+def label(method):
+    """A results table's row label for a run called `method`."""
+    known = methods.METHODS.get(method)
+    return known.label if known is not None else method
 
 
 @dataclasses.dataclass
@@ -60,8 +53,9 @@ class Run:
         return f"{self.method}-seed{self.seed}"
 
 
-def _cli(*args):
-    return [sys.executable, "-m", "keras_fsp.apps.cli", *map(str, args)]
+def _cli(flags, *args):
+    plugins = [f"--plugins={','.join(flags.plugins)}"] if flags.plugins else []
+    return [sys.executable, "-m", "keras_fsp.apps.cli", *plugins, *map(str, args)]
 
 
 def _cifar_table(student_depth):
@@ -71,22 +65,24 @@ def _cifar_table(student_depth):
         if teacher is None:  # train one first
             teacher = os.path.join(root, "teacher-seed0")
             out.append(Run("teacher", 0, _cli(
-                "train-teacher", "--dataset", flags.dataset, "--teacher_depth", 26, "--seed", 0,
+                flags, "train-teacher", "--dataset", flags.dataset, "--teacher_depth", 26, "--seed", 0,
                 "--schedule_scale", flags.schedule_scale, "--model_dir", teacher, "--verbose", 0),
                 teacher))
         needs = None if flags.teacher else teacher
-        for method in flags.methods or CIFAR_METHODS:
-            if method not in CIFAR_METHODS:
-                raise ValueError(f"--methods: {method!r} is not one of {', '.join(CIFAR_METHODS)}.")
+        for method in flags.methods or list(methods.METHODS):
+            if method not in methods.METHODS:
+                raise ValueError(f"--methods: {method!r} is not one of "
+                                 f"{', '.join(methods.METHODS)}.")
+            alone = not methods.get(method).uses_teacher
             for seed in flags.seeds:
                 run_dir = os.path.join(root, f"{method}-seed{seed}")
-                argv = _cli("distill", "--method", method, "--dataset", flags.dataset,
+                argv = _cli(flags, "distill", "--method", method, "--dataset", flags.dataset,
                             "--teacher_depth", 26, "--student_depth", student_depth,
                             "--seed", seed, "--schedule_scale", flags.schedule_scale,
                             "--model_dir", run_dir, "--verbose", 0)
-                if method != "none":
+                if not alone:
                     argv += ["--teacher", teacher]
-                out.append(Run(method, seed, argv, run_dir, needs if method != "none" else None))
+                out.append(Run(method, seed, argv, run_dir, None if alone else needs))
         return out
 
     return runs
@@ -158,16 +154,8 @@ TABLES = {
 # ------------------------------------------------------------------ running
 
 
-def _result(run_dir):
-    try:
-        with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def _complete(run_dir):
-    result = _result(run_dir)
+    result = RunFolder(run_dir).read_result()
     return bool(result and result.get("complete"))
 
 
@@ -205,7 +193,7 @@ def execute(runs, parallel=1, max_minutes=None, log=print, mps=False):
                 if proc.poll() is not None:
                     out.close()
                     codes[name] = proc.returncode
-                    result = _result(run.run_dir) or {}
+                    result = RunFolder(run.run_dir).read_result() or {}
                     log(f"{name}: exit {proc.returncode}, test accuracy "
                         f"{result.get('test_accuracy')}, {result.get('train_seconds')} s")
                     del running[name]
@@ -221,7 +209,7 @@ def execute(runs, parallel=1, max_minutes=None, log=print, mps=False):
                 pending.remove(run)
                 argv = list(run.argv) + ([] if left is None else ["--max_minutes", f"{left - 1:.1f}"])
                 os.makedirs(run.run_dir, exist_ok=True)
-                out = open(os.path.join(run.run_dir, "process.log"), "a", encoding="utf-8")
+                out = open(RunFolder(run.run_dir).file(PROCESS_LOG), "a", encoding="utf-8")
                 log(f"{run.name}: started")
                 running[run.name] = (run, subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                                            env=env), out)
@@ -248,8 +236,8 @@ def summarize(name, table, runs, command):
     rows = {}
     devices = set()
     for run in runs:
-        result = _result(run.run_dir)
-        row = rows.setdefault(run.method, {"label": LABELS.get(run.method, run.method), "seeds": [],
+        result = RunFolder(run.run_dir).read_result()
+        row = rows.setdefault(run.method, {"label": label(run.method), "seeds": [],
                                            table.metric: [], "train_seconds": [], "complete": True})
         if not result or not result.get("complete"):
             row["complete"] = False
@@ -315,18 +303,22 @@ def _flags(argv):
     flags.DEFINE_float("schedule_scale", 1.0, "CIFAR tables: shrink every schedule (quick "
                        "checks; the published tables use 1).", **d)
     flags.DEFINE_boolean("summary_only", False, "Write the table from the runs done, run nothing.", **d)
+    flags.DEFINE_list("plugins", [], "Files or modules of your own methods (passed to each run).",
+                      **d)
     rest = fv(argv)[1:]
     return fv, rest
 
 
-def main(argv):
-    """`keras-fsp reproduce TABLE [--flags]` (`argv[0]` is "reproduce")."""
+def main(argv, plugins=()):
+    """`keras-fsp reproduce TABLE [--flags]` (`argv[0]` is "reproduce");
+    `plugins` (loaded already) are passed to every run."""
     from absl import flags as absl_flags
 
     try:
         fv, rest = _flags(argv)
     except absl_flags.Error as e:
         raise SystemExit(f"keras-fsp reproduce: {e}") from None
+    fv.plugins = list(dict.fromkeys([*plugins, *fv.plugins]))
     if len(rest) != 1 or rest[0] not in TABLES:
         raise SystemExit(f"keras-fsp reproduce: name one table of {', '.join(TABLES)}; got {rest}.")
     name = rest[0]

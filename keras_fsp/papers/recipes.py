@@ -2,8 +2,10 @@
 and learning-rate schedules, and callbacks, so an experiment is a few lines.
 
     recipe = recipes.fsp_paper(teacher, student, steps_per_epoch=391)
-    recipe.compile(metrics=["accuracy"])
-    recipe.fit(train_dataset, validation_data=test_dataset)
+    keras_fsp.training.train(recipe, (x_train, y_train), (x_test, y_test), "runs/fsp")
+
+The methods by name (what `keras-fsp distill --method` takes) are
+`keras_fsp.papers.methods`.
 
 Schedules are given in iterations, as in the papers, and converted to whole
 epochs (rounded up) with `steps_per_epoch`. Every stage has its own SGD
@@ -107,11 +109,6 @@ class Recipe:
             )
             jax_steps.install(self.model)  # whole epochs per dispatch on JAX, as a distiller
         return self
-
-    def fit(self, x=None, y=None, callbacks=(), **kwargs):
-        """`model.fit` with the recipe's epochs and callbacks (and yours)."""
-        kwargs.setdefault("epochs", self.epochs)
-        return self.model.fit(x, y, callbacks=list(self.callbacks) + list(callbacks), **kwargs)
 
 
 def supervised(model, steps_per_epoch, iterations=64000, boundaries=None,
@@ -391,24 +388,3 @@ def fsp_kd(teacher, student, steps_per_epoch, **kwargs):
 def dense_fsp_kd(teacher, student, steps_per_epoch, **kwargs):
     """Dense sequential FSP stage 1 (`dense_fsp`'s), then KD."""
     return dense_fsp(teacher, student, steps_per_epoch, stage2="kd", **kwargs)
-
-
-RECIPES = {
-    "fsp": fsp_paper,
-    "dense_fsp": dense_fsp,
-    "fitnet": fitnets,
-    "kd": hinton_kd,
-    "at": attention_transfer,
-    "dkd": decoupled_kd,
-    "fsp_kd": fsp_kd,
-    "dense_fsp_kd": dense_fsp_kd,
-    "at_kd": attention_kd,
-}
-
-
-def get(method):
-    """The recipe function for a method name (see `RECIPES`)."""
-    if method not in RECIPES:
-        raise ValueError(f"Unknown method {method!r}; choose one of {sorted(RECIPES)} "
-                         "(or student_alone / supervised for training without a teacher).")
-    return RECIPES[method]

@@ -1,0 +1,220 @@
+"""The command line's settings: one frozen `Config`, one field per flag.
+
+The absl flags are made from the fields (`flag_values`), so a setting is
+declared once, with its default and its help; `Config.from_flags` checks
+every value before anything is read or written, and `resolved` fills in the
+paths a subcommand derives (its run folder, the teacher's, the trained
+network's, the dataset a run folder knows).
+"""
+
+import dataclasses
+import math
+import os
+from typing import Optional, Tuple
+
+from keras_fsp.papers import methods
+from keras_fsp.training.run_folder import EXPORT_FILES, RunFolder
+
+SUBCOMMANDS = ("train-teacher", "distill", "evaluate", "export", "visualize", "reproduce")
+TRAINING = ("train-teacher", "distill")
+DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
+DEFAULT_COMPILATION_CACHE = os.path.join("~", ".cache", "keras_fsp", "jax")
+
+
+class CLIError(SystemExit):
+    """A one-line error for the user; `main` prints it without a traceback.
+
+    A `SystemExit`, so that an uncaught one also ends the program with its
+    message and no traceback.
+    """
+
+    def __init__(self, message, code=2):
+        super().__init__(code)
+        self.message = " ".join(str(message).split())
+
+    def __str__(self):
+        return self.message
+
+
+def _flag(kind, default, help, **extra):
+    return dataclasses.field(default=default, metadata={"kind": kind, "help": help, **extra})
+
+
+def _methods_help():
+    return f"distill: one of {', '.join(methods.METHODS)} (none: the student alone)."
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """What one `keras-fsp` command was asked to do."""
+
+    subcommand: str = ""
+    dataset: str = _flag("string", "digits", "cifar10 | cifar100 | digits | npz:PATH (an .npz "
+                         "file with x_train, y_train, x_test, y_test).")
+    data_dir: Optional[str] = _flag("string", None, "Where tensorflow-datasets keeps its data.")
+    model_dir: Optional[str] = _flag("string", None, "The run's folder; default "
+                                     "runs/<subcommand>-<dataset> (distill: "
+                                     "runs/distill-<method>-<dataset>).")
+    method: str = _flag("string", "fsp", _methods_help)
+    teacher_depth: int = _flag("integer", 26, "Depth of the teacher CIFAR ResNet (6n+2).")
+    student_depth: int = _flag("integer", 8, "Depth of the student CIFAR ResNet (6n+2).")
+    teacher: Optional[str] = _flag("string", None, "distill/visualize: the teacher, a .keras or "
+                                   ".weights.h5 file or a train-teacher run folder; default the "
+                                   "train-teacher-<dataset> folder beside --model_dir.")
+    model: Optional[str] = _flag("string", None, "evaluate/export/visualize: the trained network, "
+                                 "a .keras file or a run folder; default the "
+                                 "distill-fsp-<dataset> folder beside --model_dir.")
+    schedule_scale: float = _flag("float", 1.0, "Multiplies every iteration count of the recipe "
+                                  "(the papers' schedules): 0.01 trains 1% as long.")
+    epochs: Optional[int] = _flag("integer", None, "Stop after this many epochs in all (default: "
+                                  "the whole schedule); run again without it to continue.")
+    max_minutes: Optional[float] = _flag("float", None, "Stop after the epoch that passes this many "
+                                         "minutes (run the same command again to continue).")
+    checkpoint_seconds: Optional[float] = _flag(
+        "float", None, "Write an epoch's checkpoint only when this many seconds have passed "
+        "since the last one (and at the end); default: every epoch on the CPU, every 30 s on "
+        "a GPU.")
+    batch_size: int = _flag("integer", 128, "Training batch size.")
+    compilation_cache_dir: str = _flag(
+        "string", DEFAULT_COMPILATION_CACHE, "JAX on a GPU or TPU: keep compiled programs "
+        "here, so that later runs of the same networks skip compilation; empty: no cache.")
+    dtype_policy: str = _flag("enum", "float32", "Keras dtype policy of teacher and student while "
+                              "training (variables, terms and FSP matrices stay float32); "
+                              "mixed_bfloat16 is the faster setting on recent GPUs.",
+                              choices=DTYPE_POLICIES)
+    seed: int = _flag("integer", 0, "Seed of the weights, the data order and the augmentation.")
+    temperature: Optional[float] = _flag("float", None, "Soft-target temperature of the methods "
+                                         "with soft targets (kd: default 4, fitnet: default 3).")
+    learning_rate_scale: float = _flag("float", 1.0, "Multiplies every learning rate of the "
+                                       "recipe (each stage's schedule).")
+    weight_decay: float = _flag("float", 1e-4, "L2 weight decay of the ResNets.")
+    overwrite: bool = _flag("boolean", False, "Start over instead of continuing: the run's "
+                            "checkpoints and outputs move to <model_dir>/overwritten/ (replacing "
+                            "what an earlier --overwrite put there).")
+    formats: Tuple[str, ...] = _flag("list", ("keras", "saved_model"), "export: any of "
+                                     f"{', '.join(EXPORT_FILES)} (litert_int8: integer weights "
+                                     "and activations, calibrated on training images; litert "
+                                     "and onnx need pip install 'keras-fsp[export]').")
+    num_images: int = _flag("integer", 6, "visualize: how many test images.")
+    verbose: int = _flag("integer", 2, "Keras fit verbosity (0, 1, 2).")
+    tensorboard: bool = _flag("boolean", False, "Also write TensorBoard logs (every term's loss "
+                              "and the stage) into <model_dir>/tensorboard; needs the tensorboard "
+                              "package (pip install 'keras-fsp[tensorboard]').")
+    plugins: Tuple[str, ...] = _flag("list", (), "Python files or modules to import first: "
+                                     "methods, terms or datasets of your own (they register "
+                                     "themselves, e.g. keras_fsp.papers.methods.register_method).")
+
+    # -------------------------------------------------------------- making
+
+    @classmethod
+    def from_flags(cls, values, subcommand):
+        """The `Config` of parsed absl `values`, checked.
+
+        Raises:
+            CLIError: naming the flag and what it takes.
+        """
+        given = {f.name: values[f.name].value for f in _flag_fields()}
+        given["formats"] = tuple(given["formats"])
+        given["plugins"] = tuple(given["plugins"])
+        config = cls(subcommand=subcommand, **given)
+        config.check()
+        return config
+
+    def check(self):
+        if self.subcommand not in SUBCOMMANDS:
+            raise CLIError(f"unknown subcommand {self.subcommand!r}; choose one of "
+                           f"{', '.join(SUBCOMMANDS)}.")
+        try:
+            methods.get(self.method)
+        except ValueError as e:
+            raise CLIError(e) from None
+        for name in ("schedule_scale", "learning_rate_scale", "weight_decay", "max_minutes",
+                     "temperature", "checkpoint_seconds"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise CLIError(f"--{name} must be a finite number; got {value}.")
+        for name in ("schedule_scale", "learning_rate_scale", "max_minutes", "temperature"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise CLIError(f"--{name} must be > 0; got {value}.")
+        for name, least in (("batch_size", 1), ("epochs", 1), ("weight_decay", 0),
+                            ("checkpoint_seconds", 0)):
+            value = getattr(self, name)
+            if value is not None and not value >= least:
+                raise CLIError(f"--{name} must be >= {least}; got {value}.")
+        for name in ("teacher_depth", "student_depth"):
+            depth = getattr(self, name)
+            if depth < 8 or (depth - 2) % 6:
+                raise CLIError(f"--{name} must be 6n+2 (8, 14, 20, 26, 32, 56, 110, ...); "
+                               f"got {depth}.")
+        unknown = [f for f in self.formats if f not in EXPORT_FILES]
+        if unknown or not self.formats:
+            raise CLIError(f"--formats {','.join(self.formats)}: choose one or more of "
+                           f"{', '.join(EXPORT_FILES)}.")
+
+    def resolved(self, given):
+        """The config with the paths the subcommand derives filled in;
+        `given` are the names of the flags given on the command line."""
+        slug = dataset_slug(self.dataset)
+        changes = {}
+        model_dir = self.model_dir
+        if model_dir is None:
+            name = (f"distill-{self.method}-{slug}" if self.subcommand == "distill"
+                    else f"{self.subcommand}-{slug}")
+            model_dir = changes["model_dir"] = os.path.join("runs", name)
+        parent = os.path.dirname(os.path.abspath(model_dir))
+        if self.subcommand == "distill" and not methods.get(self.method).uses_teacher:
+            changes["teacher"] = None  # the student alone has no teacher
+        elif self.subcommand in ("distill", "visualize") and self.teacher is None:
+            changes["teacher"] = os.path.join(parent, f"train-teacher-{slug}")
+        model = self.model
+        if self.subcommand in ("evaluate", "export", "visualize") and model is None:
+            model = changes["model"] = os.path.join(parent, f"distill-fsp-{slug}")
+        if self.subcommand in ("evaluate", "export", "visualize") and "dataset" not in given:
+            # A run folder knows its data set: --dataset is needed only to change it
+            # (a .keras file inside a run folder counts as the folder).
+            folder = model if os.path.isdir(model) else os.path.dirname(model)
+            run = RunFolder(folder or ".").read_config()
+            if run and "subcommand" in run and isinstance(run.get("dataset"), str):
+                changes["dataset"] = run["dataset"]
+                if "data_dir" not in given:
+                    changes["data_dir"] = run.get("data_dir")
+        return dataclasses.replace(self, **changes)
+
+    def as_json(self):
+        """The settings as config.json holds them."""
+        values = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+def _flag_fields():
+    return [f for f in dataclasses.fields(Config) if "kind" in f.metadata]
+
+
+def flag_names():
+    return [f.name for f in _flag_fields()]
+
+
+def flag_values():
+    """A fresh set of absl flags made from `Config`'s fields (no global
+    state: the command can run again in one process)."""
+    from absl import flags
+
+    fv = flags.FlagValues()
+    for f in _flag_fields():
+        kind, help = f.metadata["kind"], f.metadata["help"]
+        help = help() if callable(help) else help
+        define = getattr(flags, f"DEFINE_{kind}")
+        default = list(f.default) if isinstance(f.default, tuple) else f.default
+        extra = {"enum_values": list(f.metadata["choices"])} if kind == "enum" else {}
+        define(f.name, default, help=help, flag_values=fv, **extra)
+    return fv
+
+
+def dataset_slug(dataset):
+    """`dataset` as a folder-name part: `npz:data/x.npz` -> `npz-x`."""
+    prefix, _, argument = dataset.partition(":")
+    if not _:
+        return dataset
+    base = os.path.basename(argument)
+    return f"{prefix}-" + (base[:-4] if base.endswith(".npz") else base)

@@ -1,0 +1,102 @@
+"""The method table: every distillation method by name, with its recipe and
+the label of its row in a results table. The command line (`keras-fsp
+distill --method NAME`, and `--help`), `keras-fsp reproduce --methods`, the
+README's list of methods and the tests all read it.
+
+A new method is one module: its term (`keras_fsp.terms.register_term`), a
+recipe, and a line here:
+
+```python
+from keras_fsp.papers import methods, recipes
+
+def logit_mse(teacher, student, steps_per_epoch, augment=None, scale=1.0):
+    return recipes.single_stage(teacher, student, steps_per_epoch,
+                                {"logit_mse": 1.0, "task": 1.0}, "logit_mse",
+                                augment=augment, scale=scale)
+
+methods.register_method("logit-mse", logit_mse, "logit MSE + labels")
+```
+
+and `keras-fsp --plugins my_method.py distill --method logit-mse` runs it.
+"""
+
+import dataclasses
+from typing import Callable, Tuple
+
+from keras_fsp.papers import recipes
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One method of the table.
+
+    Attributes:
+        name: its name (`--method`, a results table's row key).
+        recipe: `recipe(teacher, student, steps_per_epoch, augment=...,
+            scale=..., **options)` -> `keras_fsp.papers.recipes.Recipe`
+            (`teacher` is None for a method without one).
+        label: its row label in a results table.
+        uses_teacher: False for a method that trains the student alone.
+        options: the recipe's keyword arguments the command line may set
+            (`"temperature"`: `--temperature`).
+    """
+
+    name: str
+    recipe: Callable
+    label: str
+    uses_teacher: bool = True
+    options: Tuple[str, ...] = ()
+
+    def build(self, teacher, student, steps_per_epoch, **kwargs):
+        """The method's recipe for these networks, named after the method."""
+        recipe = self.recipe(teacher, student, steps_per_epoch, **kwargs)
+        recipe.name = self.name
+        return recipe
+
+
+METHODS = {}
+
+
+def register_method(name, recipe, label, uses_teacher=True, options=()):
+    """Adds a method to the table (a plugin's too); returns its `Method`.
+
+    Raises:
+        ValueError: for a name that another recipe already has.
+    """
+    method = Method(name, recipe, label, uses_teacher, tuple(options))
+    known = METHODS.get(name)
+    if known is not None and known.recipe.__qualname__ != recipe.__qualname__:
+        raise ValueError(f"A method is already registered as {name!r}; choose another name.")
+    METHODS[name] = method
+    return method
+
+
+def get(name):
+    """The `Method` called `name`.
+
+    Raises:
+        ValueError: naming the methods when there is no such one.
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}.")
+    return METHODS[name]
+
+
+def _student_alone(teacher, student, steps_per_epoch, **kwargs):
+    return recipes.student_alone(student, steps_per_epoch, **kwargs)
+
+
+# The papers' methods and their combinations, in the order of the tables.
+register_method("none", _student_alone, "student alone", uses_teacher=False)
+register_method("kd", recipes.hinton_kd, "KD (T = 4, 0.9 soft + 0.1 hard)", options=("temperature",))
+register_method("fitnet", recipes.fitnets, "FitNets (hint, then KD with lambda 4 -> 1)",
+                options=("temperature",))
+register_method("fsp", recipes.fsp_paper, "FSP (stage 1 clipped, kernel norms restored)")
+register_method("dense-fsp", recipes.dense_fsp, "dense sequential FSP (kernel norms restored)")
+register_method("at", recipes.attention_transfer, "attention transfer (beta 1000)")
+register_method("dkd", recipes.decoupled_kd, "decoupled KD (alpha 1, beta 8, T 4)",
+                options=("temperature",))
+register_method("fsp-kd", recipes.fsp_kd, "FSP stage 1, then KD", options=("temperature",))
+register_method("dense-fsp-kd", recipes.dense_fsp_kd, "dense FSP stage 1, then KD",
+                options=("temperature",))
+register_method("at-kd", recipes.attention_kd, "attention transfer + KD", options=("temperature",))
