@@ -389,6 +389,7 @@ def plugin_registries(monkeypatch):
     monkeypatch.setattr(methods, "METHODS", dict(methods.METHODS))
     monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
     monkeypatch.delitem(sys.modules, "keras_fsp_plugin_my_method", raising=False)
+    return monkeypatch
 
 
 def test_a_method_in_one_file_runs_from_the_command_line(plugin_registries, teacher_run, tmp_path,
@@ -399,9 +400,16 @@ def test_a_method_in_one_file_runs_from_the_command_line(plugin_registries, teac
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--method: distill: one of none, kd," in help_text and "at-kd, logit-mse" in help_text
 
+    from keras_fsp.training import RunFolder
+
+    written = []
+    write_result = RunFolder.write_result
+    plugin_registries.setattr(RunFolder, "write_result",
+                              lambda self, result: written.append(self.path) or write_result(self, result))
     run_dir = tmp_path / "mine"
     result = _run(plugin, "distill", "--method=logit-mse", *TINY, f"--teacher={teacher_dir}",
                   f"--model_dir={run_dir}")
+    assert written == [str(run_dir)]  # metrics.json is written once
     assert result["complete"] and result["method"] == "logit-mse" and result["name"] == "logit-mse"
     rows = _csv(run_dir / "metrics.csv")
     assert [r["stage"] for r in rows] == ["logit_mse"] * len(rows)
