@@ -5,6 +5,7 @@ TensorFlow backend, and imports TensorFlow only when called.
 """
 
 import os
+import re
 import shutil
 import tempfile
 
@@ -13,6 +14,49 @@ from keras_fsp.cloning import rebuilt_copy
 # format -> the file suffix it needs (None: a directory).
 FORMATS = {"tf_saved_model": None, "litert": ".tflite", "onnx": ".onnx", "keras": ".keras"}
 QUANTIZE = (None, "int8")
+# An export is staged in `.tmp-export-<pid>-*` beside its path, with the name
+# of its target in this file.
+_STAGING = re.compile(r"^\.tmp-export-(?:(\d+)-)?")
+_TARGET = "target"
+_REPLACED = ".replaced"
+
+
+def _alive(pid):
+    if pid is None:
+        return False  # a staging folder of keras_fsp 0.2 (no pid in its name)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover(parent):
+    """Finishes what interrupted exports left in the folder `parent`: an
+    export replaced halfway (the old copy moved aside, the new one not yet in
+    place) goes back where it was, and the staging folders of processes that
+    are gone are deleted."""
+    try:
+        names = os.listdir(parent)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for name in names:
+        match = _STAGING.match(name)
+        pid = int(match.group(1)) if match and match.group(1) else None
+        if not match or _alive(pid):
+            continue
+        tmp = os.path.join(parent, name)
+        try:
+            with open(os.path.join(tmp, _TARGET), encoding="utf-8") as f:
+                target = os.path.join(parent, os.path.basename(f.read().strip()))
+        except OSError:
+            target = None
+        replaced = os.path.join(tmp, _REPLACED)
+        if target and os.path.lexists(replaced) and not os.path.lexists(target):
+            os.replace(replaced, target)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _student_of(distiller_or_model):
@@ -185,16 +229,21 @@ def export_student(distiller_or_model, path, format="tf_saved_model", overwrite=
     student = float32_copy(student)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
+    recover(parent)
     # Written into a sibling temporary folder (same file system, so the
     # renames below are atomic): a failed export leaves `path` untouched.
-    tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-export-{os.getpid()}-", dir=parent)
     try:
-        staged = os.path.join(tmp, os.path.basename(os.path.normpath(path)))
+        name = os.path.basename(os.path.normpath(path))
+        with open(os.path.join(tmp, _TARGET), "w", encoding="utf-8") as f:
+            f.write(name)
+        staged = os.path.join(tmp, name)
         _write(student, staged, format, representative_data, quantize)
         if os.path.isdir(path):
             # rename() cannot replace a non-empty directory: move the old one
-            # into the temporary folder, which is deleted below.
-            os.replace(path, os.path.join(tmp, ".replaced"))
+            # into the temporary folder, which is deleted below (an
+            # interruption between the two renames is undone by `recover`).
+            os.replace(path, os.path.join(tmp, _REPLACED))
         os.replace(staged, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -27,6 +27,7 @@ import numpy as np
 from keras import ops
 
 from keras_fsp import compat
+from keras_fsp.finite import first_non_finite
 
 LOGITS = "logits"
 # Keys keras_fsp adds to the training-mode outputs of a distiller.
@@ -223,6 +224,12 @@ def check_networks(teacher, student):
             "The teacher and the student are the same model object: freezing the teacher "
             "would freeze the student. Pass a separate student (e.g. "
             "keras.models.clone_model(teacher) for self-distillation)."
+        )
+    bad = first_non_finite(teacher.weights) if teacher.built else None
+    if bad is not None:
+        raise ValueError(
+            f"The teacher {teacher.name!r} has a weight that is NaN or infinite ({bad}): its "
+            "weights are damaged; load them again from an intact file."
         )
     if student.built and not student.trainable_weights:
         raise ValueError(

@@ -37,6 +37,31 @@ def _inject(fault):
             write(path, data)
 
         checkpoints.write_new = write_then_die
+    elif fault.startswith("fill:"):
+        # Another program fills the disk after checkpoint N: a junk file takes
+        # all but a little of the free space of the file system holding PATH.
+        _, after, junk = fault.split(":", 2)
+        save = checkpoints.Checkpoints.save
+
+        def save_then_fill(self, model, epoch, logs=None):
+            written = save(self, model, epoch, logs)
+            if epoch == int(after):
+                import shutil
+
+                free = shutil.disk_usage(os.path.dirname(junk)).free
+                with open(junk, "wb") as f:
+                    f.write(b"\0" * max(0, free - 64 * 1024))
+            return written
+
+        checkpoints.Checkpoints.save = save_then_fill
+    elif fault.startswith("hold_lock:"):  # another process in the run folder, idle
+        import time
+
+        from keras_fsp.training import RunFolder
+
+        with RunFolder(fault.split(":", 1)[1]).lock("a test holding the lock"):
+            print("locked", flush=True)
+            time.sleep(600)
     elif fault == "discard":
         import shutil
 

@@ -69,6 +69,7 @@ def test_train_teacher_writes_config_metrics_logs_checkpoints_and_export(teacher
         "method": "fsp", "teacher": None, "model": None, "num_images": 6,
         "max_minutes": None, "tensorboard": False, "formats": ["keras", "saved_model"],
         "checkpoint_seconds": None, "dtype_policy": "float32", "plugins": [],
+        "allow_weak_teacher": False,
         "compilation_cache_dir": os.path.join("~", ".cache", "keras_fsp", "jax"),
         "history": [{"from_epoch": 0, "learning_rate_scale": 1.0}],
     }
@@ -215,7 +216,7 @@ def test_export_takes_the_runs_dataset_and_writes_every_format(teacher_run, tmp_
                   "--formats=keras,litert,litert_int8,onnx")
     assert sorted(result["files"]) == ["keras", "litert", "litert_int8", "onnx"]
     assert sorted(os.listdir(out)) == sorted(
-        ["config.json", "log.txt", "metrics.json", "model.keras", "model.tflite",
+        [".lock", "config.json", "log.txt", "metrics.json", "model.keras", "model.tflite",
          "model_int8.tflite", "model.onnx"])
     (_, _), (x_test, y_test), info = data.load_arrays("digits")
     x = _normalize(x_test, info)

@@ -16,6 +16,7 @@ which needs root: skipped otherwise). Run alone with
 
 import contextlib
 import json
+import zipfile
 import os
 import random
 import re
@@ -484,6 +485,13 @@ def _npz(folder, case):
         y_test[4] = 3
     elif case == "single class":
         y_train[:], y_test[:] = 0, 0
+    elif case == "label 10^9":
+        y_train[3] = 10**9
+    elif case == "label 3*10^9":
+        y_train = y_train.astype("int64")
+        y_train[3] = 3 * 10**9
+    elif case == "empty training split":
+        x_train, y_train = x_train[:0], y_train[:0]
     path = folder / f"{case.replace(' ', '_')}.npz"
     np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     return path
@@ -501,6 +509,11 @@ BAD_DATA = {
     "test-only label": "y_test has label(s) 3 that no training example has: the test labels must "
                        "be among the training labels.",
     "single class": "y_train holds a single class (0): a classifier needs at least 2.",
+    # Checked in the labels' own dtype, before anything is made from them.
+    "label 10^9": "y_train's labels go up to 1000000000 but 999999997 below it have no example "
+                  "(e.g. 3): number the classes 0 to K-1, or give class_names.",
+    "label 3*10^9": "y_train has label 3000000000 at index 3: number the classes 0 to K-1.",
+    "empty training split": "the train split is empty: it needs at least one image.",
 }
 
 
@@ -631,7 +644,7 @@ def test_cli_overwrite_moves_the_earlier_run_aside_and_says_so(distill, prefix, 
     kept = _h5_arrays(run_dir / "checkpoints" / "epoch-000002" / checkpoints.WEIGHTS_FILE)
     result = _run(*args, "--epochs=1", "--overwrite", f"--model_dir={run_dir}")
     assert result["initial_epoch"] == 0 and result["epochs_done"] == 1
-    aside = run_dir / run_folder.OVERWRITTEN
+    aside = run_dir / run_folder.OVERWRITTEN / "1"
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("--overwrite: the earlier run ("))
     moved = line[len("--overwrite: the earlier run ("):line.index(")")].split(", ")
@@ -640,10 +653,11 @@ def test_cli_overwrite_moves_the_earlier_run_aside_and_says_so(distill, prefix, 
     assert sorted(os.listdir(aside)) == sorted(moved)
     _assert_same_weights(aside / "checkpoints" / "epoch-000002" / checkpoints.WEIGHTS_FILE, kept)
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["epoch-000001", "latest"]
-    # Once more: the earlier overwritten run goes, announced.
+    # Once more: the next earlier run goes into a folder of its own; nothing is deleted.
     _run(*args, "--epochs=1", "--overwrite", f"--model_dir={run_dir}")
-    assert "what an earlier --overwrite had moved there was deleted" in capsys.readouterr().out
-    assert sorted(os.listdir(aside / "checkpoints")) == ["epoch-000001", "latest"]
+    assert f"moved to {run_dir / run_folder.OVERWRITTEN / '2'};" in capsys.readouterr().out
+    _assert_same_weights(aside / "checkpoints" / "epoch-000002" / checkpoints.WEIGHTS_FILE, kept)
+    assert sorted(os.listdir(run_dir / run_folder.OVERWRITTEN)) == ["1", "2"]
 
 
 # ---------------------------------------------------------- subprocesses
@@ -671,31 +685,26 @@ def _error_lines(err):
                                                       "E0000"))]
 
 
-def _checkpoint_bytes(folder):
-    return sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder))
-
-
 @pytest.mark.large
 @command
 def test_a_full_disk_ends_with_one_line_and_the_run_continues_once_freed(distill, prefix, tmp_path):
     args, reference = distill
-    size = _checkpoint_bytes(prefix / "checkpoints" / "epoch-000002")
-    # Room for the small files and two checkpoints, not a third.
-    room = 2 * size + size // 2 + 200_000
-    with _tmpfs(tmp_path / "disk", f"{room // 4096 * 4096}") as disk:
+    with _tmpfs(tmp_path / "disk", "64m") as disk:
         run_dir = disk / "run"
-        code, err = _command(*args, f"--model_dir={run_dir}")
+        # Another program fills the disk once checkpoint 2 is written.
+        code, err = _command(*args, f"--model_dir={run_dir}", fault=f"fill:2:{disk / 'junk'}")
         lines = _error_lines(err)
         assert code == 1, err  # not 139 (segmentation fault)
         assert "Traceback" not in err and len(lines) == 1, err
-        assert lines[0].startswith(f"keras-fsp: error: cannot write {run_dir}/checkpoints: No space "
-                                   "left on device: checkpoint epoch-000003 needs ")
+        # (the epoch's metrics.csv or its checkpoint, whichever is written first)
+        assert lines[0].startswith(f"keras-fsp: error: cannot write {run_dir}")
+        assert ": No space left on device: " in lines[0] and " needs " in lines[0]
         assert lines[0].endswith(
             f"free space on that disk, or move {run_dir} to a larger one and pass its new "
             f"--model_dir; the last good checkpoint (epoch 2) is kept in {run_dir}/checkpoints/"
             "epoch-000002: then run the same command again to continue")
         assert sorted(os.listdir(run_dir / "checkpoints")) == ["epoch-000001", "epoch-000002", "latest"]
-        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        os.remove(disk / "junk")  # freed
         code, err = _command(*args, f"--model_dir={run_dir}")
         assert code == 0, err
         _assert_same_weights(run_dir / "student.weights.h5", reference)
@@ -743,3 +752,212 @@ def test_kills_at_random_moments_lose_nothing(distill, tmp_path):
     assert code == 0, err
     assert not [n for n in os.listdir(run_dir / "checkpoints") if n.startswith(".tmp-")]
     _assert_same_weights(run_dir / "student.weights.h5", reference)
+
+
+# ----------------------------------------------------- reliability, round two
+
+
+def _holder(run_dir):
+    """A process holding `run_dir`'s lock (tests/fault_worker.py), started."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TF_CPP_MIN_LOG_LEVEL="3", FAULT=f"hold_lock:{run_dir}")
+    process = subprocess.Popen([sys.executable, "-m", "tests.fault_worker"], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert process.stdout.readline().strip() == "locked"
+    return process
+
+
+@pytest.mark.large
+@command
+def test_one_run_per_folder_a_second_process_is_refused_naming_the_first(distill, tmp_path):
+    args, reference = distill
+    run_dir = tmp_path / "run"
+    holder = _holder(run_dir)
+    try:
+        for extra in ([], ["--learning_rate_scale=0.5"], ["--overwrite"]):
+            with pytest.raises(cli.CLIError, match=(
+                    rf"^--model_dir {run_dir} is in use by process {holder.pid} on .* \(a test "
+                    r"holding the lock, since .*\): wait for it to end, or choose another folder$")):
+                _run(*args, *extra, f"--model_dir={run_dir}")
+        assert sorted(os.listdir(run_dir)) == [run_folder.LOCK]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    # The kernel released the killed holder's lock: nothing blocks the run.
+    result = _run(*args, f"--model_dir={run_dir}")
+    assert result["complete"]
+    _assert_same_weights(run_dir / "student.weights.h5", reference)
+
+
+def _teacher_file(runs_dir, folder, change):
+    model = keras.saving.load_model(runs_dir / "teacher" / "teacher.keras", compile=False)
+    model.set_weights([change(w) for w in model.get_weights()])
+    path = folder / "changed.keras"
+    model.save(path)
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda w: np.where(np.arange(w.size).reshape(w.shape) == 0, np.nan, w) if w.ndim == 4 else w,
+     r"weight .* is NaN or infinite; the file is damaged: train the teacher again or pass another "
+     r"--teacher\.$"),
+    (lambda w: np.full_like(w, 1e30),
+     r"gives NaN or infinite outputs on training images: its weights are broken \(too large\?\); "
+     r"train it again or pass another --teacher\.$"),
+    (lambda w: np.zeros_like(w),
+     r"scores \d+\.\d% on 512 training images, no better than chance \(10\.0%\): it has nothing "
+     r"to teach; pass --allow_weak_teacher to distil from it anyway\.$"),
+], ids=["nan weight", "weights 1e30", "at chance"])
+@command
+def test_a_broken_teacher_is_refused_before_it_teaches(distill, runs_dir, tmp_path, change, message):
+    args, _ = distill
+    teacher = _teacher_file(runs_dir, tmp_path, change)
+    with pytest.raises(cli.CLIError, match=rf"^--teacher {teacher} {message}" if "weight" not in
+                       message[:8] else rf"^--teacher {teacher}: {message}") as error:
+        _run(*args, f"--teacher={teacher}", f"--model_dir={tmp_path / 'run'}")
+    assert error.value.code == 2 and not (tmp_path / "run").exists()
+
+
+@pytest.mark.large
+@command
+def test_a_weak_teacher_teaches_when_asked_to(distill, runs_dir, tmp_path):
+    args, _ = distill
+    teacher = _teacher_file(runs_dir, tmp_path, np.zeros_like)
+    result = _run(*args, f"--teacher={teacher}", "--allow_weak_teacher", "--epochs=1",
+                  f"--model_dir={tmp_path / 'run'}")
+    assert result["epochs_done"] == 1
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "no better than chance (10.0%) (--allow_weak_teacher)" in log
+
+
+@pytest.mark.parametrize("free", [32 * 1024, 200 * 1024])
+@command
+def test_too_little_space_at_the_start_is_one_line_for_every_subcommand(distill, runs_dir, tmp_path,
+                                                                       monkeypatch, capsys, free):
+    args, _ = distill
+    usage = shutil.disk_usage(tmp_path)._replace(free=free)
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: usage)
+    model = runs_dir / "reference"
+    for name, argv in {"distill": [*args, f"--model_dir={tmp_path / 'd'}"],
+                       "evaluate": ["evaluate", f"--model={model}", f"--model_dir={tmp_path / 'e'}"],
+                       "export": ["export", f"--model={model}", f"--model_dir={tmp_path / 'x'}",
+                                  "--formats=keras,saved_model"]}.items():
+        if name == "evaluate" and free > 64 * 1024 + 4096:
+            continue  # a few kB of result fit
+        assert cli.main(["keras-fsp", *argv]) == 1, name
+        err = capsys.readouterr().err
+        assert err.startswith("keras-fsp: error: cannot write ") and err.count("\n") == 1, err
+        assert "No space left on device: " in err and "MB free; free space on that disk" in err, err
+        assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("subcommand", ["distill", "evaluate"])
+@command
+def test_a_folder_of_the_users_own_files_is_never_written(distill, runs_dir, tmp_path, subcommand):
+    args, _ = distill
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "settings"}')
+    (mine / "metrics.csv").write_text("my,data\n1,2\n")
+    (mine / "notes.txt").write_text("mine")
+    before = _snapshot(mine)
+    argv = ([*args] if subcommand == "distill"
+            else ["evaluate", f"--model={runs_dir / 'reference'}"])
+    with pytest.raises(cli.CLIError, match=(
+            rf"^--model_dir {mine} holds files keras_fsp did not write \(config.json, notes.txt\): "
+            r"it writes only into an empty folder or one of its own runs; choose another folder$")):
+        _run(*argv, f"--model_dir={mine}")
+    assert _snapshot(mine) == before
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.large
+@command
+def test_sigterm_keeps_the_checkpoint_says_one_line_and_the_run_resumes(distill, tmp_path):
+    args, reference = distill
+    run_dir = tmp_path / "run"
+    command = [*args, f"--model_dir={run_dir}"]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TF_CPP_MIN_LOG_LEVEL="3")
+    process = subprocess.Popen([sys.executable, "-m", "tests.fault_worker", *command], cwd=ROOT,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoints_dir = run_dir / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not (checkpoints_dir / "epoch-000001").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    if process.returncode == 0:
+        pytest.skip("the run ended before SIGTERM reached it")
+    lines = _error_lines(err)
+    assert process.returncode == 143, err
+    assert len(lines) == 1 and lines[0].startswith("keras-fsp: error: terminated (SIGTERM); the last "
+                                                   "checkpoint is epoch "), err
+    assert lines[0].endswith(f"in {run_dir}: run the same command again to continue"), err
+    assert "terminated (SIGTERM)" in (run_dir / "log.txt").read_text()
+    result = _run(*command)
+    assert result["complete"] and result["initial_epoch"] >= 1
+    _assert_same_weights(run_dir / "student.weights.h5", reference)
+
+
+@command
+def test_an_export_interrupted_between_its_renames_is_put_back_at_the_next_start(distill, runs_dir,
+                                                                                 tmp_path):
+    out = tmp_path / "exported"
+    model = runs_dir / "reference"
+    _run("export", f"--model={model}", f"--model_dir={out}", "--formats=keras,saved_model")
+    saved = _snapshot(out / "export")
+    # What a kill between the two renames of a replacing export leaves: the
+    # old SavedModel moved into the staging folder of a process now gone,
+    # the new one never put in place; and a staging folder of a killed write.
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    staging = out / f".tmp-export-{gone}-abc"
+    staging.mkdir()
+    (staging / "target").write_text("export")
+    os.replace(out / "export", staging / ".replaced")
+    (out / f".tmp-export-{gone}-def").mkdir()
+    (out / f".tmp-export-{gone}-def" / "model.keras").write_bytes(b"")
+    _run("export", f"--model={model}", f"--model_dir={out}", "--formats=keras")
+    assert _snapshot(out / "export") == saved  # put back, then left alone
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
+
+
+@pytest.mark.large
+@command
+def test_reproduce_fails_naming_the_runs_that_failed(tmp_path, capsys):
+    argv = ["keras-fsp", "reproduce", "cifar10-resnet26-to-resnet8", "--methods=kd", "--seeds=0",
+            f"--dataset=npz:{tmp_path / 'missing.npz'}", f"--runs_dir={tmp_path / 'runs'}",
+            f"--results_dir={tmp_path / 'results'}"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("keras-fsp: error: reproduce cifar10-resnet26-to-resnet8: 1 run(s) failed: "
+                          "teacher-seed0 (each run's process.log under ")
+    summary = json.loads((tmp_path / "results" / "cifar10_resnet26_to_resnet8.json").read_text())
+    assert summary["rows"]["kd"]["complete"] is False
+
+
+def test_a_tampered_checkpoint_falls_back_to_the_one_before(tmp_path):
+    run, first = _two_checkpoints(tmp_path)
+    newest = os.path.join(run.path, "epoch-000002")
+    # A pickled object array in state.npz, the manifest recomputed to match.
+    import io as _io
+
+    buffer = _io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with zipfile.ZipFile(os.path.join(newest, checkpoints.STATE_FILE), "w") as z:
+        z.writestr("optimizer/0.npy", buffer.getvalue())
+    manifest = json.loads(open(os.path.join(newest, checkpoints.MANIFEST_FILE)).read())
+    data = open(os.path.join(newest, checkpoints.STATE_FILE), "rb").read()
+    manifest["files"][checkpoints.STATE_FILE] = {"size": len(data), "sha256": files.sha256(data)}
+    open(os.path.join(newest, checkpoints.MANIFEST_FILE), "w").write(json.dumps(manifest))
+    assert checkpoints.verify_checkpoint(newest)[0] is not None  # it verifies: tampered, not damaged
+    lines = []
+    fresh = _small_model(seed=1)
+    assert _checkpoints(tmp_path, log=lines.append).restore(fresh) == 1
+    for want, got in zip(first, _values(fresh.weights) + _values(fresh.optimizer.variables)):
+        assert np.array_equal(want, got)
+    assert len(lines) == 1 and "epoch-000002 skipped: it does not load (ValueError: Object arrays" in lines[0]

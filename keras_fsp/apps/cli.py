@@ -38,7 +38,9 @@ messages and exit codes (2: bad input, 1: training failed, 130: interrupted).
 import importlib
 import importlib.util
 import os
+import signal
 import sys
+import threading
 
 from keras_fsp.apps.config import SUBCOMMANDS, CLIError, Config, flag_names, flag_values
 
@@ -54,6 +56,17 @@ Subcommands: {", ".join(SUBCOMMANDS)}
   reproduce      every run of a results table, then the table
                  (keras-fsp reproduce TABLE --help; see keras_fsp.apps.reproduce)"""
 HELP_WORDS = ("-h", "--help", "-help", "--helpfull", "help")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what a cluster scheduler sends before it kills), handled as
+    Ctrl-C is: the last checkpoint kept, one line, exit status 143."""
+
+    what, code = "terminated (SIGTERM)", 143
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 
 def load_plugins(argv):
@@ -152,16 +165,21 @@ def run(argv):
     config = parse(argv)
     from absl import logging
 
-    from keras_fsp.apps.commands import COMMANDS
+    from keras_fsp.apps.commands import COMMANDS, io_message
     from keras_fsp.training import Log
 
     logging.set_verbosity(logging.WARNING)
-    return COMMANDS[config.subcommand](config, Log(), argv)
+    try:
+        return COMMANDS[config.subcommand](config, Log(), argv)
+    except OSError as e:  # whatever a command writes: one line, no traceback
+        raise CLIError(io_message(e, config.model_dir), code=1) from None
 
 
 def main(argv=None):
     """The `keras-fsp` console script."""
     argv = sys.argv if argv is None else argv
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         if _plugin_args(argv)[1][1:2] != ["reproduce"] and any(a in HELP_WORDS for a in argv[1:]):
             load_plugins(argv)
@@ -171,6 +189,9 @@ def main(argv=None):
     except CLIError as e:
         print(f"keras-fsp: error: {e.message}", file=sys.stderr)
         return e.code
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

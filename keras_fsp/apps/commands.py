@@ -14,26 +14,29 @@ import errno
 import importlib.util
 import os
 import shlex
+import shutil
 import time
 
 import numpy as np
 
 from keras_fsp.apps import networks
 from keras_fsp.apps.config import TRAINING, CLIError
-from keras_fsp.training.run_folder import CONFIG, EXPORT_FILES, OVERWRITTEN, RESULT, RunFolder
+from keras_fsp.training.run_folder import (CONFIG, EXPORT_FILES, RESULT, FolderBusyError,
+                                           ForeignFilesError, RunFolder)
 
 # Flags that may change between the runs of one model_dir (everything else
 # must stay as it was for a resumed run to be the same run).
 RESUMABLE_CHANGES = ("epochs", "verbose", "overwrite", "data_dir", "model_dir", "num_images",
                      "max_minutes", "tensorboard", "learning_rate_scale", "formats",
-                     "checkpoint_seconds", "compilation_cache_dir", "plugins")
+                     "checkpoint_seconds", "compilation_cache_dir", "plugins",
+                     "allow_weak_teacher")
 # The resumable flags that change what training computes: config.json's
 # "history" lists their values by epoch range, [{"from_epoch": 0,
 # "learning_rate_scale": 1.0}, {"from_epoch": 5, "learning_rate_scale": 0.1}].
 HISTORY_SETTINGS = ("learning_rate_scale",)
 # Training flags added later than a run read as their default when the run's
 # config.json has none.
-LATER_FLAG_DEFAULTS = {"dtype_policy": "float32", "plugins": []}
+LATER_FLAG_DEFAULTS = {"dtype_policy": "float32", "plugins": [], "allow_weak_teacher": False}
 # What each `--formats` value asks `export_student` for, and the module it
 # needs beyond TensorFlow.
 EXPORTERS = {"keras": ("keras", None), "saved_model": ("tf_saved_model", None),
@@ -43,6 +46,8 @@ EXPORTERS = {"keras": ("keras", None), "saved_model": ("tf_saved_model", None),
 CALIBRATION_IMAGES = 500
 # Test images whose FSP matrices `visualize` averages.
 FSP_IMAGES = 256
+# Training images a teacher is checked on before it teaches.
+TEACHER_CHECK = 512
 
 
 # -------------------------------------------------------------------- data
@@ -142,27 +147,52 @@ def _history(config, latest, log):
     return history
 
 
-def prepare_model_dir(config, log, latest=None):
-    """Probes the run folder, moves an earlier run aside for --overwrite,
-    writes the settings and opens the log there. Returns the `RunFolder`."""
+@contextlib.contextmanager
+def run_folder(config, log, latest=None, extra=()):
+    """The command's `RunFolder`, held for the body: refused when it holds
+    files keras_fsp did not write (`extra`: more names the command writes)
+    or another process works in it; then what interrupted writes left is
+    cleaned up, the folder probed for writing, an earlier run moved aside
+    for --overwrite, the settings written and the log opened there."""
     folder = RunFolder(config.model_dir)
     try:
-        folder.probe_writable()
-    except OSError as e:
+        folder.check_own(extra)
+        lock = folder.lock(f"keras-fsp {config.subcommand}")
+        lock.__enter__()
+    except (ForeignFilesError, FolderBusyError) as e:
+        raise CLIError(f"--model_dir {e}") from None
+    except OSError as e:  # cannot create the folder or its lock: read-only, a file in the path
         raise CLIError(io_message(e, folder.path)) from None
-    settings = config.as_json()
-    if config.subcommand in TRAINING:
-        if config.overwrite:
-            moved, replaced = folder.move_aside()
-            if moved:
-                log(f"--overwrite: the earlier run ({', '.join(moved)}) moved to "
-                    f"{folder.file(OVERWRITTEN)}"
-                    + ("; what an earlier --overwrite had moved there was deleted" if replaced
-                       else "") + "; delete it when it is no longer needed")
-        settings["history"] = _history(config, latest, log)
-    folder.write_config(settings)
-    folder.open_log(log)
-    return folder
+    try:
+        folder.clean_staging()
+        try:
+            folder.probe_writable()
+        except OSError as e:
+            raise CLIError(io_message(e, folder.path)) from None
+        settings = config.as_json()
+        if config.subcommand in TRAINING:
+            if config.overwrite:
+                moved, target = folder.move_aside()
+                if moved:
+                    log(f"--overwrite: the earlier run ({', '.join(moved)}) moved to {target}; "
+                        "delete it when it is no longer needed")
+            settings["history"] = _history(config, latest, log)
+        folder.write_config(settings)
+        folder.open_log(log)
+        yield folder
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def check_space(folder, size, what):
+    """Refuses to start a command whose files would not fit on the disk."""
+    from keras_fsp.training.files import check_free_space
+
+    check_free_space(folder.path, size, what)
+
+
+def _bytes(variables):
+    return sum(int(np.prod(v.shape)) * 4 for v in variables)
 
 
 # ---------------------------------------------------------------- training
@@ -231,53 +261,87 @@ def _train_network(config, log, argv, role, method):
     teacher = teacher_path = None
     if method is not None and method.uses_teacher:
         teacher, teacher_path = networks.load_teacher(config, info)
+        _check_teacher(config, teacher, teacher_path, normalized(x_train[:TEACHER_CHECK], info),
+                       y_train[:TEACHER_CHECK], info, log)
     latest = check_model_dir(config)
     # Validated: from here on the run's folder is written.
-    folder = prepare_model_dir(config, log, latest)
-    log(f"keras-fsp {config.subcommand} "
-        + " ".join(f"--{k}={v}" for k, v in config.as_json().items() if k != "subcommand"))
-    log(f"{config.dataset}: {len(x_train)} training and {len(x_test)} test images "
-        f"{tuple(info['input_shape'])}, {info['num_classes']} classes")
+    with run_folder(config, log, latest) as folder:
+        log(f"keras-fsp {config.subcommand} "
+            + " ".join(f"--{k}={v}" for k, v in config.as_json().items() if k != "subcommand"))
+        log(f"{config.dataset}: {len(x_train)} training and {len(x_test)} test images "
+            f"{tuple(info['input_shape'])}, {info['num_classes']} classes")
+        keras.utils.set_random_seed(config.seed)
+        depth = config.teacher_depth if role == "teacher" else config.student_depth
+        network = networks.resnet(config, depth, info, role)
+        pad, flip = int(info["augment"].get("pad", 0)), bool(info["augment"].get("flip", False))
+        augment = PadCropFlip(pad=pad, flip=flip, seed=config.seed) if (pad or flip) else None
+        steps = training.steps_per_epoch(len(x_train), config.batch_size)
+        recipe = _recipe(config, role, method, teacher, network, steps, augment)
+        stages = {int(e): s.name for e, s in sorted(recipe.schedule.items())}
+        log(f"recipe {recipe.name}: {recipe.epochs} epochs of {steps} steps"
+            + (f", stages {stages}" if stages else "")
+            + (f"; teacher {teacher_path}" if teacher_path else ""))
+        if latest is not None:
+            log(f"resuming from {latest.path} (epoch {latest.epoch}, stage {latest.stage!r})")
+        # A command that works: the learning rate may change on resume.
+        lower = _command(argv, learning_rate_scale=f"{config.learning_rate_scale / 10:g}")
+        try:
+            # Checkpoints (a few kept, the teacher's weights in them), the
+            # network and its export: refused now, not after an epoch.
+            student = _bytes(recipe.student.weights)
+            check_space(folder, 3 * (_bytes(recipe.model.weights) + student) + 3 * student
+                        + (1 << 20), "the run")
+            return training.train(
+                recipe, (normalized(x_train, info), y_train), (normalized(x_test, info), y_test),
+                folder, batch_size=config.batch_size, seed=config.seed, epochs=config.epochs,
+                max_minutes=config.max_minutes, log=log, verbose=config.verbose,
+                nan_advice=f"to go on at a tenth of the learning rate, run `{lower}`",
+                save_name=role, tensorboard=config.tensorboard,
+                checkpoint_seconds=config.checkpoint_seconds, saved_model=True,
+                started_at=started,
+                fields={"subcommand": config.subcommand, "dataset": config.dataset,
+                        "method": config.method if method is not None else "supervised"},
+            )
+        except NonFiniteLossError as e:
+            raise CLIError(e, code=1) from None
+        except OSError as e:  # disk full, folder not writable or vanished: no traceback
+            last = folder.checkpoints().latest()
+            kept = (f"the last good checkpoint (epoch {last.epoch}) is kept in {last.path}: then "
+                    "run the same command again to continue" if last else "no checkpoint is kept")
+            raise CLIError(f"{io_message(e, folder.path)}; {kept}", code=1) from None
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (`Terminated`)
+            last = folder.checkpoints().latest()
+            message = (f"{getattr(e, 'what', 'interrupted')}; the last checkpoint is epoch "
+                       f"{last.epoch if last else 0} in {folder.path}: run the same command again "
+                       "to continue")
+            log(message)
+            raise CLIError(message, code=getattr(e, "code", 130)) from None
 
-    keras.utils.set_random_seed(config.seed)
-    depth = config.teacher_depth if role == "teacher" else config.student_depth
-    network = networks.resnet(config, depth, info, role)
-    pad, flip = int(info["augment"].get("pad", 0)), bool(info["augment"].get("flip", False))
-    augment = PadCropFlip(pad=pad, flip=flip, seed=config.seed) if (pad or flip) else None
-    steps = training.steps_per_epoch(len(x_train), config.batch_size)
-    recipe = _recipe(config, role, method, teacher, network, steps, augment)
-    stages = {int(e): s.name for e, s in sorted(recipe.schedule.items())}
-    log(f"recipe {recipe.name}: {recipe.epochs} epochs of {steps} steps"
-        + (f", stages {stages}" if stages else "")
-        + (f"; teacher {teacher_path}" if teacher_path else ""))
-    if latest is not None:
-        log(f"resuming from {latest.path} (epoch {latest.epoch}, stage {latest.stage!r})")
-    # A command that works: the learning rate may change on resume.
-    lower = _command(argv, learning_rate_scale=f"{config.learning_rate_scale / 10:g}")
-    try:
-        return training.train(
-            recipe, (normalized(x_train, info), y_train), (normalized(x_test, info), y_test),
-            folder, batch_size=config.batch_size, seed=config.seed, epochs=config.epochs,
-            max_minutes=config.max_minutes, log=log, verbose=config.verbose,
-            nan_advice=f"to go on at a tenth of the learning rate, run `{lower}`",
-            save_name=role, tensorboard=config.tensorboard,
-            checkpoint_seconds=config.checkpoint_seconds, saved_model=True, started_at=started,
-            fields={"subcommand": config.subcommand, "dataset": config.dataset,
-                    "method": config.method if method is not None else "supervised"},
-        )
-    except NonFiniteLossError as e:
-        raise CLIError(e, code=1) from None
-    except OSError as e:  # disk full, folder not writable or vanished: no traceback
-        last = folder.checkpoints().latest()
-        kept = (f"the last good checkpoint (epoch {last.epoch}) is kept in {last.path}: then run "
-                "the same command again to continue" if last else "no checkpoint is kept")
-        raise CLIError(f"{io_message(e, folder.path)}; {kept}", code=1) from None
-    except KeyboardInterrupt:
-        last = folder.checkpoints().latest()
-        message = (f"interrupted; the last checkpoint is epoch {last.epoch if last else 0} in "
-                   f"{folder.path}: run the same command again to continue")
-        log(message)
-        raise CLIError(message, code=130) from None
+
+def _check_teacher(config, teacher, path, x, y, info, log):
+    """A teacher checked before it teaches: finite weights, finite outputs,
+    and better than chance on some training images (or --allow_weak_teacher)."""
+    from keras_fsp.finite import first_non_finite
+
+    bad = first_non_finite(teacher.weights)
+    if bad is not None:
+        raise CLIError(f"--teacher {path}: weight {bad} is NaN or infinite; the file is damaged: "
+                       "train the teacher again or pass another --teacher.")
+    out = np.asarray(teacher.predict(x, batch_size=256, verbose=0), "float64")
+    if not np.all(np.isfinite(out)):
+        raise CLIError(f"--teacher {path} gives NaN or infinite outputs on training images: its "
+                       "weights are broken (too large?); train it again or pass another --teacher.")
+    accuracy = float(np.mean(np.argmax(out, axis=-1) == np.asarray(y).reshape(-1)))
+    chance = 1.0 / int(info["num_classes"])
+    # Three standard deviations above what guessing scores on len(x) images.
+    if accuracy <= chance + 3 * np.sqrt(chance * (1 - chance) / len(x)):
+        message = (f"--teacher {path} scores {accuracy:.1%} on {len(x)} training images, no "
+                   f"better than chance ({chance:.1%})")
+        if not config.allow_weak_teacher:
+            raise CLIError(f"{message}: it has nothing to teach; pass --allow_weak_teacher to "
+                           "distil from it anyway.")
+        log(f"warning: {message} (--allow_weak_teacher)")
+    log(f"teacher {path}: {accuracy:.1%} on {len(x)} training images")
 
 
 def _command(argv, **flags):
@@ -303,12 +367,12 @@ def evaluate(config, log, argv=None):
     (_, _), (x_test, y_test), info = load_data(config)
     model, path = networks.load_trained(config, info)
     check_model_dir(config)
-    folder = prepare_model_dir(config, log)
     test = accuracy_and_loss(model, normalized(x_test, info), y_test)
     result = {"subcommand": "evaluate", "model": path, "dataset": config.dataset,
               "test_accuracy": test["accuracy"], "test_loss": test["loss"],
               "examples": test["examples"]}
-    folder.write_result(result)
+    with run_folder(config, log) as folder:
+        folder.write_result(result)
     log(f"{path}: test accuracy {test['accuracy']:.4f}, loss {test['loss']:.4f} "
         f"on {test['examples']} {config.dataset} images")
     return result
@@ -317,8 +381,6 @@ def evaluate(config, log, argv=None):
 def export(config, log, argv=None):
     """`--model` in each of `--formats`, into `--model_dir`."""
     import keras
-
-    from keras_fsp import export_student
 
     (x_train, _), (_, _), info = load_data(config)
     model, path = networks.load_trained(config, info)
@@ -332,17 +394,20 @@ def export(config, log, argv=None):
         raise CLIError(f"--formats {','.join(formats)} needs {', '.join(missing)}: "
                        "pip install 'keras-fsp[export]'.")
     check_model_dir(config)
-    folder = prepare_model_dir(config, log)
-    files = {}
-    for name in formats:
-        kwargs = {"format": EXPORTERS[name][0]}
-        if name == "litert_int8":
-            kwargs.update(quantize="int8",
-                          representative_data=normalized(x_train[:CALIBRATION_IMAGES], info))
-        files[name] = str(export_student(model, folder.file(EXPORT_FILES[name]), overwrite=True,
-                                         **kwargs))
-    result = {"subcommand": "export", "model": path, "dataset": config.dataset, "files": files}
-    folder.write_result(result)
+    with run_folder(config, log, extra=EXPORT_FILES.values()) as folder:
+        # Each format holds about the weights (float32), and its staging copy.
+        check_space(folder, 3 * len(formats) * _bytes(model.weights) + (1 << 20), "the export")
+        files = {}
+        for name in formats:
+            kwargs = {"format": EXPORTERS[name][0]}
+            if name == "litert_int8":
+                kwargs.update(quantize="int8",
+                              representative_data=normalized(x_train[:CALIBRATION_IMAGES], info))
+            target = folder.file(EXPORT_FILES[name])
+            files[name] = str(_exported(model, target, kwargs))
+        result = {"subcommand": "export", "model": path, "dataset": config.dataset,
+                  "files": files}
+        folder.write_result(result)
     log(f"exported {path} to {', '.join(files.values())}")
     return result
 
@@ -356,18 +421,37 @@ def visualize(config, log, argv=None):
     teacher, teacher_path = networks.load_trained(config, info, flag="teacher",
                                                   stems=networks.TEACHER_NETWORKS)
     check_model_dir(config)
-    folder = prepare_model_dir(config, log)
     # The FSP matrices are averaged over up to FSP_IMAGES test images; the
     # attribution grid shows the first --num_images.
     raw = np.asarray(x_test[:max(FSP_IMAGES, config.num_images)])
-    written = pictures.visualize_distillation(
-        (teacher, student), normalized(raw, info), np.asarray(y_test[:len(raw)]),
-        info.get("class_names"), folder.path, num_images=config.num_images, display_images=raw)
-    result = {"subcommand": "visualize", "model": path, "teacher": teacher_path,
-              "files": [str(p) for p in written]}
-    folder.write_result(result)
+    with run_folder(config, log, extra=pictures.PICTURES) as folder:
+        written = pictures.visualize_distillation(
+            (teacher, student), normalized(raw, info), np.asarray(y_test[:len(raw)]),
+            info.get("class_names"), folder.path, num_images=config.num_images,
+            display_images=raw)
+        result = {"subcommand": "visualize", "model": path, "teacher": teacher_path,
+                  "files": [str(p) for p in written]}
+        folder.write_result(result)
     log(f"wrote {', '.join(result['files'])}")
     return result
+
+
+def _exported(model, path, kwargs):
+    """`export_student`, a full disk one `OSError` whatever the exporter
+    raised (TensorFlow's SavedModel writer raises its own error)."""
+    from keras_fsp import export_student
+
+    try:
+        return export_student(model, path, overwrite=True, **kwargs)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        if free < 3 * _bytes(model.weights) + (1 << 20):
+            raise OSError(errno.ENOSPC, f"No space left on device: {os.path.basename(path)} "
+                          f"needs about {_bytes(model.weights) / 1e6:.1f} MB, "
+                          f"{free / 1e6:.1f} MB free", path) from e
+        raise
 
 
 COMMANDS = {"train-teacher": train_teacher, "distill": distill, "evaluate": evaluate,

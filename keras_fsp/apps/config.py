@@ -100,6 +100,9 @@ class Config:
     tensorboard: bool = _flag("boolean", False, "Also write TensorBoard logs (every term's loss "
                               "and the stage) into <model_dir>/tensorboard; needs the tensorboard "
                               "package (pip install 'keras-fsp[tensorboard]').")
+    allow_weak_teacher: bool = _flag("boolean", False, "distill: train from a teacher that "
+                                     "scores no better than chance on the training images "
+                                     "(refused otherwise: it has nothing to teach).")
     plugins: Tuple[str, ...] = _flag("list", (), "Python files or modules to import first: "
                                      "methods, terms or datasets of your own (they register "
                                      "themselves, e.g. keras_fsp.papers.methods.register_method).")

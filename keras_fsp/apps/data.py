@@ -191,11 +191,15 @@ def load_arrays(name, data_dir=None, download=True):
             )
         num_classes = len(class_names)
     else:
-        missing = np.setdiff1d(np.arange(num_classes), y_train)
-        if missing.size:  # e.g. one label 200 among 0..9: not 201 classes
+        # Without allocating anything of the largest label's size (10^9).
+        present = np.unique(y_train)
+        missing = num_classes - len(present)
+        if missing:  # e.g. one label 200 among 0..9: not 201 classes
+            first = int(np.flatnonzero(present != np.arange(len(present)))[0]) if (
+                present[-1] != len(present) - 1) else len(present)
             raise DatasetError(
-                f"{name}: y_train's labels go up to {num_classes - 1} but {missing.size} "
-                f"below it have no example (e.g. {int(missing[0])}): number the classes "
+                f"{name}: y_train's labels go up to {num_classes - 1} but {missing} "
+                f"below it have no example (e.g. {first}): number the classes "
                 "0 to K-1, or give class_names."
             )
         class_names = [str(i) for i in range(num_classes)]
@@ -261,10 +265,18 @@ def _check_split(x, y, split, source):
             f"{source}: y_{split} must hold one integer label per image "
             f"({len(x)}); got shape {y.shape}."
         )
+    if not len(y):
+        raise DatasetError(f"{source}: the {split} split is empty: it needs at least one image.")
     if not (np.issubdtype(y.dtype, np.integer) or np.all(np.mod(y, 1) == 0)):
         raise DatasetError(f"{source}: y_{split} must be integer class labels.")
-    if len(y) and y.min() < 0:
-        raise DatasetError(f"{source}: y_{split} has negative labels.")
+    # In the labels' own dtype, before anything is cast or allocated from them.
+    low, high = int(np.argmin(y)), int(np.argmax(y))
+    if y[low] < 0:
+        raise DatasetError(f"{source}: y_{split} has label {y[low]} at index {low}: labels are "
+                           "class numbers from 0.")
+    if y[high] > np.iinfo("int32").max:
+        raise DatasetError(f"{source}: y_{split} has label {y[high]} at index {high}: "
+                           "number the classes 0 to K-1.")
     return x, y.astype("int32")
 
 

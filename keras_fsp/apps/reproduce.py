@@ -329,8 +329,7 @@ def main(argv, plugins=()):
     root = os.path.join(fv.runs_dir, name)
     runs = table.runs(fv, root)
     command = "keras-fsp reproduce " + " ".join(argv[1:])
-    if not fv.summary_only:
-        execute(runs, fv.parallel, fv.max_minutes, mps=fv.mps)
+    codes = {} if fv.summary_only else execute(runs, fv.parallel, fv.max_minutes, mps=fv.mps)
     summary = summarize(name, table, runs, command)
     os.makedirs(fv.results_dir, exist_ok=True)
     stem = os.path.join(fv.results_dir, name.replace("-", "_"))
@@ -340,4 +339,11 @@ def main(argv, plugins=()):
     with open(stem + ".md", "w", encoding="utf-8") as f:
         f.write(text)
     print(text)
+    failed = [name for name, code in codes.items() if code != 0]
+    if failed:
+        from keras_fsp.apps.config import CLIError
+
+        raise CLIError(f"reproduce {name}: {len(failed)} run(s) failed: {', '.join(failed)} "
+                       f"(each run's {PROCESS_LOG} under {root} says why); the table holds the "
+                       "others.", code=1)
     return summary

@@ -25,6 +25,12 @@ METHODS = ("saliency", "gradcam++")
 _METHOD_TITLES = {"saliency": "saliency", "gradcam++": "Grad-CAM++"}
 
 
+# What `visualize_distillation` draws into its folder.
+ATTRIBUTIONS = "attributions.png"
+FSP_MATRICES = "fsp_matrices.png"
+PICTURES = (ATTRIBUTIONS, FSP_MATRICES)
+
+
 def _figure(figsize):
     """A figure drawn by the Agg canvas, outside pyplot: no window, and the
     caller's pyplot backend and figures (e.g. in a notebook) stay untouched."""
@@ -486,7 +492,7 @@ def visualize_distillation(
     k = min(num_images, len(images))
     attributions = plot_attributions(
         teacher, student, images[:k], labels[:k], class_names,
-        os.path.join(output_dir, "attributions.png"), methods=methods,
+        os.path.join(output_dir, ATTRIBUTIONS), methods=methods,
         display_images=None if display_images is None else np.asarray(display_images)[:k],
     )
 
@@ -503,7 +509,7 @@ def visualize_distillation(
     fsp = plot_fsp_matrices(
         [g / len(images) for g in sums_t],
         [g / len(images) for g in sums_s],
-        os.path.join(output_dir, "fsp_matrices.png"),
+        os.path.join(output_dir, FSP_MATRICES),
         pair_names=_names_of_pairs(t_pairs, s_pairs),
         title=(
             f"FSP matrices of the teacher{_model_name(teacher, 'teacher')} and the "

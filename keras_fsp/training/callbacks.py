@@ -3,7 +3,6 @@ checkpoints at a least interval, a NaN guard that names the kept
 checkpoint, `metrics.csv`, the epoch's line in the log, the trained network
 scored alone, a wall-time deadline, and kernel-norm ratios."""
 
-import functools
 import time
 import warnings
 
@@ -11,6 +10,7 @@ import keras
 import numpy as np
 
 from keras_fsp.callbacks import StopOnNonFiniteLoss, as_float, non_finite_term
+from keras_fsp.finite import first_non_finite
 from keras_fsp.kernel_norms import kernel_norms
 from keras_fsp.training.scores import accuracy_and_loss
 
@@ -19,36 +19,13 @@ _clock = time.monotonic
 
 
 def non_finite_weight(model):
-    """The path of the first weight holding a NaN/inf, or None. A loss can
-    stay finite while batch-norm statistics are already NaN (XLA's
+    """The path of the first weight of `model` holding a NaN/inf, or None;
+    an `FSPDistiller`'s frozen teacher is not read (it never changes). A
+    loss can stay finite while batch-norm statistics are already NaN (XLA's
     max(NaN, 0) is 0, so the ReLUs hide them)."""
-    teacher = getattr(model, "teacher", None)  # frozen: never changes
+    teacher = getattr(model, "teacher", None)
     frozen = {id(v) for v in teacher.weights} if teacher is not None else set()
-    checked = [v for v in model.weights if id(v) not in frozen]
-    if not checked:
-        return None
-    bad = np.flatnonzero(~_finite_flags([v.value for v in checked]))
-    return checked[bad[0]].path if len(bad) else None
-
-
-def _all_finite(values):
-    return keras.ops.stack([keras.ops.all(keras.ops.isfinite(v)) for v in values])
-
-
-@functools.cache
-def _jitted_all_finite():
-    import jax
-
-    return jax.jit(_all_finite)
-
-
-def _finite_flags(values):
-    """Whether each array is finite, computed on the device and read back at
-    once: reading every weight back took 25 ms per epoch on a GPU (a transfer
-    and a wait each), one compiled call on JAX takes a few."""
-    if keras.backend.backend() == "jax":
-        return np.asarray(_jitted_all_finite()(values))
-    return keras.ops.convert_to_numpy(_all_finite(values))
+    return first_non_finite([v for v in model.weights if id(v) not in frozen])
 
 
 class CheckpointCallback(keras.callbacks.Callback):

@@ -347,9 +347,11 @@ class Checkpoints:
         `model` must be built and compiled as it was when the checkpoint was
         written. An `FSPDistiller` is put in the checkpoint's stage
         (`set_stage`) and that stage's optimizer gets its saved state. A
-        checkpoint that does not verify or load is skipped, with a line to
-        `log` saying why, for the one before. Leftovers of killed writes are
-        deleted first.
+        checkpoint that does not verify, load or fit the model (damaged, or
+        tampered with and its manifest recomputed) is skipped, with a line to
+        `log` saying why, for the one before; when none fits, the first
+        misfit is raised (the model is not the one that wrote them).
+        Leftovers of killed writes are deleted first.
 
         The optimizers' learning rates are not restored: like a schedule, a
         constant learning rate is a setting of the code that builds the
@@ -360,14 +362,19 @@ class Checkpoints:
             when there is no checkpoint.
         """
         self._remove_partial()
+        misfit = None
         for candidate in [checkpoint] if checkpoint is not None else self._intact(report=True):
             try:
                 return self._load(model, candidate)
-            except _DAMAGED as e:
+            except (*_DAMAGED, ValueError) as e:
                 if checkpoint is not None:
                     raise
+                if isinstance(e, ValueError) and misfit is None:
+                    misfit = e
                 self.log(f"checkpoint {candidate.name} skipped: it does not load "
                          f"({type(e).__name__}: {str(e)[:200]}); trying the one before")
+        if misfit is not None:
+            raise misfit
         return 0
 
     def _load(self, model, checkpoint):

@@ -20,6 +20,7 @@ import math
 import time
 
 import keras
+import numpy as np
 
 from keras_fsp.callbacks import NonFiniteLossError
 from keras_fsp.export import export_student, float32_copy
@@ -117,6 +118,12 @@ def _saved_model(net, folder):
     return {"saved_model": export_student(net, folder.file(SAVED_MODEL), overwrite=True)}
 
 
+def _fingerprint(model):
+    """A cheap summary of a model's weights, to see whether they changed."""
+    return [float(np.sum(np.abs(keras.ops.convert_to_numpy(v)), dtype="float64"))
+            for v in model.weights]
+
+
 def train(recipe, train_data, test_data, run_dir, batch_size=128, seed=0, epochs=None,
           max_minutes=None, validation_every=None, extra_tests=None, save_name="student",
           log=None, verbose=2, nan_advice=None, callbacks=(), record_kernel_norms=False,
@@ -177,113 +184,119 @@ def train(recipe, train_data, test_data, run_dir, batch_size=128, seed=0, epochs
             last good checkpoint is kept.
         OSError: the run's folder cannot be written (disk full, not
             writable, vanished); the last good checkpoint is kept.
+        keras_fsp.training.run_folder.FolderBusyError: another process
+            trains in `run_dir`.
     """
     started_at = time.time() if started_at is None else started_at
     folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)
-    folder.create()
-    log = folder.open_log(log)
-    x_train, y_train = train_data
-    steps = steps_per_epoch(len(x_train), batch_size)
-    compile_kwargs = dict(compile_kwargs or {})
-    if on_accelerator():  # one compiled loop per epoch
-        compile_kwargs.setdefault("steps_per_execution", steps)
-    recipe.compile(metrics=["accuracy"], **compile_kwargs)
+    with folder.lock("keras_fsp.training.train"):  # one process at a time in a run folder
+        log = folder.open_log(log)
+        x_train, y_train = train_data
+        steps = steps_per_epoch(len(x_train), batch_size)
+        compile_kwargs = dict(compile_kwargs or {})
+        if on_accelerator():  # one compiled loop per epoch
+            compile_kwargs.setdefault("steps_per_execution", steps)
+        recipe.compile(metrics=["accuracy"], **compile_kwargs)
 
-    checkpoints = folder.checkpoints(log=log)  # skipped checkpoints are logged
-    initial_epoch = checkpoints.restore(recipe.model)
-    total = recipe.epochs
-    end = total if epochs is None else min(int(epochs), total)
-    earlier_seconds = folder.earlier_train_seconds() if initial_epoch else 0.0
-    folder.keep_metrics_before(initial_epoch)
-    if initial_epoch:
-        log(f"resuming at epoch {initial_epoch} of {total}")
+        checkpoints = folder.checkpoints(log=log)  # skipped checkpoints are logged
+        teacher = getattr(recipe.model, "teacher", None)
+        given = _fingerprint(teacher) if teacher is not None and checkpoints.latest() else None
+        initial_epoch = checkpoints.restore(recipe.model)
+        if given is not None and initial_epoch and _fingerprint(teacher) != given:
+            log("the teacher's weights come from the checkpoint: the teacher given differs from "
+                "the one this run started with")
+        total = recipe.epochs
+        end = total if epochs is None else min(int(epochs), total)
+        earlier_seconds = folder.earlier_train_seconds() if initial_epoch else 0.0
+        folder.keep_metrics_before(initial_epoch)
+        if initial_epoch:
+            log(f"resuming at epoch {initial_epoch} of {total}")
 
-    deadline = run_callbacks.Deadline(max_minutes)
-    every = validation_every or max(1, total // 8)
-    validated = [e for e in range(1, end + 1) if e % every == 0 or e == total]
-    all_callbacks = ([run_callbacks.Validation(recipe.student, test_data, validated)]
-                     + list(recipe.callbacks) + list(callbacks))
-    if record_kernel_norms:
-        all_callbacks.append(run_callbacks.KernelNormLog(recipe.student))
-    if tensorboard:
-        all_callbacks.append(_tensorboard(folder))
-    if checkpoint_seconds is None:
-        checkpoint_seconds = ACCELERATOR_CHECKPOINT_SECONDS if on_accelerator() else 0.0
-    all_callbacks += [run_callbacks.MetricsCSV(folder),
-                      run_callbacks.EpochLog(log, total, echo=not verbose), deadline,
-                      run_callbacks.NaNGuard(checkpoints, advice=nan_advice),
-                      run_callbacks.CheckpointCallback(checkpoints, checkpoint_seconds)]
-    start = time.time()
-    diverged = None
-    if initial_epoch < end:
-        if on_accelerator():
-            from keras_fsp.inputs import DeviceArrays
+        deadline = run_callbacks.Deadline(max_minutes)
+        every = validation_every or max(1, total // 8)
+        validated = [e for e in range(1, end + 1) if e % every == 0 or e == total]
+        all_callbacks = ([run_callbacks.Validation(recipe.student, test_data, validated)]
+                         + list(recipe.callbacks) + list(callbacks))
+        if record_kernel_norms:
+            all_callbacks.append(run_callbacks.KernelNormLog(recipe.student))
+        if tensorboard:
+            all_callbacks.append(_tensorboard(folder))
+        if checkpoint_seconds is None:
+            checkpoint_seconds = ACCELERATOR_CHECKPOINT_SECONDS if on_accelerator() else 0.0
+        all_callbacks += [run_callbacks.MetricsCSV(folder),
+                          run_callbacks.EpochLog(log, total, echo=not verbose), deadline,
+                          run_callbacks.NaNGuard(checkpoints, advice=nan_advice),
+                          run_callbacks.CheckpointCallback(checkpoints, checkpoint_seconds)]
+        start = time.time()
+        diverged = None
+        if initial_epoch < end:
+            if on_accelerator():
+                from keras_fsp.inputs import DeviceArrays
 
-            data = dict(x=DeviceArrays(x_train, y_train, batch_size=batch_size, seed=seed,
-                                       initial_epoch=initial_epoch,
-                                       drop_remainder=len(x_train) >= batch_size))
-        else:
-            stream, _ = epoch_stream(x_train, y_train, batch_size, seed, initial_epoch, end)
-            data = dict(x=stream, steps_per_epoch=steps)
-        try:
-            recipe.model.fit(
-                **data, epochs=end, initial_epoch=initial_epoch, shuffle=False,
-                callbacks=all_callbacks, verbose=verbose,
-            )
-        except NonFiniteLossError as e:
-            diverged = str(e)
-    seconds = earlier_seconds + time.time() - start
-    folder.write_train_seconds(seconds)
+                data = dict(x=DeviceArrays(x_train, y_train, batch_size=batch_size, seed=seed,
+                                           initial_epoch=initial_epoch,
+                                           drop_remainder=len(x_train) >= batch_size))
+            else:
+                stream, _ = epoch_stream(x_train, y_train, batch_size, seed, initial_epoch, end)
+                data = dict(x=stream, steps_per_epoch=steps)
+            try:
+                recipe.model.fit(
+                    **data, epochs=end, initial_epoch=initial_epoch, shuffle=False,
+                    callbacks=all_callbacks, verbose=verbose,
+                )
+            except NonFiniteLossError as e:
+                diverged = str(e)
+        seconds = earlier_seconds + time.time() - start
+        folder.write_train_seconds(seconds)
 
-    history = folder.history()
-    done = max(len(history.get("epoch", [])), initial_epoch)
-    net = recipe.student
-    # Scored as exported: in float32 whatever the dtype policy it trained under.
-    scored = float32_copy(net)
-    test = accuracy_and_loss(scored, *test_data)
-    result = {
-        "name": recipe.name,
-        "seed": seed,
-        "test_accuracy": test["accuracy"],
-        "test_loss": test["loss"],
-        "test_errors": test["errors"],
-        "test_examples": test["examples"],
-        "epochs_done": done,
-        "epochs_total": total,
-        "complete": done >= total and diverged is None,
-        "initial_epoch": initial_epoch,
-        "stopped_by_deadline": deadline.reached,
-        "diverged": diverged,
-        "stages": {str(e): s.name for e, s in sorted(recipe.schedule.items())},
-        "steps_per_epoch": steps,
-        "batch_size": batch_size,
-        "parameters": int(net.count_params()),
-        "train_seconds": round(seconds, 1),
-        "backend": keras.backend.backend(),
-        "device": device_name(),
-        "history": history,
-        **(fields or {}),
-    }
-    teacher = getattr(recipe.model, "teacher", None)
-    result["teacher_test_accuracy"] = (
-        None if teacher is None else accuracy_and_loss(float32_copy(teacher), *test_data)["accuracy"])
-    for name, (x, y) in (extra_tests or {}).items():
-        result[f"{name}_accuracy"] = accuracy_and_loss(scored, x, y)["accuracy"]
-    if scores is not None:
-        result.update(scores(scored))
-    weights = folder.file(weights_file(save_name))
-    write_weights(net, weights)  # not save_weights: h5py must not meet a full disk
-    result["files"] = {"weights": weights}
-    if result["complete"]:  # replaced only once complete; a failed write leaves nothing
-        result["files"]["keras"] = export_student(
-            net, folder.file(keras_file(save_name)), format="keras", overwrite=True)
-        if saved_model:
-            result["files"].update(_saved_model(net, folder))
-    result["seconds"] = round(time.time() - started_at, 1)
-    folder.write_result(result)
-    log(f"test accuracy {result['test_accuracy']:.4f} ({result['test_errors']} errors) after "
-        f"{done}/{total} epochs, {seconds:.0f} s; outputs in {folder.path}")
-    if diverged is not None:
-        log(f"error: {diverged}")
-        raise NonFiniteLossError(diverged)
-    return result
+        history = folder.history()
+        done = max(len(history.get("epoch", [])), initial_epoch)
+        net = recipe.student
+        # Scored as exported: in float32 whatever the dtype policy it trained under.
+        scored = float32_copy(net)
+        test = accuracy_and_loss(scored, *test_data)
+        result = {
+            "name": recipe.name,
+            "seed": seed,
+            "test_accuracy": test["accuracy"],
+            "test_loss": test["loss"],
+            "test_errors": test["errors"],
+            "test_examples": test["examples"],
+            "epochs_done": done,
+            "epochs_total": total,
+            "complete": done >= total and diverged is None,
+            "initial_epoch": initial_epoch,
+            "stopped_by_deadline": deadline.reached,
+            "diverged": diverged,
+            "stages": {str(e): s.name for e, s in sorted(recipe.schedule.items())},
+            "steps_per_epoch": steps,
+            "batch_size": batch_size,
+            "parameters": int(net.count_params()),
+            "train_seconds": round(seconds, 1),
+            "backend": keras.backend.backend(),
+            "device": device_name(),
+            "history": history,
+            **(fields or {}),
+        }
+        result["teacher_test_accuracy"] = (
+            None if teacher is None else accuracy_and_loss(float32_copy(teacher), *test_data)["accuracy"])
+        for name, (x, y) in (extra_tests or {}).items():
+            result[f"{name}_accuracy"] = accuracy_and_loss(scored, x, y)["accuracy"]
+        if scores is not None:
+            result.update(scores(scored))
+        weights = folder.file(weights_file(save_name))
+        write_weights(net, weights)  # not save_weights: h5py must not meet a full disk
+        result["files"] = {"weights": weights}
+        if result["complete"]:  # replaced only once complete; a failed write leaves nothing
+            result["files"]["keras"] = export_student(
+                net, folder.file(keras_file(save_name)), format="keras", overwrite=True)
+            if saved_model:
+                result["files"].update(_saved_model(net, folder))
+        result["seconds"] = round(time.time() - started_at, 1)
+        folder.write_result(result)
+        log(f"test accuracy {result['test_accuracy']:.4f} ({result['test_errors']} errors) after "
+            f"{done}/{total} epochs, {seconds:.0f} s; outputs in {folder.path}")
+        if diverged is not None:
+            log(f"error: {diverged}")
+            raise NonFiniteLossError(diverged)
+        return result

@@ -12,19 +12,27 @@ written through `RunFolder`.
         student.keras      the network itself once the run is complete
         export/            the network as a SavedModel (command line, TensorFlow)
         tensorboard/       TensorBoard logs, when asked for
-        overwritten/       an earlier run moved aside by `--overwrite`
+        overwritten/1/     earlier runs moved aside by `--overwrite` (never deleted)
         process.log        the output of a run started by `keras-fsp reproduce`
+        .lock              held (an OS file lock) while a process works here
 
 and what `keras-fsp export` writes into a folder: `model.keras`, `export/`,
 `model.tflite`, `model_int8.tflite`, `model.onnx`.
 """
 
+import contextlib
 import csv
 import io
 import os
 import shutil
+import socket
 import tempfile
 import time
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: runs there are not locked
+    fcntl = None
 
 from keras_fsp.training.checkpoints import Checkpoints
 from keras_fsp.training.files import TMP, atomic_write_text, read_json, write_json
@@ -39,6 +47,7 @@ SAVED_MODEL = "export"
 TENSORBOARD = "tensorboard"
 OVERWRITTEN = "overwritten"
 PROCESS_LOG = "process.log"
+LOCK = ".lock"
 #: What `keras-fsp export --formats` writes, by format.
 EXPORT_FILES = {"keras": "model.keras", "saved_model": SAVED_MODEL, "litert": "model.tflite",
                 "litert_int8": "model_int8.tflite", "onnx": "model.onnx"}
@@ -83,6 +92,18 @@ class Log:
             self.pending.append(line)
         else:
             self._write(line)
+
+
+class FolderBusyError(RuntimeError):
+    """Another process works in the run folder."""
+
+
+class ForeignFilesError(ValueError):
+    """The folder holds files keras_fsp did not write."""
+
+
+# Locks this process holds: real path -> [open lock file, depth].
+_HELD = {}
 
 
 def _float_or_none(raw):
@@ -220,20 +241,102 @@ class RunFolder:
             os.remove(probe)
 
     def move_aside(self):
-        """Moves what a run wrote into `overwritten/` (replacing what an
-        earlier call put there). Returns `(names moved, whether an earlier
-        overwritten/ was replaced)`."""
+        """Moves what a run wrote into a new numbered folder `overwritten/N/`
+        (earlier ones stay: nothing is deleted). Returns `(names moved, the
+        folder they went to)`; `([], None)` when there was nothing."""
         present = [n for n in self.OUTPUTS if os.path.lexists(self.file(n))]
         if not present:
-            return [], False
+            return [], None
         aside = self.file(OVERWRITTEN)
-        replaced = os.path.lexists(aside)
-        if replaced:
-            shutil.rmtree(aside)
-        os.mkdir(aside)
+        os.makedirs(aside, exist_ok=True)
+        taken = [int(n) for n in os.listdir(aside) if n.isdigit()]
+        target = os.path.join(aside, str(max(taken, default=0) + 1))
+        os.mkdir(target)
         for name in present:
-            os.replace(self.file(name), os.path.join(aside, name))
-        return present, replaced
+            os.replace(self.file(name), os.path.join(target, name))
+        return present, target
+
+    def foreign_files(self, extra=()):
+        """The entries of the folder that keras_fsp did not write (a run's
+        outputs, `extra` names, and staging folders are its own; so is a
+        `config.json` that a keras_fsp command wrote)."""
+        try:
+            names = os.listdir(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        own = {*self.OUTPUTS, OVERWRITTEN, PROCESS_LOG, LOCK, *extra}
+        foreign = sorted(n for n in names if n not in own and not n.startswith(TMP))
+        config = self._read(CONFIG)
+        if os.path.lexists(self.file(CONFIG)) and not (config and "subcommand" in config):
+            foreign.insert(0, CONFIG)  # a config.json of the user's own
+        return foreign
+
+    def check_own(self, extra=()):
+        """Raises `ForeignFilesError` naming the files keras_fsp did not
+        write, so that it never replaces one of the user's."""
+        foreign = self.foreign_files(extra)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+            raise ForeignFilesError(
+                f"{self.path} holds files keras_fsp did not write ({shown}): it writes only into "
+                "an empty folder or one of its own runs; choose another folder")
+
+    def clean_staging(self):
+        """Deletes what interrupted writes left in the folder (`.tmp-*`),
+        first putting back an export an interruption left half replaced
+        (`keras_fsp.export.recover`). Call it holding the folder's lock."""
+        from keras_fsp.export import recover
+
+        recover(self.path)
+        for name in os.listdir(self.path) if self.exists() else []:
+            if name.startswith(TMP) and not name.startswith(f"{TMP}export-"):
+                path = self.file(name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.remove(path)
+
+    @contextlib.contextmanager
+    def lock(self, what="a run"):
+        """Holds the folder's lock for the body: one process at a time works
+        in a run folder. An OS file lock, released by the kernel when the
+        process dies (a killed run never blocks its own resumption);
+        re-entrant in one process.
+
+        Raises:
+            FolderBusyError: naming the process that holds it.
+        """
+        self.create()
+        path = os.path.realpath(self.file(LOCK))
+        held = _HELD.get(path)
+        if held is not None:
+            held[1] += 1
+        else:
+            f = open(path, "a+", encoding="utf-8")
+            if fcntl is not None:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    f.seek(0)
+                    holder = f.read().strip() or "another process"
+                    f.close()
+                    raise FolderBusyError(
+                        f"{self.path} is in use by {holder}: wait for it to end, or choose "
+                        "another folder") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"process {os.getpid()} on {socket.gethostname()} ({what}, since "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+            f.flush()
+            held = _HELD[path] = [f, 1]
+        try:
+            yield self
+        finally:
+            held[1] -= 1
+            if held[1] == 0:
+                del _HELD[path]
+                held[0].close()  # releases the lock
 
     def trained_network(self, stems=NETWORKS):
         """The path of the first `<stem>.keras` the folder holds, or None."""
