@@ -1,6 +1,10 @@
 """The example scripts of examples/, run in-process in --smoke mode (random
-data, one or two tiny epochs) through keras_fsp's training harness, and
-checked on the values they report and the files they write."""
+data, one or two tiny epochs) through keras_fsp's training loop, and checked
+on the values they report and the files they write.
+
+In the TensorFlow suite: the scripts are backend-independent, and the
+library they train through (recipes, the loop, checkpoints) is tested on
+both backends by its own tests."""
 
 import importlib.util
 import json
@@ -9,8 +13,12 @@ import subprocess
 import sys
 import types
 
+import keras
 import numpy as np
 import pytest
+
+pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                                reason="the example scripts run in the TensorFlow suite")
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 COMMON = dict(dataset=None, seed=0, batch_size=128, scale=1.0, max_minutes=None, smoke=True)

@@ -961,3 +961,21 @@ def test_a_tampered_checkpoint_falls_back_to_the_one_before(tmp_path):
     for want, got in zip(first, _values(fresh.weights) + _values(fresh.optimizer.variables)):
         assert np.array_equal(want, got)
     assert len(lines) == 1 and "epoch-000002 skipped: it does not load (ValueError: Object arrays" in lines[0]
+
+
+@pytest.mark.large
+@command
+def test_a_teacher_replaced_during_a_run_is_said_and_the_checkpoints_is_used(distill, runs_dir,
+                                                                          tmp_path):
+    args, reference = distill
+    teacher = shutil.copytree(runs_dir / "teacher", tmp_path / "teacher")
+    run_dir = tmp_path / "run"
+    _run(*args, f"--teacher={teacher}", "--epochs=1", f"--model_dir={run_dir}")
+    replaced = keras.saving.load_model(teacher / "teacher.keras", compile=False)
+    replaced.set_weights([w * 1.01 for w in replaced.get_weights()])  # same shapes, other weights
+    replaced.save(teacher / "teacher.keras")
+    result = _run(*args, f"--teacher={teacher}", f"--model_dir={run_dir}")
+    assert result["complete"] and result["initial_epoch"] == 1
+    assert ("the teacher's weights come from the checkpoint: the teacher given differs from the one "
+            "this run started with") in (run_dir / "log.txt").read_text()
+    _assert_same_weights(run_dir / "student.weights.h5", reference)
