@@ -79,7 +79,7 @@ class HintLoss(keras.losses.Loss):
 
 @keras.saving.register_keras_serializable(package="keras_fsp")
 class SoftTargetLoss(keras.losses.Loss):
-    """Hinton's soft-target loss, `T^2 * H(softmax(z_t / T), softmax(z_s / T))`
+    """Hinton's soft-target loss, `T^2 * KL(softmax(z_t / T) || softmax(z_s / T))`
     (`keras_fsp.terms.soft_target_loss`).
 
     Call args:
@@ -89,9 +89,9 @@ class SoftTargetLoss(keras.losses.Loss):
     Example:
 
     >>> import numpy as np
-    >>> z = np.zeros((1, 4), "float32")
-    >>> round(float(SoftTargetLoss(temperature=2.0)(z, z)), 4)  # 4 * ln 4
-    5.5452
+    >>> t = np.array([[100.0, 0.0]], "float32")  # a certain teacher
+    >>> round(float(SoftTargetLoss(temperature=1.0)(t, np.zeros((1, 2), "float32"))), 4)  # ln 2
+    0.6931
     """
 
     def __init__(self, temperature=4.0, name="kd_loss", **kwargs):

@@ -40,7 +40,7 @@ def softmax(z):
 def soft_target_loss(teacher_logits, student_logits, t):
     p = softmax(np.asarray(teacher_logits) / t)
     q = softmax(np.asarray(student_logits) / t)
-    return (t * t * -(p * np.log(q)).sum(axis=-1)).mean()
+    return (t * t * kl(p, q)).mean()
 
 
 def cross_entropy_per_example(labels, logits):
@@ -107,3 +107,28 @@ def batch_norm_per_group(x, gamma, beta, groups, epsilon=1e-3):
     channels = x.shape[-1]
     return (out.reshape(x.shape), mean.reshape(groups, channels).mean(0),
             var.reshape(groups, channels).mean(0))
+
+
+def standardize(z):
+    z = np.asarray(z, np.float64)
+    return (z - z.mean(-1, keepdims=True)) / (1e-7 + z.std(-1, ddof=1, keepdims=True))
+
+
+def standardized_kd(teacher_logits, student_logits, t=2.0):
+    """Per example (Sun et al. 2024: KD on z-scored logits)."""
+    return t * t * kl(softmax(standardize(teacher_logits) / t), softmax(standardize(student_logits) / t))
+
+
+def _pearson_distance_rows(a, b):
+    a = a - a.mean(1, keepdims=True)
+    b = b - b.mean(1, keepdims=True)
+    return 1 - (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-8)
+
+
+def dist_loss(teacher_logits, student_logits, t=4.0, beta=2.0, gamma=2.0):
+    """One value for the batch (Huang et al. 2022)."""
+    p_t = softmax(np.asarray(teacher_logits, np.float64) / t)
+    p_s = softmax(np.asarray(student_logits, np.float64) / t)
+    inter = _pearson_distance_rows(p_s, p_t).mean()
+    intra = _pearson_distance_rows(p_s.T, p_t.T).mean()
+    return t * t * (beta * inter + gamma * intra)

@@ -55,7 +55,7 @@ def test_soft_target_loss_matches_numpy_with_t_squared(temperature):
 
 
 def test_soft_target_gradient_scale_is_kept_by_t_squared():
-    # d/dz_s of T^2 * H(p_T, q_T) = T (q - p): for large T it tends to
+    # d/dz_s of T^2 * KL(p_T || q_T) = T (q - p): for large T it tends to
     # (z_s - z_t) / N, independent of T, as Hinton et al. state.
     t = RNG.normal(size=(1, 10))
     s = RNG.normal(size=(1, 10))

@@ -70,6 +70,45 @@ def test_decoupled_kd_is_finite_for_extreme_logits():
     assert np.all(np.isfinite(value)) and value[0] > 100
 
 
+def test_standardized_kd_equals_numpy_reference_and_ignores_the_logits_scale():
+    zt, zs = RNG.normal(size=(6, 10)) * 3, RNG.normal(size=(6, 10))
+    got = _np(terms.standardized_kd(zt, zs, temperature=2.0))
+    np.testing.assert_allclose(got, reference.standardized_kd(zt, zs, 2.0), rtol=1e-4)
+    assert got.min() > 0
+    # z-scored: the same relations at another scale and shift cost the same
+    np.testing.assert_allclose(_np(terms.standardized_kd(zt * 5 + 2, zs / 3 - 1)), got, rtol=1e-4)
+    same = _np(terms.standardized_kd(zt, zt * 0.2 + 7))
+    np.testing.assert_allclose(same, 0.0, atol=1e-6)  # plain KD would not be 0 here
+
+
+def test_dist_equals_numpy_reference_and_is_one_value_for_the_batch():
+    zt, zs = RNG.normal(size=(8, 10)) * 3, RNG.normal(size=(8, 10)) * 3
+    got = _np(terms.dist_loss(zt, zs, temperature=4.0, beta=2.0, gamma=2.0))
+    assert got.shape == ()
+    assert float(got) == pytest.approx(reference.dist_loss(zt, zs, 4.0, 2.0, 2.0), rel=1e-4)
+    assert float(got) > 0.1
+    # intra-class: every example of the batch counts in each class's correlation
+    assert float(_np(terms.dist_loss(zt, zs[::-1], 4.0, 0.0, 1.0))) != pytest.approx(
+        float(_np(terms.dist_loss(zt, zs, 4.0, 0.0, 1.0))))
+
+
+@pytest.mark.parametrize("method, term", [("ls-kd", "ls_kd"), ("dist", "dist")])
+def test_the_new_methods_train_a_step_and_log_their_term(method, term):
+    from keras_fsp.papers import methods
+
+    x, y = data()
+    recipe = methods.get(method).build(*small_pair(), steps_per_epoch=2, scale=1e-4)
+    recipe.compile()
+    teacher, student = recipe.model.teacher, recipe.student
+    t_logits = teacher.predict(x, verbose=0)
+    s_logits = _np(student(x, training=True))
+    history = recipe.model.fit(x, y, batch_size=len(x), epochs=1, verbose=0,
+                               callbacks=recipe.callbacks).history
+    expected = (reference.standardized_kd(t_logits, s_logits).mean() if term == "ls_kd"
+                else reference.dist_loss(t_logits, s_logits))
+    assert history[f"{term}_loss"][0] == pytest.approx(expected, rel=1e-3)
+
+
 # ------------------------------------------------------- in the distiller
 
 

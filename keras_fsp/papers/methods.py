@@ -100,3 +100,6 @@ register_method("fsp-kd", recipes.fsp_kd, "FSP stage 1, then KD", options=("temp
 register_method("dense-fsp-kd", recipes.dense_fsp_kd, "dense FSP stage 1, then KD",
                 options=("temperature",))
 register_method("at-kd", recipes.attention_kd, "attention transfer + KD", options=("temperature",))
+register_method("ls-kd", recipes.standardized_kd, "KD on standardised logits (T 2, 9 KD + 0.1 labels)",
+                options=("temperature",))
+register_method("dist", recipes.dist, "DIST (T 4, beta = gamma = 2)", options=("temperature",))

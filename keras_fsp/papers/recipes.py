@@ -25,7 +25,8 @@ from keras_fsp.callbacks import LossWeightSchedule, RestoreKernelNorms, StageSch
 from keras_fsp.distiller import FSPDistiller
 from keras_fsp.papers.cifar_resnet import dense_taps
 from keras_fsp.stages import UP_TO_TAPS, Stage
-from keras_fsp.terms import AttentionTerm, DecoupledKDTerm, FSPTerm, HintTerm, SoftTargetTerm
+from keras_fsp.terms import (AttentionTerm, DecoupledKDTerm, DISTTerm, FSPTerm, HintTerm,
+                             SoftTargetTerm, StandardizedKDTerm)
 
 
 STAGE1_OPTIMIZERS = ("sgd", "adam")
@@ -378,6 +379,26 @@ def decoupled_kd(teacher, student, steps_per_epoch, iterations=64000, alpha=1.0,
     return single_stage(teacher, student, steps_per_epoch, {"dkd": 1.0, "task": 1.0}, "dkd",
                         [DecoupledKDTerm(alpha=alpha, beta=beta, temperature=temperature)],
                         iterations, lr, augment, scale, callbacks=[ramp])
+
+
+def standardized_kd(teacher, student, steps_per_epoch, iterations=64000, temperature=2.0,
+                    kd_weight=9.0, task_weight=0.1, lr=0.1, augment=None, scale=1.0):
+    """KD with logit standardisation (Sun et al. 2024): `kd_weight` times KD
+    on z-scored logits at `temperature` plus `task_weight` times the labels,
+    one stage on the student's usual schedule (the authors' CIFAR-100
+    setting: T 2, weights 9 and 0.1)."""
+    return single_stage(teacher, student, steps_per_epoch,
+                        {"ls_kd": kd_weight, "task": task_weight}, "ls_kd",
+                        [StandardizedKDTerm(temperature)], iterations, lr, augment, scale)
+
+
+def dist(teacher, student, steps_per_epoch, iterations=64000, temperature=4.0, beta=2.0,
+         gamma=2.0, lr=0.1, augment=None, scale=1.0):
+    """DIST (Huang et al. 2022): the labels plus `T^2 * (beta * inter +
+    gamma * intra)` correlation relations, one stage on the student's usual
+    schedule (the paper's CIFAR-100 setting: T 4, beta = gamma = 2)."""
+    return single_stage(teacher, student, steps_per_epoch, {"dist": 1.0, "task": 1.0}, "dist",
+                        [DISTTerm(temperature, beta, gamma)], iterations, lr, augment, scale)
 
 
 def fsp_kd(teacher, student, steps_per_epoch, **kwargs):

@@ -4,7 +4,9 @@ One module per method, holding its maths and its term: `"fsp"` (`FSPTerm`,
 `fsp_matrix`), `"hint"` (`HintTerm`), `"kd"` (`SoftTargetTerm`), `"task"`
 (`TaskTerm`), `"attention"` (`AttentionTerm`), `"dkd"` (`DecoupledKDTerm`).
 Write your own by subclassing `DistillationTerm` and registering it with
-`register_term` (see `keras_fsp.terms.base`).
+`register_term` (see `keras_fsp.terms.base`). Also `"ls_kd"`
+(`StandardizedKDTerm`, KD on z-scored logits) and `"dist"` (`DISTTerm`,
+correlation relations over classes and over the batch).
 """
 
 from keras_fsp.terms.attention import AttentionTerm, attention_map
@@ -16,24 +18,29 @@ from keras_fsp.terms.base import (
     registered_terms,
     term_class,
 )
+from keras_fsp.terms.dist import DISTTerm, dist_loss
 from keras_fsp.terms.dkd import DecoupledKDTerm, decoupled_kd
 from keras_fsp.terms.fsp import FSPTerm, fsp_distance, fsp_key, fsp_matrix
 from keras_fsp.terms.hint import HintTerm, hint_distance
+from keras_fsp.terms.logit_standardization import StandardizedKDTerm, standardize, standardized_kd
 from keras_fsp.terms.soft_targets import SoftTargetTerm, soft_target_loss
 from keras_fsp.terms.task import TaskTerm
 
 __all__ = [
     "LOGITS",
     "AttentionTerm",
+    "DISTTerm",
     "DecoupledKDTerm",
     "DistillationTerm",
     "FSPTerm",
     "HintTerm",
     "SoftTargetTerm",
+    "StandardizedKDTerm",
     "TaskTerm",
     "attention_map",
     "batch_mean",
     "decoupled_kd",
+    "dist_loss",
     "fsp_distance",
     "fsp_key",
     "fsp_matrix",
@@ -41,5 +48,7 @@ __all__ = [
     "register_term",
     "registered_terms",
     "soft_target_loss",
+    "standardize",
+    "standardized_kd",
     "term_class",
 ]
