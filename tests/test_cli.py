@@ -63,7 +63,7 @@ def test_train_teacher_writes_config_metrics_logs_checkpoints_and_export(teacher
     config = json.loads((model_dir / "config.json").read_text())
     expected = {
         "subcommand": "train-teacher", "dataset": "digits", "teacher_depth": 8,
-        "student_depth": 8, "batch_size": 432, "verbose": 0, "schedule_scale": 0.0001,
+        "student_depth": 8, "teacher_width": 1, "student_width": 1, "batch_size": 432, "verbose": 0, "schedule_scale": 0.0001,
         "model_dir": str(model_dir), "seed": 0, "epochs": None, "learning_rate_scale": 1.0,
         "weight_decay": 1e-4, "temperature": None, "data_dir": None, "overwrite": False,
         "method": "fsp", "teacher": None, "model": None, "num_images": 6,
@@ -318,9 +318,9 @@ def test_bad_inputs_give_one_line_and_touch_nothing(teacher_run, tmp_path, capsy
         "not a readable .npz file": ["train-teacher", f"--dataset=npz:{garbage}"],
         f"--teacher {tmp_path}/none: no such file or folder; train one with `keras-fsp train-teacher":
             [*distill, f"--teacher={tmp_path}/none"],
-        "does not match a ResNet-14 (--teacher_depth) for digits":
+        "does not match a ResNet-14 (--teacher_depth, --teacher_width) for digits":
             [*distill, "--teacher_depth=14", f"--teacher={teacher_dir}"],
-        "does not match a ResNet-8 (--teacher_depth) for npz":
+        "does not match a ResNet-8 (--teacher_depth, --teacher_width) for npz":
             ["distill", f"--dataset=npz:{_npz(tmp_path, classes=4)}", f"--teacher={teacher_dir}",
              "--teacher_depth=8", f"--model_dir={tmp_path / 'd'}"],
         # Bad input aimed at an existing run: refused before anything is written.
@@ -399,7 +399,7 @@ def test_a_method_in_one_file_runs_from_the_command_line(plugin_registries, teac
     plugin = f"--plugins={MY_METHOD}"
     assert cli.main(["keras-fsp", plugin, "distill", "--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "--method: distill: one of none, kd," in help_text and "at-kd, logit-mse" in help_text
+    assert "--method: distill: one of none, kd," in help_text and "dist, logit-mse" in help_text
 
     from keras_fsp.training import RunFolder
 

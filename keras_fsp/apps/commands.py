@@ -271,8 +271,7 @@ def _train_network(config, log, argv, role, method):
         log(f"{config.dataset}: {len(x_train)} training and {len(x_test)} test images "
             f"{tuple(info['input_shape'])}, {info['num_classes']} classes")
         keras.utils.set_random_seed(config.seed)
-        depth = config.teacher_depth if role == "teacher" else config.student_depth
-        network = networks.resnet(config, depth, info, role)
+        network = networks.resnet(config, role, info)
         pad, flip = int(info["augment"].get("pad", 0)), bool(info["augment"].get("flip", False))
         augment = PadCropFlip(pad=pad, flip=flip, seed=config.seed) if (pad or flip) else None
         steps = training.steps_per_epoch(len(x_train), config.batch_size)

@@ -58,6 +58,9 @@ class Config:
     method: str = _flag("string", "fsp", _methods_help)
     teacher_depth: int = _flag("integer", 26, "Depth of the teacher CIFAR ResNet (6n+2).")
     student_depth: int = _flag("integer", 8, "Depth of the student CIFAR ResNet (6n+2).")
+    teacher_width: int = _flag("integer", 1, "Width multiplier of the teacher CIFAR ResNet "
+                               "(16w, 32w, 64w channels; 4 makes a ResNet-26 of 5.9M weights).")
+    student_width: int = _flag("integer", 1, "Width multiplier of the student CIFAR ResNet.")
     teacher: Optional[str] = _flag("string", None, "distill/visualize: the teacher, a .keras or "
                                    ".weights.h5 file or a train-teacher run folder; default the "
                                    "train-teacher-<dataset> folder beside --model_dir.")
@@ -145,6 +148,9 @@ class Config:
             value = getattr(self, name)
             if value is not None and not value >= least:
                 raise CLIError(f"--{name} must be >= {least}; got {value}.")
+        for name in ("teacher_width", "student_width"):
+            if getattr(self, name) < 1:
+                raise CLIError(f"--{name} must be >= 1; got {getattr(self, name)}.")
         for name in ("teacher_depth", "student_depth"):
             depth = getattr(self, name)
             if depth < 8 or (depth - 2) % 6:

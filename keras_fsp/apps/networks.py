@@ -12,13 +12,20 @@ from keras_fsp.training.run_folder import NETWORKS, RunFolder
 TEACHER_NETWORKS = ("teacher", "model")
 
 
-def resnet(config, depth, info, name):
-    """A CIFAR ResNet of `depth` for the dataset `info` describes."""
+def resnet(config, role, info):
+    """The CIFAR ResNet of `role` ("teacher" or "student": its depth and
+    width flags) for the dataset `info` describes."""
     from keras_fsp.papers import cifar_resnet
 
-    return cifar_resnet(depth, num_classes=int(info["num_classes"]),
-                        input_shape=tuple(info["input_shape"]),
-                        weight_decay=config.weight_decay, name=name)
+    return cifar_resnet(getattr(config, f"{role}_depth"), num_classes=int(info["num_classes"]),
+                        input_shape=tuple(info["input_shape"]), weight_decay=config.weight_decay,
+                        width_multiplier=getattr(config, f"{role}_width"), name=role)
+
+
+def describe(config, role):
+    """`ResNet-26` or `ResNet-26x4` (depth, and width when it is not 1)."""
+    width = getattr(config, f"{role}_width")
+    return f"ResNet-{getattr(config, f'{role}_depth')}" + (f"x{width}" if width != 1 else "")
 
 
 def _count_h5_variables(path_or_file):
@@ -88,9 +95,9 @@ def load_teacher(config, info):
             "file, or a train-teacher run folder)."
         )
     path = resolve_file(config.teacher, TEACHER_NETWORKS, "teacher")
-    teacher = resnet(config, config.teacher_depth, info, "teacher")
-    what = (f"a ResNet-{config.teacher_depth} (--teacher_depth) for {config.dataset} "
-            f"({tuple(info['input_shape'])}, {info['num_classes']} classes)")
+    teacher = resnet(config, "teacher", info)
+    what = (f"a {describe(config, 'teacher')} (--teacher_depth, --teacher_width) for "
+            f"{config.dataset} ({tuple(info['input_shape'])}, {info['num_classes']} classes)")
     return load_weights_into(teacher, path, "teacher", what), path
 
 
