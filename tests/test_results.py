@@ -66,6 +66,24 @@ def test_summary_tables_are_the_reproduced_runs(summary, reproduced, rows):
                                             abs=0.005), name
 
 
+def test_the_mnist_summary_is_the_reproduced_runs():
+    with open(os.path.join(RESULTS, "mnist_hinton.json"), encoding="utf-8") as f:
+        table = json.load(f)
+    with open(os.path.join(RESULTS, "reproduce", "mnist_hinton.json"), encoding="utf-8") as f:
+        runs = json.load(f)["rows"]
+    rows = {"teacher": "teacher", "student_alone": "student_alone",
+            "student_alone_jitter": "student_alone_jitter", "distilled": "kd_t20",
+            "distilled_jitter": "kd_t20_jitter", "distilled_t4_jitter": "kd_t4_jitter",
+            "omitted_class_distilled": "omitted_3"}
+    assert set(table) == set(rows) | {"omitted_class_3s_correct_percent_before_bias_shift",
+                                      "omitted_class_3s_correct_percent_after_bias_shift"}
+    for name, method in rows.items():
+        assert table[name] == runs[method]["test_errors"], name
+    for when in ("before", "after"):
+        assert table[f"omitted_class_3s_correct_percent_{when}_bias_shift"] == pytest.approx(
+            [100 * v for v in runs["omitted_3"][f"omitted_accuracy_{when}"]], abs=0.05)
+
+
 def test_export_accuracies_in_results_md_are_the_benchmarks():
     root = os.path.dirname(RESULTS)
     with open(os.path.join(root, "benchmarks", "results", "export-cifar10-resnet8-kd.json"),
