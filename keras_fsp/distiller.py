@@ -18,7 +18,7 @@ from keras_fsp.terms.base import LOGITS, DistillationTerm, batch_mean
 from keras_fsp.terms.task import check_student_loss, default_student_loss, per_example_loss
 
 # Key of the augmented batch in the training-mode outputs of `call`.
-AUGMENTED_INPUTS = "augmented_inputs"
+AUGMENTED_INPUTS = "/augmented_inputs"  # "/": never a layer's name
 
 
 def _results(metrics):

@@ -1,7 +1,9 @@
 """Named taps on functional models: one multi-output view per network, so one
 forward pass yields the logits and every tapped feature map.
 
-`LOGITS` names a network's output. For a functional model whose last layer
+`LOGITS` names a network's output. It and every key keras_fsp adds start
+with "/", which no layer name (nor a nested layer's path) can: a user's layer
+called `logits` is tapped as any other. For a functional model whose last layer
 applies a softmax (`keras.applications` models by default), the tapped
 logits are the values *before* the softmax: distillation terms need logits,
 and the softmax of probabilities is nearly uniform.
@@ -29,9 +31,7 @@ from keras import ops
 from keras_fsp import compat
 from keras_fsp.finite import first_non_finite
 
-LOGITS = "logits"
-# Keys keras_fsp adds to the training-mode outputs of a distiller.
-RESERVED = (LOGITS, "augmented_inputs")
+LOGITS = "/logits"
 
 
 class Node(NamedTuple):
@@ -325,14 +325,14 @@ def tap_model(model, layer_names, include_logits=True, role="model"):
     """A view of `model` whose output is a dict of tapped tensors.
 
     The view shares the model's layers and weights: calling it is one forward
-    pass that returns `{"logits": ..., name: feature_map, ...}`. Only the part
+    pass that returns `{LOGITS: ..., name: feature_map, ...}`. Only the part
     of the graph needed for the requested outputs is computed.
 
     Args:
         model: a functional or Sequential `keras.Model` with one output.
         layer_names: names of the layers whose outputs to tap (`LOGITS` may
             be among them; paths for layers of nested models).
-        include_logits: whether to include the logits as `"logits"`.
+        include_logits: whether to include the logits (as `LOGITS`).
         role: word used in error messages ("teacher", "student").
 
     Returns:
@@ -343,7 +343,7 @@ def tap_model(model, layer_names, include_logits=True, role="model"):
     >>> from keras_fsp.papers import cifar_resnet
     >>> view = tap_model(cifar_resnet(8), ["stage1", "stage2"])
     >>> sorted(view.output)
-    ['logits', 'stage1', 'stage2']
+    ['/logits', 'stage1', 'stage2']
     """
     g = graph(model, role)
     names = list(layer_names)
@@ -354,8 +354,6 @@ def tap_model(model, layer_names, include_logits=True, role="model"):
     for name in names:
         if name == LOGITS:
             continue
-        if name in RESERVED:
-            raise ValueError(f"The tap name {name!r} is reserved by keras_fsp.")
         outputs[name] = g.nodes[g.resolve(name, role)].output
     if not outputs:
         raise ValueError("tap_model needs at least one output.")

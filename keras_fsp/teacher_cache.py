@@ -22,12 +22,12 @@ Cache keys say what each array is; they come from the terms
 (`DistillationTerm.teacher_targets`), so a cache made for another stage,
 other pairs or another FSP pooling is refused rather than silently misused:
 
-- `"fsp/{pooling}/{first}/{second}"`: the teacher's FSP matrix of the pair
+- `"/fsp/{pooling}/{first}/{second}"`: the teacher's FSP matrix of the pair
   `(first, second)`, float32 `(examples, channels_first, channels_second)`;
 - `"{layer}"`: the teacher's raw map of `layer` (the FitNets hint), keyed
   as the term taps it;
-- `"attention/{p}/{layer}"`: the normalised attention map of `layer`;
-- `"logits"`: the teacher's logits `(examples, classes)`, before any
+- `"/attention/{p}/{layer}"`: the normalised attention map of `layer`;
+- `"/logits"` (`keras_fsp.terms.LOGITS`): the teacher's logits `(examples, classes)`, before any
   temperature, so one cache serves every temperature.
 
 The keys and shapes are checked; the example order and the teacher's weights
@@ -213,6 +213,6 @@ def teacher_outputs(distiller, x, batch_size=None, stages=None, verbose=0):
     model = _TargetModel(lambda v: distiller.teacher_targets(terms, v))
     out = model.predict(x, batch_size=batch_size, verbose=verbose)
     return {
-        k: np.asarray(v, "float32") if k.startswith("fsp/") else np.asarray(v)
+        k: np.asarray(v, "float32") if k.startswith("/fsp/") else np.asarray(v)
         for k, v in out.items()
     }

@@ -10,7 +10,7 @@ import keras_fsp
 from keras_fsp import FSPDistiller, pairing, taps
 from keras_fsp.callbacks import StageSchedule
 from keras_fsp.papers import cifar_resnet
-from keras_fsp.terms import FSPTerm
+from keras_fsp.terms import LOGITS, FSPTerm
 
 SHAPE = (32, 32, 3)
 apps = keras.applications
@@ -48,9 +48,9 @@ def test_nested_model_is_tapped_through_in_one_pass():
     view = taps.tap_model(model, ["backbone/stem", "stage3"])
     x, _ = _images(4)
     out = view(x, training=False)
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(out["logits"]), model.predict(x, verbose=0),
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(out[LOGITS]), model.predict(x, verbose=0),
                                rtol=1e-5, atol=1e-5)
-    assert sorted(out) == ["backbone/stem", "logits", "stage3"]
+    assert sorted(out) == sorted(["backbone/stem", LOGITS, "stage3"])
     assert {id(v) for v in view.weights} <= {id(v) for v in model.weights}
     assert taps.layers_up_to(model, ["stage2"]) == [model.get_layer("backbone")]
 
@@ -258,6 +258,27 @@ def test_resnet50_to_mobilenetv2(tmp_path):
     d, _ = _distil_and_export(teacher, student, tmp_path)
     assert _pairs(d) == [((a[0], b[0]), (a[1], b[1])) for a, b in zip(ends[:-1], ends[1:])]
     assert "block_16_project_BN" in d.terms["fsp"].projections  # 112 -> 2048 channels
+
+
+@pytest.mark.large
+@family_pair
+def test_a_student_with_a_layer_called_logits_distils_in_every_stage(tmp_path):
+    # MobileNetV3Small's last convolution is named "logits" (a 1x1 map at
+    # this size, paired with ResNet50's last section): keras_fsp's own keys
+    # start with "/", so it is tapped like any other layer.
+    teacher = apps.ResNet50(weights=None, input_shape=SHAPE, classes=10, classifier_activation=None)
+    student = apps.MobileNetV3Small(weights=None, input_shape=SHAPE, classes=10, minimalistic=True,
+                                    classifier_activation=None, include_preprocessing=False)
+    d, _ = _distil_and_export(teacher, student, tmp_path)
+    assert "logits" in {name for pair in d.terms["fsp"].student_pairs for name in pair}
+    stages = {"at": keras_fsp.Stage("at", {"attention": 1.0, "task": 1.0})}
+    hint = keras_fsp.terms.HintTerm("conv5_block3_out", "logits")  # (1, 1, 2048) <- (1, 1, 10)
+    for model in (FSPDistiller(teacher, student, stages=stages, stage="at"),
+                  FSPDistiller(teacher, student, terms=[hint], stage="hint")):
+        model.compile(optimizer=keras.optimizers.SGD(0.001))
+        history = model.fit(*_images(16), batch_size=16, epochs=1, verbose=0).history
+        assert history and all(np.isfinite(v[0]) for v in history.values()), history
+    assert hint.regressor is not None
 
 
 @pytest.mark.large

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from keras_fsp import taps
+from keras_fsp.terms import LOGITS
 from keras_fsp.keras_distillation import (
     HintDistillation,
     SoftTargetDistillation,
@@ -31,7 +32,7 @@ def test_fsp_and_soft_targets_in_keras_own_distiller():
     expected = reference.fsp_loss(
         [reference.fsp(t[a], t[b]) for a, b in PAIRS],
         [reference.fsp(s[a], s[b]) for a, b in PAIRS],
-    ) + reference.soft_target_loss(t["logits"], student.predict(x, verbose=0), 2.0)
+    ) + reference.soft_target_loss(t[LOGITS], student.predict(x, verbose=0), 2.0)
     assert float(keras.ops.convert_to_numpy(loss)) == pytest.approx(expected, rel=1e-4)
     history = distiller.fit(x, y, batch_size=16, epochs=1, verbose=0).history
     assert np.isfinite(history["loss"][0])

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from keras_fsp import pairing, taps
+from keras_fsp.terms import LOGITS
 from keras_fsp.papers import block_names, cifar_resnet
 
 
@@ -56,7 +57,7 @@ def test_tap_model_is_one_pass_over_shared_weights():
     view = taps.tap_model(model, ["stem", "stage2"])
     x = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype("float32")
     out = view(x, training=False)
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(out["logits"]), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(out[LOGITS]), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
     stem = keras.Model(model.inputs, model.get_layer("stem").output)(x)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(out["stem"]), keras.ops.convert_to_numpy(stem), rtol=1e-6)
     assert {id(v) for v in view.weights} <= {id(v) for v in model.weights}

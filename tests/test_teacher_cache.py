@@ -6,7 +6,7 @@ import pytest
 from keras import layers, ops
 
 from keras_fsp import FSPDistiller, Stage, taps
-from keras_fsp.terms import FSPTerm, HintTerm
+from keras_fsp.terms import LOGITS, FSPTerm, HintTerm
 from keras_fsp.augment import PadCropFlip
 from keras_fsp.callbacks import StageSchedule
 from tests import reference
@@ -15,7 +15,7 @@ from tests.helpers import SHAPE, CallCounter, data, small_pair
 # Every teacher term at once; small weights keep 2 SGD steps finite.
 ALL_TERMS = Stage("all", {"fsp": 1e-5, "hint": 1e-3, "kd": 0.5, "task": 0.5})
 PAIRS = [("stem", "stage1"), ("stage1", "stage2"), ("stage2", "stage3")]
-FSP_KEYS = [f"fsp/max/{a}/{b}" for a, b in PAIRS]
+FSP_KEYS = [f"/fsp/max/{a}/{b}" for a, b in PAIRS]
 TERMS = ("fsp_loss", "hint_loss", "kd_loss", "task_loss", "loss")
 
 
@@ -43,7 +43,7 @@ def test_teacher_outputs_equal_numpy_reference():
     d = _distiller()
     x, _ = data()
     cache = d.teacher_outputs(x, batch_size=8)  # 4 batches
-    assert sorted(cache) == sorted(FSP_KEYS + ["stage2", "logits"])
+    assert sorted(cache) == sorted(FSP_KEYS + ["stage2", LOGITS])
     names = ["stem", "stage1", "stage2", "stage3"]
     t = {
         k: ops.convert_to_numpy(v)
@@ -53,11 +53,11 @@ def test_teacher_outputs_equal_numpy_reference():
         assert cache[key].dtype == np.float32 and cache[key].shape[0] == len(x)
         np.testing.assert_allclose(cache[key], reference.fsp(t[a], t[b]), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(cache["stage2"], t["stage2"], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(cache["logits"], t["logits"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cache[LOGITS], t[LOGITS], rtol=1e-5, atol=1e-5)
     # Only what the given stages need.
-    assert sorted(d.teacher_outputs(x, stage="kd")) == ["logits"]
+    assert sorted(d.teacher_outputs(x, stage="kd")) == [LOGITS]
     assert sorted(d.teacher_outputs(x, stage="first_pair")) == [FSP_KEYS[0]]
-    assert sorted(d.teacher_outputs(x, stage=["fsp", "kd"])) == sorted(FSP_KEYS + ["logits"])
+    assert sorted(d.teacher_outputs(x, stage=["fsp", "kd"])) == sorted(FSP_KEYS + [LOGITS])
 
 
 def test_cached_fit_equals_uncached_fit():
@@ -186,19 +186,19 @@ def test_cache_for_another_stage_or_pair_set_is_refused():
     x, y = data()
     d = _distiller(stage="fsp")
     kd_cache = d.teacher_outputs(x, stage="kd")
-    missing = r"The teacher cache has no \['fsp/max/stem/stage1', 'fsp/max/stage1/stage2', 'fsp/max/stage2/stage3'\] that stage 'fsp' needs; it holds \['logits'\]"
+    missing = r"The teacher cache has no \['/fsp/max/stem/stage1', '/fsp/max/stage1/stage2', '/fsp/max/stage2/stage3'\] that stage 'fsp' needs; it holds \['/logits'\]"
     with pytest.raises(ValueError, match=missing):
         d.fit({"inputs": x, "teacher": kd_cache}, y, verbose=0)
     first_pair = d.teacher_outputs(x, stage="first_pair")
-    with pytest.raises(ValueError, match=r"no \['fsp/max/stage1/stage2', 'fsp/max/stage2/stage3'\] that stage 'fsp'"):
+    with pytest.raises(ValueError, match=r"no \['/fsp/max/stage1/stage2', '/fsp/max/stage2/stage3'\] that stage 'fsp'"):
         d.fit({"inputs": x, "teacher": first_pair}, y, verbose=0)
     # FSP pooling is part of the key: an avg-pooling distiller refuses it.
     avg = _distiller(stage="fsp", extra_terms=[FSPTerm(pooling="avg")])
-    with pytest.raises(ValueError, match=r"no \['fsp/avg/stem/stage1'"):
+    with pytest.raises(ValueError, match=r"no \['/fsp/avg/stem/stage1'"):
         avg.fit({"inputs": x, "teacher": d.teacher_outputs(x)}, y, verbose=0)
     # A switch inside fit to a stage the cache lacks is caught when the step
     # is built for that stage.
-    with pytest.raises(ValueError, match=r"no \['logits'\] that stage 'kd' needs"):
+    with pytest.raises(ValueError, match=r"no \['/logits'\] that stage 'kd' needs"):
         d.fit({"inputs": x, "teacher": d.teacher_outputs(x)}, y, epochs=2, verbose=0,
               callbacks=[StageSchedule({0: "fsp", 1: "kd"}, verbose=0)])
 
@@ -207,10 +207,10 @@ def test_cache_of_another_length_shape_or_form_is_refused():
     x, y = data()
     d = _distiller(stage="kd")
     cache = d.teacher_outputs(x[:16])
-    with pytest.raises(ValueError, match=r"x has 32 examples but the cache's \['logits'\] hold \[16\]"):
+    with pytest.raises(ValueError, match=r"x has 32 examples but the cache's \['/logits'\] hold \[16\]"):
         d.fit({"inputs": x, "teacher": cache}, y, verbose=0)
-    other_teacher = {"logits": np.zeros((32, 5), "float32")}
-    with pytest.raises(ValueError, match=r"'logits' has per-example shape \(5,\); this distiller's teacher gives \(10,\)"):
+    other_teacher = {LOGITS: np.zeros((32, 5), "float32")}
+    with pytest.raises(ValueError, match=r"'/logits' has per-example shape \(5,\); this distiller's teacher gives \(10,\)"):
         d.fit({"inputs": x, "teacher": other_teacher}, y, verbose=0)
     with pytest.raises(ValueError, match=r"is the dict \{'inputs': x, 'teacher': cache\}; got the keys \['images', 'teacher'\]"):
         d.fit({"images": x, "teacher": d.teacher_outputs(x)}, y, verbose=0)

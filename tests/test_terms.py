@@ -151,9 +151,9 @@ def test_attention_teacher_cache_holds_normalised_maps():
     d = FSPDistiller(teacher, student, stages={"at": Stage("at", {"attention": 1.0})}, stage="at")
     x, y = data()
     cache = d.teacher_outputs(x, batch_size=8)
-    assert sorted(cache) == ["attention/2/stage1", "attention/2/stage2", "attention/2/stage3"]
+    assert sorted(cache) == ["/attention/2/stage1", "/attention/2/stage2", "/attention/2/stage3"]
     t = taps.tap_model(teacher, ["stage2"])(x, training=False)
-    np.testing.assert_allclose(cache["attention/2/stage2"], reference.attention_map(_np(t["stage2"])), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(cache["/attention/2/stage2"], reference.attention_map(_np(t["stage2"])), rtol=1e-4, atol=1e-6)
     d.compile(optimizer=keras.optimizers.SGD(1e-3))
     uncached = d.evaluate(x, y, verbose=0)
     history = d.fit({"inputs": x, "teacher": cache}, y, batch_size=len(x), epochs=1, verbose=0).history

@@ -110,7 +110,7 @@ def test_gradcam_plus_plus_matches_the_formula_on_stage3(models, batch):
     x = tf.constant(images)
     with tf.GradientTape() as tape:
         out = view(x, training=False)
-        score = tf.gather(out["logits"], labels, axis=1, batch_dims=1)
+        score = tf.gather(out[taps.LOGITS], labels, axis=1, batch_dims=1)
     a = out["stage3"].numpy().astype(np.float64)
     g = tape.gradient(score, out["stage3"]).numpy().astype(np.float64)
     s = np.exp(score.numpy().astype(np.float64))[:, None, None, None]

@@ -29,7 +29,7 @@ def attention_map(features, p=2):
 
 def attention_key(layer, p):
     """Teacher-target key of the attention map of `layer`."""
-    return f"attention/{p:g}/{layer}"
+    return f"/attention/{p:g}/{layer}"
 
 
 @register_term("attention")

@@ -11,8 +11,8 @@ and sums `weight * value` over them: it never needs to know what a term is.
 Both networks' tapped outputs are keyed alike: by the layer name as the term
 declared it (`"stage2"`, `"backbone/conv1_relu"`) or `LOGITS`. What a term
 derives from the teacher (an FSP matrix, an attention map) is keyed by what
-it is (`"fsp/max/stem/stage1"`), so two terms needing the same target share
-it.
+it is (`"/fsp/max/stem/stage1"`: keys keras_fsp makes start with "/", which
+no layer name can), so two terms needing the same target share it.
 
 A term's value is either one number per example, shape `(batch,)`, which the
 distiller averages with the sample weights, or one number for the batch, a

@@ -159,7 +159,7 @@ def fsp_distance(teacher_matrices, student_matrices, weights=None, normalize=Fal
 
 def fsp_key(pair, pooling):
     """Teacher-target key of the FSP matrix of the teacher layer pair `pair`."""
-    return f"fsp/{pooling}/{pair[0]}/{pair[1]}"
+    return f"/fsp/{pooling}/{pair[0]}/{pair[1]}"
 
 
 @register_term("fsp")
