@@ -78,15 +78,51 @@ def check_dataset(train, test, num_classes):
         )
 
 
-def check_fit_arrays(num_classes, x, y, validation_data=None):
-    """The checks `FSPDistiller.fit` makes before training: finite inputs
-    and labels in `[0, num_classes)`, for NumPy arrays only (datasets are
-    not read ahead)."""
+# Inputs whose values reach this are not normalised (0-255 pixels, say).
+UNNORMALISED = 20.0
+
+
+def check_fit_arrays(num_classes, x, y, validation_data=None, sparse_labels=True):
+    """The checks `FSPDistiller.fit` makes before training, for NumPy arrays
+    only (datasets are not read ahead): finite inputs, a warning for inputs
+    far outside a normalised range, integer labels in `[0, num_classes)`
+    when the loss takes them (`sparse_labels`), one-hot labels refused then
+    with the fix."""
     given = [("x", x, "y", y)]
     if isinstance(validation_data, tuple) and len(validation_data) >= 2:
         given.append(("validation x", validation_data[0], "validation y", validation_data[1]))
     for x_name, xs, y_name, ys in given:
         if isinstance(xs, np.ndarray):
             check_finite(xs, x_name)
-        if num_classes and isinstance(ys, np.ndarray) and np.issubdtype(ys.dtype, np.integer):
+            check_normalised(xs, x_name)
+        if not (num_classes and isinstance(ys, np.ndarray) and sparse_labels):
+            continue
+        if ys.ndim == 2 and ys.shape[1] == num_classes and ys.shape[1] > 1:
+            raise ValueError(
+                f"{y_name} holds one-hot labels (shape {ys.shape}), but the student's loss takes "
+                f"integer class labels: pass {y_name.split()[0]}.argmax(-1), or compile with "
+                "loss=keras.losses.CategoricalCrossentropy(from_logits=True)."
+            )
+        if np.issubdtype(ys.dtype, np.integer):
             check_labels(ys, num_classes, y_name)
+
+
+def check_normalised(x, what):
+    """Warns when `x` (a float array; uint8 images always) reaches values far
+    outside a normalised range: the networks and the FSP and hint losses
+    expect standardised inputs, and 0-255 pixels make the losses huge."""
+    import warnings
+
+    x = np.asarray(x)
+    if x.dtype == np.uint8:
+        peak = 255.0
+    elif np.issubdtype(x.dtype, np.floating) and x.size:
+        peak = float(np.max(np.abs(x[: min(len(x), _CHUNK)])))
+    else:
+        return
+    if peak >= UNNORMALISED:
+        warnings.warn(
+            f"{what}'s values reach {peak:g}: the networks expect normalised inputs (a mean of "
+            "about 0 and a standard deviation of about 1 per channel); normalise them, e.g. "
+            "keras_fsp.apps.data.normalize(x, mean, std) with the training set's channel "
+            "statistics (keras_fsp.apps.data.channel_stats).", stacklevel=4)

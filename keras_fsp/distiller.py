@@ -155,19 +155,19 @@ class FSPDistiller(compat.MultiWorkerBuild, keras.Model):
         jax_steps.make_train_function(self, super().make_train_function, force)
 
     def fit(self, x=None, y=None, *args, **kwargs):
-        """`keras.Model.fit`, checked first: the arrays (finite, labels among
-        the classes), a teacher cache (`{"inputs": x, "teacher": cache}`),
-        subclassed networks returning probabilities. A term that turns NaN
-        or infinite stops it with a `NonFiniteLossError` naming the term and
-        the stage. The student's own trainable flags are restored after."""
+        """`keras.Model.fit`, checked first (the arrays, a teacher cache
+        `{"inputs": x, "teacher": cache}`, subclassed networks returning
+        probabilities); a NaN or infinite term stops it naming the term."""
         inputs, cache = teacher_cache.split(x)
         built = taps.check_outputs_logits({"teacher": self.teacher, "student": self.student}, inputs)
         if built and self._stages.template is not None:
             self._stages.install_optimizer()  # for the variables just made
         if cache is not None:
             teacher_cache.check_fit(self, inputs, cache)
-        data_checks.check_fit_arrays(taps.tap_shape(self.student, LOGITS, "student")[-1],
-                                     inputs, y, kwargs.get("validation_data"))
+        data_checks.check_fit_arrays(
+            taps.tap_shape(self.student, LOGITS, "student")[-1], inputs, y,
+            kwargs.get("validation_data"),
+            sparse_labels=isinstance(self.student_loss, keras.losses.SparseCategoricalCrossentropy))
         args, kwargs = with_nan_guard(args, kwargs)
         x = jax_steps.prepare_fit(self, x, kwargs)
         with self._stages.training(teacher_cached=cache is not None):

@@ -357,3 +357,23 @@ def test_a_saved_distiller_and_its_checkpoint_files_load_with_plain_keras(tmp_pa
         np.testing.assert_allclose(loaded.predict(x, verbose=0), d.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(ops.convert_to_numpy(loaded.terms["hint"].regressor.kernel),
                                       ops.convert_to_numpy(d.terms["hint"].regressor.kernel))
+
+
+def test_fit_warns_of_unnormalised_images_and_refuses_one_hot_labels_with_the_fix():
+    d = FSPDistiller(*small_pair())
+    d.compile(optimizer=keras.optimizers.SGD(0.0))
+    x, y = data(n=16)
+    with pytest.warns(UserWarning, match=r"x's values reach 255: the networks expect normalised "
+                                         r"inputs .* keras_fsp.apps.data.normalize"):
+        d.fit(np.clip(x * 100 + 128, 0, 255).astype("float32").round(), y, epochs=1, verbose=0)
+    one_hot = np.eye(10, dtype="float32")[y]
+    with pytest.raises(ValueError, match=r"^y holds one-hot labels \(shape \(16, 10\)\), but the "
+                                         r"student's loss takes integer class labels: pass "
+                                         r"y.argmax\(-1\), or compile with loss="):
+        d.fit(x, one_hot, epochs=1, verbose=0)
+    # With a categorical loss, one-hot labels are what it takes.
+    d.compile(optimizer=keras.optimizers.SGD(0.0),
+              loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    d.set_stage("task")
+    history = d.fit(x, one_hot, epochs=1, verbose=0).history
+    assert np.isfinite(history["task_loss"][0])

@@ -80,3 +80,4 @@ def test_an_epochs_order_depends_only_on_seed_and_epoch():
     np.testing.assert_array_equal(_epoch(resumed)[1], orders[2])
     other_seed = DeviceArrays(x, y, batch_size=8, seed=6)
     assert not np.array_equal(_epoch(other_seed)[1], orders[0])
+

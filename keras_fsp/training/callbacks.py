@@ -164,9 +164,9 @@ class EpochLog(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         stage = getattr(getattr(self.model, "stage", None), "name", None)
-        values = " ".join(
+        values = " ".join(  # the stage's number is for TensorBoard: its name is shown
             f"{k}={float(v):.4g}" for k, v in sorted((logs or {}).items())
-            if isinstance(v, (int, float)) or hasattr(v, "__float__")
+            if k != "stage_index" and (isinstance(v, (int, float)) or hasattr(v, "__float__"))
         )
         where = f" [{stage}]" if stage else ""
         self.log(f"epoch {epoch + 1}/{self.total}{where} {values}", echo=self.echo)
