@@ -9,6 +9,8 @@ import re
 import shutil
 import tempfile
 
+import keras
+
 from keras_fsp.cloning import rebuilt_copy
 
 # format -> the file suffix it needs (None: a directory).
@@ -61,7 +63,6 @@ def recover(parent):
 
 def _student_of(distiller_or_model):
     student = getattr(distiller_or_model, "student", distiller_or_model)
-    import keras
 
     if not isinstance(student, keras.Model):
         raise ValueError(
@@ -99,8 +100,6 @@ def _check_request(path, format, overwrite, representative_data, quantize):
             "or choose a new path."
         )
     if format != "keras":
-        import keras
-
         if keras.backend.backend() != "tensorflow":
             raise RuntimeError(
                 f"format={format!r} needs the TensorFlow backend (KERAS_BACKEND=tensorflow); "
@@ -119,8 +118,6 @@ def float32_copy(model):
     else a copy with float32 dtype policies and the same weights (a network
     trained under `"mixed_bfloat16"` or `"mixed_float16"` keeps float32
     variables, so nothing is lost; serving runtimes expect float32 graphs)."""
-    import keras
-
     def layers(m):
         for layer in m.layers:
             yield layer
@@ -134,6 +131,50 @@ def float32_copy(model):
         {**layer.get_config(), "dtype": "float32"}))
 
 
+@keras.saving.register_keras_serializable(package="keras_fsp")
+class Standardize(keras.layers.Layer):
+    """`(x - mean) / std` per channel, the statistics constants of the graph
+    (not variables, which the ONNX conversion turns into inputs)."""
+
+    def __init__(self, mean, std, **kwargs):
+        super().__init__(**kwargs)
+        self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
+
+    def call(self, x):
+        mean = keras.ops.convert_to_tensor(self.mean, dtype=x.dtype)
+        return (x - mean) * keras.ops.convert_to_tensor([1.0 / s for s in self.std], x.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "mean": self.mean, "std": self.std}
+
+
+def deployable(model, mean, std):
+    """`model` taking raw inputs: a functional model that normalises them,
+    `(x - mean) / std` per channel (the statistics it trained with,
+    `keras_fsp.apps.data.channel_stats`), then runs `model`. Export it, and
+    what serves it feeds the images as they come (e.g. 0-255 pixel values
+    as float32), as training took them before normalising.
+    """
+    import numpy as np
+
+    mean = np.asarray(mean, "float32").reshape(-1)
+    std = np.asarray(std, "float32").reshape(-1)
+    inputs = keras.Input(model.input_shape[1:], name="inputs")
+    normalized = Standardize(mean, std, name="normalization")(inputs)
+    return keras.Model(inputs, model(normalized), name=f"{model.name}_raw_inputs")
+
+
+def output_name(model):
+    """What the exports call `model`'s output: `"probabilities"` when it ends
+    in a softmax, else `"logits"`."""
+    from keras_fsp import taps
+
+    return "probabilities" if taps.ends_in_softmax(model) else "logits"
+
+
 def _input_spec(student):
     """The batch of float32 images every exported format takes, named `inputs`."""
     import tensorflow as tf
@@ -144,15 +185,16 @@ def _input_spec(student):
 def _write_saved_model(student, path):
     # An ExportArchive rather than `student.export`, whose signature would be
     # `serve(<input layer's name>) -> {"output_0"}`: serving code (and the
-    # tests) rely on `serving_default(inputs) -> {"logits"}`.
-    import keras
+    # tests) rely on `serving_default(inputs) -> {"logits"}` (or
+    # {"probabilities"} for a network ending in a softmax).
     import tensorflow as tf
 
     archive = keras.export.ExportArchive()
     archive.track(student)
+    name = output_name(student)
 
     def serve(inputs):
-        return {"logits": student(inputs, training=False)}
+        return {name: student(inputs, training=False)}
 
     archive.add_endpoint("serving_default", tf.function(serve, input_signature=[_input_spec(student)]))
     archive.write_out(path, verbose=False)
@@ -199,7 +241,8 @@ def export_student(distiller_or_model, path, format="tf_saved_model", overwrite=
             ending in `.tflite`, `.onnx` or `.keras`.
         format: `"tf_saved_model"` (default): a SavedModel whose
             `serving_default` signature takes a float32 batch of images,
-            `inputs`, and returns `{"logits": ...}`; it loads with plain
+            `inputs`, and returns `{"logits": ...}` (`{"probabilities":
+            ...}` for a network ending in a softmax); it loads with plain
             `tf.saved_model.load` and needs neither Keras nor keras_fsp.
             `"litert"`: a LiteRT (TFLite) flatbuffer for
             `ai_edge_litert.interpreter.Interpreter`, input `inputs`.
@@ -207,9 +250,10 @@ def export_student(distiller_or_model, path, format="tf_saved_model", overwrite=
             `onnxruntime.InferenceSession`, input `inputs`.
             `"keras"`: a `.keras` file of the student.
             All but `"keras"` need the TensorFlow backend; every format takes
-            and returns float32 (images normalised as in training, logits),
-            and computes in float32 whatever dtype policy the student
-            trained under (`float32_copy`).
+            and returns float32 (the model's inputs: normalised as in
+            training, or raw images for a `deployable` model), and computes
+            in float32 whatever dtype policy the student trained under
+            (`float32_copy`).
         overwrite: replace an existing file or non-empty directory at `path`
             (the new export is written beside it first, then renamed over
             it); `False` refuses it.

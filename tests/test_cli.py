@@ -69,11 +69,15 @@ def test_train_teacher_writes_config_metrics_logs_checkpoints_and_export(teacher
         "method": "fsp", "teacher": None, "model": None, "num_images": 6,
         "max_minutes": None, "tensorboard": False, "formats": ["keras", "saved_model"],
         "checkpoint_seconds": None, "dtype_policy": "float32", "plugins": [],
-        "allow_weak_teacher": False,
+        "allow_weak_teacher": False, "raw_inputs": True,
         "compilation_cache_dir": os.path.join("~", ".cache", "keras_fsp", "jax"),
         "history": [{"from_epoch": 0, "learning_rate_scale": 1.0}],
     }
+    data_stats = config.pop("data")
     assert config == expected
+    assert data_stats["num_classes"] == 10 and data_stats["input_shape"] == [8, 8, 1]
+    assert len(data_stats["mean"]) == len(data_stats["std"]) == 1 and data_stats["std"][0] > 0
+    config["data"] = data_stats
 
     metrics = json.loads((model_dir / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(result))
@@ -86,14 +90,19 @@ def test_train_teacher_writes_config_metrics_logs_checkpoints_and_export(teacher
     log = (model_dir / "log.txt").read_text()
     assert "epoch 2/2 " in log and "test accuracy" in log
 
-    # The exports compute the trained network's logits.
+    # The SavedModel takes the raw images and normalises them itself, with
+    # the statistics the run's config.json and metrics.json record.
     (_, _), (x_test, y_test), info = data.load_arrays("digits")
     x = _normalize(x_test[:64], info)
     teacher = keras.saving.load_model(model_dir / "teacher.keras")
     logits = np.asarray(teacher.predict(x, verbose=0))
     served = tf.saved_model.load(str(model_dir / "export")).signatures["serving_default"]
-    np.testing.assert_allclose(served(inputs=tf.constant(x))["logits"].numpy(), logits,
-                               rtol=1e-5, atol=1e-5)
+    raw = np.asarray(x_test[:64], "float32")
+    np.testing.assert_allclose(served(inputs=tf.constant(raw))["logits"].numpy(), logits,
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(config["data"]["mean"], info["mean"], rtol=1e-6)
+    assert metrics["inputs_normalization"] == {"mean": config["data"]["mean"],
+                                               "std": config["data"]["std"]}
     full = np.argmax(teacher.predict(_normalize(x_test, info), verbose=0), axis=1)
     assert metrics["test_accuracy"] == pytest.approx(float(np.mean(full == y_test)), abs=1e-6)
 
@@ -198,8 +207,9 @@ def test_npz_dataset_student_alone_then_evaluate_and_export(tmp_path):
     assert model.output_shape == (None, 3)
     (_, _), (x_test, _), info = data.load_arrays(f"npz:{arrays}")
     x = _normalize(x_test, info)
-    served = tf.saved_model.load(str(tmp_path / "export" / "export"))
-    logits = served.signatures["serving_default"](inputs=tf.constant(x))["logits"].numpy()
+    served = tf.saved_model.load(str(tmp_path / "export" / "export"))  # raw uint8 pixels, as floats
+    logits = served.signatures["serving_default"](
+        inputs=tf.constant(np.asarray(x_test, "float32")))["logits"].numpy()
     np.testing.assert_allclose(logits, np.asarray(model.predict(x, verbose=0)), rtol=1e-5, atol=1e-5)
 
 
@@ -221,17 +231,29 @@ def test_export_takes_the_runs_dataset_and_writes_every_format(teacher_run, tmp_
     (_, _), (x_test, y_test), info = data.load_arrays("digits")
     x = _normalize(x_test, info)
     expected = np.asarray(keras.saving.load_model(out / "model.keras").predict(x, verbose=0))
+    # LiteRT and ONNX take the raw images, as they come (floats here), and
+    # give the accuracy the training run reported.
+    raw = np.asarray(x_test, "float32")
 
     def litert(path):
-        return run_litert(path, x)[0]
+        return run_litert(path, raw)[0]
 
     np.testing.assert_allclose(litert(out / "model.tflite"), expected, rtol=1e-4, atol=1e-4)
     session = ort.InferenceSession(str(out / "model.onnx"))
-    onnx_logits = session.run(None, {session.get_inputs()[0].name: x})[0]
+    onnx_logits = session.run(None, {session.get_inputs()[0].name: raw})[0]
     np.testing.assert_allclose(onnx_logits, expected, rtol=1e-4, atol=1e-4)
+    reported = json.loads((model_dir / "metrics.json").read_text())["test_accuracy"]
+    assert np.mean(onnx_logits.argmax(1) == y_test) == pytest.approx(reported, abs=1e-9)
+    assert result["inputs"] == "raw" and result["output"] == "logits"
     # int8: close to the float network's decisions, not bit-equal.
     agree = np.mean(litert(out / "model_int8.tflite").argmax(1) == expected.argmax(1))
     assert agree > 0.9, agree
+    # --noraw_inputs: the network alone, normalised inputs.
+    alone = _run("export", f"--model={model_dir}", f"--model_dir={tmp_path / 'alone'}",
+                 "--formats=onnx", "--noraw_inputs")
+    session = ort.InferenceSession(alone["files"]["onnx"])
+    np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x})[0], expected,
+                               rtol=1e-4, atol=1e-4)
 
     with pytest.raises(cli.CLIError, match="--formats keras,tflite: choose one or more of"):
         _run("export", f"--model={model_dir}", f"--model_dir={tmp_path / 'x'}",

@@ -21,6 +21,7 @@ import numpy as np
 
 from keras_fsp.apps import networks
 from keras_fsp.apps.config import TRAINING, CLIError
+from keras_fsp.export import deployable, output_name
 from keras_fsp.training.run_folder import (CONFIG, EXPORT_FILES, RESULT, FolderBusyError,
                                            ForeignFilesError, RunFolder)
 
@@ -29,14 +30,15 @@ from keras_fsp.training.run_folder import (CONFIG, EXPORT_FILES, RESULT, FolderB
 RESUMABLE_CHANGES = ("epochs", "verbose", "overwrite", "data_dir", "model_dir", "num_images",
                      "max_minutes", "tensorboard", "learning_rate_scale", "formats",
                      "checkpoint_seconds", "compilation_cache_dir", "plugins",
-                     "allow_weak_teacher")
+                     "allow_weak_teacher", "raw_inputs")
 # The resumable flags that change what training computes: config.json's
 # "history" lists their values by epoch range, [{"from_epoch": 0,
 # "learning_rate_scale": 1.0}, {"from_epoch": 5, "learning_rate_scale": 0.1}].
 HISTORY_SETTINGS = ("learning_rate_scale",)
 # Training flags added later than a run read as their default when the run's
 # config.json has none.
-LATER_FLAG_DEFAULTS = {"dtype_policy": "float32", "plugins": [], "allow_weak_teacher": False}
+LATER_FLAG_DEFAULTS = {"dtype_policy": "float32", "plugins": [], "allow_weak_teacher": False,
+                       "raw_inputs": True}
 # What each `--formats` value asks `export_student` for, and the module it
 # needs beyond TensorFlow.
 EXPORTERS = {"keras": ("keras", None), "saved_model": ("tf_saved_model", None),
@@ -148,12 +150,13 @@ def _history(config, latest, log):
 
 
 @contextlib.contextmanager
-def run_folder(config, log, latest=None, extra=()):
+def run_folder(config, log, latest=None, extra=(), info=None):
     """The command's `RunFolder`, held for the body: refused when it holds
     files keras_fsp did not write (`extra`: more names the command writes)
     or another process works in it; then what interrupted writes left is
     cleaned up, the folder probed for writing, an earlier run moved aside
-    for --overwrite, the settings written and the log opened there."""
+    for --overwrite, the settings written (with the dataset's statistics,
+    from `info`) and the log opened there."""
     folder = RunFolder(config.model_dir)
     try:
         folder.check_own(extra)
@@ -170,6 +173,11 @@ def run_folder(config, log, latest=None, extra=()):
         except OSError as e:
             raise CLIError(io_message(e, folder.path)) from None
         settings = config.as_json()
+        if info is not None:  # what the exports normalise their raw inputs with
+            settings["data"] = {"num_classes": int(info["num_classes"]),
+                                "input_shape": list(info["input_shape"]),
+                                "mean": [float(v) for v in info["mean"]],
+                                "std": [float(v) for v in info["std"]]}
         if config.subcommand in TRAINING:
             if config.overwrite:
                 moved, target = folder.move_aside()
@@ -265,7 +273,7 @@ def _train_network(config, log, argv, role, method):
                        y_train[:TEACHER_CHECK], info, log)
     latest = check_model_dir(config)
     # Validated: from here on the run's folder is written.
-    with run_folder(config, log, latest) as folder:
+    with run_folder(config, log, latest, info=info) as folder:
         log(f"keras-fsp {config.subcommand} "
             + " ".join(f"--{k}={v}" for k, v in config.as_json().items() if k != "subcommand"))
         log(f"{config.dataset}: {len(x_train)} training and {len(x_test)} test images "
@@ -297,7 +305,7 @@ def _train_network(config, log, argv, role, method):
                 nan_advice=f"to go on at a tenth of the learning rate, run `{lower}`",
                 save_name=role, tensorboard=config.tensorboard,
                 checkpoint_seconds=config.checkpoint_seconds, saved_model=True,
-                started_at=started,
+                started_at=started, inputs_normalization=(info["mean"], info["std"]),
                 fields={"subcommand": config.subcommand, "dataset": config.dataset,
                         "method": config.method if method is not None else "supervised"},
             )
@@ -393,19 +401,24 @@ def export(config, log, argv=None):
         raise CLIError(f"--formats {','.join(formats)} needs {', '.join(missing)}: "
                        "pip install 'keras-fsp[export]'.")
     check_model_dir(config)
-    with run_folder(config, log, extra=EXPORT_FILES.values()) as folder:
+    raw = config.raw_inputs
+    served = deployable(model, info["mean"], info["std"]) if raw else model
+    calibration = np.asarray(x_train[:CALIBRATION_IMAGES], "float32")
+    with run_folder(config, log, extra=EXPORT_FILES.values(), info=info) as folder:
         # Each format holds about the weights (float32), and its staging copy.
         check_space(folder, 3 * len(formats) * _bytes(model.weights) + (1 << 20), "the export")
         files = {}
         for name in formats:
             kwargs = {"format": EXPORTERS[name][0]}
             if name == "litert_int8":
-                kwargs.update(quantize="int8",
-                              representative_data=normalized(x_train[:CALIBRATION_IMAGES], info))
+                kwargs.update(quantize="int8", representative_data=calibration if raw
+                              else normalized(calibration, info))
             target = folder.file(EXPORT_FILES[name])
-            files[name] = str(_exported(model, target, kwargs))
+            # (the .keras file stays the network alone: keras_fsp reads it)
+            files[name] = str(_exported(model if name == "keras" else served, target, kwargs))
         result = {"subcommand": "export", "model": path, "dataset": config.dataset,
-                  "files": files}
+                  "files": files, "output": output_name(model),
+                  "inputs": "raw" if raw else "normalised"}
         folder.write_result(result)
     log(f"exported {path} to {', '.join(files.values())}")
     return result

@@ -98,6 +98,11 @@ class Config:
                                      f"{', '.join(EXPORT_FILES)} (litert_int8: integer weights "
                                      "and activations, calibrated on training images; litert "
                                      "and onnx need pip install 'keras-fsp[export]').")
+    raw_inputs: bool = _flag("boolean", True, "export: the SavedModel, LiteRT and ONNX files "
+                             "take raw images (the values the dataset holds, e.g. 0-255 pixels "
+                             "as float32) and normalise them with the training set's channel "
+                             "statistics (the run's config.json has them); --noraw_inputs: "
+                             "normalised inputs, as in training.")
     num_images: int = _flag("integer", 6, "visualize: how many test images.")
     verbose: int = _flag("integer", 2, "Keras fit verbosity (0, 1, 2).")
     tensorboard: bool = _flag("boolean", False, "Also write TensorBoard logs (every term's loss "

@@ -23,7 +23,7 @@ import keras
 import numpy as np
 
 from keras_fsp.callbacks import NonFiniteLossError
-from keras_fsp.export import export_student, float32_copy
+from keras_fsp.export import deployable, export_student, float32_copy
 from keras_fsp.training import callbacks as run_callbacks
 from keras_fsp.training.device import device_name, on_accelerator
 from keras_fsp.training.files import write_weights
@@ -110,11 +110,14 @@ def _tensorboard(folder):
     return keras.callbacks.TensorBoard(folder.file(TENSORBOARD))
 
 
-def _saved_model(net, folder):
+def _saved_model(net, folder, normalization):
     """`{"saved_model": path}` of the network as a SavedModel (TensorFlow
-    only), replacing an earlier one only once the new one is complete."""
+    only; taking raw inputs with `normalization`), replacing an earlier one
+    only once the new one is complete."""
     if keras.backend.backend() != "tensorflow":
         return {}
+    if normalization is not None:
+        net = deployable(net, *normalization)
     return {"saved_model": export_student(net, folder.file(SAVED_MODEL), overwrite=True)}
 
 
@@ -128,7 +131,7 @@ def train(recipe, train_data, test_data, run_dir, batch_size=128, seed=0, epochs
           max_minutes=None, validation_every=None, extra_tests=None, save_name="student",
           log=None, verbose=2, nan_advice=None, callbacks=(), record_kernel_norms=False,
           tensorboard=False, fields=None, compile_kwargs=None, checkpoint_seconds=None,
-          saved_model=False, started_at=None, scores=None):
+          saved_model=False, started_at=None, scores=None, inputs_normalization=None):
     """Trains a `keras_fsp.papers.recipes.Recipe` resumably in `run_dir`.
 
     Args:
@@ -167,6 +170,9 @@ def train(recipe, train_data, test_data, run_dir, batch_size=128, seed=0, epochs
             and verifying a checkpoint would take longer.
         saved_model: also export the complete network as a SavedModel
             (TensorFlow only).
+        inputs_normalization: `(mean, std)` the data was normalised with:
+            the SavedModel then takes raw inputs and normalises them itself
+            (`keras_fsp.export.deployable`), and the result records them.
         started_at: `time.time()` when the work of the run began (loading
             data, building networks), for the result's `seconds`; default
             now.
@@ -276,6 +282,9 @@ def train(recipe, train_data, test_data, run_dir, batch_size=128, seed=0, epochs
             "backend": keras.backend.backend(),
             "device": device_name(),
             "history": history,
+            "inputs_normalization": None if inputs_normalization is None else {
+                "mean": [float(v) for v in np.ravel(inputs_normalization[0])],
+                "std": [float(v) for v in np.ravel(inputs_normalization[1])]},
             **(fields or {}),
         }
         result["teacher_test_accuracy"] = (
@@ -291,7 +300,7 @@ def train(recipe, train_data, test_data, run_dir, batch_size=128, seed=0, epochs
             result["files"]["keras"] = export_student(
                 net, folder.file(keras_file(save_name)), format="keras", overwrite=True)
             if saved_model:
-                result["files"].update(_saved_model(net, folder))
+                result["files"].update(_saved_model(net, folder, inputs_normalization))
         result["seconds"] = round(time.time() - started_at, 1)
         folder.write_result(result)
         log(f"test accuracy {result['test_accuracy']:.4f} ({result['test_errors']} errors) after "
