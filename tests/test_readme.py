@@ -26,19 +26,30 @@ def _blocks(kind):
 @pytest.mark.large
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the tour exports a SavedModel")
 def test_python_blocks_run(tmp_path, monkeypatch):
+    # Each block alone, as a reader pastes it into a fresh session: a
+    # namespace of its own (and what a block registers kept in this test).
+    from keras_fsp.terms import base
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
     monkeypatch.chdir(tmp_path)
     blocks = _blocks("python")
-    assert len(blocks) >= 3
-    namespace = {}
+    assert len(blocks) >= 4
+    spaces = []
     for i, code in enumerate(blocks):
+        namespace = {}
         exec(compile(code, f"README.md python block {i + 1}", "exec"), namespace)
-    distiller = namespace["distiller"]
-    assert distiller.stage.name == "task"
-    losses = namespace["history"].history
+        spaces.append(namespace)
+    tour = spaces[0]
+    assert tour["distiller"].stage.name == "task"
+    losses = tour["history"].history
     assert np.all(np.isfinite(losses["fsp_loss"])) and np.all(np.isfinite(losses["task_loss"]))
-    assert distiller.terms["fsp"].pairs == [("stem", "stage1"), ("stage1", "stage2"), ("stage2", "stage3")]
+    assert tour["distiller"].terms["fsp"].pairs == [("stem", "stage1"), ("stage1", "stage2"),
+                                                   ("stage2", "stage3")]
     assert os.path.exists(tmp_path / "student_savedmodel" / "saved_model.pb")
-    assert sorted(namespace["mixed"].terms) == ["attention", "logit_mse", "task"]
+    mixed = next(n for n in spaces if "mixed" in n)["mixed"]
+    assert sorted(mixed.terms) == ["attention", "logit_mse", "task"]
+    result = next(n for n in spaces if "result" in n)["result"]
+    assert result["complete"] and os.path.isfile(result["files"]["keras"])
 
 
 @pytest.mark.large
