@@ -96,11 +96,11 @@ class FSPDistiller(compat.MultiWorkerBuild, keras.Model):
             raise ValueError(f"terms must be keras_fsp.terms.DistillationTerm instances; got {term!r}.")
         term.configure(self.teacher, self.student)
         term.use_student_loss(self.student_loss)
-        active = self._stages.active
-        term.trainable = active is not None and term.name in active.terms
+        self.terms.pop(term.name, None)  # (untracked: its variables go with it)
         self.terms[term.name] = term
         if term.name not in self._trackers:  # a tracked dict: no setdefault
             self._trackers[term.name] = keras.metrics.Mean(name=f"{term.name}_loss")
+        self._stages.adopt(term)
 
     @property
     def stage(self):

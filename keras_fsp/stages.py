@@ -290,6 +290,16 @@ class StageController:
         if not self._training:
             self.restore_student_flags()
 
+    def adopt(self, term):
+        """A term just added: its weight and trainable flag in the active
+        stage; in it, the stage's optimizer made again for its variables."""
+        stage = self.active
+        term.trainable = stage is not None and term.name in stage.terms
+        if term.trainable:
+            term.stage_weight.assign(stage.terms[term.name])
+            if self.template is not None:
+                self.install_optimizer()
+
     def custom_stages(self):
         """The stages that are not the built-in ones (overrides included)."""
         builtin = builtin_stages()

@@ -377,3 +377,15 @@ def test_fit_warns_of_unnormalised_images_and_refuses_one_hot_labels_with_the_fi
     d.set_stage("task")
     history = d.fit(x, one_hot, epochs=1, verbose=0).history
     assert np.isfinite(history["task_loss"][0])
+
+
+def test_a_term_added_to_the_active_stage_replaces_the_old_one_with_its_weight():
+    d = _distiller()  # "kd": 0.9 soft targets + 0.1 labels, compiled
+    n = len(d.weights)
+    d.add_term(SoftTargetTerm(temperature=2.0))
+    assert len(d.weights) == n and d.terms["kd"].temperature == 2.0
+    assert float(ops.convert_to_numpy(d.terms["kd"].stage_weight)) == pytest.approx(0.9)
+    x, y = data()
+    history = d.fit(x, y, batch_size=len(x), epochs=1, verbose=0).history
+    assert history["kd_loss"][0] > 0 and history["loss"][0] == pytest.approx(
+        0.9 * history["kd_loss"][0] + 0.1 * history["task_loss"][0], rel=1e-4)
