@@ -18,7 +18,17 @@ TensorFlow-only parts (SavedModel, LiteRT and ONNX export, tfds datasets)
 import it when used.
 """
 
-from keras_fsp import (
+import os as _os
+import sys as _sys
+
+if _os.path.basename(_sys.argv[0] if _sys.argv else "") == "keras-fsp":
+    # The command's output is its own: TensorFlow's C++ log lines stay out
+    # of it (before TensorFlow is imported; see keras_fsp.native_logs).
+    from keras_fsp import native_logs as _native_logs
+
+    _native_logs.filter_stderr()
+
+from keras_fsp import (  # noqa: E402
     augment,
     callbacks,
     export,

@@ -20,6 +20,12 @@ def _distiller(callback):
     return model
 
 
+def _shows(callback):
+    """Whether `callback` prints: its own `verbose`, and `fit`'s (a `fit`
+    with `verbose=0` prints nothing)."""
+    return bool(callback.verbose) and bool((callback.params or {}).get("verbose", 1))
+
+
 class StageSchedule(keras.callbacks.Callback):
     """Switches the distiller's stage at given epochs within one `fit`.
 
@@ -66,7 +72,7 @@ class StageSchedule(keras.callbacks.Callback):
         distiller = _distiller(self)
         distiller.set_stage(self.stage_for_epoch(epoch))
         # Announce the first stage of a fit too, then every switch.
-        if self.verbose and distiller.stage is not self._announced:
+        if _shows(self) and distiller.stage is not self._announced:
             print(f"\nEpoch {epoch + 1}: stage {distiller.stage.name!r}")
         self._announced = distiller.stage
 
@@ -127,7 +133,7 @@ class RestoreKernelNorms(keras.callbacks.Callback):
         if due:
             self.factors = restore_kernel_norms(distiller.student,
                                                 distiller.initial_kernel_norms.values())
-            if self.verbose and self.factors:
+            if _shows(self) and self.factors:
                 values = list(self.factors.values())
                 print(f"\nEpoch {epoch + 1}: kernel norms restored "
                       f"(factors {min(values):.3f} to {max(values):.3f})")

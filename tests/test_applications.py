@@ -128,15 +128,19 @@ def test_unresolvable_mismatch_lists_both_networks_candidates():
                      terms=[FSPTerm(projection=False)])
 
 
-def test_the_pairing_is_printed_once(capsys):
+def test_the_pairing_is_logged_once_and_nothing_printed(capsys, caplog):
     teacher = cifar_resnet(14, input_shape=SHAPE, name="printed_teacher")
     student = cifar_resnet(8, input_shape=SHAPE, width_multiplier=2, name="printed_student")
-    FSPDistiller(teacher, student, stage="fsp")
-    printed = capsys.readouterr().out
-    assert "keras_fsp: printed_teacher -> printed_student, fsp: 3 FSP pairs" in printed
-    assert "1x1 projection of the student's 'stage3': 128 -> 64 channels" in printed
-    FSPDistiller(teacher, student, stage="fsp")
+    with caplog.at_level("INFO", logger="keras_fsp"):
+        FSPDistiller(teacher, student, stage="fsp")
+    logged = caplog.text
+    assert "keras_fsp: printed_teacher -> printed_student, fsp: 3 FSP pairs" in logged
+    assert "1x1 projection of the student's 'stage3': 128 -> 64 channels" in logged
     assert capsys.readouterr().out == ""
+    caplog.clear()
+    with caplog.at_level("INFO", logger="keras_fsp"):
+        FSPDistiller(teacher, student, stage="fsp")
+    assert caplog.text == ""
 
 
 # --------------------------------------------- logits: softmax, subclassed

@@ -69,7 +69,8 @@ def test_train_teacher_writes_config_metrics_logs_checkpoints_and_export(teacher
         "method": "fsp", "teacher": None, "model": None, "num_images": 6,
         "max_minutes": None, "tensorboard": False, "formats": ["keras", "saved_model"],
         "checkpoint_seconds": None, "dtype_policy": "float32", "plugins": [],
-        "allow_weak_teacher": False, "raw_inputs": True,
+        "allow_weak_teacher": False, "raw_inputs": True, "student": None, "image_size": [],
+        "validation_split": 0.2,
         "compilation_cache_dir": os.path.join("~", ".cache", "keras_fsp", "jax"),
         "history": [{"from_epoch": 0, "learning_rate_scale": 1.0}],
     }
@@ -89,6 +90,8 @@ def test_train_teacher_writes_config_metrics_logs_checkpoints_and_export(teacher
     assert sorted(os.listdir(model_dir / "checkpoints")) == ["epoch-000001", "epoch-000002", "latest"]
     log = (model_dir / "log.txt").read_text()
     assert "epoch 2/2 " in log and "test accuracy" in log
+    assert metrics["files"]["curves"] == str(model_dir / "curves.png")
+    assert (model_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The SavedModel takes the raw images and normalises them itself, with
     # the statistics the run's config.json and metrics.json record.
@@ -133,7 +136,8 @@ def test_distill_stops_at_epochs_then_resumes_at_the_right_epoch(teacher_run, tm
     assert sorted(os.listdir(model_dir / "checkpoints")) == ["epoch-000002", "epoch-000003", "latest"]
     assert second["files"] == {"keras": str(model_dir / "student.keras"),
                                "weights": str(model_dir / "student.weights.h5"),
-                               "saved_model": str(model_dir / "export")}
+                               "saved_model": str(model_dir / "export"),
+                               "curves": str(model_dir / "curves.png")}
 
     # Changing a setting of a run with checkpoints is refused.
     before = _snapshot(model_dir)
@@ -277,7 +281,7 @@ def test_export_of_an_npz_run_needs_no_dataset_flag(tmp_path):
                   f"--model_dir={tmp_path / 'out3'}", "--formats=keras")
     assert result["dataset"] == f"npz:{arrays}"
     # An explicit --dataset still wins, and is checked against the model.
-    with pytest.raises(cli.CLIError, match="has 3 classes; --dataset digits has"):
+    with pytest.raises(cli.CLIError, match=r"and has 3 outputs; the dataset has \(8, 8, 1\) images and 10 classes"):
         _run("export", f"--model={run_dir}", f"--model_dir={tmp_path / 'out2'}",
              "--dataset=digits")
 
@@ -340,11 +344,18 @@ def test_bad_inputs_give_one_line_and_touch_nothing(teacher_run, tmp_path, capsy
         "not a readable .npz file": ["train-teacher", f"--dataset=npz:{garbage}"],
         f"--teacher {tmp_path}/none: no such file or folder; train one with `keras-fsp train-teacher":
             [*distill, f"--teacher={tmp_path}/none"],
+        # Weights alone are loaded into the ResNet the flags describe.
         "does not match a ResNet-14 (--teacher_depth, --teacher_width) for digits":
-            [*distill, "--teacher_depth=14", f"--teacher={teacher_dir}"],
+            [*distill, "--teacher_depth=14", f"--teacher={teacher_dir / 'teacher.weights.h5'}"],
         "does not match a ResNet-8 (--teacher_depth, --teacher_width) for npz":
+            ["distill", f"--dataset=npz:{_npz(tmp_path, classes=4)}",
+             f"--teacher={teacher_dir / 'teacher.weights.h5'}", "--teacher_depth=8",
+             f"--model_dir={tmp_path / 'd'}"],
+        # A .keras file (a run folder's) is its own architecture.
+        "teacher.keras takes (8, 8, 1) images and has 10 outputs; the dataset has (8, 8, 1) "
+        "images and 4 classes":
             ["distill", f"--dataset=npz:{_npz(tmp_path, classes=4)}", f"--teacher={teacher_dir}",
-             "--teacher_depth=8", f"--model_dir={tmp_path / 'd'}"],
+             f"--model_dir={tmp_path / 'd'}"],
         # Bad input aimed at an existing run: refused before anything is written.
         "--teacher_depth must be 6n+2 (8, 14, 20, 26, 32, 56, 110, ...); got 9.":
             ["train-teacher", f"--model_dir={teacher_dir}", "--teacher_depth=9"],
@@ -379,7 +390,9 @@ def _npz(folder, classes):
 def test_help(capsys):
     assert cli.main(["keras-fsp", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "Subcommands: train-teacher, distill, evaluate, export, visualize" in out
+    assert all(f"\n  {name} " in out for name in cli.SUBCOMMANDS)
+    assert cli.main(["keras-fsp", "train-teacher", "--help"]) == 0
+    out = capsys.readouterr().out
     assert "--schedule_scale" in out and "--learning_rate_scale" in out
 
 

@@ -198,3 +198,96 @@ def test_shared_cifar10_converted_with_the_documented_one_liner(tmp_path):
     # The archive itself is JPEG data: a clear error pointing to the conversion.
     with pytest.raises(data.DatasetError, match="JPEG-encoded.*np.savez"):
         data.load_arrays(f"npz:{SHARED_DATA / 'cifar10.npz'}")
+
+
+# ------------------------------------------------------- folders and tfds
+
+
+def _png_tree(root, sizes, mode="L", seed=0):
+    """`root/<split>/<class>/<i>.png` for `sizes = {split: {class: count}}`;
+    returns `{(split, class): [arrays in file order]}`."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    written = {}
+    for split, classes in sizes.items():
+        for name, count in classes.items():
+            folder = root / split / name if split else root / name
+            folder.mkdir(parents=True)
+            shape = (6, 5) if mode == "L" else (6, 5, 3)
+            written[split, name] = []
+            for i in range(count):
+                pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+                Image.fromarray(pixels, mode).save(folder / f"{i:02d}.png")
+                written[split, name].append(pixels)
+    return written
+
+
+def test_folder_with_train_and_test_splits(tmp_path):
+    pytest.importorskip("PIL")
+    written = _png_tree(tmp_path, {"train": {"b_dog": 3, "a_cat": 2}, "test": {"b_dog": 1, "a_cat": 2}})
+    (xt, yt), (xs, ys), info = data.load_arrays(f"folder:{tmp_path}")
+    # Classes in alphanumeric order of their folders; grayscale stays 1 channel.
+    assert info["class_names"] == ["a_cat", "b_dog"] and info["num_classes"] == 2
+    assert xt.shape == (5, 6, 5, 1) and xt.dtype == np.uint8 and info["input_shape"] == (6, 5, 1)
+    np.testing.assert_array_equal(yt, [0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(ys, [0, 0, 1])
+    np.testing.assert_array_equal(xt[2, ..., 0], written["train", "b_dog"][0])
+    np.testing.assert_array_equal(xs[2, ..., 0], written["test", "b_dog"][0])
+    assert info["augment"] == {"pad": 1, "flip": False}
+
+
+def test_folder_without_splits_holds_out_a_fixed_part_of_each_class(tmp_path):
+    pytest.importorskip("PIL")
+    _png_tree(tmp_path, {"": {"x": 10, "y": 5}}, mode="RGB")
+    (xt, yt), (xs, ys), info = data.load_arrays(f"folder:{tmp_path}", validation_split=0.2)
+    assert xt.shape[1:] == (6, 5, 3) and info["augment"]["flip"]
+    assert np.bincount(ys).tolist() == [2, 1] and np.bincount(yt).tolist() == [8, 4]
+    # Disjoint, and the same images every time (a fixed seed, not --seed).
+    train_keys = {x.tobytes() for x in xt}
+    assert not train_keys & {x.tobytes() for x in xs}
+    (xt2, _), (xs2, _), _ = data.load_arrays(f"folder:{tmp_path}", validation_split=0.2)
+    np.testing.assert_array_equal(xs2, xs)
+    np.testing.assert_array_equal(xt2, xt)
+    # Resized on request.
+    (xr, _), _, info = data.load_arrays(f"folder:{tmp_path}", image_size=(4, 3))
+    assert xr.shape[1:] == (4, 3, 3) and info["input_shape"] == (4, 3, 3)
+
+
+def test_folder_mistakes_are_one_line(tmp_path):
+    from PIL import Image
+
+    with pytest.raises(data.DatasetError, match="no such folder"):
+        data.load_arrays(f"folder:{tmp_path / 'none'}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DatasetError, match="no class sub-folders; expected PATH/<class>/"):
+        data.load_arrays(f"folder:{tmp_path / 'empty'}")
+    mixed = tmp_path / "mixed" / "a"
+    mixed.mkdir(parents=True)
+    Image.new("L", (4, 4)).save(mixed / "1.png")
+    Image.new("L", (5, 4)).save(mixed / "2.png")
+    with pytest.raises(data.DatasetError, match=r"the images differ in size \(4x4, 4x5, ...\); "
+                                                r"pass --image_size H,W"):
+        data.load_arrays(f"folder:{tmp_path / 'mixed'}")
+    (mixed / "3.png").write_bytes(b"not a png")
+    with pytest.raises(data.DatasetError, match=r"cannot read .*3.png .*remove or replace it"):
+        data.load_arrays(f"folder:{tmp_path / 'mixed'}")
+    split = tmp_path / "split"
+    _png_tree(split, {"train": {"a": 2}, "test": {"a": 1, "b": 1}})
+    with pytest.raises(data.DatasetError, match=r"test/ has class folders that train/ has not: \['b'\]"):
+        data.load_arrays(f"folder:{split}")
+
+
+def test_any_tfds_dataset_by_name():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=6):
+        (xt, yt), (xs, ys), info = data.load_arrays("tfds:mnist")
+        assert xt.shape == (6, 28, 28, 1) and xs.shape == (6, 28, 28, 1)
+        assert info["class_names"] == [str(i) for i in range(10)]
+        # Images of many sizes need a size to be batched into arrays.
+        with pytest.raises(data.DatasetError, match="tfds:tf_flowers: its images differ in size; "
+                                                    "pass --image_size H,W"):
+            data.load_arrays("tfds:tf_flowers")
+        (xt, _), _, info = data.load_arrays("tfds:tf_flowers", image_size=(12, 10))
+        assert xt.shape == (6, 12, 10, 3) and xt.dtype == np.uint8
+        assert info["class_names"] == ["dandelion", "daisy", "tulips", "sunflowers", "roses"]

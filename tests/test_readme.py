@@ -4,6 +4,7 @@ every `keras-fsp` command of the ```bash blocks. The Quickstart's two
 commands are the install, the demo (tests/test_demo.py runs it at a small
 scale) and this test suite itself."""
 
+import json
 import os
 import re
 import shlex
@@ -76,6 +77,10 @@ def test_command_lines_run(tmp_path, monkeypatch, capsys):
         assert cli.main(argv) == 0, (line, capsys.readouterr().err[-3000:])
     assert (tmp_path / "runs" / "distill-fsp-digits" / "student.keras").is_file()
     assert (tmp_path / "runs" / "distill-logit-mse-digits" / "student.keras").is_file()
+    student = keras.saving.load_model(tmp_path / "runs" / "my-student" / "student.keras")
+    assert student.name == "tiny_cnn"
+    metrics = json.loads((tmp_path / "runs" / "my-student" / "metrics.json").read_text())
+    assert metrics["complete"] and metrics["test_accuracy"] > 0.5
 
 
 def test_the_method_list_is_the_method_table():

@@ -35,26 +35,30 @@ Examples (the digits data set is bundled with scikit-learn, no download):
 messages and exit codes (2: bad input, 1: training failed, 130: interrupted).
 """
 
+import contextlib
 import importlib
 import importlib.util
+import logging as logging_module
 import os
 import signal
 import sys
 import threading
 
-from keras_fsp.apps.config import SUBCOMMANDS, CLIError, Config, flag_names, flag_values
+from keras_fsp.apps.config import (FLAG_SUBCOMMANDS, SUBCOMMANDS, CLIError, Config, flag_names,
+                                   flag_values, flags_of)
 
-USAGE = f"""Usage: keras-fsp [--plugins=FILE,...] SUBCOMMAND [--flag=value ...]
-
-Subcommands: {", ".join(SUBCOMMANDS)}
-  train-teacher  train the teacher ResNet-<teacher_depth> on the labels
-  distill        distil ResNet-<student_depth> from --teacher with --method
-  evaluate       test accuracy of --model (a .keras file or a run folder)
-  export         --model as --formats (.keras, SavedModel, LiteRT, int8 LiteRT, ONNX)
-                 into --model_dir
-  visualize      pictures of --teacher vs --model (student) into --model_dir
-  reproduce      every run of a results table, then the table
-                 (keras-fsp reproduce TABLE --help; see keras_fsp.apps.reproduce)"""
+SUMMARIES = {
+    "train-teacher": "train the teacher (--teacher, default ResNet-<teacher_depth>) on the labels",
+    "distill": "distil --student (default ResNet-<student_depth>) from --teacher with --method",
+    "evaluate": "test accuracy of --model (a .keras file or a run folder)",
+    "export": "--model as --formats (.keras, SavedModel, LiteRT, int8 LiteRT, ONNX) into "
+              "--model_dir",
+    "visualize": "pictures of --teacher vs --model (student) into --model_dir",
+    "reproduce": "every run of a results table, then the table (keras-fsp reproduce --help)",
+}
+USAGE = "Usage: keras-fsp [--plugins=FILE,...] SUBCOMMAND [--flag=value ...]\n\nSubcommands:\n" + (
+    "\n".join(f"  {name:<14} {SUMMARIES[name]}" for name in SUBCOMMANDS)
+    + "\n\n`keras-fsp SUBCOMMAND --help` lists the flags of one subcommand.")
 HELP_WORDS = ("-h", "--help", "-help", "--helpfull", "help")
 
 
@@ -115,12 +119,21 @@ def _plugin_args(argv):
     return [p for p in plugins if p], rest
 
 
-def _help():
+def _help(subcommand=None):
+    """The help of `subcommand` (its flags only), or of the command (every
+    subcommand, the flags all of them take)."""
     import textwrap
 
     fv = flag_values()
-    lines = [USAGE, "", "Flags (--name=value; booleans --name / --noname):"]
-    for name in sorted(flag_names()):
+    if subcommand is None:
+        lines = [USAGE, "", "Flags of every subcommand (--name=value; booleans --name / --noname):"]
+        names = [n for n in flag_names() if n not in FLAG_SUBCOMMANDS]
+    else:
+        lines = [f"Usage: keras-fsp {subcommand} [--flag=value ...]", "",
+                 f"{subcommand}: {SUMMARIES[subcommand]}.", "",
+                 "Flags (--name=value; booleans --name / --noname):"]
+        names = flags_of(subcommand)
+    for name in sorted(names):
         flag = fv[name]
         default = "" if flag.default is None else f" (default: {flag.default})"
         lines.append(textwrap.fill(f"--{name}: {flag.help}{default}", width=79,
@@ -169,10 +182,39 @@ def run(argv):
     from keras_fsp.training import Log
 
     logging.set_verbosity(logging.WARNING)
+    log = Log(echo=config.verbose != 0)
     try:
-        return COMMANDS[config.subcommand](config, Log(), argv)
+        with _library_messages_to(log):
+            return COMMANDS[config.subcommand](config, log, argv)
     except OSError as e:  # whatever a command writes: one line, no traceback
         raise CLIError(io_message(e, config.model_dir), code=1) from None
+
+
+class _ToLog(logging_module.Handler):
+    def __init__(self, log):
+        super().__init__(logging_module.INFO)
+        self.log = log
+
+    def emit(self, record):
+        for line in record.getMessage().splitlines():
+            self.log(line)
+
+
+@contextlib.contextmanager
+def _library_messages_to(log):
+    """The library's INFO messages (the automatic pairing) into the run's
+    log while a command runs, and not printed twice."""
+    logger = logging_module.getLogger("keras_fsp")
+    handler, level, propagate = _ToLog(log), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging_module.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def main(argv=None):
@@ -181,9 +223,11 @@ def main(argv=None):
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
-        if _plugin_args(argv)[1][1:2] != ["reproduce"] and any(a in HELP_WORDS for a in argv[1:]):
+        rest = _plugin_args(argv)[1]
+        if rest[1:2] != ["reproduce"] and any(a in HELP_WORDS for a in argv[1:]):
             load_plugins(argv)
-            print(_help())
+            named = [a for a in rest[1:] if a in SUBCOMMANDS]
+            print(_help(named[0] if named else None))
             return 0
         run(argv)
     except CLIError as e:

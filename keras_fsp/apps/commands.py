@@ -38,7 +38,8 @@ HISTORY_SETTINGS = ("learning_rate_scale",)
 # Training flags added later than a run read as their default when the run's
 # config.json has none.
 LATER_FLAG_DEFAULTS = {"dtype_policy": "float32", "plugins": [], "allow_weak_teacher": False,
-                       "raw_inputs": True}
+                       "raw_inputs": True, "student": None, "image_size": [],
+                       "validation_split": 0.2}
 # What each `--formats` value asks `export_student` for, and the module it
 # needs beyond TensorFlow.
 EXPORTERS = {"keras": ("keras", None), "saved_model": ("tf_saved_model", None),
@@ -62,7 +63,9 @@ def load_data(config):
 
     name = config.dataset
     try:
-        (x_train, y_train), (x_test, y_test), info = data.load_arrays(name, data_dir=config.data_dir)
+        (x_train, y_train), (x_test, y_test), info = data.load_arrays(
+            name, data_dir=config.data_dir, image_size=config.image_hw,
+            validation_split=config.validation_split)
     except data.DatasetError as e:
         raise CLIError(f"--dataset {name}: {e}") from None
     except Exception as e:  # noqa: BLE001 - any loader failure is the user's input
@@ -183,7 +186,7 @@ def run_folder(config, log, latest=None, extra=(), info=None):
                 moved, target = folder.move_aside()
                 if moved:
                     log(f"--overwrite: the earlier run ({', '.join(moved)}) moved to {target}; "
-                        "delete it when it is no longer needed")
+                        "delete it when it is no longer needed", echo=True)  # even at --verbose 0
             settings["history"] = _history(config, latest, log)
         folder.write_config(settings)
         folder.open_log(log)
@@ -207,13 +210,14 @@ def _bytes(variables):
 
 
 def train_teacher(config, log, argv):
-    """The teacher ResNet-`teacher_depth` trained on the labels."""
+    """The teacher (`--teacher`, default ResNet-`teacher_depth`) trained on
+    the labels."""
     return _train(config, log, argv, "teacher", None)
 
 
 def distill(config, log, argv):
-    """The student ResNet-`student_depth` distilled from `--teacher` with
-    `--method`."""
+    """The student (`--student`, default ResNet-`student_depth`) distilled
+    from `--teacher` with `--method`."""
     from keras_fsp.papers import methods
 
     return _train(config, log, argv, "student", methods.get(config.method))
@@ -271,19 +275,27 @@ def _train_network(config, log, argv, role, method):
         teacher, teacher_path = networks.load_teacher(config, info)
         _check_teacher(config, teacher, teacher_path, normalized(x_train[:TEACHER_CHECK], info),
                        y_train[:TEACHER_CHECK], info, log)
+    # Built before the folder is touched: a bad --student, or one the
+    # method cannot pair with the teacher, is refused here.
+    keras.utils.set_random_seed(config.seed)
+    network = networks.network(config, role, info)
+    pad, flip = int(info["augment"].get("pad", 0)), bool(info["augment"].get("flip", False))
+    augment = PadCropFlip(pad=pad, flip=flip, seed=config.seed) if (pad or flip) else None
+    steps = training.steps_per_epoch(len(x_train), config.batch_size)
+    try:
+        recipe = _recipe(config, role, method, teacher, network, steps, augment)
+    except ValueError as e:
+        raise CLIError(f"--method {config.method} cannot distil {networks.describe(config, role)} "
+                       f"from {teacher_path}: {e}") from None
     latest = check_model_dir(config)
     # Validated: from here on the run's folder is written.
     with run_folder(config, log, latest, info=info) as folder:
         log(f"keras-fsp {config.subcommand} "
             + " ".join(f"--{k}={v}" for k, v in config.as_json().items() if k != "subcommand"))
+        log(f"training on {training.device_name()} ({keras.backend.backend()})")
         log(f"{config.dataset}: {len(x_train)} training and {len(x_test)} test images "
             f"{tuple(info['input_shape'])}, {info['num_classes']} classes")
-        keras.utils.set_random_seed(config.seed)
-        network = networks.resnet(config, role, info)
-        pad, flip = int(info["augment"].get("pad", 0)), bool(info["augment"].get("flip", False))
-        augment = PadCropFlip(pad=pad, flip=flip, seed=config.seed) if (pad or flip) else None
-        steps = training.steps_per_epoch(len(x_train), config.batch_size)
-        recipe = _recipe(config, role, method, teacher, network, steps, augment)
+        log(f"{role} {networks.describe(config, role)}: {network.count_params():,} weights")
         stages = {int(e): s.name for e, s in sorted(recipe.schedule.items())}
         log(f"recipe {recipe.name}: {recipe.epochs} epochs of {steps} steps"
             + (f", stages {stages}" if stages else "")
@@ -347,7 +359,7 @@ def _check_teacher(config, teacher, path, x, y, info, log):
         if not config.allow_weak_teacher:
             raise CLIError(f"{message}: it has nothing to teach; pass --allow_weak_teacher to "
                            "distil from it anyway.")
-        log(f"warning: {message} (--allow_weak_teacher)")
+        log(f"warning: {message} (--allow_weak_teacher)", echo=True)
     log(f"teacher {path}: {accuracy:.1%} on {len(x)} training images")
 
 

@@ -10,6 +10,7 @@ network's, the dataset a run folder knows).
 import dataclasses
 import math
 import os
+import sys
 from typing import Optional, Tuple
 
 from keras_fsp.papers import methods
@@ -49,8 +50,16 @@ class Config:
     """What one `keras-fsp` command was asked to do."""
 
     subcommand: str = ""
-    dataset: str = _flag("string", "digits", "cifar10 | cifar100 | digits | npz:PATH (an .npz "
+    dataset: str = _flag("string", "digits", "cifar10 | cifar100 | digits | folder:PATH (one "
+                         "sub-folder of images per class, in PATH/train/ and PATH/test/ or "
+                         "split by --validation_split) | tfds:NAME (any tensorflow-datasets "
+                         "image classification set, with --data_dir) | npz:PATH (an .npz "
                          "file with x_train, y_train, x_test, y_test).")
+    image_size: Tuple[str, ...] = _flag("list", (), "folder: and tfds: datasets: resize the "
+                                        "images to H,W (or S for S,S); default their own size.")
+    validation_split: float = _flag("float", 0.2, "folder: without train/ and test/, and tfds: "
+                                    "without a test split: the fraction of each class held out "
+                                    "as the test split (chosen by a fixed seed).")
     data_dir: Optional[str] = _flag("string", None, "Where tensorflow-datasets keeps its data.")
     model_dir: Optional[str] = _flag("string", None, "The run's folder; default "
                                      "runs/<subcommand>-<dataset> (distill: "
@@ -61,9 +70,18 @@ class Config:
     teacher_width: int = _flag("integer", 1, "Width multiplier of the teacher CIFAR ResNet "
                                "(16w, 32w, 64w channels; 4 makes a ResNet-26 of 5.9M weights).")
     student_width: int = _flag("integer", 1, "Width multiplier of the student CIFAR ResNet.")
-    teacher: Optional[str] = _flag("string", None, "distill/visualize: the teacher, a .keras or "
-                                   ".weights.h5 file or a train-teacher run folder; default the "
-                                   "train-teacher-<dataset> folder beside --model_dir.")
+    teacher: Optional[str] = _flag("string", None, "distill/visualize: the trained teacher, a "
+                                   ".keras file, a train-teacher run folder, or a .weights.h5 "
+                                   "file of a ResNet-<teacher_depth>; default the "
+                                   "train-teacher-<dataset> folder beside --model_dir. "
+                                   "train-teacher: the network to train, as --student takes it; "
+                                   "default ResNet-<teacher_depth>.")
+    student: Optional[str] = _flag("string", None, "distill: the student, a .keras file (its "
+                                   "architecture and starting weights), a keras.applications "
+                                   "name (e.g. MobileNetV3Small, built with weights=None for "
+                                   "the data) or module:function (or file.py:function) "
+                                   "returning a Keras model, called with input_shape and "
+                                   "num_classes; default ResNet-<student_depth>.")
     model: Optional[str] = _flag("string", None, "evaluate/export/visualize: the trained network, "
                                  "a .keras file or a run folder; default the "
                                  "distill-fsp-<dataset> folder beside --model_dir.")
@@ -90,7 +108,8 @@ class Config:
                                          "with soft targets (kd: default 4, fitnet: default 3).")
     learning_rate_scale: float = _flag("float", 1.0, "Multiplies every learning rate of the "
                                        "recipe (each stage's schedule).")
-    weight_decay: float = _flag("float", 1e-4, "L2 weight decay of the ResNets.")
+    weight_decay: float = _flag("float", 1e-4, "L2 weight decay of the CIFAR ResNets keras-fsp "
+                                "builds (other networks keep their own regularisers).")
     overwrite: bool = _flag("boolean", False, "Start over instead of continuing: the run's "
                             "checkpoints and outputs move to <model_dir>/overwritten/ (replacing "
                             "what an earlier --overwrite put there).")
@@ -104,7 +123,10 @@ class Config:
                              "statistics (the run's config.json has them); --noraw_inputs: "
                              "normalised inputs, as in training.")
     num_images: int = _flag("integer", 6, "visualize: how many test images.")
-    verbose: int = _flag("integer", 2, "Keras fit verbosity (0, 1, 2).")
+    verbose: Optional[int] = _flag("integer", None, "1: a progress bar within each epoch; 2: a "
+                                   "line per epoch; 0: nothing but errors (the run's log.txt "
+                                   "has every line at every level); default 1 on a terminal, "
+                                   "2 otherwise.")
     tensorboard: bool = _flag("boolean", False, "Also write TensorBoard logs (every term's loss "
                               "and the stage) into <model_dir>/tensorboard; needs the tensorboard "
                               "package (pip install 'keras-fsp[tensorboard]').")
@@ -125,8 +147,8 @@ class Config:
             CLIError: naming the flag and what it takes.
         """
         given = {f.name: values[f.name].value for f in _flag_fields()}
-        given["formats"] = tuple(given["formats"])
-        given["plugins"] = tuple(given["plugins"])
+        for name in ("formats", "plugins", "image_size"):
+            given[name] = tuple(given[name] or ())
         config = cls(subcommand=subcommand, **given)
         config.check()
         return config
@@ -148,6 +170,8 @@ class Config:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise CLIError(f"--{name} must be > 0; got {value}.")
+        if self.verbose not in (None, 0, 1, 2):
+            raise CLIError(f"--verbose must be 0, 1 or 2; got {self.verbose}.")
         for name, least in (("batch_size", 1), ("epochs", 1), ("weight_decay", 0),
                             ("checkpoint_seconds", 0)):
             value = getattr(self, name)
@@ -161,6 +185,17 @@ class Config:
             if depth < 8 or (depth - 2) % 6:
                 raise CLIError(f"--{name} must be 6n+2 (8, 14, 20, 26, 32, 56, 110, ...); "
                                f"got {depth}.")
+        if self.image_size:
+            if (len(self.image_size) > 2 or not all(v.strip().isdigit() and int(v) > 0
+                                                     for v in self.image_size)):
+                raise CLIError(f"--image_size {','.join(self.image_size)}: give H,W (or S), "
+                               "positive integers, e.g. --image_size 64,64.")
+            if self.dataset.partition(":")[0] not in ("folder", "tfds"):
+                raise CLIError(f"--image_size resizes the images of folder: and tfds: datasets "
+                               f"only; --dataset {self.dataset} has one size.")
+        if not 0 < self.validation_split < 1:
+            raise CLIError(f"--validation_split must be between 0 and 1; got "
+                           f"{self.validation_split}.")
         unknown = [f for f in self.formats if f not in EXPORT_FILES]
         if unknown or not self.formats:
             raise CLIError(f"--formats {','.join(self.formats)}: choose one or more of "
@@ -171,6 +206,8 @@ class Config:
         `given` are the names of the flags given on the command line."""
         slug = dataset_slug(self.dataset)
         changes = {}
+        if self.verbose is None:  # as Keras' "auto": a bar where someone watches
+            changes["verbose"] = 1 if sys.stdout.isatty() else 2
         model_dir = self.model_dir
         if model_dir is None:
             name = (f"distill-{self.method}-{slug}" if self.subcommand == "distill"
@@ -195,10 +232,41 @@ class Config:
                     changes["data_dir"] = run.get("data_dir")
         return dataclasses.replace(self, **changes)
 
+    @property
+    def image_hw(self):
+        """`--image_size` as `(height, width)`, or None."""
+        if not self.image_size:
+            return None
+        sizes = [int(v) for v in self.image_size]
+        return (sizes[0], sizes[-1])
+
     def as_json(self):
         """The settings as config.json holds them."""
         values = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+# The subcommands each flag is for (`keras-fsp SUBCOMMAND --help` lists
+# those); a flag not named here is for every subcommand.
+_TRAINING_FLAGS = ("schedule_scale", "epochs", "max_minutes", "checkpoint_seconds", "batch_size",
+                   "compilation_cache_dir", "dtype_policy", "seed", "learning_rate_scale",
+                   "weight_decay", "overwrite", "tensorboard")
+FLAG_SUBCOMMANDS = {
+    **{name: TRAINING for name in _TRAINING_FLAGS},
+    **{name: ("distill",) for name in ("method", "student_depth", "student_width", "student",
+                                       "temperature", "allow_weak_teacher")},
+    **{name: TRAINING for name in ("teacher_depth", "teacher_width")},
+    "teacher": (*TRAINING, "visualize"),
+    "model": ("evaluate", "export", "visualize"),
+    "formats": ("export",), "raw_inputs": ("export",),
+    "num_images": ("visualize",),
+}
+
+
+def flags_of(subcommand):
+    """The names of the flags `subcommand` reads, or of every flag for None."""
+    return [name for name in flag_names()
+            if subcommand is None or subcommand in FLAG_SUBCOMMANDS.get(name, SUBCOMMANDS)]
 
 
 def _flag_fields():
@@ -230,5 +298,5 @@ def dataset_slug(dataset):
     prefix, _, argument = dataset.partition(":")
     if not _:
         return dataset
-    base = os.path.basename(argument)
+    base = os.path.basename(argument.rstrip("/\\")) or "data"
     return f"{prefix}-" + (base[:-4] if base.endswith(".npz") else base)

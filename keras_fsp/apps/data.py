@@ -11,6 +11,17 @@ form in `FORMS`; `register_dataset` adds one):
 - `"digits"`: scikit-learn's bundled 8x8 handwritten digits, offline: a fixed,
   stratified split (1,297 train / 500 test, seed 0), pixels scaled to
   [0, 1], shape `(N, 8, 8, 1)`.
+- `"folder:PATH"`: a folder of images, one sub-folder per class (as
+  `keras.utils.image_dataset_from_directory` reads them: classes in
+  alphanumeric order of their folder names), either `PATH/train/<class>/*`
+  and `PATH/test/<class>/*`, or `PATH/<class>/*` split by a fixed seed
+  (`validation_split` of each class's images go to the test split). PNG,
+  JPEG, BMP and GIF files, read into memory as uint8; grayscale when every
+  image is, RGB otherwise; all of one size or resized to `image_size`.
+- `"tfds:NAME"`: any tensorflow-datasets image-classification dataset with
+  supervised keys (`tfds.load(NAME, as_supervised=True)`), from `data_dir`;
+  without a `test` split, `train` is split as for folders; images resized to
+  `image_size` where given (needed when their sizes differ).
 - `"npz:PATH"`: a NumPy `.npz` file with `x_train`, `y_train`, `x_test`,
   `y_test` (images NHWC, or NHW for one channel; uint8 or float; integer
   labels, `(N,)` or `(N, 1)`) and optionally `class_names` (without them
@@ -35,6 +46,7 @@ x_test = data.normalize(x_test, info["mean"], info["std"])
 """
 
 import dataclasses
+import inspect
 import os
 import socket
 from typing import Callable, Optional
@@ -65,6 +77,11 @@ CIFAR100_CLASSES = (
 )
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+# The held-out fraction of a dataset without a test split, and the seed that
+# chooses it (fixed: every run and every --seed tests on the same images).
+VALIDATION_SPLIT = 0.2
+SPLIT_SEED = 0
+IMAGE_FILES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 DIGITS_TEST_SIZE = 500
 DIGITS_SEED = 0
 
@@ -132,8 +149,9 @@ def names():
 # ------------------------------------------------------------------ loading
 
 
-def dataset(name):
-    """The `Dataset` called `name` (a registered name or a form).
+def dataset(name, **options):
+    """The `Dataset` called `name` (a registered name or a form); `options`
+    (`image_size`, `validation_split`) go to the forms that take them.
 
     Raises:
         DatasetError: naming what is known when `name` is neither.
@@ -142,24 +160,33 @@ def dataset(name):
         return DATASETS[name]
     prefix, _, argument = name.partition(":") if isinstance(name, str) else ("", "", "")
     if prefix in FORMS and _:
-        return FORMS[prefix](argument)
+        make = FORMS[prefix]
+        accepted = inspect.signature(make).parameters
+        return make(argument, **{k: v for k, v in options.items() if k in accepted})
     raise DatasetError(
         f"Unknown dataset {name!r}: use one of {', '.join(names())} (a .npz file "
         f"with {', '.join(NPZ_KEYS)})."
     )
 
 
-def load_arrays(name, data_dir=None, download=True):
+def load_arrays(name, data_dir=None, download=True, image_size=None,
+                validation_split=VALIDATION_SPLIT):
     """Loads a dataset as NumPy arrays, with what a model needs to know.
 
     Args:
         name: a registered name (`"cifar10"`, `"cifar100"`, `"digits"`) or
-            a form (`"npz:PATH"`), see `DATASETS` and `FORMS`.
-        data_dir: tensorflow-datasets data directory (cifar10/cifar100 only);
-            default tfds' own (`~/tensorflow_datasets`).
+            a form (`"folder:PATH"`, `"tfds:NAME"`, `"npz:PATH"`), see
+            `DATASETS` and `FORMS`.
+        data_dir: tensorflow-datasets data directory (cifar10/cifar100 and
+            `tfds:`); default tfds' own (`~/tensorflow_datasets`).
         download: whether tfds may download and prepare a missing dataset.
             Without network access the download is not attempted (the host is
             checked first, which takes at most a few seconds).
+        image_size: `(height, width)` the images of `folder:` and `tfds:`
+            datasets are resized to; None: their own (one size for all).
+        validation_split: the fraction of each class's images that a
+            `folder:` without `train/` and `test/`, or a `tfds:` dataset
+            without a `test` split, holds out as its test split.
 
     Returns:
         `((x_train, y_train), (x_test, y_test), info)`. Images keep their
@@ -176,7 +203,7 @@ def load_arrays(name, data_dir=None, download=True):
             a tfds dataset that is neither prepared in `data_dir` nor
             downloadable (one line saying what to do).
     """
-    spec = dataset(name)
+    spec = dataset(name, image_size=image_size, validation_split=validation_split)
     loaded = spec.load(data_dir, download)
     (x_train, y_train), (x_test, y_test) = loaded[:2]
     class_names = spec.class_names or (loaded[2] if len(loaded) > 2 else None)
@@ -365,7 +392,9 @@ def _unavailable(name, data_dir, why):
     )
 
 
-def _load_tfds(name, data_dir, download):
+def _load_tfds(name, data_dir, download, image_size=None, validation_split=VALIDATION_SPLIT):
+    """`((x_train, y_train), (x_test, y_test), class_names)` of the tfds
+    dataset `name` (its `test` split, or a seeded part of `train`)."""
     try:
         import tensorflow_datasets as tfds
     except ImportError:
@@ -377,38 +406,176 @@ def _load_tfds(name, data_dir, download):
     def load(split, allow_download):
         return tfds.load(
             name, split=split, as_supervised=True, data_dir=data_dir,
-            download=allow_download,
+            download=allow_download, with_info=True,
         )
 
     try:
-        splits = [load(s, False) for s in ("train", "test")]
+        ds, builder_info = load("train", False)
     except AssertionError as e:  # tfds: "could not find data in ..."
         if not download:
             raise _unavailable(name, data_dir, "it is not prepared and download=False") from e
-        host = DOWNLOAD_HOSTS[name]
-        if not _reachable(host):
+        host = DOWNLOAD_HOSTS.get(name)
+        if host is not None and not _reachable(host):
             raise _unavailable(name, data_dir, f"it is not prepared and {host} cannot be reached") from e
         try:
-            splits = [load(s, True) for s in ("train", "test")]
+            ds, builder_info = load("train", True)
         except Exception as e2:
             raise _unavailable(
                 name, data_dir, f"download failed ({type(e2).__name__}: {str(e2)[:200]})"
             ) from e2
+    except DatasetError:
+        raise
     except Exception as e:
         raise _unavailable(name, data_dir, f"{type(e).__name__}: {str(e)[:200]}") from e
+    splits = {"train": ds}
+    try:
+        splits["test"] = load("test", False)[0]
+    except Exception:  # noqa: BLE001 - tfds' error for a split it does not have
+        pass  # held out of train below
+    try:  # a ClassLabel's names, where the dataset has them
+        _, label_key = builder_info.supervised_keys
+        class_names = [str(n) for n in builder_info.features[label_key].names] or None
+    except Exception:  # noqa: BLE001 - no names: counted from the labels
+        class_names = None
+    arrays = {split: _tfds_arrays(tfds, ds, split, name, image_size)
+              for split, ds in splits.items()}
+    if "test" not in arrays:
+        arrays["train"], arrays["test"] = held_out(*arrays["train"], validation_split,
+                                                   f"{name} (no test split)")
+    return arrays["train"], arrays["test"], class_names
+
+
+def _tfds_arrays(tfds, ds, split, name, image_size):
+    import tensorflow as tf
+
+    shape = ds.element_spec[0].shape
+    if image_size is not None:
+        size = tuple(int(v) for v in image_size)
+        ds = ds.map(lambda x, y: (tf.cast(tf.clip_by_value(tf.round(tf.image.resize(
+            x, size)), 0, 255), x.dtype), y))
+    elif shape.rank == 3 and None in shape.as_list()[:2]:
+        raise DatasetError(f"tfds:{name}: its images differ in size; pass --image_size H,W "
+                           "(image_size=(H, W)) to resize them.")
     # Not tfds.load(batch_size=-1): it batches by the split sizes in the
     # dataset's metadata, and with none (as under tfds.testing.mock_data)
     # batches by sys.maxsize, which aborts TensorFlow 2.21's process.
-    arrays = []
-    for split, ds in zip(("train", "test"), splits):
-        xs, ys = [], []
-        for x, y in tfds.as_numpy(ds.batch(10000)):
-            xs.append(x)
-            ys.append(y)
-        if not xs:
-            raise DatasetError(f"Dataset {name!r}: its {split} split is empty.")
-        arrays.append(_check_split(np.concatenate(xs), np.concatenate(ys), split, name))
-    return arrays[0], arrays[1]
+    xs, ys = [], []
+    for x, y in tfds.as_numpy(ds.batch(10000)):
+        xs.append(x)
+        ys.append(y)
+    if not xs:
+        raise DatasetError(f"Dataset {name!r}: its {split} split is empty.")
+    return _check_split(np.concatenate(xs), np.concatenate(ys), split, name)
+
+
+def held_out(x, y, fraction, source):
+    """`((x_train, y_train), (x_test, y_test))`: `fraction` of each class's
+    examples (at least one, where a class has two) held out as the test
+    split, chosen by the fixed `SPLIT_SEED`."""
+    if not 0 < fraction < 1:
+        raise DatasetError(f"{source}: the validation split must be between 0 and 1; got "
+                           f"{fraction}.")
+    rng = np.random.default_rng(SPLIT_SEED)
+    test = []
+    for label in np.unique(y):
+        members = np.flatnonzero(y == label)
+        count = int(round(fraction * len(members)))
+        count = min(max(count, 1), len(members) - 1) if len(members) > 1 else 0
+        test.extend(rng.permutation(members)[:count])
+    test = np.sort(np.asarray(test, "int64"))
+    train = np.setdiff1d(np.arange(len(y)), test)
+    if not len(test):
+        raise DatasetError(f"{source}: too few images to hold out a test split; give each "
+                           "class at least two images, or split the folder into train/ and test/.")
+    return (x[train], y[train]), (x[test], y[test])
+
+
+def _class_folders(path):
+    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+
+
+def _read_images(path, classes, source):
+    """`(images, labels, mode)` of the class sub-folders `classes` of `path`."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DatasetError(f"{source}: reading image files needs Pillow (pip install "
+                           "pillow).") from None
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        folder = os.path.join(path, name)
+        found = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_FILES))
+        files += [os.path.join(folder, f) for f in found]
+        labels += [label] * len(found)
+    images = []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                image.load()
+                images.append(image.copy())
+        except Exception as e:  # noqa: BLE001 - a broken file is the user's input
+            raise DatasetError(f"{source}: cannot read {file} ({type(e).__name__}: {e}); "
+                               "remove or replace it.") from None
+    return images, np.asarray(labels, "int32")
+
+
+def _as_array(images, mode, image_size, source):
+    converted = [im.convert(mode) for im in images]
+    if image_size is not None:
+        height, width = (int(v) for v in image_size)
+        converted = [im if im.size == (width, height) else im.resize((width, height))
+                     for im in converted]
+    sizes = sorted({im.size for im in converted})
+    if len(sizes) > 1:
+        raise DatasetError(f"{source}: the images differ in size ({sizes[0][1]}x{sizes[0][0]}, "
+                           f"{sizes[1][1]}x{sizes[1][0]}, ...); pass --image_size H,W to resize "
+                           "them.")
+    x = np.stack([np.asarray(im, "uint8") for im in converted]) if converted else None
+    return x if x is None or x.ndim == 4 else x[..., None]
+
+
+def _load_folder(path, image_size=None, validation_split=VALIDATION_SPLIT):
+    source = f"folder:{path}"
+    if not path:
+        raise DatasetError("folder:PATH needs a path to a folder with one sub-folder of images "
+                           "per class (or train/ and test/ folders holding those).")
+    path = os.path.expanduser(path)
+    if not os.path.isdir(path):
+        raise DatasetFileNotFoundError(f"{source}: no such folder.")
+    top = _class_folders(path)
+    split = "train" in top and "test" in top
+    parts = {s: os.path.join(path, s) for s in ("train", "test")} if split else {"train": path}
+    classes = _class_folders(parts["train"])
+    if not classes:
+        raise DatasetError(f"{source}: no class sub-folders; expected PATH/<class>/*.png (or "
+                           "PATH/train/<class>/* and PATH/test/<class>/*).")
+    if split and _class_folders(parts["test"]) != classes:
+        extra = sorted(set(_class_folders(parts["test"])) - set(classes))
+        raise DatasetError(f"{source}: test/ has class folders that train/ has not: {extra}; "
+                           "give both the same class sub-folders." if extra else
+                           f"{source}: test/ lacks some of train/'s class folders; give both "
+                           "the same class sub-folders.")
+    read = {s: _read_images(p, classes, source) for s, p in parts.items()}
+    if not len(read["train"][1]):
+        raise DatasetError(f"{source}: no image files ({', '.join(IMAGE_FILES)}) in its class "
+                           "folders.")
+    # Grayscale only when every image is; otherwise everything as RGB.
+    every = [im for images, _ in read.values() for im in images]
+    mode = "L" if all(im.mode in ("L", "1", "I;16") for im in every) else "RGB"
+    arrays = {s: (_as_array(images, mode, image_size, source), labels)
+              for s, (images, labels) in read.items()}
+    if split:
+        sizes = {arrays[s][0].shape[1:] for s in arrays if arrays[s][0] is not None}
+        if len(sizes) > 1:
+            raise DatasetError(f"{source}: train/ and test/ images differ in size; pass "
+                               "--image_size H,W to resize them.")
+        train, test = arrays["train"], arrays["test"]
+        if train[0] is None or test[0] is None:
+            raise DatasetError(f"{source}: the {'train' if train[0] is None else 'test'} split "
+                               "is empty: it needs at least one image.")
+    else:
+        train, test = held_out(*arrays["train"], validation_split, source)
+    return _check_split(*train, "train", source), _check_split(*test, "test", source), classes
 
 
 # ------------------------------------------------------------ normalisation
@@ -442,12 +609,13 @@ def normalize(x, mean, std, chunk=8192):
 # ------------------------------------------------------------- the datasets
 
 DOWNLOAD_HOSTS = {"cifar10": "www.cs.toronto.edu", "cifar100": "www.cs.toronto.edu"}
-FORM_ARGUMENTS = {"npz": "PATH"}
+FORM_ARGUMENTS = {"npz": "PATH", "folder": "PATH", "tfds": "NAME"}
 _CIFAR_AUGMENT = {"pad": 4, "flip": True}
 
 
-def _tfds(name):
-    return lambda data_dir, download: _load_tfds(name, data_dir, download)
+def _tfds(name, image_size=None, validation_split=VALIDATION_SPLIT):
+    return lambda data_dir, download: _load_tfds(name, data_dir, download, image_size,
+                                                 validation_split)[:2]
 
 
 register_dataset(Dataset("cifar10", "tensorflow-datasets", _tfds("cifar10"), CIFAR10_CLASSES,
@@ -459,3 +627,10 @@ register_dataset(Dataset("digits", "scikit-learn (bundled, offline)",
                          tuple(str(i) for i in range(10)), {"pad": 1, "flip": False}))
 register_form("npz", lambda path: Dataset(f"npz:{path}", f"a .npz file with {', '.join(NPZ_KEYS)}",
                                           lambda data_dir, download: _load_npz(path)))
+register_form("folder", lambda path, image_size=None, validation_split=VALIDATION_SPLIT: Dataset(
+    f"folder:{path}", "a folder of images, one sub-folder per class",
+    lambda data_dir, download: _load_folder(path, image_size, validation_split)))
+register_form("tfds", lambda name, image_size=None, validation_split=VALIDATION_SPLIT: Dataset(
+    f"tfds:{name}", "tensorflow-datasets",
+    lambda data_dir, download: _load_tfds(name, data_dir, download, image_size,
+                                          validation_split)))

@@ -1,8 +1,26 @@
-"""The command line's networks: the CIFAR ResNets it builds, and trained
-networks loaded from files or run folders, every mismatch one line."""
+"""The command line's networks: the CIFAR ResNets it builds, the networks
+`--teacher` and `--student` name, and trained networks loaded from files or
+run folders, every mismatch one line.
 
+A network spec (`--teacher`, `--student`) is one of:
+- a `.keras` file (its architecture and weights), or for a teacher also a
+  `.weights.h5` file of a CIFAR ResNet (`--teacher_depth`, `--teacher_width`)
+  or a run folder holding `teacher.keras`;
+- a keras.applications name (`MobileNetV3Small`, `ResNet50`, ...), built with
+  `weights=None` for the data's image shape and classes, logits out (no
+  softmax) and without its own input preprocessing where it has an option
+  for that (keras-fsp normalises the images itself);
+- `module:function` or `path/to/file.py:function`, a function returning a
+  Keras model, called with the keyword arguments it accepts among
+  `input_shape` (the images' `(height, width, channels)`) and `num_classes`.
+"""
+
+import importlib
+import importlib.util
+import inspect
 import io
 import os
+import sys
 import warnings
 import zipfile
 
@@ -23,9 +41,134 @@ def resnet(config, role, info):
 
 
 def describe(config, role):
-    """`ResNet-26` or `ResNet-26x4` (depth, and width when it is not 1)."""
+    """`ResNet-26` or `ResNet-26x4` (depth, and width when it is not 1), or
+    the `--teacher`/`--student` spec that names the network."""
+    spec = getattr(config, role)
+    if spec is not None and spec_kind(spec) != "file":
+        return spec
     width = getattr(config, f"{role}_width")
     return f"ResNet-{getattr(config, f'{role}_depth')}" + (f"x{width}" if width != 1 else "")
+
+
+def spec_kind(spec):
+    """`"file"` (a path, existing or meant as one), `"function"`
+    (`module:function`) or `"application"` (a keras.applications name)."""
+    if os.path.exists(spec):
+        return "file"
+    if ":" in spec:
+        return "function"
+    return "file" if spec.endswith((".keras", ".h5")) or os.sep in spec else "application"
+
+
+def application_names():
+    import keras
+
+    return sorted(n for n in dir(keras.applications)
+                  if n[:1].isupper() and callable(getattr(keras.applications, n)))
+
+
+def _application(name, flag, info):
+    import keras
+
+    make = getattr(keras.applications, name, None)
+    if name not in application_names():
+        raise CLIError(f"--{flag} {name}: not a file, a module:function or a keras.applications "
+                       f"network (one of {', '.join(application_names())}).")
+    accepted = inspect.signature(make).parameters
+    kwargs = {"weights": None, "input_shape": tuple(info["input_shape"]),
+              "classes": int(info["num_classes"])}
+    if "classifier_activation" in accepted:
+        kwargs["classifier_activation"] = None  # logits, as every term expects
+    if "include_preprocessing" in accepted:
+        kwargs["include_preprocessing"] = False  # the images come normalised
+    try:
+        return make(**kwargs)
+    except (ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CLIError(f"--{flag} {name} cannot be built for {tuple(info['input_shape'])} images "
+                       f"and {info['num_classes']} classes: {first}") from None
+
+
+def _function(spec, flag, info):
+    import keras
+
+    where, _, name = spec.rpartition(":")
+    try:
+        if where.endswith(".py"):
+            path = os.path.abspath(where)
+            if not os.path.isfile(path):
+                raise CLIError(f"--{flag} {spec}: no such file {where}.")
+            module_name = f"keras_fsp_network_{os.path.splitext(os.path.basename(path))[0]}"
+            module = sys.modules.get(module_name)
+            if module is None:
+                found = importlib.util.spec_from_file_location(module_name, path)
+                module = importlib.util.module_from_spec(found)
+                sys.modules[module_name] = module
+                found.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except CLIError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the module is the user's code
+        raise CLIError(f"--{flag} {spec}: cannot import {where} ({type(e).__name__}: "
+                       f"{e}).") from None
+    make = getattr(module, name, None)
+    if not callable(make):
+        raise CLIError(f"--{flag} {spec}: {where} has no function {name!r}.")
+    offered = {"input_shape": tuple(info["input_shape"]), "num_classes": int(info["num_classes"])}
+    try:
+        accepted = inspect.signature(make).parameters
+        takes_any = any(p.kind == p.VAR_KEYWORD for p in accepted.values())
+        model = make(**{k: v for k, v in offered.items() if takes_any or k in accepted})
+    except Exception as e:  # noqa: BLE001
+        raise CLIError(f"--{flag} {spec} failed ({type(e).__name__}: {e}); it is called with "
+                       "the keyword arguments it accepts among input_shape and "
+                       "num_classes.") from None
+    if not isinstance(model, keras.Model):
+        raise CLIError(f"--{flag} {spec} returned a {type(model).__name__}, not a Keras model.")
+    return model
+
+
+def _load_keras(path, flag):
+    import keras
+
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as e:  # noqa: BLE001
+        raise CLIError(f"--{flag} {path}: cannot load it ({type(e).__name__}: {e}).") from None
+
+
+def check_fits(model, info, flag, source):
+    """Refuses a network that does not take the dataset's images or does not
+    have one output per class."""
+    shape, want = tuple(model.input_shape[1:]), tuple(info["input_shape"])
+    classes = model.output_shape[-1]
+    fits = (len(shape) == len(want) and shape[-1] == want[-1]
+            and all(a in (None, b) for a, b in zip(shape, want)))
+    if not fits or classes != int(info["num_classes"]):
+        raise CLIError(f"--{flag} {source} takes {shape} images and has {classes} outputs; the "
+                       f"dataset has {want} images and {info['num_classes']} classes.")
+    return model
+
+
+def network(config, role, info):
+    """The network to train as `role` ("teacher" for train-teacher, or
+    "student"): what `--teacher`/`--student` names (see the module's
+    docstring), by default the CIFAR ResNet of the depth and width flags."""
+    spec = getattr(config, role)
+    if spec is None:
+        return resnet(config, role, info)
+    kind = spec_kind(spec)
+    if kind == "file":
+        if not os.path.isfile(spec) or not spec.endswith(".keras"):
+            raise CLIError(f"--{role} {spec}: expected a .keras file, a keras.applications name "
+                           "or module:function.")
+        model = _load_keras(spec, role)
+    elif kind == "function":
+        model = _function(spec, role, info)
+    else:
+        model = _application(spec, role, info)
+    return check_fits(model, info, role, spec)
 
 
 def _count_h5_variables(path_or_file):
@@ -86,7 +229,10 @@ def load_weights_into(model, path, flag, what):
 
 
 def load_teacher(config, info):
-    """`(teacher, path)`: a ResNet-`teacher_depth` with `--teacher`'s weights."""
+    """`(teacher, path)`: the network of a `.keras` file or run folder, or a
+    ResNet-`teacher_depth` with a `.weights.h5` file's weights."""
+    if spec_kind(config.teacher) != "file":  # untrained: the teacher check refuses it
+        return network(config, "teacher", info), config.teacher
     if not os.path.exists(config.teacher):
         raise CLIError(
             f"--teacher {config.teacher}: no such file or folder; train one with `keras-fsp "
@@ -95,6 +241,8 @@ def load_teacher(config, info):
             "file, or a train-teacher run folder)."
         )
     path = resolve_file(config.teacher, TEACHER_NETWORKS, "teacher")
+    if path.endswith(".keras"):
+        return check_fits(_load_keras(path, "teacher"), info, "teacher", path), path
     teacher = resnet(config, "teacher", info)
     what = (f"a {describe(config, 'teacher')} (--teacher_depth, --teacher_width) for "
             f"{config.dataset} ({tuple(info['input_shape'])}, {info['num_classes']} classes)")
@@ -104,20 +252,8 @@ def load_teacher(config, info):
 def load_trained(config, info, flag="model", stems=NETWORKS):
     """`(network, path)`: a trained network from a .keras file or a run
     folder (any depth), checked against the dataset."""
-    import keras
-
     path = resolve_file(getattr(config, flag), stems, flag)
     if not path.endswith(".keras"):
         raise CLIError(f"--{flag} {path}: evaluate/export/visualize need a .keras file or a "
                        "run folder.")
-    try:
-        model = keras.saving.load_model(path, compile=False)
-    except Exception as e:  # noqa: BLE001
-        raise CLIError(f"--{flag} {path}: cannot load it ({type(e).__name__}: {e}).") from None
-    shape, classes = tuple(model.input_shape[1:]), model.output_shape[-1]
-    want_shape = tuple(info["input_shape"])
-    if (len(shape) != len(want_shape) or shape[-1] != want_shape[-1]
-            or classes != int(info["num_classes"])):
-        raise CLIError(f"--{flag} {path} takes {shape} images and has {classes} classes; "
-                       f"--dataset {config.dataset} has {want_shape} and {info['num_classes']}.")
-    return model, path
+    return check_fits(_load_keras(path, flag), info, flag, path), path

@@ -43,6 +43,8 @@ class LogitGram(DistillationTerm):
 Any stage may then name them: `Stage("mine", {"logit_mse": 1.0, "task": 1.0})`.
 """
 
+import logging
+
 import keras
 from keras import ops
 
@@ -102,12 +104,14 @@ _ANNOUNCED = set()
 
 
 def announce(text):
-    """Prints `text` (a term's automatic pairing) once per process: a
+    """Logs `text` (a term's automatic pairing) at INFO level to the
+    `keras_fsp` logger (`logging.basicConfig(level=logging.INFO)` shows it;
+    the command line writes it into the run's log), once per process: a
     distiller built again with the same networks (a resumed run,
     `from_config`) does not repeat it."""
     if text not in _ANNOUNCED:
         _ANNOUNCED.add(text)
-        print(text, flush=True)
+        logging.getLogger("keras_fsp").info(text)
 
 
 def batch_mean(value, sample_weight=None):

@@ -157,19 +157,46 @@ class MetricsCSV(keras.callbacks.Callback):
         self.folder.write_metrics_rows(rows + [row])
 
 
-class EpochLog(keras.callbacks.Callback):
-    def __init__(self, log, total, echo):
+class Progress(keras.callbacks.Callback):
+    """What a run shows of its epochs, as Keras users know it: a progress bar
+    within each epoch at `verbose=1`, a line per epoch at 2, nothing at 0;
+    the epoch's line (with its stage's name) goes into the log at every
+    level. The stage's number (`stage_index`, for TensorBoard) is not shown."""
+
+    def __init__(self, log, total, verbose):
         super().__init__()
-        self.log, self.total, self.echo = log, total, echo
+        self.log, self.total, self.verbose = log, total, verbose
+        self.bar, self.seen = None, 0
+
+    @staticmethod
+    def _shown(logs):
+        return [(k, float(v)) for k, v in sorted((logs or {}).items())
+                if k != "stage_index" and (isinstance(v, (int, float)) or hasattr(v, "__float__"))]
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.verbose == 1:
+            print(f"epoch {epoch + 1}/{self.total}" + self._where(), flush=True)
+            # Keras' own bar, shown as is: the values are running means already.
+            self.bar = keras.utils.Progbar(self.params.get("steps"), stateless_metrics=())
+            self.seen = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.bar is not None:
+            self.seen = batch + 1
+            self.bar.update(self.seen, self._shown(logs), finalize=False)
+
+    def _where(self):
+        stage = getattr(getattr(self.model, "stage", None), "name", None)
+        return f" [{stage}]" if stage else ""
 
     def on_epoch_end(self, epoch, logs=None):
-        stage = getattr(getattr(self.model, "stage", None), "name", None)
-        values = " ".join(  # the stage's number is for TensorBoard: its name is shown
-            f"{k}={float(v):.4g}" for k, v in sorted((logs or {}).items())
-            if k != "stage_index" and (isinstance(v, (int, float)) or hasattr(v, "__float__"))
-        )
-        where = f" [{stage}]" if stage else ""
-        self.log(f"epoch {epoch + 1}/{self.total}{where} {values}", echo=self.echo)
+        shown = self._shown(logs)
+        if self.bar is not None:
+            self.bar.update(self.params.get("steps") or self.seen, shown, finalize=True)
+            self.bar = None
+        values = " ".join(f"{k}={v:.4g}" for k, v in shown)
+        self.log(f"epoch {epoch + 1}/{self.total}{self._where()} {values}",
+                 echo=self.verbose == 2)
 
 
 class Validation(keras.callbacks.Callback):

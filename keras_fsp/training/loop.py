@@ -26,9 +26,10 @@ from keras_fsp.callbacks import NonFiniteLossError
 from keras_fsp.export import deployable, export_student, float32_copy
 from keras_fsp.training import callbacks as run_callbacks
 from keras_fsp.training.device import device_name, on_accelerator
+from keras_fsp.training.curves import draw_curves
 from keras_fsp.training.files import write_weights
-from keras_fsp.training.run_folder import (SAVED_MODEL, TENSORBOARD, RunFolder, keras_file,
-                                           weights_file)
+from keras_fsp.training.run_folder import (CURVES, SAVED_MODEL, TENSORBOARD, RunFolder,
+                                           keras_file, weights_file)
 from keras_fsp.training.scores import accuracy_and_loss
 
 # Default least time between two checkpoints on a GPU or TPU (see `train`).
@@ -155,7 +156,8 @@ def train(recipe, train_data, test_data, run_dir, batch_size=128, seed=0, epochs
         save_name: file stem of the trained network (`student`, `teacher`).
         log: a `keras_fsp.training.Log` (default: one writing the folder's
             `log.txt`; a log with no file yet is opened there).
-        verbose: Keras `fit` verbosity.
+        verbose: 1: a progress bar per epoch; 2: a line per epoch; 0:
+            nothing shown (every epoch's line is in the log at every level).
         nan_advice: the last sentence of the message when a loss turns NaN.
         callbacks: more callbacks, after the recipe's.
         record_kernel_norms: log the student's kernel-norm ratios per epoch.
@@ -230,7 +232,7 @@ def train(recipe, train_data, test_data, run_dir, batch_size=128, seed=0, epochs
         if checkpoint_seconds is None:
             checkpoint_seconds = ACCELERATOR_CHECKPOINT_SECONDS if on_accelerator() else 0.0
         all_callbacks += [run_callbacks.MetricsCSV(folder),
-                          run_callbacks.EpochLog(log, total, echo=not verbose), deadline,
+                          run_callbacks.Progress(log, total, verbose), deadline,
                           run_callbacks.NaNGuard(checkpoints, advice=nan_advice),
                           run_callbacks.CheckpointCallback(checkpoints, checkpoint_seconds)]
         start = time.time()
@@ -248,7 +250,7 @@ def train(recipe, train_data, test_data, run_dir, batch_size=128, seed=0, epochs
             try:
                 recipe.model.fit(
                     **data, epochs=end, initial_epoch=initial_epoch, shuffle=False,
-                    callbacks=all_callbacks, verbose=verbose,
+                    callbacks=all_callbacks, verbose=0,  # run_callbacks.Progress shows it
                 )
             except NonFiniteLossError as e:
                 diverged = str(e)
@@ -301,6 +303,10 @@ def train(recipe, train_data, test_data, run_dir, batch_size=128, seed=0, epochs
                 net, folder.file(keras_file(save_name)), format="keras", overwrite=True)
             if saved_model:
                 result["files"].update(_saved_model(net, folder, inputs_normalization))
+        curves = draw_curves(history, folder.file(CURVES), result["teacher_test_accuracy"],
+                             title=f"{recipe.name}: test accuracy {test['accuracy']:.4f}")
+        if curves is not None:
+            result["files"]["curves"] = curves
         result["seconds"] = round(time.time() - started_at, 1)
         folder.write_result(result)
         log(f"test accuracy {result['test_accuracy']:.4f} ({result['test_errors']} errors) after "

@@ -40,6 +40,7 @@ from keras_fsp.training.files import TMP, atomic_write_text, read_json, write_js
 CONFIG = "config.json"
 LOG = "log.txt"
 METRICS = "metrics.csv"
+CURVES = "curves.png"
 RESULT = "metrics.json"
 PARTS = ".parts.json"
 CHECKPOINTS = "checkpoints"
@@ -121,7 +122,7 @@ class RunFolder:
     """
 
     #: What a run writes (`--overwrite` moves these aside).
-    OUTPUTS = (CONFIG, LOG, METRICS, RESULT, PARTS, CHECKPOINTS, SAVED_MODEL, TENSORBOARD,
+    OUTPUTS = (CONFIG, LOG, METRICS, CURVES, RESULT, PARTS, CHECKPOINTS, SAVED_MODEL, TENSORBOARD,
                *(weights_file(n) for n in NETWORKS), *(keras_file(n) for n in NETWORKS))
 
     def __init__(self, path):
