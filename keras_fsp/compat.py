@@ -47,6 +47,17 @@ def run_through_graph(model, inputs, operation_fn):
     return model._run_through_graph(inputs, operation_fn=operation_fn)
 
 
+def sublayers(layer):
+    """`layer` and every layer it holds, recursively.
+
+    Why: finding the attention inside an opaque transformer block (a
+    keras-hub `TransformerEncoder` is one layer of its backbone's graph)
+    needs the layers it tracks, which Keras lists only with the private
+    `_flatten_layers`.
+    """
+    return list(layer._flatten_layers(include_self=True, recursive=True))
+
+
 def regularization_loss(model):
     """The sum of `model.losses` (weight decay), scaled the way Keras scales
     them for the active distribution strategy.

@@ -49,7 +49,8 @@ class FSPDistiller(compat.MultiWorkerBuild, keras.Model):
             under its `name` (e.g. `SoftTargetTerm(temperature=3)`); a stage
             naming a registered type gets one with its defaults otherwise.
         stages: `{name: Stage}` besides (or replacing) the built-in `"fsp"`,
-            `"hint"`, `"kd"` and `"task"` (`keras_fsp.stages.builtin_stages`).
+            `"hint"`, `"attention"`, `"kd"` and `"task"`
+            (`keras_fsp.stages.builtin_stages`).
         stage: the initial stage; default `"kd"` (0.9 soft targets + 0.1
             labels).
         augment: optional layer (e.g. `keras_fsp.augment.PadCropFlip()`) run

@@ -1,5 +1,6 @@
-"""Automatic tap pairing for convolutional networks: where the sections of a
-network end, and which teacher and student maps correspond.
+"""Automatic tap pairing: where the sections of a network end, and which
+teacher and student features correspond; for convolutional networks and for
+sequence models (transformers over tokens, Conv1D networks over time steps).
 
 A CNN computes in sections that each keep one spatial size (a ResNet's
 stages, a MobileNet's groups of inverted residual blocks). The *trunk
@@ -19,11 +20,27 @@ end (both networks see the same inputs, so the sizes line up), which works
 across families: ResNet-50 -> MobileNetV2, DenseNet -> EfficientNet, a
 CIFAR ResNet-26 -> ResNet-8. Nested functional models (keras-hub backbones
 in their classifiers) are seen through (`keras_fsp.taps.graph`).
+
+A sequence model's trunk carries `(batch, steps, channels)` features; the
+trunk's rank is that of its last trunk point with positions (a ViT's tokens,
+not its patch embedding's map). Where the steps change length (a Conv1D
+network's strides and pooling), sections are told apart by length as a
+CNN's by spatial size. Where they keep one length (a transformer's tokens),
+the sections are its blocks: a block starts at each trunk point whose
+computation since the previous one holds an attention layer (a residual
+add after multi-head attention, or an opaque encoder layer holding one)
+and ends before the next such point, with everything on the trunk in
+between (the feed-forward residual, the normalisations); what comes before
+the first is the stem, whose output starts the first section. A network
+without attention on such a trunk has one block per trunk point (its
+normalisation and activation with it). Teacher and student blocks are
+grouped evenly by depth: the shallower network's every block is paired
+with the deeper's block at the same relative depth (`i * B / n`, rounded).
 """
 
 import keras
 
-from keras_fsp import taps
+from keras_fsp import compat, positions, taps
 
 
 def _layer_types(*names):
@@ -33,24 +50,32 @@ def _layer_types(*names):
 # Layers that are never section points: they reshape, pad, regularise or
 # preprocess, but compute no features.
 _NOT_COMPUTING = _layer_types(
-    "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D", "Cropping2D", "Dropout",
-    "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "AlphaDropout",
-    "Rescaling", "Normalization", "InputLayer", "Resizing", "CenterCrop",
+    "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D", "Cropping1D", "Cropping2D", "Dropout",
+    "SpatialDropout1D", "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "AlphaDropout",
+    "Rescaling", "Normalization", "InputLayer", "Resizing", "CenterCrop", "Masking",
 )
 # Layers that belong to the convolution before (or, pre-activated, after) them.
 _NORM_OR_ACTIVATION = _layer_types(
     "BatchNormalization", "LayerNormalization", "GroupNormalization", "Activation", "ReLU",
     "LeakyReLU", "PReLU", "ELU",
 )
-_CONVOLUTIONS = _layer_types("Conv2D", "DepthwiseConv2D", "SeparableConv2D")
+_CONVOLUTIONS = _layer_types("Conv1D", "Conv2D", "DepthwiseConv1D", "DepthwiseConv2D",
+                             "SeparableConv1D", "SeparableConv2D")
+_ATTENTION = _layer_types("MultiHeadAttention", "GroupQueryAttention", "Attention",
+                          "AdditiveAttention")
 
 
 def _is_pointwise(layer):
     return (
-        isinstance(layer, keras.layers.Conv2D)
-        and tuple(layer.kernel_size) == (1, 1)
-        and tuple(layer.strides) == (1, 1)
+        isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D))
+        and set(layer.kernel_size) == {1}
+        and set(layer.strides) == {1}
     )
+
+
+def _has_attention(layer):
+    """Whether `layer` is, or holds (an opaque transformer block), attention."""
+    return any(isinstance(sub, _ATTENTION) for sub in compat.sublayers(layer))
 
 
 def trunk_layers(model):
@@ -67,23 +92,38 @@ def trunk_layers(model):
     return trunk
 
 
-def _spatial_size(node):
-    shape = getattr(node.output, "shape", None)
-    if shape is None or len(shape) != 4 or shape[1] is None:
-        return None
-    return tuple(shape[1:3])
+def _trunk_points(model):
+    """`[(name, positions)]`: the computing trunk points of `model` whose
+    positions have a known size, in graph order, of the rank of the last
+    one (see the module's docstring).
+
+    Raises:
+        ValueError: if there is none.
+    """
+    g = taps.graph(model)
+    points = []
+    for name in trunk_layers(model):
+        node = g.nodes[name]
+        size = positions.positions_of(getattr(node.output, "shape", None) or ())
+        if size is not None and not isinstance(node.layer, _NOT_COMPUTING):
+            points.append((name, size))
+    if not points:
+        raise ValueError(
+            f"{model.name!r} has no feature maps or sequences of known size on its trunk (the "
+            "layers every path from its input to its output passes through): FSP, hints and "
+            "attention transfer need features (batch, height, width, channels) or (batch, "
+            "steps, channels) there, of a fixed input size (build the model, or its "
+            "backbone, for one). Or name the layers to tap explicitly."
+        )
+    rank = len(points[-1][1])
+    return [(name, size) for name, size in points if len(size) == rank]
 
 
 def _sections(model):
-    """`{(height, width): [trunk layer names]}`: the computing trunk points
-    of each spatial size, in graph order (largest size first)."""
-    g = taps.graph(model)
+    """`{positions: [trunk layer names]}`: the computing trunk points of each
+    spatial size (sequence length), in graph order (largest size first)."""
     sections = {}
-    for name in trunk_layers(model):
-        node = g.nodes[name]
-        size = _spatial_size(node)
-        if size is None or isinstance(node.layer, _NOT_COMPUTING):
-            continue
+    for name, size in _trunk_points(model):
         if sections and size != list(sections)[-1] and size in sections:
             raise ValueError(
                 f"Cannot find the sections of {model.name!r} automatically: the spatial "
@@ -91,13 +131,36 @@ def _sections(model):
                 "Pass the layer pairs explicitly (fsp_pairs=[(first, second), ...])."
             )
         sections.setdefault(size, []).append(name)
-    if not sections:
-        raise ValueError(
-            f"{model.name!r} has no 4-D feature maps of known size on its trunk: FSP and "
-            "attention transfer need convolutional feature maps (batch, height, width, "
-            "channels) of a fixed input size (build the model, or its backbone, for one)."
-        )
     return sections
+
+
+def _in_blocks(model):
+    """Whether `model`'s trunk is a sequence of one length: its sections are
+    blocks (`_blocks`), not sizes."""
+    sections = _sections(model)
+    return len(sections) == 1 and len(next(iter(sections))) == 1
+
+
+def _blocks(model):
+    """`(start, [block ends])` of a trunk of one sequence length (see the
+    module's docstring); `start` is None where no stem comes before the
+    first block."""
+    g = taps.graph(model)
+    order = {name: i for i, name in enumerate(g.nodes)}
+    names = list(g.nodes)
+    units, attends = [], []  # [[first, last] trunk point], whether each starts a block
+    for name in next(iter(_sections(model).values())):
+        if units and isinstance(g.nodes[name].layer, _NORM_OR_ACTIVATION):
+            units[-1][1] = name
+            continue
+        since = order[units[-1][1]] + 1 if units else 0
+        attends.append(any(_has_attention(g.nodes[n].layer) for n in names[since:order[name] + 1]))
+        units.append([name, name])
+    if not any(attends):
+        return units[0][1], [last for _, last in units[1:]]
+    cuts = [i for i, a in enumerate(attends) if a] + [len(units)]
+    start = units[cuts[0] - 1][1] if cuts[0] else None
+    return start, [units[b - 1][1] for b in cuts[1:]]
 
 
 def _own_end(g, run):
@@ -123,19 +186,27 @@ def _own_end(g, run):
 
 def section_ends(model):
     """`{(height, width): layer name}`: where each section of `model` ends,
-    in graph order (largest spatial size first).
+    in graph order (largest spatial size first); `{(steps,): name}` for a
+    sequence model whose steps change length; `{block number: name}`,
+    numbered from 1, for one whose steps keep one length (a transformer).
 
     Raises:
-        ValueError: if the model has no 4-D feature maps, or a spatial size
-            comes back after a different one (sections cannot be told apart).
+        ValueError: if the model has no feature maps or sequences of known
+            size on its trunk, or a spatial size comes back after a
+            different one (sections cannot be told apart).
     """
+    if _in_blocks(model):
+        return dict(enumerate(_blocks(model)[1], 1))
     g = taps.graph(model)
     return {size: _own_end(g, run) for size, run in _sections(model).items()}
 
 
 def section_start(model):
     """Where the first section starts: its first trunk map, with the
-    normalisation and activation layers that follow it (a stem's output)."""
+    normalisation and activation layers that follow it (a stem's output);
+    for a transformer, its stem's output (None where it has none)."""
+    if _in_blocks(model):
+        return _blocks(model)[0]
     g = taps.graph(model)
     run = next(iter(_sections(model).values()))
     k = 0
@@ -169,15 +240,36 @@ def mismatch(teacher, student, message):
     )
 
 
+def _evenly(ends, n):
+    """`n` of a network's block `ends`, at evenly spread relative depths."""
+    return [ends[((i + 1) * len(ends) + n // 2) // n - 1] for i in range(n)]
+
+
 def matched_section_ends(teacher, student):
     """`[(teacher layer, student layer)]`: the two networks' section ends at
-    the spatial sizes both have, largest first.
+    the spatial sizes (sequence lengths) both have, largest first; for
+    transformers, their blocks grouped evenly (as many pairs as the
+    shallower has blocks).
 
     Raises:
         ValueError: listing both networks' section ends with their shapes
-            when they share no spatial size.
+            when they share no spatial size, or when one computes in blocks
+            of one length and the other in sections of several sizes.
     """
     t_ends, s_ends = section_ends(teacher), section_ends(student)
+    t_blocks, s_blocks = _in_blocks(teacher), _in_blocks(student)
+    if t_blocks != s_blocks:
+        blocks, sections = ("teacher", "student") if t_blocks else ("student", "teacher")
+        raise mismatch(
+            teacher, student,
+            f"The {blocks} computes in blocks over one sequence length and the {sections} in "
+            "sections of several sizes: their sections cannot be paired by size or depth.",
+        )
+    if t_blocks:
+        n = min(len(t_ends), len(s_ends))
+        if not n:
+            raise mismatch(teacher, student, "The teacher or the student has no block to pair.")
+        return list(zip(_evenly(list(t_ends.values()), n), _evenly(list(s_ends.values()), n)))
     common = [size for size in t_ends if size in s_ends]
     if not common:
         raise mismatch(teacher, student, "The teacher and the student share no section size to pair.")
@@ -185,12 +277,13 @@ def matched_section_ends(teacher, student):
 
 
 def matched_section_pairs(teacher, student):
-    """FSP pairs of both networks, matched by spatial size.
+    """FSP pairs of both networks, matched by spatial size (transformers:
+    by depth, see `matched_section_ends`).
 
     Each pair runs from one common section end to the next. The first
     section's own pair (its input, the stem's output, to its end) is
-    included when both networks' first sections have the same size and
-    such an input.
+    included when both networks' first sections have the same size (any
+    two transformers) and such an input.
 
     Returns:
         `(teacher_pairs, student_pairs)`, equally long.
@@ -204,14 +297,14 @@ def matched_section_pairs(teacher, student):
     s_pairs = list(zip([e[1] for e in ends[:-1]], [e[1] for e in ends[1:]]))
     t_start, s_start = section_start(teacher), section_start(student)
     first_t, first_s = ends[0]
-    same_first = next(iter(_sections(teacher))) == next(iter(_sections(student)))
-    if same_first and t_start != first_t and s_start != first_s:
+    same_first = _in_blocks(teacher) or next(iter(_sections(teacher))) == next(iter(_sections(student)))
+    if same_first and t_start not in (None, first_t) and s_start not in (None, first_s):
         t_pairs.insert(0, (t_start, first_t))
         s_pairs.insert(0, (s_start, first_s))
     if not t_pairs:
         raise mismatch(
             teacher, student,
-            "Only one section size is shared by the teacher and the student: no pair of "
-            "maps to form.",
+            "Only one section size (or block) is matched between the teacher and the student: "
+            "no pair of maps to form.",
         )
     return t_pairs, s_pairs

@@ -162,6 +162,8 @@ def builtin_stages():
     In both, the student's head is neither run nor trained; they train at
     `FEATURE_STAGE_LR_SCALE` times the compiled learning rate with gradients
     clipped to a global norm of `FEATURE_STAGE_CLIPNORM`.
+    - `"attention"`: attention transfer plus the labels, the whole student
+      at the compiled learning rate (Zagoruyko & Komodakis: one stage).
     - `"kd"`: `0.9 * soft targets + 0.1 * labels` (Hinton), the default.
     - `"task"`: labels only; the teacher does not run.
     """
@@ -170,6 +172,7 @@ def builtin_stages():
     return {
         "fsp": Stage("fsp", {"fsp": 1.0}, **feature),
         "hint": Stage("hint", {"hint": 1.0}, **feature),
+        "attention": Stage("attention", {"attention": 1.0, "task": 1.0}),
         "kd": Stage("kd", {"kd": 0.9, "task": 0.1}),
         "task": Stage("task", {"task": 1.0}),
     }

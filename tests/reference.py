@@ -10,8 +10,21 @@ def pool(x, size, mode="max"):
     return x.max(axis=(2, 4)) if mode == "max" else x.mean(axis=(2, 4))
 
 
+def pool_steps(x, length, mode="avg"):
+    """Sequences `(batch, steps, c)` pooled to `length` steps, group by group."""
+    x = np.asarray(x, np.float64)
+    r = x.shape[1] // length
+    reduce = np.max if mode == "max" else np.mean
+    return np.stack([reduce(x[:, k * r:(k + 1) * r], axis=1) for k in range(length)], axis=1)
+
+
 def fsp(f1, f2, mode="max"):
+    """Maps `(b, h, w, c)` or sequences `(b, steps, c)`."""
     f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    if f1.ndim == 3:
+        length = min(f1.shape[1], f2.shape[1])
+        f1, f2 = pool_steps(f1, length, mode), pool_steps(f2, length, mode)
+        return np.einsum("bpm,bpn->bmn", f1, f2) / length
     size = min(f1.shape[1:3], f2.shape[1:3])
     f1, f2 = pool(f1, size, mode), pool(f2, size, mode)
     b, h, w, m = f1.shape
@@ -57,17 +70,22 @@ def hint_loss(hint, regressed):
     return 0.5 * (d ** 2).reshape(len(d), -1).sum(axis=1).mean()
 
 
-def attention_map(f, p=2):
+def attention_map(f, p=2, length=None):
+    """`length`: sequences' energies averaged over groups of steps first."""
     f = np.asarray(f, np.float64)
     q = (np.abs(f) ** p).sum(axis=-1).reshape(len(f), -1)
+    if length is not None:
+        q = q.reshape(len(f), length, -1).mean(axis=2)
     return q / np.linalg.norm(q, axis=1, keepdims=True)
 
 
 def attention_transfer_loss(t_maps, s_maps, beta=1000.0, p=2, reduction="mean_squared"):
-    """beta/2 * sum over pairs of d(Q_S, Q_T), batch mean."""
+    """beta/2 * sum over pairs of d(Q_S, Q_T), batch mean; sequences of
+    different lengths meet at the shorter."""
     total = 0.0
     for t, s in zip(t_maps, s_maps):
-        d = attention_map(s, p) - attention_map(t, p)
+        length = None if np.ndim(t) == 4 else min(np.shape(t)[1], np.shape(s)[1])
+        d = attention_map(s, p, length) - attention_map(t, p, length)
         total = total + ((d ** 2).mean(axis=1) if reduction == "mean_squared"
                          else np.sqrt((d ** 2).sum(axis=1)))
     return (beta / 2 * total).mean()

@@ -22,6 +22,12 @@ def test_consumers_are_the_layers_using_an_output():
     assert sorted(op.name for op in compat.consumers(a)) == ["b", "c"]
 
 
+def test_sublayers_are_the_layer_and_those_it_holds():
+    block = keras.Sequential([keras.layers.Dense(2, name="inner")], name="block")
+    names = [layer.name for layer in compat.sublayers(block)]
+    assert names[0] == "block" and "inner" in names
+
+
 def test_regularization_loss_sums_the_models_losses():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(
         2, kernel_regularizer=keras.regularizers.L2(0.5), kernel_initializer="ones")])

@@ -287,12 +287,14 @@ def dense_fsp(teacher, student, steps_per_epoch, points_per_section=2,
                   _stage_callbacks(schedule, restore_kernel_norms), student)
 
 
-def fitnets(teacher, student, steps_per_epoch, hint_layer="stage2", guided_layer="stage2",
+def fitnets(teacher, student, steps_per_epoch, hint_layer=None, guided_layer=None,
             stage1_iterations=35000, stage2_iterations=64000, temperature=3.0,
             lambda_start=4.0, lambda_end=1.0, stage2="kd", augment=None, scale=1.0):
     """FitNets as the FSP paper ran it (Romero et al. 2015).
 
-    Stage 1: hint loss, training the student up to the guided layer and the
+    Stage 1: hint loss (the hint and guided layers: `HintTerm`'s choice in
+    the middle of the networks unless named; `"stage2"` of the CIFAR
+    ResNets), training the student up to the guided layer and the
     regressor, learning rate 1e-4 then 1e-5 after 25k of 35k iterations.
     Stage 2: `task + lambda * soft targets` at temperature 3, lambda falling
     linearly from 4 to 1 over the stage (epoch by epoch), 0.1 -> 0.01 ->

@@ -1,35 +1,48 @@
 """Attention transfer (Zagoruyko & Komodakis, ICLR 2017, "Paying More Attention
 to Attention"): the maths and the term."""
 
+import math
+
 from keras import ops
 
-from keras_fsp import pairing, taps
+from keras_fsp import pairing, positions, taps
 from keras_fsp.terms.base import DistillationTerm, announce, register_term
 
 REDUCTIONS = ("mean_squared", "l2")
 
 
-def attention_map(features, p=2):
-    """Spatial attention of a feature map: `sum_c |F_c|^p`, flattened and
-    divided by its L2 norm.
+def attention_map(features, p=2, size=None):
+    """Attention of features over their positions: `sum_c |F_c|^p`,
+    flattened and divided by its L2 norm.
 
     Args:
-        features: `(batch, h, w, c)` map.
+        features: `(batch, positions..., c)`: a map `(batch, h, w, c)`, or a
+            sequence `(batch, steps, c)`.
         p: the exponent (2 in the paper).
+        size: position counts to bring the map to first, each an integer
+            divisor of the features' own: the map's values are averaged over
+            groups of positions (the attention of a group of tokens is its
+            tokens' mean energy: the same map, normalised, as their sum).
+            `None`: the features' own positions.
 
     Returns:
-        float32 `(batch, h * w)`, each row of unit L2 norm.
+        float32 `(batch, positions)`, each row of unit L2 norm.
     """
     f = ops.cast(features, "float32")
     q = ops.sum(ops.power(ops.abs(f), p), axis=-1)
+    if size is not None and tuple(size) != tuple(f.shape[1:-1]):
+        q = positions.pool(ops.expand_dims(q, -1), size, "avg")
     q = ops.reshape(q, (ops.shape(q)[0], -1))
     norm = ops.sqrt(ops.sum(ops.square(q), axis=-1, keepdims=True))
     return q / ops.maximum(norm, 1e-12)
 
 
-def attention_key(layer, p):
-    """Teacher-target key of the attention map of `layer`."""
-    return f"/attention/{p:g}/{layer}"
+def attention_key(layer, p, size=None):
+    """Teacher-target key of the attention map of `layer` (brought to the
+    position counts `size`, when given)."""
+    if size is None:
+        return f"/attention/{p:g}/{layer}"
+    return f"/attention/{p:g}@{'x'.join(str(n) for n in size)}/{layer}"
 
 
 @register_term("attention")
@@ -42,12 +55,17 @@ class AttentionTerm(DistillationTerm):
     RepDistiller (which the published numbers come from), averaged over the
     batch by the distiller; with `reduction="l2"`, the L2 norm of the
     difference, as the paper's formula writes it. Channel counts may
-    differ; spatial sizes must match.
+    differ. The spatial sizes of maps must match (the paper); the lengths
+    of sequences `(batch, steps, channels)` may differ by an integer
+    factor: the longer's map is averaged over groups of positions
+    (`attention_map`), since a transformer's tokens have one length
+    throughout and a student may tokenise more coarsely.
 
     Args:
         pairs: `[(teacher layer, student layer), ...]`, or `"auto"`: the two
-            networks' section ends at the spatial sizes both have
-            (`keras_fsp.pairing.matched_section_ends`).
+            networks' matched section ends
+            (`keras_fsp.pairing.matched_section_ends`: a CNN's at the
+            spatial sizes both have, a transformer's blocks grouped evenly).
         beta: the weight (1000 in the paper, with `reduction="mean_squared"`).
         p: the exponent of the attention map (2).
         reduction: `"mean_squared"` or `"l2"`.
@@ -65,45 +83,63 @@ class AttentionTerm(DistillationTerm):
         self.beta = float(beta)
         self.p = float(p)
         self.reduction = reduction
+        self._sizes = None  # per pair, from `configure`; None: no pooling
 
     def configure(self, teacher, student):
         """Resolves `"auto"` pairs (`pairs` then holds them, and they are
         printed once per process) and checks that each pair's maps have the
-        same spatial size."""
+        same spatial size (sequences: lengths that divide one another)."""
         auto = self.pairs == "auto"
         if auto:
             self.pairs = pairing.matched_section_ends(teacher, student)
         if not self.pairs:
             raise ValueError("Attention transfer needs at least one (teacher, student) layer pair.")
-        for pair in self.pairs:
-            if len(pair) != 2:
-                raise ValueError(f"Each attention pair is (teacher_layer, student_layer); got {pair!r}.")
-            t_shape = taps.output_shape(teacher, pair[0], "teacher")
-            s_shape = taps.output_shape(student, pair[1], "student")
-            if len(t_shape) != 4 or len(s_shape) != 4 or t_shape[1:3] != s_shape[1:3]:
-                raise ValueError(
-                    f"Attention pair {tuple(pair)}: the teacher's map {t_shape} and the "
-                    f"student's {s_shape} must be 4-D with the same spatial size."
-                )
+        self._sizes = [self._pooled_size(teacher, student, pair) for pair in self.pairs]
         self.teacher_taps = tuple(dict.fromkeys(t for t, _ in self.pairs))
         self.student_taps = tuple(dict.fromkeys(s for _, s in self.pairs))
         if auto:
             announce(f"keras_fsp: {teacher.name} -> {student.name}, {self.describe()}")
 
+    def _pooled_size(self, teacher, student, pair):
+        """`(teacher's, student's)` position counts to pool each map of
+        `pair` to (None: its own)."""
+        if len(pair) != 2:
+            raise ValueError(f"Each attention pair is (teacher_layer, student_layer); got {pair!r}.")
+        t_shape = taps.output_shape(teacher, pair[0], "teacher")
+        s_shape = taps.output_shape(student, pair[1], "student")
+        if len(t_shape) == 4 and len(s_shape) == 4:  # maps: the paper pairs one resolution
+            if t_shape[1:3] != s_shape[1:3] or None in t_shape[1:3]:
+                raise ValueError(
+                    f"Attention pair {tuple(pair)}: the teacher's map {t_shape} and the "
+                    f"student's {s_shape} must have the same spatial size."
+                )
+            return None, None
+        try:
+            size = positions.pooled_size(t_shape, s_shape, "attention transfer")
+        except ValueError as e:
+            raise ValueError(f"Attention pair {tuple(pair)}: {e}") from None
+        return tuple(None if positions.positions_of(shape) == size else size
+                     for shape in (t_shape, s_shape))
+
+    def _targets(self):
+        """`[(teacher layer, target key, teacher's pooled size)]`, one per pair."""
+        return [(t, attention_key(t, self.p, size), size)
+                for (t, _), (size, _) in zip(self.pairs, self._pair_sizes())]
+
+    def _pair_sizes(self):
+        return self._sizes or [(None, None)] * len(self.pairs)
+
     def teacher_targets(self, features):
-        return {attention_key(t, self.p): attention_map(features[t], self.p) for t in self.teacher_taps}
+        return {key: attention_map(features[t], self.p, size) for t, key, size in self._targets()}
 
     def target_shapes(self, teacher):
-        shapes = {}
-        for t in self.teacher_taps:
-            _, h, w, _ = taps.output_shape(teacher, t, "teacher")
-            shapes[attention_key(t, self.p)] = (h * w,)
-        return shapes
+        return {key: (math.prod(size or taps.output_shape(teacher, t, "teacher")[1:-1]),)
+                for t, key, size in self._targets()}
 
     def compute(self, student, teacher, y_true):
         total = 0.0
-        for t, s in self.pairs:
-            diff = attention_map(student[s], self.p) - teacher[attention_key(t, self.p)]
+        for (_, s), (_, key, _), (_, s_size) in zip(self.pairs, self._targets(), self._pair_sizes()):
+            diff = attention_map(student[s], self.p, s_size) - teacher[key]
             if self.reduction == "mean_squared":
                 total = total + ops.mean(ops.square(diff), axis=-1)
             else:

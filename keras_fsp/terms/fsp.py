@@ -7,77 +7,35 @@ The maths (`fsp_matrix`, `fsp_distance`) is written with `keras.ops` only;
 Keras' loss APIs.
 """
 
+import math
+
 import keras
 from keras import ops
 
-from keras_fsp import pairing, taps
+from keras_fsp import pairing, positions, taps
 from keras_fsp.terms.base import DistillationTerm, announce, register_term
 
 POOLING_MODES = ("max", "avg")
 
 
-def pooled_spatial_size(shape1, shape2):
-    """The spatial size two feature maps are brought to for their FSP matrix.
-
-    Args:
-        shape1: shape `(batch, h1, w1, m)` of the first map (batch may be None).
-        shape2: shape `(batch, h2, w2, n)` of the second map.
-
-    Returns:
-        `(h, w)`, the smaller of the two sizes.
-
-    Raises:
-        ValueError: if a shape is not 4-D, a spatial size is unknown, or the
-            larger map is not an integer multiple of the smaller in both axes.
-    """
-    for shape in (shape1, shape2):
-        if len(shape) != 4 or shape[1] is None or shape[2] is None:
-            raise ValueError(
-                "FSP matrices need channels-last feature maps with a known "
-                f"spatial size, (batch, height, width, channels); got shapes "
-                f"{tuple(shape1)} and {tuple(shape2)}."
-            )
-    (h1, w1), (h2, w2) = tuple(shape1[1:3]), tuple(shape2[1:3])
-    if (h1, w1) == (h2, w2):
-        return h1, w1
-    big, small = ((h1, w1), (h2, w2)) if h1 >= h2 else ((h2, w2), (h1, w1))
-    if big[1] < small[1] or big[0] % small[0] or big[1] % small[1]:
-        raise ValueError(
-            "Cannot pair feature maps of shapes "
-            f"{tuple(shape1)} and {tuple(shape2)} in an FSP matrix: the larger "
-            "spatial size must be an integer multiple of the smaller in both "
-            "height and width, so that pooling can bring it down."
-        )
-    return small
-
-
-def _pool_to(x, size, pooling):
-    """Non-overlapping max or average pooling of `x` down to `size`, written
-    as a reshape and a reduction: the same values as a pooling op, and on
-    GPUs a much cheaper gradient than XLA's select-and-scatter."""
-    h, w = x.shape[1], x.shape[2]
-    if (h, w) == tuple(size):
-        return x
-    rh, rw = h // size[0], w // size[1]
-    blocks = ops.reshape(x, (-1, size[0], rh, size[1], rw, x.shape[-1]))
-    reduce = ops.max if pooling == "max" else ops.mean
-    return reduce(blocks, axis=(2, 4))
-
-
 def fsp_matrix(f1, f2, pooling="max"):
-    """FSP matrix between two feature maps of one network, eq. (1).
+    """FSP matrix between two features of one network, eq. (1).
 
-    `G[b, i, j] = sum_{s,t} f1[b, s, t, i] * f2[b, s, t, j] / (h * w)`.
+    `G[b, i, j] = sum_p f1[b, p, i] * f2[b, p, j] / P` over the `P`
+    positions `p` of the two: `h * w` pixels of feature maps `(batch, h, w,
+    channels)`, or the tokens or time steps of sequences `(batch, steps,
+    channels)`.
 
-    When the spatial sizes differ, the larger map is pooled down to the
-    smaller one first (max pooling, as in the paper; `"avg"` is the variant
-    some PyTorch toolkits use). The product is accumulated in float32 and the
-    result is float32 whatever the input dtype (float16/bfloat16 sums of
-    h*w products lose too much precision).
+    When the position counts differ, the larger is pooled down to the
+    smaller first over non-overlapping groups (`keras_fsp.positions`: max
+    pooling, as in the paper; `"avg"` is the variant some PyTorch toolkits
+    use). The product is accumulated in float32 and the result is float32
+    whatever the input dtype (float16/bfloat16 sums of P products lose too
+    much precision).
 
     Args:
-        f1: tensor `(batch, h1, w1, m)`, the earlier feature map.
-        f2: tensor `(batch, h2, w2, n)`, the later feature map.
+        f1: tensor `(batch, positions..., m)`, the earlier features.
+        f2: tensor `(batch, positions..., n)`, the later features.
         pooling: `"max"` (default, the paper) or `"avg"`.
 
     Returns:
@@ -94,12 +52,25 @@ def fsp_matrix(f1, f2, pooling="max"):
         raise ValueError(f"pooling must be one of {POOLING_MODES}; got {pooling!r}.")
     f1 = ops.convert_to_tensor(f1)
     f2 = ops.convert_to_tensor(f2)
-    size = pooled_spatial_size(f1.shape, f2.shape)
+    size = positions.pooled_size(f1.shape, f2.shape)
     # Pool in the input dtype (max pooling is exact), then accumulate in f32.
-    f1 = ops.cast(_pool_to(f1, size, pooling), "float32")
-    f2 = ops.cast(_pool_to(f2, size, pooling), "float32")
-    g = ops.einsum("bhwm,bhwn->bmn", f1, f2)
-    return g / float(size[0] * size[1])
+    f1 = ops.cast(positions.pool(f1, size, pooling), "float32")
+    f2 = ops.cast(positions.pool(f2, size, pooling), "float32")
+    axes = "hwdefgijkl"[:len(size)]  # "hw" for maps: the 4-D einsum as it always was
+    g = ops.einsum(f"b{axes}m,b{axes}n->bmn", f1, f2)
+    return g / float(math.prod(size))
+
+
+def per_position_linear(channels, input_shape, name):
+    """A built linear map of features `input_shape` to `channels`, position
+    by position, without bias: a 1x1 convolution of feature maps (as
+    always), a Dense layer of sequences and any other rank."""
+    if len(input_shape) == 4:
+        layer = keras.layers.Conv2D(channels, 1, use_bias=False, name=name)
+    else:
+        layer = keras.layers.Dense(channels, use_bias=False, name=name)
+    layer.build(input_shape)
+    return layer
 
 
 def fsp_matrices(features, pairs, pooling="max", projections=None):
@@ -168,17 +139,20 @@ class FSPTerm(DistillationTerm):
 
     Args:
         pairs: teacher layer pairs `[(first, second), ...]`, or `"auto"`:
-            the two networks' sections paired by spatial size
+            the two networks' sections paired
             (`keras_fsp.pairing.matched_section_pairs`: each section's input
-            with its output).
+            with its output; a CNN's sections by spatial size, a
+            transformer's blocks grouped evenly).
         student_pairs: the student's pairs when its layer names differ from
             the teacher's (found automatically with `pairs="auto"`).
         pair_weights: lambda_i per pair; default 1 each (the paper).
         pooling: `"max"` (the paper) or `"avg"`, to bring the larger map of
             a pair down to the smaller one's size.
-        projection: `"auto"` (default): a learned 1x1 convolution maps a
-            student map to the teacher's channel count where the two differ
-            (the mapping is printed); `False`: such a pair is an error;
+        projection: `"auto"` (default): a learned linear map, position by
+            position (`per_position_linear`: a 1x1 convolution of feature
+            maps, a Dense layer of sequences), takes a student's features
+            to the teacher's channel count where the two differ (the
+            mapping is printed); `False`: such a pair is an error;
             `True`: same as `"auto"`.
         normalize: divide each pair's squared norm by the matrix size
             `m * n` (see `fsp_distance`).
@@ -238,7 +212,7 @@ class FSPTerm(DistillationTerm):
             for pair in pairs:
                 shapes = [taps.output_shape(model, n, role) for n in pair]
                 try:
-                    pooled_spatial_size(*shapes)
+                    positions.pooled_size(*shapes)
                 except ValueError as e:
                     message = f"FSP pair {pair} of the {role}: {e}"
                     raise (pairing.mismatch(teacher, student, message) if auto
@@ -265,13 +239,12 @@ class FSPTerm(DistillationTerm):
                         f"FSP pair mismatch: teacher layer {t_name!r} has shape {t_shape} and "
                         f"student layer {s_name!r} has shape {s_shape}; their channel counts "
                         "must be equal for the FSP matrices to have the same size. Tap layers "
-                        "with equal channels, or pass FSPTerm(projection='auto') to learn a 1x1 "
-                        "projection of the student's map."
+                        "with equal channels, or pass FSPTerm(projection='auto') to learn a "
+                        "per-position projection of the student's features."
                     )
                 # Layer names cannot hold the "/" of a nested layer's path.
-                proj = keras.layers.Conv2D(t_shape[-1], 1, use_bias=False,
-                                           name=f"{self.name}_projection_{s_name.replace('/', '_')}")
-                proj.build(s_shape)
+                proj = per_position_linear(t_shape[-1], s_shape,
+                                           f"{self.name}_projection_{s_name.replace('/', '_')}")
                 projections[s_name] = proj
         return projections
 
@@ -291,8 +264,9 @@ class FSPTerm(DistillationTerm):
         for t, s in zip(self.pairs, self.student_pairs):
             lines.append(f"  {t} -> {s}")
         for name, proj in self.projections.items():
-            _, _, c_in, c_out = proj.kernel.shape
-            lines.append(f"  1x1 projection of the student's {name!r}: {c_in} -> {c_out} channels")
+            c_in, c_out = proj.kernel.shape[-2:]
+            kind = "1x1" if len(proj.kernel.shape) == 4 else "per-position"
+            lines.append(f"  {kind} projection of the student's {name!r}: {c_in} -> {c_out} channels")
         return "\n".join(lines)
 
     # ------------------------------------------------------------- compute
