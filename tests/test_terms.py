@@ -239,6 +239,21 @@ def test_relational_terms_train_a_step_with_duplicate_examples():
     assert all(np.all(np.isfinite(w)) for w in weights_of(student))
 
 
+def test_the_relational_methods_are_repdistillers_weights_alone_and_with_kd():
+    from keras_fsp.papers import methods
+
+    teacher, student = small_pair()
+    for name, term, setting in [("rkd", "rkd", ("distance_weight", 25.0)), ("pkt", "pkt", ("beta", 30000.0)),
+                                ("sp", "sp", ("beta", 3000.0))]:
+        alone = methods.get(name).build(teacher, student, steps_per_epoch=10)
+        assert alone.schedule[0].terms == {term: 1.0, "task": 1.0}
+        assert getattr(alone.model.terms[term], setting[0]) == setting[1]
+        with_kd = methods.get(f"{name}-kd").build(teacher, student, steps_per_epoch=10, temperature=2.0)
+        assert with_kd.schedule[0].terms == {term: 1.0, "task": 1.0, "kd": 1.0}
+        assert with_kd.model.terms["kd"].temperature == 2.0 and with_kd.name == f"{name}-kd"
+        assert methods.get(f"{name}-kd").options == ("temperature",)
+
+
 # ------------------------------------------------------- in the distiller
 
 
