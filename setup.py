@@ -6,7 +6,8 @@ setup(
     description=(
         "Knowledge distillation for Keras 3: the FSP matrix (Yim et al. 2017), dense "
         "sequential FSP, FitNets hints, Hinton soft targets, attention transfer, "
-        "decoupled KD, logit-standardised KD and DIST, as loss terms switched in stages"
+        "decoupled KD, logit-standardised KD, DIST and the relational RKD, PKT and "
+        "similarity-preserving KD, as loss terms switched in stages"
     ),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

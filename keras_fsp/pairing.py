@@ -308,3 +308,40 @@ def matched_section_pairs(teacher, student):
             "no pair of maps to form.",
         )
     return t_pairs, s_pairs
+
+
+def penultimate(model, role="model"):
+    """The layer whose output the classifier reads: the pooled features
+    before the logits (`"pool"` of the CIFAR ResNets, `"avg_pool"` of
+    `keras.applications` models). A final softmax is stepped over, and so are
+    dropout and other non-computing layers in front of the classifier (the
+    features are what they receive).
+
+    Raises:
+        ValueError: when the logits come from no single-input layer on
+            features (name the layer explicitly then).
+    """
+    g = taps.graph(model, role)
+
+    def fail(why):
+        return ValueError(
+            f"Cannot find the penultimate features of the {role} {model.name!r}: {why}. Name "
+            "the feature layers explicitly (layers=(teacher_layer, student_layer))."
+        )
+
+    name = g.producer(g.output)
+    if name is not None and taps.ends_in_softmax(model) and isinstance(
+            g.nodes[name].layer, (keras.layers.Softmax, keras.layers.Activation)):
+        name = g.producer(g.nodes[name].inputs[0])  # the classifier is before the softmax
+    if name is None:
+        raise fail("its output is not computed by a layer")
+    classifier = name
+    while True:
+        inputs = g.nodes[name].inputs
+        if len(inputs) != 1:
+            raise fail(f"layer {name!r} takes {len(inputs)} inputs")
+        name = g.producer(inputs[0])
+        if name is None or isinstance(g.nodes[name].layer, keras.layers.InputLayer):
+            raise fail(f"the classifier {classifier!r} reads the inputs directly")
+        if not isinstance(g.nodes[name].layer, _NOT_COMPUTING):
+            return name

@@ -150,3 +150,63 @@ def dist_loss(teacher_logits, student_logits, t=4.0, beta=2.0, gamma=2.0):
     inter = _pearson_distance_rows(p_s, p_t).mean()
     intra = _pearson_distance_rows(p_s.T, p_t.T).mean()
     return t * t * (beta * inter + gamma * intra)
+
+
+def _huber_mean(a, b):
+    d = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+    return np.where(d < 1, 0.5 * d ** 2, d - 0.5).mean()
+
+
+def _flat(f):
+    f = np.asarray(f, np.float64)
+    return f.reshape(len(f), -1)
+
+
+def rkd_loss(teacher, student, distance_weight=25.0, angle_weight=50.0):
+    """Park et al. 2019, from the definitions: distances of the pairs i != j
+    (by differences, not a Gram matrix) over their mean, and the cosine at
+    every i of the triplets (j, i, k), 0 where a side has length 0 (j or k
+    is i, or a duplicate of it)."""
+    def distances(e):
+        d = np.sqrt(((e[:, None, :] - e[None, :, :]) ** 2).sum(-1))
+        off = ~np.eye(len(e), dtype=bool)
+        return d / d[off].mean()
+
+    def angles(e):
+        b = len(e)
+        out = np.zeros((b, b, b))
+        for i in range(b):
+            for j in range(b):
+                for k in range(b):
+                    u, v = e[j] - e[i], e[k] - e[i]
+                    if np.linalg.norm(u) > 0 and np.linalg.norm(v) > 0:
+                        out[i, j, k] = u @ v / (np.linalg.norm(u) * np.linalg.norm(v))
+        return out
+
+    t, s = _flat(teacher), _flat(student)
+    return (distance_weight * _huber_mean(distances(s), distances(t))
+            + angle_weight * _huber_mean(angles(s), angles(t)))
+
+
+def pkt_loss(teacher, student, eps=1e-7):
+    """Passalis & Tefas 2018: KL of cosine-kernel conditional probabilities,
+    the mean over all pairs (the authors' code)."""
+    def probabilities(f):
+        b = len(f)
+        k = np.array([[(1 + f[i] @ f[j] / ((np.linalg.norm(f[i]) + eps) * (np.linalg.norm(f[j]) + eps))) / 2
+                       for j in range(b)] for i in range(b)])
+        return k / k.sum(1, keepdims=True)
+
+    p_t, p_s = probabilities(_flat(teacher)), probabilities(_flat(student))
+    return (p_t * np.log((p_t + eps) / (p_s + eps))).mean()
+
+
+def similarity_preserving_loss(teacher, student):
+    """Tung & Mori 2019: squared Frobenius distance of the row-normalised
+    batch Gram matrices, over batch^2."""
+    def gram(f):
+        g = f @ f.T
+        return g / np.linalg.norm(g, axis=1, keepdims=True)
+
+    t, s = _flat(teacher), _flat(student)
+    return ((gram(t) - gram(s)) ** 2).sum() / len(t) ** 2

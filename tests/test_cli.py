@@ -167,9 +167,10 @@ def test_mixed_bfloat16_trains_exports_float32_and_resumes_only_under_its_policy
 
 
 
-# Every method of the table but those other tests train (fsp, none) and a
-# combination of two that are here (dense-fsp-kd).
-@pytest.mark.parametrize("method", [m for m in methods.METHODS if m not in ("fsp", "none", "dense-fsp-kd")])
+# Every method of the table but those other tests train (fsp, none) and
+# combinations of two that are here (dense-fsp-kd, the relational terms + KD).
+@pytest.mark.parametrize("method", [m for m in methods.METHODS if m not in (
+    "fsp", "none", "dense-fsp-kd", "rkd-kd", "pkt-kd", "sp-kd")])
 def test_every_method_trains_an_epoch(teacher_run, tmp_path, method):
     teacher_dir, _ = teacher_run
     result = _run("distill", f"--method={method}", *TINY, "--epochs=1", "--temperature=2", f"--teacher={teacher_dir}",
@@ -434,7 +435,7 @@ def test_a_method_in_one_file_runs_from_the_command_line(plugin_registries, teac
     plugin = f"--plugins={MY_METHOD}"
     assert cli.main(["keras-fsp", plugin, "distill", "--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "--method: distill: one of none, kd," in help_text and "dist, logit-mse" in help_text
+    assert "--method: distill: one of none, kd," in help_text and "sp-kd, logit-mse" in help_text
 
     from keras_fsp.training import RunFolder
 

@@ -109,6 +109,151 @@ def test_the_new_methods_train_a_step_and_log_their_term(method, term):
     assert history[f"{term}_loss"][0] == pytest.approx(expected, rel=1e-3)
 
 
+# ------------------------------------------------------- relational terms
+
+RELATIONAL = {"rkd": (terms.rkd_loss, reference.rkd_loss),
+              "pkt": (terms.pkt_loss, reference.pkt_loss),
+              "sp": (terms.similarity_preserving_loss, reference.similarity_preserving_loss)}
+
+
+def _run(fn, *args):
+    """`fn(*args)` as numpy; compiled once on JAX (not op by op)."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        fn = jax.jit(fn)
+    return _np(fn(*args))
+
+
+def _gradient(fn, x):
+    """d fn / d x on the active backend."""
+    x = ops.convert_to_tensor(np.asarray(x, "float32"))
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return np.asarray(jax.jit(jax.grad(fn))(x))  # one compilation, not one per op
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("gradients are taken with TensorFlow or JAX here")
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = fn(x)
+    return tape.gradient(y, x).numpy()
+
+
+@pytest.mark.parametrize("method", sorted(RELATIONAL))
+def test_relational_losses_equal_numpy_references_across_widths(method):
+    loss, expected = RELATIONAL[method]
+    t = np.maximum(RNG.normal(size=(7, 24)), 0).astype("float32")  # pooled ReLU features
+    s = np.maximum(RNG.normal(size=(7, 10)), 0).astype("float32")  # of another width
+    got = _run(loss, t, s)
+    assert got.shape == () and got.dtype == np.float32
+    assert float(got) == pytest.approx(expected(t, s), rel=1e-4)
+    assert float(got) > 1e-4
+    # Relations between examples: the student's rows in another order cost otherwise.
+    assert float(_run(loss, t, s[::-1])) != pytest.approx(float(got), rel=1e-3)
+    # 4-D maps of different shapes are flattened
+    tm, sm = RNG.normal(size=(5, 4, 4, 6)), RNG.normal(size=(5, 2, 2, 3))
+    assert float(_run(loss, tm, sm)) == pytest.approx(expected(tm, sm), rel=1e-4)
+
+
+def test_relational_losses_ignore_what_their_relations_ignore():
+    t = RNG.normal(size=(6, 8)).astype("float32")
+    rotation = np.linalg.qr(RNG.normal(size=(8, 8)))[0]
+    # RKD: distances over their mean and angles survive rotation, scale, shift.
+    assert float(_run(terms.rkd_loss, t, 3.0 * t @ rotation + 2.0)) == pytest.approx(0.0, abs=1e-5)
+    # PKT and SP: cosines and row-normalised Grams survive a rotation and a scale.
+    assert float(_run(terms.pkt_loss, t, 0.2 * t @ rotation)) == pytest.approx(0.0, abs=1e-7)
+    assert float(_run(terms.similarity_preserving_loss, t, 5.0 * t @ rotation)) == pytest.approx(
+        0.0, abs=1e-8)
+    assert float(_run(terms.rkd_loss, t, t + RNG.normal(size=t.shape) * 0.5)) > 0.1
+
+
+@pytest.mark.parametrize("method", sorted(RELATIONAL))
+def test_relational_gradients_are_finite_on_duplicates_and_zero_features(method):
+    loss, _ = RELATIONAL[method]
+    # float32 with zero distances (a duplicate, the diagonal) and a zero vector
+    s = RNG.normal(size=(5, 6)).astype("float32")
+    s[1], s[3] = s[0], 0.0
+    t = RNG.normal(size=(5, 9)).astype("float32")
+    t[2] = t[4]
+    grad = _gradient(lambda x: loss(ops.convert_to_tensor(t), x), s)
+    assert np.all(np.isfinite(grad)) and np.abs(grad).max() > 0
+    one = _run(loss, t[:1], s[:1])  # a batch of one has no relations
+    assert np.isfinite(one) and float(one) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_rkd_gradient_equals_numpy_finite_differences():
+    t, s = RNG.normal(size=(4, 5)), RNG.normal(size=(4, 3))
+    grad = _gradient(lambda x: terms.rkd_loss(t.astype("float32"), x), s)
+    numeric = np.zeros_like(s)
+    h = 1e-6
+    for index in np.ndindex(s.shape):
+        step = np.zeros_like(s)
+        step[index] = h
+        numeric[index] = (reference.rkd_loss(t, s + step) - reference.rkd_loss(t, s - step)) / (2 * h)
+    np.testing.assert_allclose(grad, numeric, rtol=2e-3, atol=2e-4)
+
+
+def test_relational_terms_tap_the_penultimate_features_or_the_last_section():
+    from keras_fsp import pairing
+
+    teacher, student = small_pair()
+    d = FSPDistiller(teacher, student, terms=[terms.RKDTerm(), terms.PKTTerm(beta=2.0),
+                                              terms.SimilarityPreservingTerm()])
+    assert d.terms["rkd"].layers == d.terms["pkt"].layers == ("pool", "pool")
+    assert d.terms["sp"].layers == ("stage3", "stage3")
+    clone = terms.PKTTerm.from_config(d.terms["pkt"].get_config())
+    assert (clone.layers, clone.beta, clone.student_taps) == (("pool", "pool"), 2.0, ("pool",))
+    # keras.applications' head: the pooling, then dropout, then a softmax classifier
+    x = keras.Input((8, 8, 3))
+    f = keras.layers.GlobalAveragePooling2D(name="avg_pool")(keras.layers.Conv2D(4, 3, name="conv")(x))
+    out = keras.layers.Dense(3, activation="softmax")(keras.layers.Dropout(0.2, name="top_dropout")(f))
+    assert pairing.penultimate(keras.Model(x, out)) == "avg_pool"
+    with pytest.raises(ValueError, match=r"penultimate features .* reads the inputs directly.*layers="):
+        pairing.penultimate(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]))
+    with pytest.raises(ValueError, match=r"layers must be 'auto', a layer name of both networks"):
+        terms.RKDTerm(layers=("pool",))
+    with pytest.raises(ValueError, match=r"distance_weight and angle_weight must be >= 0, not both 0"):
+        terms.RKDTerm(distance_weight=0.0, angle_weight=0.0)
+
+
+def test_relational_terms_train_a_step_with_duplicate_examples():
+    teacher, student = small_pair()  # (the widths may differ: the maths tests above)
+    weights = {"rkd": 1.0, "pkt": 0.5, "sp": 2.0, "task": 1.0}
+    d = FSPDistiller(teacher, student, stages={"rel": Stage("rel", weights)}, stage="rel")
+    x, y = data()
+    x[-4:], y[-4:] = x[:4], y[:4]  # duplicates: zero distances
+    t = {k: _np(v) for k, v in taps.tap_model(teacher, ["pool", "stage3"])(x, training=False).items()}
+    s = {k: _np(v) for k, v in taps.tap_model(student, ["pool", "stage3"])(x, training=True).items()}
+    d.compile(optimizer=keras.optimizers.SGD(1e-3))
+    history = d.fit(x, y, batch_size=len(x), epochs=1, verbose=0).history
+    expected = {"rkd": reference.rkd_loss(t["pool"], s["pool"]),  # the paper's 25 and 50
+                "pkt": 30000.0 * reference.pkt_loss(t["pool"], s["pool"]),
+                "sp": 3000.0 * reference.similarity_preserving_loss(t["stage3"], s["stage3"]),
+                "task": reference.cross_entropy(y, s[LOGITS])}
+    for term, value in expected.items():
+        assert history[f"{term}_loss"][0] == pytest.approx(value, rel=1e-3), term
+    assert history["loss"][0] == pytest.approx(sum(weights[k] * v for k, v in expected.items()), rel=1e-3)
+    assert all(np.all(np.isfinite(w)) for w in weights_of(student))
+
+
+def test_the_relational_methods_are_repdistillers_weights_alone_and_with_kd():
+    from keras_fsp.papers import methods
+
+    teacher, student = small_pair()
+    for name, term, setting in [("rkd", "rkd", ("distance_weight", 25.0)), ("pkt", "pkt", ("beta", 30000.0)),
+                                ("sp", "sp", ("beta", 3000.0))]:
+        alone = methods.get(name).build(teacher, student, steps_per_epoch=10)
+        assert alone.schedule[0].terms == {term: 1.0, "task": 1.0}
+        assert getattr(alone.model.terms[term], setting[0]) == setting[1]
+        with_kd = methods.get(f"{name}-kd").build(teacher, student, steps_per_epoch=10, temperature=2.0)
+        assert with_kd.schedule[0].terms == {term: 1.0, "task": 1.0, "kd": 1.0}
+        assert with_kd.model.terms["kd"].temperature == 2.0 and with_kd.name == f"{name}-kd"
+        assert methods.get(f"{name}-kd").options == ("temperature",)
+
+
 # ------------------------------------------------------- in the distiller
 
 

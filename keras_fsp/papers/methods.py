@@ -103,3 +103,10 @@ register_method("at-kd", recipes.attention_kd, "attention transfer + KD", option
 register_method("ls-kd", recipes.standardized_kd, "KD on standardised logits (T 2, 9 KD + 0.1 labels)",
                 options=("temperature",))
 register_method("dist", recipes.dist, "DIST (T 4, beta = gamma = 2)", options=("temperature",))
+register_method("rkd", recipes.rkd, "RKD (distance 25, angle 50) + labels")
+register_method("pkt", recipes.pkt, "PKT (beta 30000) + labels")
+register_method("sp", recipes.similarity_preserving, "similarity-preserving KD (beta 3000) + labels")
+register_method("rkd-kd", recipes.rkd_kd, "RKD + KD (T 4, labels 1, KD 1)", options=("temperature",))
+register_method("pkt-kd", recipes.pkt_kd, "PKT + KD (T 4, labels 1, KD 1)", options=("temperature",))
+register_method("sp-kd", recipes.similarity_preserving_kd, "SP + KD (T 4, labels 1, KD 1)",
+                options=("temperature",))

@@ -25,8 +25,8 @@ from keras_fsp.callbacks import LossWeightSchedule, RestoreKernelNorms, StageSch
 from keras_fsp.distiller import FSPDistiller
 from keras_fsp.papers.cifar_resnet import dense_taps
 from keras_fsp.stages import UP_TO_TAPS, Stage
-from keras_fsp.terms import (AttentionTerm, DecoupledKDTerm, DISTTerm, FSPTerm, HintTerm,
-                             SoftTargetTerm, StandardizedKDTerm)
+from keras_fsp.terms import (AttentionTerm, DecoupledKDTerm, DISTTerm, FSPTerm, HintTerm, PKTTerm,
+                             RKDTerm, SimilarityPreservingTerm, SoftTargetTerm, StandardizedKDTerm)
 
 
 STAGE1_OPTIMIZERS = ("sgd", "adam")
@@ -401,6 +401,66 @@ def dist(teacher, student, steps_per_epoch, iterations=64000, temperature=4.0, b
     schedule (the paper's CIFAR-100 setting: T 4, beta = gamma = 2)."""
     return single_stage(teacher, student, steps_per_epoch, {"dist": 1.0, "task": 1.0}, "dist",
                         [DISTTerm(temperature, beta, gamma)], iterations, lr, augment, scale)
+
+
+def _relational(teacher, student, steps_per_epoch, term, kd_weight, task_weight=1.0,
+                temperature=4.0, iterations=64000, lr=0.1, augment=None, scale=1.0):
+    """One stage of `task_weight` times the labels plus the relational
+    `term` (weighted 1: its own weights are RepDistiller's `-b`), and with
+    `kd_weight > 0` Hinton's soft targets at `temperature` weighted
+    `kd_weight`: RepDistiller's `-r 1 -a 1` combination with KD (T 4)."""
+    terms, given = {term.name: 1.0, "task": task_weight}, [term]
+    if kd_weight:
+        terms["kd"] = kd_weight
+        given.append(SoftTargetTerm(temperature))
+    return single_stage(teacher, student, steps_per_epoch, terms,
+                        f"{term.name}_kd" if kd_weight else term.name, given, iterations, lr,
+                        augment, scale)
+
+
+def rkd(teacher, student, steps_per_epoch, distance_weight=25.0, angle_weight=50.0,
+        layers="auto", kd_weight=0.0, **kwargs):
+    """RKD (Park et al. 2019): the labels plus the distance- and angle-wise
+    losses on the penultimate features (`keras_fsp.terms.RKDTerm`; the
+    paper's and RepDistiller's weights 25 and 50), one stage on the
+    student's usual schedule; `kd_weight > 0` adds KD (`rkd-kd`)."""
+    return _relational(teacher, student, steps_per_epoch,
+                       RKDTerm(layers, distance_weight, angle_weight), kd_weight, **kwargs)
+
+
+def pkt(teacher, student, steps_per_epoch, beta=30000.0, layers="auto", kd_weight=0.0, **kwargs):
+    """PKT (Passalis & Tefas 2018): the labels plus `beta` times the KL of
+    the cosine-similarity probabilities of the penultimate features
+    (`keras_fsp.terms.PKTTerm`; RepDistiller's beta 30000), one stage on the
+    student's usual schedule; `kd_weight > 0` adds KD (`pkt-kd`)."""
+    return _relational(teacher, student, steps_per_epoch, PKTTerm(layers, beta), kd_weight,
+                       **kwargs)
+
+
+def similarity_preserving(teacher, student, steps_per_epoch, beta=3000.0, layers="auto",
+                          kd_weight=0.0, **kwargs):
+    """SP (Tung & Mori 2019): the labels plus `beta` times the distance of
+    the normalised batch Gram matrices of the last section's maps
+    (`keras_fsp.terms.SimilarityPreservingTerm`; RepDistiller's beta 3000),
+    one stage on the student's usual schedule; `kd_weight > 0` adds KD
+    (`sp-kd`)."""
+    return _relational(teacher, student, steps_per_epoch, SimilarityPreservingTerm(layers, beta),
+                       kd_weight, **kwargs)
+
+
+def rkd_kd(teacher, student, steps_per_epoch, kd_weight=1.0, **kwargs):
+    """RKD with Hinton's soft targets in one stage (RepDistiller's weights)."""
+    return rkd(teacher, student, steps_per_epoch, kd_weight=kd_weight, **kwargs)
+
+
+def pkt_kd(teacher, student, steps_per_epoch, kd_weight=1.0, **kwargs):
+    """PKT with Hinton's soft targets in one stage (RepDistiller's weights)."""
+    return pkt(teacher, student, steps_per_epoch, kd_weight=kd_weight, **kwargs)
+
+
+def similarity_preserving_kd(teacher, student, steps_per_epoch, kd_weight=1.0, **kwargs):
+    """SP with Hinton's soft targets in one stage (RepDistiller's weights)."""
+    return similarity_preserving(teacher, student, steps_per_epoch, kd_weight=kd_weight, **kwargs)
 
 
 def fsp_kd(teacher, student, steps_per_epoch, **kwargs):

@@ -6,7 +6,10 @@ One module per method, holding its maths and its term: `"fsp"` (`FSPTerm`,
 Write your own by subclassing `DistillationTerm` and registering it with
 `register_term` (see `keras_fsp.terms.base`). Also `"ls_kd"`
 (`StandardizedKDTerm`, KD on z-scored logits) and `"dist"` (`DISTTerm`,
-correlation relations over classes and over the batch).
+correlation relations over classes and over the batch). Relational terms
+on features, batch-level (`keras_fsp.terms.relational`): `"rkd"` (`RKDTerm`,
+distances and angles), `"pkt"` (`PKTTerm`, cosine-similarity probabilities)
+and `"sp"` (`SimilarityPreservingTerm`, normalised Gram matrices).
 """
 
 from keras_fsp.terms.attention import AttentionTerm, attention_map
@@ -23,6 +26,10 @@ from keras_fsp.terms.dkd import DecoupledKDTerm, decoupled_kd
 from keras_fsp.terms.fsp import FSPTerm, fsp_distance, fsp_key, fsp_matrix
 from keras_fsp.terms.hint import HintTerm, hint_distance
 from keras_fsp.terms.logit_standardization import StandardizedKDTerm, standardize, standardized_kd
+from keras_fsp.terms.pkt import PKTTerm, pkt_loss
+from keras_fsp.terms.relational import RelationalTerm
+from keras_fsp.terms.rkd import RKDTerm, rkd_loss
+from keras_fsp.terms.similarity import SimilarityPreservingTerm, similarity_preserving_loss
 from keras_fsp.terms.soft_targets import SoftTargetTerm, soft_target_loss
 from keras_fsp.terms.task import TaskTerm
 
@@ -34,6 +41,10 @@ __all__ = [
     "DistillationTerm",
     "FSPTerm",
     "HintTerm",
+    "PKTTerm",
+    "RKDTerm",
+    "RelationalTerm",
+    "SimilarityPreservingTerm",
     "SoftTargetTerm",
     "StandardizedKDTerm",
     "TaskTerm",
@@ -45,8 +56,11 @@ __all__ = [
     "fsp_key",
     "fsp_matrix",
     "hint_distance",
+    "pkt_loss",
     "register_term",
     "registered_terms",
+    "rkd_loss",
+    "similarity_preserving_loss",
     "soft_target_loss",
     "standardize",
     "standardized_kd",
