@@ -49,6 +49,9 @@ def test_python_blocks_run(tmp_path, monkeypatch):
     assert os.path.exists(tmp_path / "student_savedmodel" / "saved_model.pb")
     mixed = next(n for n in spaces if "mixed" in n)["mixed"]
     assert sorted(mixed.terms) == ["attention", "logit_mse", "task"]
+    transformers = next(n for n in spaces if "distillers" in n)["distillers"]
+    assert sorted(transformers) == ["attention", "fsp", "hint", "kd"]
+    assert len(transformers["fsp"].terms["fsp"].pairs) == 2  # the student's two blocks
     result = next(n for n in spaces if "result" in n)["result"]
     assert result["complete"] and os.path.isfile(result["files"]["keras"])
 

@@ -87,7 +87,7 @@ class AttentionTerm(DistillationTerm):
 
     def configure(self, teacher, student):
         """Resolves `"auto"` pairs (`pairs` then holds them, and they are
-        printed once per process) and checks that each pair's maps have the
+        logged once per process) and checks that each pair's maps have the
         same spatial size (sequences: lengths that divide one another)."""
         auto = self.pairs == "auto"
         if auto:

@@ -152,7 +152,7 @@ class FSPTerm(DistillationTerm):
             position (`per_position_linear`: a 1x1 convolution of feature
             maps, a Dense layer of sequences), takes a student's features
             to the teacher's channel count where the two differ (the
-            mapping is printed); `False`: such a pair is an error;
+            mapping is logged); `False`: such a pair is an error;
             `True`: same as `"auto"`.
         normalize: divide each pair's squared norm by the matrix size
             `m * n` (see `fsp_distance`).
@@ -183,7 +183,7 @@ class FSPTerm(DistillationTerm):
     def configure(self, teacher, student):
         """Resolves `"auto"` pairs (`pairs` and `student_pairs` then hold the
         pairs found), checks shapes, and builds the projections. Automatic
-        pairs and projections are printed (once per process)."""
+        pairs and projections are logged (once per process)."""
         auto = self.pairs == "auto"
         if auto:
             t_pairs, s_pairs = pairing.matched_section_pairs(teacher, student)

@@ -48,7 +48,7 @@ class HintTerm(DistillationTerm):
             chosen with the guided layer, in the middle of the networks as
             FitNets does: the middle pair of
             `keras_fsp.pairing.matched_section_ends` (the earlier of the two
-            middle ones of an even count), printed once per process.
+            middle ones of an even count), logged once per process.
         guided_layer: the student layer it guides (default: the same name).
         normalize: see `hint_distance`.
         name: the term's name in stages (default `"hint"`).

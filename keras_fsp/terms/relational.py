@@ -65,7 +65,7 @@ class RelationalTerm(DistillationTerm):
             `"auto"`: each network's `auto_layer` (the penultimate features,
             `keras_fsp.pairing.penultimate`, unless the method says
             otherwise); resolved when the distiller configures the term,
-            then printed once per process.
+            then logged once per process (`keras_fsp.terms.base.announce`).
         beta: the term's own weight (RepDistiller's `-b`), so that the
             stage may weight it 1.
         name: the term's name in stages.
