@@ -470,3 +470,24 @@ def test_a_method_in_one_file_runs_from_the_command_line(plugin_registries, teac
 
     with pytest.raises(cli.CLIError, match=r"--plugins .*nowhere.py: no such file"):
         _run("--plugins=nowhere.py", "distill", "--method=kd")
+
+
+def test_the_strong_teacher_table_runs_a_wide_teacher_under_the_given_policy(tmp_path):
+    from keras_fsp.apps import reproduce
+
+    argv = ["reproduce", "cifar10-resnet26x4-to-resnet8", "--methods=none,kd", "--seeds=0,1",
+            "--dtype_policy=mixed_bfloat16", "--dataset=digits"]
+    flags, _ = reproduce._flags(argv)
+    flags.seeds = [0, 1]
+    runs = reproduce.TABLES["cifar10-resnet26x4-to-resnet8"].runs(flags, str(tmp_path))
+    assert [(r.method, r.seed) for r in runs] == [
+        ("teacher", 0), ("none", 0), ("none", 1), ("kd", 0), ("kd", 1)]
+    # Each command line is one the CLI takes, with the wide teacher's settings.
+    configs = {(r.method, r.seed): cli.parse(["keras-fsp", *r.argv[3:]]) for r in runs}
+    teacher = configs["teacher", 0]
+    assert (teacher.teacher_width, teacher.weight_decay, teacher.dtype_policy) == (
+        4, 5e-4, "mixed_bfloat16")
+    kd = configs["kd", 1]
+    assert (kd.teacher_width, kd.student_depth, kd.teacher, kd.weight_decay) == (
+        4, 8, runs[0].run_dir, 1e-4)
+    assert runs[3].needs == runs[0].run_dir and configs["none", 0].teacher is None

@@ -58,16 +58,23 @@ def _cli(flags, *args):
     return [sys.executable, "-m", "keras_fsp.apps.cli", *plugins, *map(str, args)]
 
 
-def _cifar_table(student_depth):
+def _cifar_table(student_depth, teacher_width=1):
+    """The runs of a network-minimization table: a ResNet-26 teacher (of
+    `teacher_width`; a wide one trained with weight decay 5e-4) and a
+    ResNet-`student_depth` student per method and seed."""
+    wide = ["--teacher_width", teacher_width] if teacher_width != 1 else []
+
     def runs(flags, root):
         teacher = flags.teacher
+        common = ["--dataset", flags.dataset, "--teacher_depth", 26, *wide,
+                  "--schedule_scale", flags.schedule_scale, "--dtype_policy", flags.dtype_policy,
+                  "--verbose", 0]
         out = []
         if teacher is None:  # train one first
             teacher = os.path.join(root, "teacher-seed0")
-            out.append(Run("teacher", 0, _cli(
-                flags, "train-teacher", "--dataset", flags.dataset, "--teacher_depth", 26, "--seed", 0,
-                "--schedule_scale", flags.schedule_scale, "--model_dir", teacher, "--verbose", 0),
-                teacher))
+            decay = ["--weight_decay", 5e-4] if wide else []
+            out.append(Run("teacher", 0, _cli(flags, "train-teacher", *common, *decay, "--seed", 0,
+                                              "--model_dir", teacher), teacher))
         needs = None if flags.teacher else teacher
         for method in flags.methods or list(methods.METHODS):
             if method not in methods.METHODS:
@@ -76,10 +83,9 @@ def _cifar_table(student_depth):
             alone = not methods.get(method).uses_teacher
             for seed in flags.seeds:
                 run_dir = os.path.join(root, f"{method}-seed{seed}")
-                argv = _cli(flags, "distill", "--method", method, "--dataset", flags.dataset,
-                            "--teacher_depth", 26, "--student_depth", student_depth,
-                            "--seed", seed, "--schedule_scale", flags.schedule_scale,
-                            "--model_dir", run_dir, "--verbose", 0)
+                argv = _cli(flags, "distill", "--method", method, *common,
+                            "--student_depth", student_depth, "--seed", seed,
+                            "--model_dir", run_dir)
                 if not alone:
                     argv += ["--teacher", teacher]
                 out.append(Run(method, seed, argv, run_dir, None if alone else needs))
@@ -144,6 +150,8 @@ TABLES = {
         "Network minimization, CIFAR-10: ResNet-26 -> ResNet-8", _cifar_table(8)),
     "cifar10-resnet26-to-resnet14": Table(
         "Network minimization, CIFAR-10: ResNet-26 -> ResNet-14", _cifar_table(14)),
+    "cifar10-resnet26x4-to-resnet8": Table(
+        "A strong teacher, CIFAR-10: ResNet-26x4 -> ResNet-8", _cifar_table(8, teacher_width=4)),
     "mnist-hinton": Table("Soft targets on MNIST (Hinton et al.)", _mnist_runs, "test_errors"),
     "cifar10-transfer": Table(
         "Transfer from a teacher trained on other classes (CIFAR-10, 6 -> 4 classes)",
@@ -302,6 +310,9 @@ def _flags(argv):
                        "running ones at an epoch end before it (run again to continue).", **d)
     flags.DEFINE_float("schedule_scale", 1.0, "CIFAR tables: shrink every schedule (quick "
                        "checks; the published tables use 1).", **d)
+    flags.DEFINE_enum("dtype_policy", "float32", ["float32", "mixed_bfloat16", "mixed_float16"],
+                      "CIFAR tables: every run's --dtype_policy (mixed_bfloat16 on a recent "
+                      "GPU).", **d)
     flags.DEFINE_boolean("summary_only", False, "Write the table from the runs done, run nothing.", **d)
     flags.DEFINE_list("plugins", [], "Files or modules of your own methods (passed to each run).",
                       **d)
