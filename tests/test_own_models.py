@@ -167,6 +167,13 @@ def test_networks_named_on_the_command_line(png_folder, tmp_path):
                                            "classes: .*"):
         _run("distill", *common, "--method=none", "--student=InceptionV3",
              f"--model_dir={tmp_path / 'inception'}")
+    # An architecture as the teacher starts untrained: refused, saying what to do.
+    with pytest.raises(cli.CLIError, match=r"nothing to teach; --teacher .*nets.py:small names an "
+                                           r"architecture, built untrained: train it first "
+                                           r"\(`keras-fsp train-teacher --teacher"):
+        _run("distill", *common, "--method=kd", f"--teacher={tmp_path / 'nets.py'}:small",
+             "--student_depth=8", f"--model_dir={tmp_path / 'from-untrained'}")
+    assert not (tmp_path / "from-untrained").exists()
     with pytest.raises(cli.CLIError, match="--image_size resizes the images of folder: and tfds: "
                                            "datasets only"):
         _run("distill", "--dataset=digits", "--image_size=16", "--method=none")
@@ -184,3 +191,22 @@ def test_help_per_subcommand(capsys):
     top = capsys.readouterr().out
     assert "keras-fsp SUBCOMMAND --help" in top and "  --formats:" not in top
     assert all(name in top for name in ("train-teacher", "distill", "reproduce", "--dataset"))
+
+
+def test_a_trained_run_folder_names_its_data_and_teacher(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "teacher-run").mkdir()
+    run = tmp_path / "student-run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({
+        "subcommand": "distill", "dataset": "folder:photos", "data_dir": None,
+        "image_size": ["64", "48"], "validation_split": 0.1,
+        "teacher": str(tmp_path / "teacher-run")}))
+    config = cli.parse(["keras-fsp", "visualize", f"--model={run}"])
+    assert (config.dataset, config.image_size, config.validation_split) == (
+        "folder:photos", ("64", "48"), 0.1)
+    assert config.teacher == str(tmp_path / "teacher-run")
+    assert config.model_dir == os.path.join("runs", "visualize-folder-photos")
+    # Flags given win over what the run folder says.
+    config = cli.parse(["keras-fsp", "evaluate", f"--model={run}", "--dataset=digits"])
+    assert (config.dataset, config.image_size) == ("digits", ())

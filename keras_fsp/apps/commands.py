@@ -357,8 +357,12 @@ def _check_teacher(config, teacher, path, x, y, info, log):
         message = (f"--teacher {path} scores {accuracy:.1%} on {len(x)} training images, no "
                    f"better than chance ({chance:.1%})")
         if not config.allow_weak_teacher:
-            raise CLIError(f"{message}: it has nothing to teach; pass --allow_weak_teacher to "
-                           "distil from it anyway.")
+            untrained = networks.spec_kind(path) != "file"
+            raise CLIError(f"{message}: it has nothing to teach; " + (
+                f"--teacher {path} names an architecture, built untrained: train it first "
+                f"(`keras-fsp train-teacher --teacher {path} --dataset {config.dataset}`) and pass "
+                "its run folder" if untrained else
+                "pass --allow_weak_teacher to distil from it anyway") + ".")
         log(f"warning: {message} (--allow_weak_teacher)", echo=True)
     log(f"teacher {path}: {accuracy:.1%} on {len(x)} training images")
 

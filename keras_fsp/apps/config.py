@@ -203,33 +203,34 @@ class Config:
 
     def resolved(self, given):
         """The config with the paths the subcommand derives filled in;
-        `given` are the names of the flags given on the command line."""
-        slug = dataset_slug(self.dataset)
+        `given` are the names of the flags given on the command line.
+
+        evaluate, export and visualize take from `--model`'s run folder what
+        it was trained on (dataset, data_dir, image_size, validation_split:
+        the flags are needed only to change them) and, for visualize, its
+        teacher."""
         changes = {}
         if self.verbose is None:  # as Keras' "auto": a bar where someone watches
             changes["verbose"] = 1 if sys.stdout.isatty() else 2
+        trained = self.subcommand in ("evaluate", "export", "visualize")
+        if trained and self.model is not None:
+            changes.update(_from_run(self.model, given))
+        slug = dataset_slug(changes.get("dataset", self.dataset))
         model_dir = self.model_dir
         if model_dir is None:
             name = (f"distill-{self.method}-{slug}" if self.subcommand == "distill"
                     else f"{self.subcommand}-{slug}")
             model_dir = changes["model_dir"] = os.path.join("runs", name)
         parent = os.path.dirname(os.path.abspath(model_dir))
+        if trained and self.model is None:
+            changes["model"] = os.path.join(parent, f"distill-fsp-{slug}")
+            changes.update(_from_run(changes["model"], given))
         if self.subcommand == "distill" and not methods.get(self.method).uses_teacher:
             changes["teacher"] = None  # the student alone has no teacher
         elif self.subcommand in ("distill", "visualize") and self.teacher is None:
-            changes["teacher"] = os.path.join(parent, f"train-teacher-{slug}")
-        model = self.model
-        if self.subcommand in ("evaluate", "export", "visualize") and model is None:
-            model = changes["model"] = os.path.join(parent, f"distill-fsp-{slug}")
-        if self.subcommand in ("evaluate", "export", "visualize") and "dataset" not in given:
-            # A run folder knows its data set: --dataset is needed only to change it
-            # (a .keras file inside a run folder counts as the folder).
-            folder = model if os.path.isdir(model) else os.path.dirname(model)
-            run = RunFolder(folder or ".").read_config()
-            if run and "subcommand" in run and isinstance(run.get("dataset"), str):
-                changes["dataset"] = run["dataset"]
-                if "data_dir" not in given:
-                    changes["data_dir"] = run.get("data_dir")
+            changes["teacher"] = changes.pop("run_teacher", None) or os.path.join(
+                parent, f"train-teacher-{dataset_slug(changes.get('dataset', self.dataset))}")
+        changes.pop("run_teacher", None)
         return dataclasses.replace(self, **changes)
 
     @property
@@ -291,6 +292,31 @@ def flag_values():
         extra = {"enum_values": list(f.metadata["choices"])} if kind == "enum" else {}
         define(f.name, default, help=help, flag_values=fv, **extra)
     return fv
+
+
+# What evaluate, export and visualize take from the run folder of --model.
+_DATA_SETTINGS = ("data_dir", "image_size", "validation_split")
+
+
+def _from_run(model, given):
+    """What the run folder holding `model` (a folder, or a .keras file in
+    one) says of its data, for the flags not `given`, and its teacher (as
+    `run_teacher`, where that path exists)."""
+    folder = model if os.path.isdir(model) else os.path.dirname(model)
+    run = RunFolder(folder or ".").read_config()
+    if not (run and "subcommand" in run and isinstance(run.get("dataset"), str)):
+        return {}
+    found = {}
+    if "dataset" not in given:
+        found["dataset"] = run["dataset"]
+        for name in _DATA_SETTINGS:
+            if name not in given and name in run:
+                value = run[name]
+                found[name] = tuple(value) if isinstance(value, list) else value
+    teacher = run.get("teacher")
+    if isinstance(teacher, str) and os.path.exists(teacher):
+        found["run_teacher"] = teacher
+    return found
 
 
 def dataset_slug(dataset):
