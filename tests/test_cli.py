@@ -167,10 +167,19 @@ def test_mixed_bfloat16_trains_exports_float32_and_resumes_only_under_its_policy
 
 
 
-# Every method of the table but those other tests train (fsp, none) and
-# combinations of two that are here (dense-fsp-kd, the relational terms + KD).
-@pytest.mark.parametrize("method", [m for m in methods.METHODS if m not in (
-    "fsp", "none", "dense-fsp-kd", "rkd-kd", "pkt-kd", "sp-kd")])
+# One method of each kind of recipe through the command line (fsp and none
+# are trained by other tests; every recipe is built and trained on the
+# CIFAR ResNets by tests/test_recipes.py and its terms by tests/test_terms.py):
+# hints then KD, dense FSP's steps, a one-stage feature term with labels,
+# flow then KD, a batch-level term, a relational one, logits only.
+CLI_METHODS = ("fitnet", "dense-fsp", "at", "fsp-kd", "dist", "sp", "kd")
+
+
+def test_the_methods_trained_here_are_of_the_table():
+    assert set(CLI_METHODS) <= set(methods.METHODS)
+
+
+@pytest.mark.parametrize("method", CLI_METHODS)
 def test_every_method_trains_an_epoch(teacher_run, tmp_path, method):
     teacher_dir, _ = teacher_run
     result = _run("distill", f"--method={method}", *TINY, "--epochs=1", "--temperature=2", f"--teacher={teacher_dir}",
@@ -491,3 +500,21 @@ def test_the_strong_teacher_table_runs_a_wide_teacher_under_the_given_policy(tmp
     assert (kd.teacher_width, kd.student_depth, kd.teacher, kd.weight_decay) == (
         4, 8, runs[0].run_dir, 1e-4)
     assert runs[3].needs == runs[0].run_dir and configs["none", 0].teacher is None
+
+
+def test_verbosity_a_bar_at_1_nothing_at_0_a_line_per_epoch_at_2(teacher_run, tmp_path, capsys):
+    teacher_dir, _ = teacher_run
+    # 64000 * 2e-4 iterations of 3 steps: 5 epochs.
+    common = ["distill", "--method=kd", "--schedule_scale=0.0002",
+              *[a for a in TINY if not a.startswith(("--verbose", "--schedule_scale"))],
+              f"--teacher={teacher_dir}", f"--model_dir={tmp_path / 'run'}"]
+    _run(*common, "--verbose=1", "--epochs=1")
+    shown = capsys.readouterr().out
+    assert "epoch 1/" in shown and " [kd]" in shown and "3/3" in shown and "step" in shown
+    _run(*common, "--verbose=0", "--epochs=2")
+    assert capsys.readouterr().out == ""
+    _run(*common, "--verbose=2", "--epochs=3")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 1 and all(" [kd] " in line and "kd_loss=" in line for line in lines)
+    assert "stage_index" not in (tmp_path / "run" / "log.txt").read_text()
+    assert (tmp_path / "run" / "log.txt").read_text().count("epoch 1/") == 1  # each epoch logged

@@ -50,7 +50,7 @@ def test_python_blocks_run(tmp_path, monkeypatch):
     mixed = next(n for n in spaces if "mixed" in n)["mixed"]
     assert sorted(mixed.terms) == ["attention", "logit_mse", "task"]
     transformers = next(n for n in spaces if "distillers" in n)["distillers"]
-    assert sorted(transformers) == ["attention", "fsp", "hint", "kd"]
+    assert sorted(transformers) == ["attention", "fsp", "hint"]
     assert len(transformers["fsp"].terms["fsp"].pairs) == 2  # the student's two blocks
     result = next(n for n in spaces if "result" in n)["result"]
     assert result["complete"] and os.path.isfile(result["files"]["keras"])

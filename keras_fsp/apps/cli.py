@@ -5,9 +5,12 @@ export and visualise, with runs that resume after an interruption.
     python -m keras_fsp.apps.cli SUBCOMMAND [--flag=value ...]
 
 Subcommands (`keras_fsp.apps.commands`):
-    train-teacher   train the teacher (ResNet-<teacher_depth>) on the labels
-    distill         distil a student (ResNet-<student_depth>) from a teacher
-                    with --method (`keras_fsp.papers.methods`)
+    train-teacher   train the teacher (--teacher: a .keras file, a
+                    keras.applications name or module:function; default
+                    ResNet-<teacher_depth>) on the labels
+    distill         distil a student (--student, as --teacher takes it;
+                    default ResNet-<student_depth>) from a teacher with
+                    --method (`keras_fsp.papers.methods`)
     evaluate        test accuracy of a trained model (--model)
     export          a trained model (--model) as .keras, SavedModel, LiteRT
                     (float or int8) or ONNX files (--formats)

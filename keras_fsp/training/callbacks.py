@@ -1,7 +1,7 @@
 """The callbacks of a training run (`keras_fsp.training.train` adds them):
 checkpoints at a least interval, a NaN guard that names the kept
-checkpoint, `metrics.csv`, the epoch's line in the log, the trained network
-scored alone, a wall-time deadline, and kernel-norm ratios."""
+checkpoint, `metrics.csv`, the epoch's line in the log, a progress bar, the
+trained network scored alone, a wall-time deadline, and kernel-norm ratios."""
 
 import time
 import warnings
@@ -157,46 +157,53 @@ class MetricsCSV(keras.callbacks.Callback):
         self.folder.write_metrics_rows(rows + [row])
 
 
-class Progress(keras.callbacks.Callback):
-    """What a run shows of its epochs, as Keras users know it: a progress bar
-    within each epoch at `verbose=1`, a line per epoch at 2, nothing at 0;
-    the epoch's line (with its stage's name) goes into the log at every
-    level. The stage's number (`stage_index`, for TensorBoard) is not shown."""
+def _shown(logs):
+    """The numeric logs as shown: the stage's number (`stage_index`, for
+    TensorBoard) is left out, the stage's name is shown instead."""
+    return [(k, float(v)) for k, v in sorted((logs or {}).items())
+            if k != "stage_index" and (isinstance(v, (int, float)) or hasattr(v, "__float__"))]
+
+
+def _stage_of(model):
+    stage = getattr(getattr(model, "stage", None), "name", None)
+    return f" [{stage}]" if stage else ""
+
+
+class EpochLog(keras.callbacks.Callback):
+    """The epoch's line (with its stage's name) into the log, shown at
+    `verbose=2` (a line per epoch, as Keras' own)."""
 
     def __init__(self, log, total, verbose):
         super().__init__()
         self.log, self.total, self.verbose = log, total, verbose
-        self.bar, self.seen = None, 0
-
-    @staticmethod
-    def _shown(logs):
-        return [(k, float(v)) for k, v in sorted((logs or {}).items())
-                if k != "stage_index" and (isinstance(v, (int, float)) or hasattr(v, "__float__"))]
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if self.verbose == 1:
-            print(f"epoch {epoch + 1}/{self.total}" + self._where(), flush=True)
-            # Keras' own bar, shown as is: the values are running means already.
-            self.bar = keras.utils.Progbar(self.params.get("steps"), stateless_metrics=())
-            self.seen = 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.bar is not None:
-            self.seen = batch + 1
-            self.bar.update(self.seen, self._shown(logs), finalize=False)
-
-    def _where(self):
-        stage = getattr(getattr(self.model, "stage", None), "name", None)
-        return f" [{stage}]" if stage else ""
 
     def on_epoch_end(self, epoch, logs=None):
-        shown = self._shown(logs)
-        if self.bar is not None:
-            self.bar.update(self.params.get("steps") or self.seen, shown, finalize=True)
-            self.bar = None
-        values = " ".join(f"{k}={v:.4g}" for k, v in shown)
-        self.log(f"epoch {epoch + 1}/{self.total}{self._where()} {values}",
+        values = " ".join(f"{k}={v:.4g}" for k, v in _shown(logs))
+        self.log(f"epoch {epoch + 1}/{self.total}{_stage_of(self.model)} {values}",
                  echo=self.verbose == 2)
+
+
+class ProgressBar(keras.callbacks.Callback):
+    """Keras' progress bar within each epoch (`verbose=1`), headed by the
+    epoch and its stage. Only added at that level: a batch hook makes Keras
+    bring every step's logs to the host."""
+
+    def __init__(self, total):
+        super().__init__()
+        self.total, self.bar, self.seen = total, None, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        print(f"epoch {epoch + 1}/{self.total}{_stage_of(self.model)}", flush=True)
+        # Shown as they come: the values are running means already.
+        self.bar = keras.utils.Progbar(self.params.get("steps"), stateless_metrics=())
+        self.seen = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen = batch + 1
+        self.bar.update(self.seen, _shown(logs), finalize=False)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.bar.update(self.params.get("steps") or self.seen, _shown(logs), finalize=True)
 
 
 class Validation(keras.callbacks.Callback):

@@ -232,9 +232,11 @@ def train(recipe, train_data, test_data, run_dir, batch_size=128, seed=0, epochs
         if checkpoint_seconds is None:
             checkpoint_seconds = ACCELERATOR_CHECKPOINT_SECONDS if on_accelerator() else 0.0
         all_callbacks += [run_callbacks.MetricsCSV(folder),
-                          run_callbacks.Progress(log, total, verbose), deadline,
+                          run_callbacks.EpochLog(log, total, verbose), deadline,
                           run_callbacks.NaNGuard(checkpoints, advice=nan_advice),
                           run_callbacks.CheckpointCallback(checkpoints, checkpoint_seconds)]
+        if verbose == 1:
+            all_callbacks.append(run_callbacks.ProgressBar(total))
         start = time.time()
         diverged = None
         if initial_epoch < end:
@@ -250,7 +252,7 @@ def train(recipe, train_data, test_data, run_dir, batch_size=128, seed=0, epochs
             try:
                 recipe.model.fit(
                     **data, epochs=end, initial_epoch=initial_epoch, shuffle=False,
-                    callbacks=all_callbacks, verbose=0,  # run_callbacks.Progress shows it
+                    callbacks=all_callbacks, verbose=0,  # EpochLog and ProgressBar show it
                 )
             except NonFiniteLossError as e:
                 diverged = str(e)
