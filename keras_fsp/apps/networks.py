@@ -40,14 +40,18 @@ def resnet(config, role, info):
                         width_multiplier=getattr(config, f"{role}_width"), name=role)
 
 
-def describe(config, role):
-    """`ResNet-26` or `ResNet-26x4` (depth, and width when it is not 1), or
-    the `--teacher`/`--student` spec that names the network."""
-    spec = getattr(config, role)
-    if spec is not None and spec_kind(spec) != "file":
-        return spec
+def resnet_name(config, role):
+    """`ResNet-26` or `ResNet-26x4`: the CIFAR ResNet the depth and width
+    flags of `role` describe."""
     width = getattr(config, f"{role}_width")
     return f"ResNet-{getattr(config, f'{role}_depth')}" + (f"x{width}" if width != 1 else "")
+
+
+def describe(config, role):
+    """What `--teacher`/`--student` names, or the CIFAR ResNet built when
+    it names nothing."""
+    spec = getattr(config, role)
+    return spec if spec is not None else resnet_name(config, role)
 
 
 def spec_kind(spec):
@@ -244,7 +248,7 @@ def load_teacher(config, info):
     if path.endswith(".keras"):
         return check_fits(_load_keras(path, "teacher"), info, "teacher", path), path
     teacher = resnet(config, "teacher", info)
-    what = (f"a {describe(config, 'teacher')} (--teacher_depth, --teacher_width) for "
+    what = (f"a {resnet_name(config, 'teacher')} (--teacher_depth, --teacher_width) for "
             f"{config.dataset} ({tuple(info['input_shape'])}, {info['num_classes']} classes)")
     return load_weights_into(teacher, path, "teacher", what), path
 
