@@ -168,10 +168,11 @@ def test_mixed_bfloat16_trains_exports_float32_and_resumes_only_under_its_policy
 
 
 # One method of each kind of recipe through the command line (fsp and none
-# are trained by other tests; every recipe is built and trained on the
-# CIFAR ResNets by tests/test_recipes.py and its terms by tests/test_terms.py):
-# hints then KD, dense FSP's steps, a one-stage feature term with labels,
-# flow then KD, a batch-level term, a relational one, logits only.
+# are trained by other tests; every method of the table builds and computes
+# each stage's loss in tests/test_recipes.py, its terms against numpy in
+# tests/test_terms.py): hints then KD, dense FSP's steps, a one-stage feature
+# term with labels, flow then KD, a batch-level term, a relational one,
+# logits only.
 CLI_METHODS = ("fitnet", "dense-fsp", "at", "fsp-kd", "dist", "sp", "kd")
 
 

@@ -134,3 +134,36 @@ def test_clipped_stage1_step_moves_the_student_by_lr_times_the_clip_norm():
     # one SGD step (no momentum history yet) of the gradient clipped to norm 0.1
     # (weight decay's term is part of it): lr 1e-3 x 0.1; the FSP gradient is larger
     assert moved == pytest.approx(1e-3 * 0.1, rel=1e-2)
+
+
+@pytest.fixture(scope="module")
+def digit_pair():
+    from keras_fsp.papers import cifar_resnet
+
+    keras.utils.set_random_seed(0)
+    return (cifar_resnet(8, input_shape=(8, 8, 1), name="table_teacher"),
+            cifar_resnet(8, input_shape=(8, 8, 1), name="table_student"))
+
+
+@pytest.mark.parametrize("name", list(methods.METHODS))
+def test_every_method_of_the_table_builds_and_each_stage_computes_its_loss(digit_pair, name):
+    # What the command line runs for --method NAME, on real networks: the
+    # recipe builds (pairing, terms, stages) and every stage of its schedule
+    # gives a finite, positive loss with the terms it names.
+    method = methods.get(name)
+    teacher, student = digit_pair
+    recipe = method.build(teacher if method.uses_teacher else None, student, steps_per_epoch=2,
+                          scale=0.001)
+    assert recipe.name == name and recipe.epochs >= len(recipe.schedule)
+    if not recipe.schedule:  # the student alone: a plain Keras model, no stages
+        assert recipe.model is student and not method.uses_teacher
+        return
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 8, 8, 1)).astype("float32")
+    y = rng.integers(0, 10, 8)
+    model = recipe.model
+    for stage in recipe.schedule.values():
+        model.set_stage(stage)
+        loss = float(model.compute_loss(x, y, model(x, training=True)))
+        assert np.isfinite(loss) and loss > 0, (name, stage.name, loss)
+        assert {t.name for t in model.active_terms()} == set(stage.terms), (name, stage.name)
