@@ -1,4 +1,8 @@
-"""Small models and data shared by the tests."""
+"""Small models and data shared by the tests, and the fault worker."""
+
+import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -53,3 +57,15 @@ def run_litert(path, x):
 def checkpoints_of(folder, **kwargs):
     """The `Checkpoints` of the run folder `folder`."""
     return RunFolder(folder).checkpoints(**kwargs)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start_fault_worker(*args, fault="", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE):
+    """`keras-fsp args` started in a subprocess (tests/fault_worker.py) with
+    the fault `fault` injected."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TF_CPP_MIN_LOG_LEVEL="3", FAULT=fault)
+    return subprocess.Popen([sys.executable, "-m", "tests.fault_worker", *args], cwd=ROOT,
+                            env=env, stdout=stdout, stderr=stderr, text=True)

@@ -37,6 +37,7 @@ from keras_fsp import FSPDistiller, Stage  # noqa: E402
 from keras_fsp.apps import cli  # noqa: E402
 from keras_fsp.training import checkpoints, files, run_folder  # noqa: E402
 from tests.helpers import checkpoints_of as _checkpoints  # noqa: E402
+from tests.helpers import start_fault_worker  # noqa: E402
 from keras_fsp.callbacks import StageSchedule  # noqa: E402
 from keras_fsp.papers import cifar_resnet  # noqa: E402
 
@@ -663,19 +664,10 @@ def test_cli_overwrite_moves_the_earlier_run_aside_and_says_so(distill, prefix, 
 # ---------------------------------------------------------- subprocesses
 
 
-def _worker(*args, fault="", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE):
-    """`keras-fsp args` started in a subprocess (tests/fault_worker.py) with
-    the fault injected."""
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               TF_CPP_MIN_LOG_LEVEL="3", FAULT=fault)
-    return subprocess.Popen([sys.executable, "-m", "tests.fault_worker", *args], cwd=ROOT,
-                            env=env, stdout=stdout, stderr=stderr, text=True)
-
-
 def _command(*args, fault="", stop_after=None):
     """Runs `keras-fsp args` in a subprocess, killed after `stop_after`
     seconds if given; returns (exit code, stderr)."""
-    process = _worker(*args, fault=fault)
+    process = start_fault_worker(*args, fault=fault)
     try:
         _, err = process.communicate(timeout=stop_after or 300)
     except subprocess.TimeoutExpired:
@@ -765,7 +757,7 @@ def test_kills_at_random_moments_lose_nothing(distill, tmp_path):
 
 def _holder(run_dir):
     """A process holding `run_dir`'s lock (tests/fault_worker.py), started."""
-    process = _worker(fault=f"hold_lock:{run_dir}", stdout=subprocess.PIPE,
+    process = start_fault_worker(fault=f"hold_lock:{run_dir}", stdout=subprocess.PIPE,
                       stderr=subprocess.DEVNULL)
     assert process.stdout.readline().strip() == "locked"
     return process
@@ -884,7 +876,7 @@ def test_sigterm_keeps_the_checkpoint_says_one_line_and_the_run_resumes(distill,
     args, reference = distill
     run_dir = tmp_path / "run"
     command = [*args, f"--model_dir={run_dir}"]
-    process = _worker(*command)
+    process = start_fault_worker(*command)
     checkpoints_dir = run_dir / "checkpoints"
     deadline = time.monotonic() + 120
     while not (checkpoints_dir / "epoch-000001").exists() and time.monotonic() < deadline:

@@ -6,8 +6,6 @@ killed and resumed, evaluate, and exports that take the raw images."""
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -16,12 +14,11 @@ import pytest
 pytest.importorskip("sklearn")
 
 from keras_fsp.apps import cli, data  # noqa: E402
-from tests.helpers import run_litert  # noqa: E402
+from tests.helpers import run_litert, start_fault_worker  # noqa: E402
 
 if keras.backend.backend() != "tensorflow":
     pytest.skip("the SavedModel, LiteRT and ONNX exports need TensorFlow", allow_module_level=True)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32  # MobileNetV3 takes 32x32 images and up
 
 
@@ -71,14 +68,6 @@ def user_teacher(png_folder, tmp_path_factory):
     return path
 
 
-def _worker(*args, fault=""):
-    """`keras-fsp args` in a subprocess with a fault (tests/fault_worker.py)."""
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               FAULT=fault)
-    return subprocess.run([sys.executable, "-m", "tests.fault_worker", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
 def test_folder_of_pngs_users_teacher_and_an_applications_student_end_to_end(
         png_folder, user_teacher, tmp_path):
     pytest.importorskip("ai_edge_litert")
@@ -91,8 +80,9 @@ def test_folder_of_pngs_users_teacher_and_an_applications_student_end_to_end(
             "--student=MobileNetV3Small", "--method=kd", "--batch_size=80",
             "--schedule_scale=0.0004", f"--model_dir={run_dir}", "--verbose=0"]
     # Killed inside the second epoch's checkpoint (its weights file).
-    killed = _worker(*args, fault="write:5")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    killed = start_fault_worker(*args, fault="write:5")
+    _, err = killed.communicate(timeout=300)
+    assert killed.returncode == -signal.SIGKILL, err[-3000:]
     assert sorted(os.listdir(run_dir / "checkpoints"))[1:] == ["epoch-000001", "latest"]
     result = _run(*args)
     assert result["initial_epoch"] == 1 and result["complete"], result

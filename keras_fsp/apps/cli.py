@@ -39,16 +39,13 @@ messages and exit codes (2: bad input, 1: training failed, 130: interrupted).
 """
 
 import contextlib
-import importlib
-import importlib.util
 import logging as logging_module
-import os
 import signal
 import sys
 import threading
 
 from keras_fsp.apps.config import (FLAG_SUBCOMMANDS, SUBCOMMANDS, CLIError, Config, flag_names,
-                                   flag_values, flags_of)
+                                   flag_values, flags_of, import_code)
 
 SUMMARIES = {
     "train-teacher": "train the teacher (--teacher, default ResNet-<teacher_depth>) on the labels",
@@ -87,17 +84,7 @@ def load_plugins(argv):
     plugins = _plugin_args(argv)[0]
     for plugin in plugins:
         try:
-            if plugin.endswith(".py"):
-                path = os.path.abspath(plugin)
-                name = f"keras_fsp_plugin_{os.path.splitext(os.path.basename(path))[0]}"
-                if name in sys.modules:
-                    continue
-                spec = importlib.util.spec_from_file_location(name, path)
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[name] = module
-                spec.loader.exec_module(module)
-            else:
-                importlib.import_module(plugin)
+            import_code(plugin, "keras_fsp_plugin")
         except FileNotFoundError:
             raise CLIError(f"--plugins {plugin}: no such file.") from None
         except Exception as e:  # noqa: BLE001 - the plugin is the user's code

@@ -8,6 +8,8 @@ network's, the dataset a run folder knows).
 """
 
 import dataclasses
+import importlib
+import importlib.util
 import math
 import os
 import sys
@@ -317,6 +319,29 @@ def _from_run(model, given):
     if isinstance(teacher, str) and os.path.exists(teacher):
         found["run_teacher"] = teacher
     return found
+
+
+def import_code(where, prefix):
+    """The module `where` names: a `.py` file (imported once, as
+    `<prefix>_<stem>`; FileNotFoundError when it does not exist) or a module
+    name. The user's code: plugins, and the networks of `--teacher` and
+    `--student`."""
+    if not where.endswith(".py"):
+        return importlib.import_module(where)
+    path = os.path.abspath(where)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(path)
+    name = f"{prefix}_{os.path.splitext(os.path.basename(path))[0]}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
 
 
 def dataset_slug(dataset):

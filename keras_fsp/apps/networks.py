@@ -15,16 +15,13 @@ A network spec (`--teacher`, `--student`) is one of:
   `input_shape` (the images' `(height, width, channels)`) and `num_classes`.
 """
 
-import importlib
-import importlib.util
 import inspect
 import io
 import os
-import sys
 import warnings
 import zipfile
 
-from keras_fsp.apps.config import CLIError
+from keras_fsp.apps.config import CLIError, import_code
 from keras_fsp.training.run_folder import NETWORKS, RunFolder
 
 TEACHER_NETWORKS = ("teacher", "model")
@@ -98,21 +95,9 @@ def _function(spec, flag, info):
 
     where, _, name = spec.rpartition(":")
     try:
-        if where.endswith(".py"):
-            path = os.path.abspath(where)
-            if not os.path.isfile(path):
-                raise CLIError(f"--{flag} {spec}: no such file {where}.")
-            module_name = f"keras_fsp_network_{os.path.splitext(os.path.basename(path))[0]}"
-            module = sys.modules.get(module_name)
-            if module is None:
-                found = importlib.util.spec_from_file_location(module_name, path)
-                module = importlib.util.module_from_spec(found)
-                sys.modules[module_name] = module
-                found.loader.exec_module(module)
-        else:
-            module = importlib.import_module(where)
-    except CLIError:
-        raise
+        module = import_code(where, "keras_fsp_network")
+    except FileNotFoundError:
+        raise CLIError(f"--{flag} {spec}: no such file {where}.") from None
     except Exception as e:  # noqa: BLE001 - the module is the user's code
         raise CLIError(f"--{flag} {spec}: cannot import {where} ({type(e).__name__}: "
                        f"{e}).") from None

@@ -5,8 +5,8 @@ range of its logits. The maths and the term."""
 
 from keras import ops
 
-from keras_fsp.terms.base import LOGITS, DistillationTerm, register_term
-from keras_fsp.terms.soft_targets import check_temperature, soft_target_loss
+from keras_fsp.terms.base import LOGITS, register_term
+from keras_fsp.terms.soft_targets import SoftTargetTerm, soft_target_loss
 
 EPSILON = 1e-7  # the authors' code's, added to the standard deviation
 
@@ -29,8 +29,9 @@ def standardized_kd(teacher_logits, student_logits, temperature=2.0):
 
 
 @register_term("ls_kd")
-class StandardizedKDTerm(DistillationTerm):
-    """KD on standardised logits (`standardized_kd`). The authors' CIFAR-100
+class StandardizedKDTerm(SoftTargetTerm):
+    """KD on standardised logits (`standardized_kd`): the soft-target term
+    with each network's logits z-scored first. The authors' CIFAR-100
     setting, the defaults of `keras_fsp.papers.recipes.standardized_kd`: T 2,
     this term weighted 9 and the labels 0.1.
 
@@ -39,15 +40,8 @@ class StandardizedKDTerm(DistillationTerm):
         name: the term's name in stages (default `"ls_kd"`).
     """
 
-    student_taps = teacher_taps = (LOGITS,)
-    same_logits = True
-
     def __init__(self, temperature=2.0, name="ls_kd", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.temperature = check_temperature(temperature)
+        super().__init__(temperature=temperature, name=name, **kwargs)
 
     def compute(self, student, teacher, y_true):
         return standardized_kd(teacher[LOGITS], student[LOGITS], self.temperature)
-
-    def get_config(self):
-        return {**super().get_config(), "temperature": self.temperature}
