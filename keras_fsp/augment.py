@@ -71,3 +71,45 @@ class PadCropFlip(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "pad": self.pad, "flip": self.flip, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="keras_fsp")
+class Cutout(keras.layers.Layer):
+    """Zeroes a `size` x `size` square at a random centre of each image
+    (DeVries & Taylor 2017; 16 pixels on CIFAR-10), clipped at the borders.
+    Identity when not training. Given after `PadCropFlip`, teacher and
+    student see the same cut (the distiller augments once per batch).
+
+    Args:
+        size: the square's side in pixels (0 disables it).
+        seed: seed of the layer's random generator.
+    """
+
+    def __init__(self, size=16, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if size < 0:
+            raise ValueError(f"size must be >= 0; got {size}.")
+        self.size, self.seed = int(size), seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.built = True
+
+    def call(self, inputs, training=None):
+        if not training or not self.size:
+            return inputs
+        b, h, w = ops.shape(inputs)[0], inputs.shape[1], inputs.shape[2]
+        cy = keras.random.randint((b, 1), 0, h, seed=self.seed_generator)
+        cx = keras.random.randint((b, 1), 0, w, seed=self.seed_generator)
+        low = self.size // 2
+
+        def inside(centre, n):  # (batch, n): which rows (columns) the square covers
+            i = ops.arange(n)[None, :]
+            return ops.logical_and(i >= centre - low, i < centre - low + self.size)
+
+        cut = ops.logical_and(inside(cy, h)[:, :, None], inside(cx, w)[:, None, :])
+        return ops.where(cut[..., None], ops.zeros_like(inputs), inputs)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "size": self.size, "seed": self.seed}

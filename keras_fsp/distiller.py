@@ -78,6 +78,10 @@ class FSPDistiller(compat.MultiWorkerBuild, keras.Model):
         super().__init__(name=name, **kwargs)
         taps.check_networks(teacher, student)
         self.teacher, self.student, self.augment = teacher, student, augment
+        if augment is not None and not augment.built and taps.is_functional(student):
+            # An unbuilt augmentation (a `keras.Sequential` of layers) makes
+            # Keras' JAX `fit` trace the model on a placeholder to build it.
+            augment.build(student.inputs[0].shape)
         self.teacher.trainable = False
         self.terms, self._trackers = {}, {}
         self._views = taps.Views()

@@ -255,6 +255,8 @@ def _recipe(config, role, method, teacher, network, steps, augment):
         if config.temperature is not None and "temperature" in method.options:
             kw["temperature"] = config.temperature
         recipe = method.build(teacher, network, steps, **kw)
+    if config.optimizer == "adamw":
+        recipe = recipes.with_adamw(recipe, steps)
     optimizers = [recipe.optimizer] + [s.optimizer for s in recipe.schedule.values()]
     for optimizer in {id(o): o for o in optimizers if o is not None}.values():
         scale_learning_rate(optimizer, config.learning_rate_scale)
@@ -265,7 +267,7 @@ def _train_network(config, log, argv, role, method):
     import keras
 
     from keras_fsp import training
-    from keras_fsp.augment import PadCropFlip
+    from keras_fsp.augment import Cutout, PadCropFlip
     from keras_fsp.callbacks import NonFiniteLossError
 
     started = time.time()
@@ -281,6 +283,12 @@ def _train_network(config, log, argv, role, method):
     network = networks.network(config, role, info)
     pad, flip = int(info["augment"].get("pad", 0)), bool(info["augment"].get("flip", False))
     augment = PadCropFlip(pad=pad, flip=flip, seed=config.seed) if (pad or flip) else None
+    if config.cutout:
+        if config.cutout >= min(info["input_shape"][:2]):
+            raise CLIError(f"--cutout {config.cutout} must be smaller than the images "
+                           f"({tuple(info['input_shape'][:2])}).")
+        cutout = Cutout(config.cutout, seed=config.seed)
+        augment = cutout if augment is None else keras.Sequential([augment, cutout], name="augment")
     steps = training.steps_per_epoch(len(x_train), config.batch_size)
     try:
         recipe = _recipe(config, role, method, teacher, network, steps, augment)

@@ -58,40 +58,63 @@ def _cli(flags, *args):
     return [sys.executable, "-m", "keras_fsp.apps.cli", *plugins, *map(str, args)]
 
 
-def _cifar_table(student_depth, teacher_width=1):
-    """The runs of a network-minimization table: a ResNet-26 teacher (of
-    `teacher_width`; a wide one trained with weight decay 5e-4) and a
-    ResNet-`student_depth` student per method and seed."""
-    wide = ["--teacher_width", teacher_width] if teacher_width != 1 else []
+def _distill_table(student, teacher=("--teacher_depth", 26), teacher_training=(),
+                   teacher_schedule=1.0, default_methods=None):
+    """The runs of a distillation table on CIFAR: per method and seed, one
+    `keras-fsp distill` of the student that the flags `student` name (with
+    its recipe's flags) from the teacher, after training the teacher first
+    when `--teacher` is not given (`keras-fsp train-teacher` with the flags
+    `teacher` and `teacher_training`, for `teacher_schedule` times the
+    students' schedule). `teacher` also tells distill how to load a
+    `.weights.h5` teacher."""
 
     def runs(flags, root):
-        teacher = flags.teacher
-        common = ["--dataset", flags.dataset, "--teacher_depth", 26, *wide,
-                  "--schedule_scale", flags.schedule_scale, "--dtype_policy", flags.dtype_policy,
-                  "--verbose", 0]
-        out = []
-        if teacher is None:  # train one first
-            teacher = os.path.join(root, "teacher-seed0")
-            decay = ["--weight_decay", 5e-4] if wide else []
-            out.append(Run("teacher", 0, _cli(flags, "train-teacher", *common, *decay, "--seed", 0,
-                                              "--model_dir", teacher), teacher))
-        needs = None if flags.teacher else teacher
-        for method in flags.methods or list(methods.METHODS):
+        common = ["--dataset", flags.dataset, "--dtype_policy", flags.dtype_policy, "--verbose", 0]
+        teacher_dir, out = flags.teacher, []
+        if teacher_dir is None:  # train one first
+            teacher_dir = os.path.join(root, "teacher-seed0")
+            out.append(Run("teacher", 0, _cli(
+                flags, "train-teacher", *common, *teacher, *teacher_training,
+                "--schedule_scale", flags.schedule_scale * teacher_schedule, "--seed", 0,
+                "--model_dir", teacher_dir), teacher_dir))
+        needs = None if flags.teacher else teacher_dir
+        loading = [] if "--teacher" in teacher else list(teacher)  # a spec: trained into a folder
+        for method in flags.methods or default_methods or list(methods.METHODS):
             if method not in methods.METHODS:
                 raise ValueError(f"--methods: {method!r} is not one of "
                                  f"{', '.join(methods.METHODS)}.")
             alone = not methods.get(method).uses_teacher
             for seed in flags.seeds:
                 run_dir = os.path.join(root, f"{method}-seed{seed}")
-                argv = _cli(flags, "distill", "--method", method, *common,
-                            "--student_depth", student_depth, "--seed", seed,
+                argv = _cli(flags, "distill", "--method", method, *common, *student,
+                            "--schedule_scale", flags.schedule_scale, "--seed", seed,
                             "--model_dir", run_dir)
                 if not alone:
-                    argv += ["--teacher", teacher]
+                    argv += [str(a) for a in (*loading, "--teacher", teacher_dir)]
                 out.append(Run(method, seed, argv, run_dir, None if alone else needs))
         return out
 
     return runs
+
+
+def _cifar_table(student_depth, teacher_width=1):
+    """The runs of a network-minimization table: a ResNet-26 teacher (of
+    `teacher_width`; a wide one trained with weight decay 5e-4) and a
+    ResNet-`student_depth` student per method and seed."""
+    wide = ["--teacher_width", teacher_width] if teacher_width != 1 else []
+    return _distill_table(["--student_depth", student_depth], ["--teacher_depth", 26, *wide],
+                          ["--weight_decay", 5e-4] if wide else [])
+
+
+# Vision Transformers train with their usual recipe (AdamW, warm-up, cosine
+# decay, Cutout; `keras_fsp.papers.recipes.with_adamw`), CNNs with theirs.
+VIT_RECIPE = ("--optimizer", "adamw", "--cutout", 16)
+VIT_TEACHER = ("--teacher", "keras_fsp.papers.vit:vit_teacher", *VIT_RECIPE)
+VIT_STUDENT = ("--student", "keras_fsp.papers.vit:vit_student", *VIT_RECIPE)
+# Feature terms pair two transformers by depth; across a CNN and a ViT
+# only the logit methods apply.
+VIT_METHODS = ("none", "kd", "fsp-kd", "fitnet", "at-kd", "ls-kd")
+LOGIT_METHODS = ("none", "kd", "ls-kd")
 
 
 def _example(script, *args):
@@ -152,6 +175,18 @@ TABLES = {
         "Network minimization, CIFAR-10: ResNet-26 -> ResNet-14", _cifar_table(14)),
     "cifar10-resnet26x4-to-resnet8": Table(
         "A strong teacher, CIFAR-10: ResNet-26x4 -> ResNet-8", _cifar_table(8, teacher_width=4)),
+    "cifar10-vit-to-vit": Table(
+        "Vision Transformers, CIFAR-10: ViT-6x256 -> ViT-4x128",
+        _distill_table(VIT_STUDENT, VIT_TEACHER, teacher_schedule=2.0,
+                       default_methods=VIT_METHODS)),
+    "cifar10-resnet26x4-to-vit": Table(
+        "A CNN teacher for a Vision Transformer, CIFAR-10: ResNet-26x4 -> ViT-4x128",
+        _distill_table(VIT_STUDENT, ("--teacher_depth", 26, "--teacher_width", 4),
+                       ("--weight_decay", 5e-4), default_methods=LOGIT_METHODS)),
+    "cifar10-vit-to-resnet8": Table(
+        "A Vision Transformer teacher for a CNN, CIFAR-10: ViT-6x256 -> ResNet-8",
+        _distill_table(("--student_depth", 8), VIT_TEACHER, teacher_schedule=2.0,
+                       default_methods=LOGIT_METHODS)),
     "mnist-hinton": Table("Soft targets on MNIST (Hinton et al.)", _mnist_runs, "test_errors"),
     "cifar10-transfer": Table(
         "Transfer from a teacher trained on other classes (CIFAR-10, 6 -> 4 classes)",
