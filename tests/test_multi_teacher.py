@@ -1,7 +1,10 @@
 """Several teachers at once: `keras_fsp.teacher_ensemble` (the weighted mean
 of the teachers' logits), the distiller with an ensemble (soft targets,
 feature terms by path, automatic pairing on one member, teacher caching,
-saving)."""
+saving), and the command line's `--teacher A --teacher B`."""
+
+import json
+import os
 
 import keras
 import numpy as np
@@ -138,3 +141,68 @@ def test_a_distiller_with_an_ensemble_saves_and_loads(nets, tmp_path):
     np.testing.assert_allclose(_predict(keras.saving.load_model(tmp_path / "d.keras").teacher, x),
                                _predict(d.teacher, x), rtol=1e-5, atol=1e-5)
 
+
+# The command line: two teachers of the digits' shape, a .keras file and the
+# .weights.h5 file of a wider ResNet-8 (its width given per teacher).
+@pytest.fixture(scope="module")
+def teacher_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("teachers")
+    keras.utils.set_random_seed(0)
+    cifar_resnet(8, input_shape=(8, 8, 1), name="teacher").save(folder / "a.keras")
+    cifar_resnet(8, input_shape=(8, 8, 1), width_multiplier=2).save_weights(folder / "b.weights.h5")
+    return folder / "a.keras", folder / "b.weights.h5"
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the CLI exports a SavedModel")
+def test_distill_from_two_teachers_records_both_and_refuses_a_bad_second_first(teacher_files,
+                                                                               tmp_path):
+    pytest.importorskip("sklearn")
+    from keras_fsp.apps import cli
+
+    a, b = teacher_files
+    # Untrained teachers (--allow_weak_teacher); 64000 * 2e-5 -> 1 iteration.
+    args = ["distill", "--method=kd", "--dataset=digits", "--student_depth=8", "--batch_size=1297",
+            "--schedule_scale=0.00002", "--verbose=0", "--allow_weak_teacher", "--teacher_depth=8",
+            f"--teacher={a}", f"--teacher={b}"]
+    refused = {  # the second teacher's file, then what the flags say before anything loads
+        f"--teacher {b} does not match a ResNet-8x4 (--teacher_depth, --teacher_width)":
+            ["--teacher_width=1,4"],
+        "--teacher_width gives 3 values for 2 teacher(s)": ["--teacher_width=1,2,2"],
+        "--teacher_weights must be positive numbers; got 1,0": ["--teacher_weights=1,0"],
+        "--teacher: visualize takes one network; got 2": ["--model=x"],
+    }
+    for message, extra in refused.items():
+        argv = args if extra != ["--model=x"] else ["visualize", *args[-2:]]
+        with pytest.raises(cli.CLIError) as error:
+            cli.run(["keras-fsp", *argv, *extra, f"--model_dir={tmp_path / 'bad'}"])
+        assert message in error.value.message
+    assert not (tmp_path / "bad").exists()
+
+    run_dir = tmp_path / "two"
+    result = cli.run(["keras-fsp", *args, "--teacher_width=1,2", "--teacher_weights=0.25,0.75",
+                      f"--model_dir={run_dir}"])
+    assert result["complete"] and 0.0 <= result["teacher_test_accuracy"] <= 1.0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["teacher"], config["teacher_width"], config["teacher_weights"]) == (
+        [str(a), str(b)], [1, 2], [0.25, 0.75])
+    assert f"teachers 0.25 x {a} + 0.75 x {b}: their ensemble scores" in (
+        run_dir / "log.txt").read_text()
+
+
+def test_the_two_teacher_table_passes_both_teachers_to_each_run(tmp_path):
+    from keras_fsp.apps import cli, reproduce
+
+    name = "cifar10-two-teachers-to-resnet8"
+    argv = ["reproduce", name, "--dataset=digits", "--teacher=wide.weights.h5",
+            "--teacher=plain.weights.h5", "--methods=none,kd", "--seeds=0"]
+    flags, _ = reproduce._flags(argv)
+    flags.seeds = [0]
+    runs = reproduce.TABLES[name].runs(flags, str(tmp_path / name))
+    assert [(r.method, r.needs) for r in runs] == [("none", None), ("kd", None)]
+    kd = cli.parse(["keras-fsp", *runs[1].argv[3:]])
+    assert (kd.teacher, kd.teacher_depth, kd.teacher_width, kd.student_depth) == (
+        ("wide.weights.h5", "plain.weights.h5"), 26, (4, 1), 8)
+    assert cli.parse(["keras-fsp", *runs[0].argv[3:]]).teacher is None
+    flags.teacher = ["wide.weights.h5"]
+    with pytest.raises(SystemExit, match=f"reproduce {name}: give its 2 trained teachers"):
+        reproduce.TABLES[name].runs(flags, str(tmp_path / name))

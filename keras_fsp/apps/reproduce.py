@@ -3,6 +3,9 @@ machine, then the table.
 
     keras-fsp reproduce cifar10-resnet26-to-resnet8 --dataset npz:cifar10.npz \\
         --teacher results/teachers/cifar10_resnet26_seed0.weights.h5 --seeds 0,1,2 --parallel 4
+    keras-fsp reproduce cifar10-two-teachers-to-resnet8 --dataset npz:cifar10.npz \\
+        --teacher results/teachers/cifar10_resnet26x4_seed0.weights.h5 \\
+        --teacher results/teachers/cifar10_resnet26_seed0.weights.h5 --seeds 0,1,2 --parallel 3
     keras-fsp reproduce mnist-hinton --dataset npz:mnist.npz --parallel 6
 
 Each run is one `keras-fsp distill` (or example script) in a process of its
@@ -58,36 +61,57 @@ def _cli(flags, *args):
     return [sys.executable, "-m", "keras_fsp.apps.cli", *plugins, *map(str, args)]
 
 
-def _cifar_table(student_depth, teacher_width=1):
-    """The runs of a network-minimization table: a ResNet-26 teacher (of
-    `teacher_width`; a wide one trained with weight decay 5e-4) and a
-    ResNet-`student_depth` student per method and seed."""
-    wide = ["--teacher_width", teacher_width] if teacher_width != 1 else []
+def _teachers(flags, name, widths):
+    """The `--teacher` values of a table of `len(widths)` teachers (none:
+    one is trained first, for a table of one)."""
+    given = [t for value in flags.teacher or () for t in value.split(",") if t]
+    if len(widths) > 1 and len(given) != len(widths):
+        raise SystemExit(
+            f"keras-fsp reproduce {name}: give its {len(widths)} trained teachers, ResNet-26 of "
+            f"widths {', '.join(map(str, widths))} in that order: --teacher A --teacher B "
+            f"(.weights.h5 files or train-teacher run folders); got {len(given)}.")
+    if len(given) > len(widths):
+        raise SystemExit(f"keras-fsp reproduce {name}: the table has one teacher; got "
+                         f"{len(given)} --teacher.")
+    return given
+
+
+def _cifar_table(student_depth, teacher_widths=(1,), default_methods=None):
+    """The runs of a network-minimization table: ResNet-26 teachers (one
+    per width of `teacher_widths`; several: every run distils from their
+    ensemble, `--teacher A --teacher B`; a wide one trained here with weight
+    decay 5e-4) and a ResNet-`student_depth` student per method and seed
+    (`default_methods`, or every method)."""
+    wide = set(teacher_widths) != {1}
+    widths = ["--teacher_width", ",".join(map(str, teacher_widths))] if wide else []
 
     def runs(flags, root):
-        teacher = flags.teacher
-        common = ["--dataset", flags.dataset, "--teacher_depth", 26, *wide,
+        teachers = _teachers(flags, os.path.basename(root), teacher_widths)
+        common = ["--dataset", flags.dataset, "--teacher_depth", 26,
                   "--schedule_scale", flags.schedule_scale, "--dtype_policy", flags.dtype_policy,
                   "--verbose", 0]
         out = []
-        if teacher is None:  # train one first
-            teacher = os.path.join(root, "teacher-seed0")
+        needs = None
+        if not teachers:  # train one first
+            needs = os.path.join(root, "teacher-seed0")
             decay = ["--weight_decay", 5e-4] if wide else []
-            out.append(Run("teacher", 0, _cli(flags, "train-teacher", *common, *decay, "--seed", 0,
-                                              "--model_dir", teacher), teacher))
-        needs = None if flags.teacher else teacher
-        for method in flags.methods or list(methods.METHODS):
+            out.append(Run("teacher", 0, _cli(flags, "train-teacher", *common, *widths, *decay,
+                                              "--seed", 0, "--model_dir", needs), needs))
+            teachers = [needs]
+        for method in flags.methods or list(default_methods or methods.METHODS):
             if method not in methods.METHODS:
                 raise ValueError(f"--methods: {method!r} is not one of "
                                  f"{', '.join(methods.METHODS)}.")
             alone = not methods.get(method).uses_teacher
             for seed in flags.seeds:
                 run_dir = os.path.join(root, f"{method}-seed{seed}")
-                argv = _cli(flags, "distill", "--method", method, *common,
+                # (A run without a teacher takes one teacher's flags, as ever.)
+                own = widths if len(teacher_widths) == 1 or not alone else []
+                argv = _cli(flags, "distill", "--method", method, *common, *own,
                             "--student_depth", student_depth, "--seed", seed,
                             "--model_dir", run_dir)
                 if not alone:
-                    argv += ["--teacher", teacher]
+                    argv += [a for t in teachers for a in ("--teacher", t)]
                 out.append(Run(method, seed, argv, run_dir, None if alone else needs))
         return out
 
@@ -151,7 +175,10 @@ TABLES = {
     "cifar10-resnet26-to-resnet14": Table(
         "Network minimization, CIFAR-10: ResNet-26 -> ResNet-14", _cifar_table(14)),
     "cifar10-resnet26x4-to-resnet8": Table(
-        "A strong teacher, CIFAR-10: ResNet-26x4 -> ResNet-8", _cifar_table(8, teacher_width=4)),
+        "A strong teacher, CIFAR-10: ResNet-26x4 -> ResNet-8", _cifar_table(8, (4,))),
+    "cifar10-two-teachers-to-resnet8": Table(
+        "Two teachers, CIFAR-10: ResNet-26x4 + ResNet-26 -> ResNet-8 (the mean of their logits)",
+        _cifar_table(8, (4, 1), default_methods=("kd",))),
     "mnist-hinton": Table("Soft targets on MNIST (Hinton et al.)", _mnist_runs, "test_errors"),
     "cifar10-transfer": Table(
         "Transfer from a teacher trained on other classes (CIFAR-10, 6 -> 4 classes)",
@@ -300,8 +327,10 @@ def _flags(argv):
     flags.DEFINE_list("methods", None, "Only these methods (default: the table's).", **d)
     flags.DEFINE_string("dataset", None, "The data: npz:PATH (arrays x_train, y_train, x_test, "
                         "y_test), or cifar10 through tensorflow-datasets.", **d)
-    flags.DEFINE_string("teacher", None, "CIFAR tables: the teacher's weights (.weights.h5 or "
-                        "a train-teacher run folder); default: train one first.", **d)
+    flags.DEFINE_multi_string("teacher", None, "CIFAR tables: the teacher's weights (.weights.h5 "
+                              "or a train-teacher run folder); default: train one first. "
+                              "cifar10-two-teachers-to-resnet8: its two teachers, the ResNet-26x4 "
+                              "then the ResNet-26 (--teacher A --teacher B).", **d)
     flags.DEFINE_string("runs_dir", "runs/reproduce", "Where the runs' folders go.", **d)
     flags.DEFINE_string("results_dir", "results", "Where the table's JSON and Markdown go.", **d)
     flags.DEFINE_integer("parallel", 1, "Runs at a time.", **d)
