@@ -206,3 +206,15 @@ def test_the_two_teacher_table_passes_both_teachers_to_each_run(tmp_path):
     flags.teacher = ["wide.weights.h5"]
     with pytest.raises(SystemExit, match=f"reproduce {name}: give its 2 trained teachers"):
         reproduce.TABLES[name].runs(flags, str(tmp_path / name))
+
+
+def test_visualize_of_a_two_teacher_run_shows_its_first_teacher(tmp_path):
+    from keras_fsp.apps import cli
+
+    teachers = [tmp_path / "wide-run", tmp_path / "plain-run"]
+    for folder in [*teachers, tmp_path / "student-run"]:
+        folder.mkdir()
+    (tmp_path / "student-run" / "config.json").write_text(json.dumps(
+        {"subcommand": "distill", "dataset": "digits", "teacher": [str(t) for t in teachers]}))
+    config = cli.parse(["keras-fsp", "visualize", f"--model={tmp_path / 'student-run'}"])
+    assert config.teacher == str(teachers[0])

@@ -85,7 +85,7 @@ class Config:
         "from several teachers at once, through their ensemble (keras_fsp.teacher_ensemble: "
         "the weighted mean of their logits, --teacher_weights; feature methods read the first "
         "teacher); config.json then lists them. train-teacher: the network to train, as "
-        "--student takes it; default ResNet-<teacher_depth>.")
+        "--student takes it; default ResNet-<teacher_depth>")  # absl adds "; repeat ..."
     teacher_weights: Tuple[float, ...] = _flag(
         "list", (), "distill with several --teacher: the weight of each teacher's logits in "
         "their mean, one per teacher (e.g. 0.7,0.3); default equal.")
