@@ -5,9 +5,9 @@ targets, attention transfer and decoupled KD.
 The library (this package): `FSPDistiller`, the loss `terms` (one module per
 method, registered by name), `stages`, `callbacks`, `taps` and automatic
 `pairing`, `losses` and `keras_distillation` (adapters for Keras' loss APIs),
-`teacher_cache`, `augment`, `inputs`, `kernel_norms`, `export`,
-`replica_batch_norm`, `training` (run folders, checkpoints and the one
-training loop) and `papers` (the papers' networks, recipes and the method
+`teacher_cache`, `ensemble` (several teachers as one), `augment`,
+`inputs`, `kernel_norms`, `export`, `replica_batch_norm`, `training` (run
+folders, checkpoints and the one training loop) and `papers` (the papers' networks, recipes and the method
 table). `keras_fsp.apps` holds the applications built on it (the
 `keras-fsp` command line, datasets, the demo, pictures); the library never
 imports them.
@@ -31,6 +31,7 @@ if _os.path.basename(_sys.argv[0] if _sys.argv else "") == "keras-fsp":
 from keras_fsp import (  # noqa: E402
     augment,
     callbacks,
+    ensemble,
     export,
     inputs,
     keras_distillation,
@@ -46,6 +47,7 @@ from keras_fsp import (  # noqa: E402
     training,
 )
 from keras_fsp.distiller import FSPDistiller
+from keras_fsp.ensemble import teacher_ensemble
 from keras_fsp.export import export_student
 from keras_fsp.losses import FSPLoss, HintLoss, SoftTargetLoss
 from keras_fsp.papers import recipes
@@ -64,6 +66,7 @@ __all__ = [
     "Stage",
     "augment",
     "callbacks",
+    "ensemble",
     "export",
     "export_student",
     "fsp_matrix",
@@ -79,6 +82,7 @@ __all__ = [
     "stages",
     "taps",
     "teacher_cache",
+    "teacher_ensemble",
     "terms",
     "training",
 ]

@@ -11,7 +11,8 @@ a stage sets is `keras_fsp.stages.StageController`'s.
 import keras
 from keras import ops
 
-from keras_fsp import compat, data_checks, jax_steps, kernel_norms, migration, taps, teacher_cache
+from keras_fsp import (compat, data_checks, ensemble, jax_steps, kernel_norms, migration, taps,
+                       teacher_cache)
 from keras_fsp.callbacks import with_nan_guard
 from keras_fsp.stages import Stage, StageController
 from keras_fsp.terms.base import LOGITS, DistillationTerm, batch_mean
@@ -43,7 +44,10 @@ class FSPDistiller(compat.MultiWorkerBuild, keras.Model):
 
     Args:
         teacher: trained `keras.Model` returning logits (or probabilities
-            from a final softmax layer); frozen here.
+            from a final softmax layer); frozen here. A list of them is
+            their `keras_fsp.teacher_ensemble` with equal weights (call it
+            yourself for other weights, or for the member whose features
+            automatic pairing reads).
         student: `keras.Model` returning logits.
         terms: `DistillationTerm` instances with their settings, each used
             under its `name` (e.g. `SoftTargetTerm(temperature=3)`); a stage
@@ -76,6 +80,8 @@ class FSPDistiller(compat.MultiWorkerBuild, keras.Model):
                  name="fsp_distiller", **kwargs):
         migration.refuse_removed_arguments(kwargs)
         super().__init__(name=name, **kwargs)
+        if isinstance(teacher, (list, tuple)):
+            teacher = ensemble.teacher_ensemble(teacher)
         taps.check_networks(teacher, student)
         self.teacher, self.student, self.augment = teacher, student, augment
         if augment is not None and not augment.built and taps.is_functional(student):

@@ -19,7 +19,10 @@ Teacher and student are paired by the spatial sizes at which their sections
 end (both networks see the same inputs, so the sizes line up), which works
 across families: ResNet-50 -> MobileNetV2, DenseNet -> EfficientNet, a
 CIFAR ResNet-26 -> ResNet-8. Nested functional models (keras-hub backbones
-in their classifiers) are seen through (`keras_fsp.taps.graph`).
+in their classifiers) are seen through (`keras_fsp.taps.graph`). An ensemble
+of teachers (`keras_fsp.ensemble.teacher_ensemble`) is read as its feature
+member (`features_from`), its layers named by their paths in the ensemble
+(`"teacher_a/stage1"`).
 
 A sequence model's trunk carries `(batch, steps, channels)` features; the
 trunk's rank is that of its last trunk point with positions (a ViT's tokens,
@@ -40,7 +43,7 @@ with the deeper's block at the same relative depth (`i * B / n`, rounded).
 
 import keras
 
-from keras_fsp import compat, positions, taps
+from keras_fsp import compat, ensemble, positions, taps
 
 
 def _layer_types(*names):
@@ -81,7 +84,7 @@ def _has_attention(layer):
 def trunk_layers(model):
     """The layer names of a functional `model`'s graph (in order) whose
     output every path from the inputs to the output passes through."""
-    g = taps.graph(model)
+    g = ensemble.feature_graph(model)
     names = list(g.nodes)
     position = {name: i for i, name in enumerate(names)}
     trunk, furthest = [], -1
@@ -100,7 +103,7 @@ def _trunk_points(model):
     Raises:
         ValueError: if there is none.
     """
-    g = taps.graph(model)
+    g = ensemble.feature_graph(model)
     points = []
     for name in trunk_layers(model):
         node = g.nodes[name]
@@ -145,7 +148,7 @@ def _blocks(model):
     """`(start, [block ends])` of a trunk of one sequence length (see the
     module's docstring); `start` is None where no stem comes before the
     first block."""
-    g = taps.graph(model)
+    g = ensemble.feature_graph(model)
     order = {name: i for i, name in enumerate(g.nodes)}
     names = list(g.nodes)
     units, attends = [], []  # [[first, last] trunk point], whether each starts a block
@@ -197,7 +200,7 @@ def section_ends(model):
     """
     if _in_blocks(model):
         return dict(enumerate(_blocks(model)[1], 1))
-    g = taps.graph(model)
+    g = ensemble.feature_graph(model)
     return {size: _own_end(g, run) for size, run in _sections(model).items()}
 
 
@@ -207,7 +210,7 @@ def section_start(model):
     for a transformer, its stem's output (None where it has none)."""
     if _in_blocks(model):
         return _blocks(model)[0]
-    g = taps.graph(model)
+    g = ensemble.feature_graph(model)
     run = next(iter(_sections(model).values()))
     k = 0
     while k + 1 < len(run) and isinstance(g.nodes[run[k + 1]].layer, _NORM_OR_ACTIVATION):
@@ -321,7 +324,7 @@ def penultimate(model, role="model"):
         ValueError: when the logits come from no single-input layer on
             features (name the layer explicitly then).
     """
-    g = taps.graph(model, role)
+    g = ensemble.feature_graph(model, role)
 
     def fail(why):
         return ValueError(
@@ -330,7 +333,7 @@ def penultimate(model, role="model"):
         )
 
     name = g.producer(g.output)
-    if name is not None and taps.ends_in_softmax(model) and isinstance(
+    if name is not None and taps.is_softmax(g.nodes[name].layer) and isinstance(
             g.nodes[name].layer, (keras.layers.Softmax, keras.layers.Activation)):
         name = g.producer(g.nodes[name].inputs[0])  # the classifier is before the softmax
     if name is None:

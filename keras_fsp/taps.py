@@ -254,7 +254,9 @@ def _last_node(model):
     return g.nodes.get(g.producer(g.output))
 
 
-def _is_softmax(layer):
+def is_softmax(layer):
+    """Whether `layer` applies a softmax (a Softmax layer, or one with a
+    softmax activation)."""
     if isinstance(layer, keras.layers.Softmax):
         return True
     activation = getattr(layer, "activation", None)
@@ -286,7 +288,7 @@ def ends_in_softmax(model):
     if not is_functional(model):
         return False
     node = _last_node(model)
-    return node is not None and _is_softmax(node.layer)
+    return node is not None and is_softmax(node.layer)
 
 
 def as_logits(outputs, probabilities):
@@ -306,7 +308,7 @@ def logits_tensor(model):
         ValueError: for a softmax layer whose input cannot be recovered.
     """
     node = _last_node(model)
-    if node is None or not _is_softmax(node.layer):
+    if node is None or not is_softmax(node.layer):
         return graph(model).output
     layer = node.layer
     if isinstance(layer, (keras.layers.Softmax, keras.layers.Activation)):
@@ -326,7 +328,9 @@ def tap_model(model, layer_names, include_logits=True, role="model"):
 
     The view shares the model's layers and weights: calling it is one forward
     pass that returns `{LOGITS: ..., name: feature_map, ...}`. Only the part
-    of the graph needed for the requested outputs is computed.
+    of the graph needed for the requested outputs is computed. A model whose
+    nested models have layers of one name (an ensemble of two teachers of
+    one architecture) is viewed nested model by nested model.
 
     Args:
         model: a functional or Sequential `keras.Model` with one output.
@@ -348,23 +352,91 @@ def tap_model(model, layer_names, include_logits=True, role="model"):
     g = graph(model, role)
     names = list(layer_names)
     include_logits = include_logits or LOGITS in names
+    if _names_repeat(g):
+        return _nested_view(model, names, include_logits, role)
     outputs = {}
     if include_logits:
         outputs[LOGITS] = logits_tensor(model)
     for name in names:
         if name == LOGITS:
             continue
-        outputs[name] = g.nodes[g.resolve(name, role)].output
+        outputs[name] = g.output if name == _OUTPUT else g.nodes[g.resolve(name, role)].output
     if not outputs:
         raise ValueError("tap_model needs at least one output.")
     inputs = g.inputs[0] if len(g.inputs) == 1 else g.inputs
     return keras.Model(inputs, outputs, name=f"{model.name}_taps")
 
 
+# A nested model's view also gives its own output, which the outer graph
+# goes on from (for a model ending in a softmax, not its logits).
+_OUTPUT = "/output"
+
+
+def _names_repeat(g):
+    """Whether two layers of the graph have one name (in nested models)."""
+    layers = {id(node.layer): node.layer.name for node in g.nodes.values()}
+    return len(set(layers.values())) < len(layers)
+
+
+def _nested_view(model, names, include_logits, role):
+    """`tap_model` of a model whose nested models have layers of one name
+    (two teachers of one architecture in an ensemble): Keras refuses a
+    graph holding both, so each nested model that holds taps gets a view of
+    its own, called where the nested model is; the rest runs as it is."""
+    g = graph(model, role)
+    if include_logits and ends_in_softmax(model):
+        raise ValueError(
+            f"The {role} {model.name!r} ends in a softmax and holds nested models with layers of "
+            "one name: its logits cannot be tapped; build it without the final softmax.")
+    paths = {name: g.resolve(name, role) for name in names if name not in (LOGITS, _OUTPUT)}
+    inside = {}  # nested model's name -> {tap: its path in the nested model}
+    for name, path in paths.items():
+        top = g.nodes[path].top
+        if path != top.name:
+            inside.setdefault(top.name, {})[name] = path[len(top.name) + 1:]
+    outputs = {}
+
+    def operation_fn(layer):
+        wanted = inside.get(layer.name)
+        if wanted is None:
+            def call(*args, **kwargs):
+                output = layer(*args, **kwargs)
+                outputs.update({n: output for n, path in paths.items() if path == layer.name})
+                return output
+
+            return call
+        view = tap_model(layer, [*wanted.values(), _OUTPUT], include_logits=False, role=role)
+
+        def call_view(*args, **kwargs):
+            found = view(args[0])  # training: the outer view's, as for every layer in it
+            outputs.update({n: found[path] for n, path in wanted.items()})
+            return found[_OUTPUT]
+
+        return call_view
+
+    inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype) for t in model.inputs]
+    output = keras.tree.flatten(compat.run_through_graph(model, inputs, operation_fn))[0]
+    if include_logits:
+        outputs[LOGITS] = output
+    if _OUTPUT in names:
+        outputs[_OUTPUT] = output
+    return keras.Model(inputs[0] if len(inputs) == 1 else inputs, outputs,
+                       name=f"{model.name}_taps")
+
+
+def _operations(model):
+    """`model`'s layers and, recursively, those of the models among them."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _operations(layer)
+
+
 def layers_up_to(model, names, role="model"):
     """The layers of `model` itself (`model.layers`; a nested model is one
     of them) that compute the taps `names`."""
-    needed = {id(layer) for layer in tap_model(model, names, include_logits=False, role=role).layers}
+    view = tap_model(model, names, include_logits=False, role=role)
+    needed = {id(layer) for layer in _operations(view)}
     return list({id(node.top): node.top for node in graph(model, role).nodes.values()
                  if id(node.layer) in needed}.values())
 

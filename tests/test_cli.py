@@ -69,8 +69,9 @@ def test_train_teacher_writes_config_metrics_logs_checkpoints_and_export(teacher
         "method": "fsp", "teacher": None, "model": None, "num_images": 6,
         "max_minutes": None, "tensorboard": False, "formats": ["keras", "saved_model"],
         "checkpoint_seconds": None, "dtype_policy": "float32", "plugins": [],
+        "optimizer": "sgd", "cutout": 0,
         "allow_weak_teacher": False, "raw_inputs": True, "student": None, "image_size": [],
-        "validation_split": 0.2,
+        "validation_split": 0.2, "teacher_weights": [],
         "compilation_cache_dir": os.path.join("~", ".cache", "keras_fsp", "jax"),
         "history": [{"from_epoch": 0, "learning_rate_scale": 1.0}],
     }

@@ -52,6 +52,10 @@ def test_python_blocks_run(tmp_path, monkeypatch):
     transformers = next(n for n in spaces if "distillers" in n)["distillers"]
     assert sorted(transformers) == ["attention", "fsp", "hint"]
     assert len(transformers["fsp"].terms["fsp"].pairs) == 2  # the student's two blocks
+    several = next(n for n in spaces if "teachers" in n)
+    assert several["flow"].terms["fsp"].pairs[0] == ("resnet14/stem", "resnet14/stage1")
+    assert several["by_path"].teacher.get_layer("resnet14_1").weights[0] is several["b"].weights[0]
+    assert several["kd"].teacher.get_layer("resnet14_1") is not several["b"]  # a view of it
     result = next(n for n in spaces if "result" in n)["result"]
     assert result["complete"] and os.path.isfile(result["files"]["keras"])
 

@@ -125,8 +125,10 @@ def _help(subcommand=None):
         names = flags_of(subcommand)
     for name in sorted(names):
         flag = fv[name]
-        default = "" if flag.default is None else f" (default: {flag.default})"
-        lines.append(textwrap.fill(f"--{name}: {flag.help}{default}", width=79,
+        value = (",".join(flag.default) or "none") if isinstance(flag.default, list) else flag.default
+        default = "" if flag.default is None else f" (default: {value})"
+        text = " ".join(flag.help.split())  # absl's own additions bring line breaks
+        lines.append(textwrap.fill(f"--{name}: {text}{default}", width=79,
                                    initial_indent="  ", subsequent_indent="      "))
     return "\n".join(lines)
 

@@ -39,7 +39,8 @@ HISTORY_SETTINGS = ("learning_rate_scale",)
 # config.json has none.
 LATER_FLAG_DEFAULTS = {"dtype_policy": "float32", "plugins": [], "allow_weak_teacher": False,
                        "raw_inputs": True, "student": None, "image_size": [],
-                       "validation_split": 0.2}
+                       "validation_split": 0.2, "teacher_weights": [], "optimizer": "sgd",
+                       "cutout": 0}
 # What each `--formats` value asks `export_student` for, and the module it
 # needs beyond TensorFlow.
 EXPORTERS = {"keras": ("keras", None), "saved_model": ("tf_saved_model", None),
@@ -274,9 +275,8 @@ def _train_network(config, log, argv, role, method):
     (x_train, y_train), (x_test, y_test), info = load_data(config)
     teacher = teacher_path = None
     if method is not None and method.uses_teacher:
-        teacher, teacher_path = networks.load_teacher(config, info)
-        _check_teacher(config, teacher, teacher_path, normalized(x_train[:TEACHER_CHECK], info),
-                       y_train[:TEACHER_CHECK], info, log)
+        teacher, teacher_path = _teacher(config, info, normalized(x_train[:TEACHER_CHECK], info),
+                                         y_train[:TEACHER_CHECK], log)
     # Built before the folder is touched: a bad --student, or one the
     # method cannot pair with the teacher, is refused here.
     keras.utils.set_random_seed(config.seed)
@@ -345,6 +345,36 @@ def _train_network(config, log, argv, role, method):
             raise CLIError(message, code=getattr(e, "code", 130)) from None
 
 
+def _teacher(config, info, x, y, log):
+    """`(teacher, what it is)`: each `--teacher` loaded and checked on the
+    training images `x` (each must teach); several become their ensemble
+    (`keras_fsp.teacher_ensemble`), whose accuracy is logged."""
+    loaded = []
+    for index in range(len(config.teachers)):
+        teacher, path = networks.load_teacher(config, info, index)
+        _check_teacher(config, teacher, path, x, y, info, log)
+        loaded.append((teacher, path))
+    if len(loaded) == 1:
+        return loaded[0]
+    from keras_fsp import teacher_ensemble
+
+    try:
+        teacher = teacher_ensemble([t for t, _ in loaded], weights=config.teacher_weights or None)
+    except ValueError as e:
+        raise CLIError(f"--teacher: {e}") from None
+    weights = config.teacher_weights or [1.0] * len(loaded)
+    what = " + ".join(f"{w:g} x {p}" for w, (_, p) in zip(weights, loaded))
+    log(f"teachers {what}: their ensemble scores {_accuracy(teacher, x, y)[1]:.1%} on {len(x)} "
+        "training images")
+    return teacher, what
+
+
+def _accuracy(teacher, x, y):
+    """`(outputs, accuracy)` of `teacher` on `x`."""
+    out = np.asarray(teacher.predict(x, batch_size=256, verbose=0), "float64")
+    return out, float(np.mean(np.argmax(out, axis=-1) == np.asarray(y).reshape(-1)))
+
+
 def _check_teacher(config, teacher, path, x, y, info, log):
     """A teacher checked before it teaches: finite weights, finite outputs,
     and better than chance on some training images (or --allow_weak_teacher)."""
@@ -354,11 +384,10 @@ def _check_teacher(config, teacher, path, x, y, info, log):
     if bad is not None:
         raise CLIError(f"--teacher {path}: weight {bad} is NaN or infinite; the file is damaged: "
                        "train the teacher again or pass another --teacher.")
-    out = np.asarray(teacher.predict(x, batch_size=256, verbose=0), "float64")
+    out, accuracy = _accuracy(teacher, x, y)
     if not np.all(np.isfinite(out)):
         raise CLIError(f"--teacher {path} gives NaN or infinite outputs on training images: its "
                        "weights are broken (too large?); train it again or pass another --teacher.")
-    accuracy = float(np.mean(np.argmax(out, axis=-1) == np.asarray(y).reshape(-1)))
     chance = 1.0 / int(info["num_classes"])
     # Three standard deviations above what guessing scores on len(x) images.
     if accuracy <= chance + 3 * np.sqrt(chance * (1 - chance) / len(x)):

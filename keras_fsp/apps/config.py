@@ -13,7 +13,7 @@ import importlib.util
 import math
 import os
 import sys
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 from keras_fsp.papers import methods
 from keras_fsp.training.run_folder import EXPORT_FILES, RunFolder
@@ -67,17 +67,28 @@ class Config:
                                      "runs/<subcommand>-<dataset> (distill: "
                                      "runs/distill-<method>-<dataset>).")
     method: str = _flag("string", "fsp", _methods_help)
-    teacher_depth: int = _flag("integer", 26, "Depth of the teacher CIFAR ResNet (6n+2).")
+    teacher_depth: Union[int, Tuple[int, ...]] = _flag(
+        "list", 26, "Depth of the teacher CIFAR ResNet (6n+2); with several --teacher, one "
+        "value for all or one per teacher (26,26): the depth of each .weights.h5 teacher.",
+        per_teacher=True)
     student_depth: int = _flag("integer", 8, "Depth of the student CIFAR ResNet (6n+2).")
-    teacher_width: int = _flag("integer", 1, "Width multiplier of the teacher CIFAR ResNet "
-                               "(16w, 32w, 64w channels; 4 makes a ResNet-26 of 5.9M weights).")
+    teacher_width: Union[int, Tuple[int, ...]] = _flag(
+        "list", 1, "Width multiplier of the teacher CIFAR ResNet (16w, 32w, 64w channels; 4 "
+        "makes a ResNet-26 of 5.9M weights); with several --teacher, one value for all or one "
+        "per teacher (4,1).", per_teacher=True)
     student_width: int = _flag("integer", 1, "Width multiplier of the student CIFAR ResNet.")
-    teacher: Optional[str] = _flag("string", None, "distill/visualize: the trained teacher, a "
-                                   ".keras file, a train-teacher run folder, or a .weights.h5 "
-                                   "file of a ResNet-<teacher_depth>; default the "
-                                   "train-teacher-<dataset> folder beside --model_dir. "
-                                   "train-teacher: the network to train, as --student takes it; "
-                                   "default ResNet-<teacher_depth>.")
+    teacher: Union[None, str, Tuple[str, ...]] = _flag(
+        "multi_string", None, "distill/visualize: the trained teacher, a .keras file, a "
+        "train-teacher run folder, or a .weights.h5 file of a "
+        "ResNet-<teacher_depth>x<teacher_width>; default the train-teacher-<dataset> folder "
+        "beside --model_dir. distill: repeat it (--teacher A --teacher B) or give A,B to distil "
+        "from several teachers at once, through their ensemble (keras_fsp.teacher_ensemble: "
+        "the weighted mean of their logits, --teacher_weights; feature methods read the first "
+        "teacher); config.json then lists them. train-teacher: the network to train, as "
+        "--student takes it; default ResNet-<teacher_depth>")  # absl adds "; repeat ..."
+    teacher_weights: Tuple[float, ...] = _flag(
+        "list", (), "distill with several --teacher: the weight of each teacher's logits in "
+        "their mean, one per teacher (e.g. 0.7,0.3); default equal.")
     student: Optional[str] = _flag("string", None, "distill: the student, a .keras file (its "
                                    "architecture and starting weights), a keras.applications "
                                    "name (e.g. MobileNetV3Small, built with weights=None for "
@@ -161,6 +172,13 @@ class Config:
         given = {f.name: values[f.name].value for f in _flag_fields()}
         for name in ("formats", "plugins", "image_size"):
             given[name] = tuple(given[name] or ())
+        teachers = tuple(t for v in given["teacher"] or () for t in v.split(",") if t)
+        given["teacher"] = teachers[0] if len(teachers) == 1 else (teachers or None)
+        for f in _flag_fields():
+            if f.metadata.get("per_teacher"):
+                numbers = _numbers(f.name, given[f.name], int)
+                given[f.name] = numbers[0] if len(numbers) == 1 else numbers
+        given["teacher_weights"] = _numbers("teacher_weights", given["teacher_weights"], float)
         config = cls(subcommand=subcommand, **given)
         config.check()
         return config
@@ -189,14 +207,16 @@ class Config:
             value = getattr(self, name)
             if value is not None and not value >= least:
                 raise CLIError(f"--{name} must be >= {least}; got {value}.")
+        self._check_teachers()
         for name in ("teacher_width", "student_width"):
-            if getattr(self, name) < 1:
-                raise CLIError(f"--{name} must be >= 1; got {getattr(self, name)}.")
+            for width in _values(getattr(self, name)):
+                if width < 1:
+                    raise CLIError(f"--{name} must be >= 1; got {width}.")
         for name in ("teacher_depth", "student_depth"):
-            depth = getattr(self, name)
-            if depth < 8 or (depth - 2) % 6:
-                raise CLIError(f"--{name} must be 6n+2 (8, 14, 20, 26, 32, 56, 110, ...); "
-                               f"got {depth}.")
+            for depth in _values(getattr(self, name)):
+                if depth < 8 or (depth - 2) % 6:
+                    raise CLIError(f"--{name} must be 6n+2 (8, 14, 20, 26, 32, 56, 110, ...); "
+                                   f"got {depth}.")
         if self.image_size:
             if (len(self.image_size) > 2 or not all(v.strip().isdigit() and int(v) > 0
                                                      for v in self.image_size)):
@@ -212,6 +232,36 @@ class Config:
         if unknown or not self.formats:
             raise CLIError(f"--formats {','.join(self.formats)}: choose one or more of "
                            f"{', '.join(EXPORT_FILES)}.")
+
+    def _check_teachers(self):
+        """One --teacher but for distill; per-teacher settings, one value or
+        one per teacher; teacher weights positive."""
+        n = max(1, len(self.teachers))
+        if n > 1 and self.subcommand != "distill":
+            raise CLIError(f"--teacher: {self.subcommand} takes one network; got {n} "
+                           f"({', '.join(self.teachers)}).")
+        for name in ("teacher_depth", "teacher_width", "teacher_weights"):
+            count = len(_values(getattr(self, name)))
+            weights = name == "teacher_weights"  # (none: equal; a setting: one for all)
+            if count not in (0 if weights else 1, n):
+                raise CLIError(f"--{name} gives {count} values for {n} teacher(s): give one per "
+                               "teacher" + ("." if weights else " or one for all."))
+        if not all(math.isfinite(w) and w > 0 for w in self.teacher_weights):
+            raise CLIError(f"--teacher_weights must be positive numbers; got "
+                           f"{','.join(f'{w:g}' for w in self.teacher_weights)}.")
+
+    @property
+    def teachers(self):
+        """`--teacher` as a tuple of specs (empty when there is none)."""
+        if self.teacher is None:
+            return ()
+        return (self.teacher,) if isinstance(self.teacher, str) else tuple(self.teacher)
+
+    def of_teacher(self, name, index):
+        """The value of a per-teacher setting (`teacher_depth`, `teacher_width`)
+        for teacher `index`: its own, or the one value given for all."""
+        value = getattr(self, name)
+        return value if isinstance(value, int) else value[index]
 
     def resolved(self, given):
         """The config with the paths the subcommand derives filled in;
@@ -269,6 +319,7 @@ FLAG_SUBCOMMANDS = {
     **{name: ("distill",) for name in ("method", "student_depth", "student_width", "student",
                                        "temperature", "allow_weak_teacher")},
     **{name: TRAINING for name in ("teacher_depth", "teacher_width")},
+    "teacher_weights": ("distill",),
     "teacher": (*TRAINING, "visualize"),
     "model": ("evaluate", "export", "visualize"),
     "formats": ("export",), "raw_inputs": ("export",),
@@ -301,9 +352,25 @@ def flag_values():
         help = help() if callable(help) else help
         define = getattr(flags, f"DEFINE_{kind}")
         default = list(f.default) if isinstance(f.default, tuple) else f.default
+        if kind == "list" and isinstance(default, int):  # a per-teacher setting's one value
+            default = [str(default)]
         extra = {"enum_values": list(f.metadata["choices"])} if kind == "enum" else {}
         define(f.name, default, help=help, flag_values=fv, **extra)
     return fv
+
+
+def _numbers(name, values, kind):
+    """The values of the list flag `name` as `kind` numbers, a tuple."""
+    try:
+        return tuple(kind(v) for v in values or ())
+    except ValueError:
+        raise CLIError(f"--{name} {','.join(values)}: give {'whole ' if kind is int else ''}"
+                       "numbers separated by commas.") from None
+
+
+def _values(value):
+    """A setting of one value or one per teacher, as a tuple."""
+    return value if isinstance(value, tuple) else (value,)
 
 
 # What evaluate, export and visualize take from the run folder of --model.
@@ -326,6 +393,8 @@ def _from_run(model, given):
                 value = run[name]
                 found[name] = tuple(value) if isinstance(value, list) else value
     teacher = run.get("teacher")
+    if isinstance(teacher, list) and teacher:  # several: visualize shows the first, whose
+        teacher = teacher[0]                    # features the feature methods distilled
     if isinstance(teacher, str) and os.path.exists(teacher):
         found["run_teacher"] = teacher
     return found

@@ -4,8 +4,9 @@ run folders, every mismatch one line.
 
 A network spec (`--teacher`, `--student`) is one of:
 - a `.keras` file (its architecture and weights), or for a teacher also a
-  `.weights.h5` file of a CIFAR ResNet (`--teacher_depth`, `--teacher_width`)
-  or a run folder holding `teacher.keras`;
+  `.weights.h5` file of a CIFAR ResNet (`--teacher_depth`, `--teacher_width`;
+  with several teachers, one value for all or one per teacher: `--teacher A
+  --teacher B --teacher_width 4,1`) or a run folder holding `teacher.keras`;
 - a keras.applications name (`MobileNetV3Small`, `ResNet50`, ...), built with
   `weights=None` for the data's image shape and classes, logits out (no
   softmax) and without its own input preprocessing where it has an option
@@ -15,6 +16,7 @@ A network spec (`--teacher`, `--student`) is one of:
   `input_shape` (the images' `(height, width, channels)`) and `num_classes`.
 """
 
+import dataclasses
 import inspect
 import io
 import os
@@ -27,21 +29,29 @@ from keras_fsp.training.run_folder import NETWORKS, RunFolder
 TEACHER_NETWORKS = ("teacher", "model")
 
 
-def resnet(config, role, info):
+def _architecture(config, role, index):
+    """`(depth, width)` of the CIFAR ResNet of `role`'s flags (teacher
+    `index`'s, where several are given)."""
+    return tuple(config.of_teacher(f"{role}_{k}", index) if role == "teacher"
+                 else getattr(config, f"{role}_{k}") for k in ("depth", "width"))
+
+
+def resnet(config, role, info, index=0):
     """The CIFAR ResNet of `role` ("teacher" or "student": its depth and
-    width flags) for the dataset `info` describes."""
+    width flags; teacher `index`'s) for the dataset `info` describes."""
     from keras_fsp.papers import cifar_resnet
 
-    return cifar_resnet(getattr(config, f"{role}_depth"), num_classes=int(info["num_classes"]),
+    depth, width = _architecture(config, role, index)
+    return cifar_resnet(depth, num_classes=int(info["num_classes"]),
                         input_shape=tuple(info["input_shape"]), weight_decay=config.weight_decay,
-                        width_multiplier=getattr(config, f"{role}_width"), name=role)
+                        width_multiplier=width, name=role)
 
 
-def resnet_name(config, role):
+def resnet_name(config, role, index=0):
     """`ResNet-26` or `ResNet-26x4`: the CIFAR ResNet the depth and width
-    flags of `role` describe."""
-    width = getattr(config, f"{role}_width")
-    return f"ResNet-{getattr(config, f'{role}_depth')}" + (f"x{width}" if width != 1 else "")
+    flags of `role` (teacher `index`) describe."""
+    depth, width = _architecture(config, role, index)
+    return f"ResNet-{depth}" + (f"x{width}" if width != 1 else "")
 
 
 def describe(config, role):
@@ -217,23 +227,26 @@ def load_weights_into(model, path, flag, what):
     return model
 
 
-def load_teacher(config, info):
-    """`(teacher, path)`: the network of a `.keras` file or run folder, or a
-    ResNet-`teacher_depth` with a `.weights.h5` file's weights."""
-    if spec_kind(config.teacher) != "file":  # untrained: the teacher check refuses it
-        return network(config, "teacher", info), config.teacher
-    if not os.path.exists(config.teacher):
+def load_teacher(config, info, index=0):
+    """`(teacher, path)` of `--teacher` number `index`: the network of a
+    `.keras` file or run folder, or a ResNet of the teacher's depth and
+    width flags (its own of lists: `--teacher_width 4,1`) with a
+    `.weights.h5` file's weights."""
+    spec = config.teachers[index]
+    if spec_kind(spec) != "file":  # untrained: the teacher check refuses it
+        return network(dataclasses.replace(config, teacher=spec), "teacher", info), spec
+    if not os.path.exists(spec):
         raise CLIError(
-            f"--teacher {config.teacher}: no such file or folder; train one with `keras-fsp "
-            f"train-teacher --dataset {config.dataset} --teacher_depth {config.teacher_depth} "
-            f"--model_dir {config.teacher}` or pass --teacher PATH (a .keras or .weights.h5 "
-            "file, or a train-teacher run folder)."
+            f"--teacher {spec}: no such file or folder; train one with `keras-fsp "
+            f"train-teacher --dataset {config.dataset} --teacher_depth "
+            f"{config.of_teacher('teacher_depth', index)} --model_dir {spec}` or pass --teacher "
+            "PATH (a .keras or .weights.h5 file, or a train-teacher run folder)."
         )
-    path = resolve_file(config.teacher, TEACHER_NETWORKS, "teacher")
+    path = resolve_file(spec, TEACHER_NETWORKS, "teacher")
     if path.endswith(".keras"):
         return check_fits(_load_keras(path, "teacher"), info, "teacher", path), path
-    teacher = resnet(config, "teacher", info)
-    what = (f"a {resnet_name(config, 'teacher')} (--teacher_depth, --teacher_width) for "
+    teacher = resnet(config, "teacher", info, index)
+    what = (f"a {resnet_name(config, 'teacher', index)} (--teacher_depth, --teacher_width) for "
             f"{config.dataset} ({tuple(info['input_shape'])}, {info['num_classes']} classes)")
     return load_weights_into(teacher, path, "teacher", what), path
 

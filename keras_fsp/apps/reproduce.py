@@ -3,6 +3,9 @@ machine, then the table.
 
     keras-fsp reproduce cifar10-resnet26-to-resnet8 --dataset npz:cifar10.npz \\
         --teacher results/teachers/cifar10_resnet26_seed0.weights.h5 --seeds 0,1,2 --parallel 4
+    keras-fsp reproduce cifar10-two-teachers-to-resnet8 --dataset npz:cifar10.npz \\
+        --teacher results/teachers/cifar10_resnet26x4_seed0.weights.h5 \\
+        --teacher results/teachers/cifar10_resnet26_seed0.weights.h5 --seeds 0,1,2 --parallel 3
     keras-fsp reproduce mnist-hinton --dataset npz:mnist.npz --parallel 6
 
 Each run is one `keras-fsp distill` (or example script) in a process of its
@@ -58,26 +61,43 @@ def _cli(flags, *args):
     return [sys.executable, "-m", "keras_fsp.apps.cli", *plugins, *map(str, args)]
 
 
+def _teachers(flags, name, count):
+    """The `--teacher` values of a table of `count` teachers (none: one is
+    trained first, for a table of one)."""
+    given = [t for value in flags.teacher or () for t in value.split(",") if t]
+    if count > 1 and len(given) != count:
+        raise SystemExit(
+            f"keras-fsp reproduce {name}: give its {count} trained teachers in the order its "
+            f"title names them: --teacher A --teacher B (.weights.h5 files or train-teacher run "
+            f"folders); got {len(given)}.")
+    if len(given) > count:
+        raise SystemExit(f"keras-fsp reproduce {name}: the table has one teacher; got "
+                         f"{len(given)} --teacher.")
+    return given
+
+
 def _distill_table(student, teacher=("--teacher_depth", 26), teacher_training=(),
-                   teacher_schedule=1.0, default_methods=None):
+                   teacher_schedule=1.0, default_methods=None, teachers=1):
     """The runs of a distillation table on CIFAR: per method and seed, one
     `keras-fsp distill` of the student that the flags `student` name (with
-    its recipe's flags) from the teacher, after training the teacher first
-    when `--teacher` is not given (`keras-fsp train-teacher` with the flags
-    `teacher` and `teacher_training`, for `teacher_schedule` times the
-    students' schedule). `teacher` also tells distill how to load a
-    `.weights.h5` teacher."""
+    its recipe's flags) from the teacher (or the ensemble of `teachers`
+    teachers, all given), after training the teacher first when `--teacher`
+    is not given (`keras-fsp train-teacher` with the flags `teacher` and
+    `teacher_training`, for `teacher_schedule` times the students'
+    schedule). `teacher` also tells distill how to load `.weights.h5`
+    teachers."""
 
     def runs(flags, root):
+        given = _teachers(flags, os.path.basename(root), teachers)
         common = ["--dataset", flags.dataset, "--dtype_policy", flags.dtype_policy, "--verbose", 0]
-        teacher_dir, out = flags.teacher, []
-        if teacher_dir is None:  # train one first
-            teacher_dir = os.path.join(root, "teacher-seed0")
+        out, needs = [], None
+        if not given:  # train one first
+            needs = os.path.join(root, "teacher-seed0")
             out.append(Run("teacher", 0, _cli(
                 flags, "train-teacher", *common, *teacher, *teacher_training,
                 "--schedule_scale", flags.schedule_scale * teacher_schedule, "--seed", 0,
-                "--model_dir", teacher_dir), teacher_dir))
-        needs = None if flags.teacher else teacher_dir
+                "--model_dir", needs), needs))
+            given = [needs]
         loading = [] if "--teacher" in teacher else list(teacher)  # a spec: trained into a folder
         for method in flags.methods or default_methods or list(methods.METHODS):
             if method not in methods.METHODS:
@@ -90,20 +110,24 @@ def _distill_table(student, teacher=("--teacher_depth", 26), teacher_training=()
                             "--schedule_scale", flags.schedule_scale, "--seed", seed,
                             "--model_dir", run_dir)
                 if not alone:
-                    argv += [str(a) for a in (*loading, "--teacher", teacher_dir)]
+                    argv += [str(a) for a in (*loading, *[x for t in given for x in ("--teacher", t)])]
                 out.append(Run(method, seed, argv, run_dir, None if alone else needs))
         return out
 
     return runs
 
 
-def _cifar_table(student_depth, teacher_width=1):
-    """The runs of a network-minimization table: a ResNet-26 teacher (of
-    `teacher_width`; a wide one trained with weight decay 5e-4) and a
-    ResNet-`student_depth` student per method and seed."""
-    wide = ["--teacher_width", teacher_width] if teacher_width != 1 else []
-    return _distill_table(["--student_depth", student_depth], ["--teacher_depth", 26, *wide],
-                          ["--weight_decay", 5e-4] if wide else [])
+def _cifar_table(student_depth, teacher_widths=(1,), default_methods=None):
+    """The runs of a network-minimization table: ResNet-26 teachers (one
+    per width of `teacher_widths`; several: every run distils from their
+    ensemble, `--teacher A --teacher B`; a wide one trained here with weight
+    decay 5e-4) and a ResNet-`student_depth` student per method and seed
+    (`default_methods`, or every method)."""
+    wide = set(teacher_widths) != {1}
+    widths = ["--teacher_width", ",".join(map(str, teacher_widths))] if wide else []
+    return _distill_table(["--student_depth", student_depth], ["--teacher_depth", 26, *widths],
+                          ["--weight_decay", 5e-4] if wide else [], default_methods=default_methods,
+                          teachers=len(teacher_widths))
 
 
 # Vision Transformers train with their usual recipe (AdamW, warm-up, cosine
@@ -174,7 +198,7 @@ TABLES = {
     "cifar10-resnet26-to-resnet14": Table(
         "Network minimization, CIFAR-10: ResNet-26 -> ResNet-14", _cifar_table(14)),
     "cifar10-resnet26x4-to-resnet8": Table(
-        "A strong teacher, CIFAR-10: ResNet-26x4 -> ResNet-8", _cifar_table(8, teacher_width=4)),
+        "A strong teacher, CIFAR-10: ResNet-26x4 -> ResNet-8", _cifar_table(8, (4,))),
     "cifar10-vit-to-vit": Table(
         "Vision Transformers, CIFAR-10: ViT-6x256 -> ViT-4x128",
         _distill_table(VIT_STUDENT, VIT_TEACHER, teacher_schedule=2.0,
@@ -187,6 +211,9 @@ TABLES = {
         "A Vision Transformer teacher for a CNN, CIFAR-10: ViT-6x256 -> ResNet-8",
         _distill_table(("--student_depth", 8), VIT_TEACHER, teacher_schedule=2.0,
                        default_methods=LOGIT_METHODS)),
+    "cifar10-two-teachers-to-resnet8": Table(
+        "Two teachers, CIFAR-10: ResNet-26x4 + ResNet-26 -> ResNet-8 (the mean of their logits)",
+        _cifar_table(8, (4, 1), default_methods=("kd",))),
     "mnist-hinton": Table("Soft targets on MNIST (Hinton et al.)", _mnist_runs, "test_errors"),
     "cifar10-transfer": Table(
         "Transfer from a teacher trained on other classes (CIFAR-10, 6 -> 4 classes)",
@@ -335,8 +362,10 @@ def _flags(argv):
     flags.DEFINE_list("methods", None, "Only these methods (default: the table's).", **d)
     flags.DEFINE_string("dataset", None, "The data: npz:PATH (arrays x_train, y_train, x_test, "
                         "y_test), or cifar10 through tensorflow-datasets.", **d)
-    flags.DEFINE_string("teacher", None, "CIFAR tables: the teacher's weights (.weights.h5 or "
-                        "a train-teacher run folder); default: train one first.", **d)
+    flags.DEFINE_multi_string("teacher", None, "CIFAR tables: the teacher's weights (.weights.h5 "
+                              "or a train-teacher run folder); default: train one first. "
+                              "cifar10-two-teachers-to-resnet8: its two teachers, the ResNet-26x4 "
+                              "then the ResNet-26 (--teacher A --teacher B).", **d)
     flags.DEFINE_string("runs_dir", "runs/reproduce", "Where the runs' folders go.", **d)
     flags.DEFINE_string("results_dir", "results", "Where the table's JSON and Markdown go.", **d)
     flags.DEFINE_integer("parallel", 1, "Runs at a time.", **d)

@@ -23,6 +23,7 @@ import keras
 from keras_fsp import jax_steps
 from keras_fsp.callbacks import LossWeightSchedule, RestoreKernelNorms, StageSchedule
 from keras_fsp.distiller import FSPDistiller
+from keras_fsp.ensemble import feature_member
 from keras_fsp.papers.cifar_resnet import dense_taps
 from keras_fsp.stages import UP_TO_TAPS, Stage
 from keras_fsp.terms import (AttentionTerm, DecoupledKDTerm, DISTTerm, FSPTerm, HintTerm, PKTTerm,
@@ -311,7 +312,8 @@ def dense_fsp(teacher, student, steps_per_epoch, points_per_section=2,
     `stage1_optimizer`, `stage1_clipnorm` and `stage2` too; each step has its
     own optimizer).
     """
-    t_taps = dense_taps(teacher, points_per_section)
+    member, prefix = feature_member(teacher)  # an ensemble: its feature member's
+    t_taps = [prefix + name for name in dense_taps(member, points_per_section)]
     s_taps = dense_taps(student, points_per_section)
     t_pairs, s_pairs = list(zip(t_taps[:-1], t_taps[1:])), list(zip(s_taps[:-1], s_taps[1:]))
     section_of = [int(b.split("_")[0][-1]) for _, b in s_pairs]  # "stage2_block1" -> 2
