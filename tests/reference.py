@@ -210,3 +210,25 @@ def similarity_preserving_loss(teacher, student):
 
     t, s = _flat(teacher), _flat(student)
     return ((gram(t) - gram(s)) ** 2).sum() / len(t) ** 2
+
+
+def crd_embedding(features, kernel, bias):
+    """CRD's embedding: a linear map of the flattened features, L2-normalised."""
+    e = _flat(features) @ np.asarray(kernel, np.float64) + np.asarray(bias, np.float64)
+    return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+
+def crd_loss(teacher, student, teacher_queue, student_queue, temperature=0.07):
+    """Tian et al. 2020 in the softmax (InfoNCE) form, per example: `-log`
+    of the probability of the other network's embedding of the same example
+    among it and the other network's queue, student as anchor plus teacher
+    as anchor. The queues hold only their filled slots."""
+    def info_nce(anchors, positives, negatives):
+        out = []
+        for a, p in zip(anchors, positives):
+            logits = np.concatenate([[a @ p], np.asarray(negatives, np.float64) @ a]) / temperature
+            out.append(-np.log(np.exp(logits[0]) / np.exp(logits).sum()))
+        return np.array(out)
+
+    t, s = _flat(teacher), _flat(student)
+    return info_nce(s, t, teacher_queue) + info_nce(t, s, student_queue)

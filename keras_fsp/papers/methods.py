@@ -110,3 +110,6 @@ register_method("rkd-kd", recipes.rkd_kd, "RKD + KD (T 4, labels 1, KD 1)", opti
 register_method("pkt-kd", recipes.pkt_kd, "PKT + KD (T 4, labels 1, KD 1)", options=("temperature",))
 register_method("sp-kd", recipes.similarity_preserving_kd, "SP + KD (T 4, labels 1, KD 1)",
                 options=("temperature",))
+register_method("crd", recipes.crd, "CRD (beta 0.8, 16384 queued negatives, T 0.07) + labels")
+register_method("crd-kd", recipes.crd_kd, "CRD + KD (T 4, labels 1, KD 1, CRD beta 0.8)",
+                options=("temperature",))

@@ -26,8 +26,9 @@ from keras_fsp.distiller import FSPDistiller
 from keras_fsp.ensemble import feature_member
 from keras_fsp.papers.cifar_resnet import dense_taps
 from keras_fsp.stages import UP_TO_TAPS, Stage
-from keras_fsp.terms import (AttentionTerm, DecoupledKDTerm, DISTTerm, FSPTerm, HintTerm, PKTTerm,
-                             RKDTerm, SimilarityPreservingTerm, SoftTargetTerm, StandardizedKDTerm)
+from keras_fsp.terms import (AttentionTerm, CRDTerm, DecoupledKDTerm, DISTTerm, FSPTerm, HintTerm,
+                             PKTTerm, RKDTerm, SimilarityPreservingTerm, SoftTargetTerm,
+                             StandardizedKDTerm)
 
 
 STAGE1_OPTIMIZERS = ("sgd", "adam")
@@ -500,6 +501,24 @@ def similarity_preserving(teacher, student, steps_per_epoch, beta=3000.0, layers
     (`sp-kd`)."""
     return _relational(teacher, student, steps_per_epoch, SimilarityPreservingTerm(layers, beta),
                        kd_weight, **kwargs)
+
+
+def crd(teacher, student, steps_per_epoch, beta=0.8, layers="auto", embedding_dim=128,
+        nce_temperature=0.07, queue_size=16384, kd_weight=0.0, **kwargs):
+    """CRD (Tian et al. 2020): the labels plus `beta` times the contrastive
+    loss of learned 128-d embeddings of the penultimate features against
+    queues of `queue_size` negatives at temperature `nce_temperature`
+    (`keras_fsp.terms.CRDTerm`; RepDistiller's `-b 0.8`, `--nce_t 0.07`,
+    `--nce_k 16384`), one stage on the student's usual schedule;
+    `kd_weight > 0` adds KD (`crd-kd`: RepDistiller's `-r 1 -a 1 -b 0.8`,
+    KD at `temperature` 4)."""
+    term = CRDTerm(layers, beta, embedding_dim, nce_temperature, queue_size)
+    return _relational(teacher, student, steps_per_epoch, term, kd_weight, **kwargs)
+
+
+def crd_kd(teacher, student, steps_per_epoch, kd_weight=1.0, **kwargs):
+    """CRD with Hinton's soft targets in one stage (RepDistiller's weights)."""
+    return crd(teacher, student, steps_per_epoch, kd_weight=kd_weight, **kwargs)
 
 
 def rkd_kd(teacher, student, steps_per_epoch, kd_weight=1.0, **kwargs):

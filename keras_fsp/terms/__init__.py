@@ -9,7 +9,9 @@ Write your own by subclassing `DistillationTerm` and registering it with
 correlation relations over classes and over the batch). Relational terms
 on features, batch-level (`keras_fsp.terms.relational`): `"rkd"` (`RKDTerm`,
 distances and angles), `"pkt"` (`PKTTerm`, cosine-similarity probabilities)
-and `"sp"` (`SimilarityPreservingTerm`, normalised Gram matrices).
+and `"sp"` (`SimilarityPreservingTerm`, normalised Gram matrices); `"crd"`
+(`CRDTerm`, contrastive representation distillation: learned embeddings of
+the penultimate features, queues of negatives, one value per example).
 """
 
 from keras_fsp.terms.attention import AttentionTerm, attention_map
@@ -21,6 +23,7 @@ from keras_fsp.terms.base import (
     registered_terms,
     term_class,
 )
+from keras_fsp.terms.crd import CRDTerm, crd_loss
 from keras_fsp.terms.dist import DISTTerm, dist_loss
 from keras_fsp.terms.dkd import DecoupledKDTerm, decoupled_kd
 from keras_fsp.terms.fsp import FSPTerm, fsp_distance, fsp_key, fsp_matrix
@@ -36,6 +39,7 @@ from keras_fsp.terms.task import TaskTerm
 __all__ = [
     "LOGITS",
     "AttentionTerm",
+    "CRDTerm",
     "DISTTerm",
     "DecoupledKDTerm",
     "DistillationTerm",
@@ -50,6 +54,7 @@ __all__ = [
     "TaskTerm",
     "attention_map",
     "batch_mean",
+    "crd_loss",
     "decoupled_kd",
     "dist_loss",
     "fsp_distance",

@@ -6,7 +6,9 @@ differ and no projection is learned. What RKD (`keras_fsp.terms.rkd`), PKT
 choice of the feature layers, and numerically safe helpers.
 
 Their values are batch-level (one number for the batch): sample weights do
-not apply, and the relations are those of each replica's batch.
+not apply, and the relations are those of each replica's batch. CRD
+(`keras_fsp.terms.crd`) shares the choice of layers too, but learns
+embeddings and has a value per example.
 """
 
 from keras import ops
@@ -105,8 +107,9 @@ class RelationalTerm(DistillationTerm):
         return self.beta * self.relation(flat_features(teacher[t]), flat_features(student[s]))
 
     def relation(self, teacher, student):
-        """The term's value: a float32 scalar from the two networks'
-        `(batch, features)` matrices (their widths may differ)."""
+        """The term's value from the two networks' `(batch, features)`
+        matrices (their widths may differ): a float32 scalar, or `(batch,)`
+        for a term with a value per example (CRD)."""
         raise NotImplementedError(f"{type(self).__name__} must implement relation().")
 
     def describe(self):
