@@ -325,7 +325,9 @@ def export_student(distiller_or_model, path, format="tf_saved_model", overwrite=
             `"keras"`: a `.keras` file of the student.
             All but `"keras"` need the TensorFlow backend; every format takes
             and returns float32 (the model's inputs: normalised as in
-            training, or raw images for a `deployable` model), and computes
+            training, or raw images for a `deployable` model; a network of
+            several or integer inputs takes each under its own name and
+            dtype, e.g. `token_ids`, `padding_mask`), and computes
             in float32 whatever dtype policy the student trained under
             (`float32_copy`).
         overwrite: replace an existing file or non-empty directory at `path`
