@@ -6,6 +6,8 @@ release that changes one fails there, by name, rather than somewhere inside a
 training step. setup.py pins the Keras minor version these were checked on.
 """
 
+import sys
+
 import keras
 
 #: The Keras versions whose internals this module was checked against.
@@ -53,9 +55,48 @@ def sublayers(layer):
     Why: finding the attention inside an opaque transformer block (a
     keras-hub `TransformerEncoder` is one layer of its backbone's graph)
     needs the layers it tracks, which Keras lists only with the private
-    `_flatten_layers`.
+    `_flatten_layers`. (An op of a functional graph, `keras.ops.ones_like`
+    on a symbolic tensor, holds none.)
     """
+    if not isinstance(layer, keras.layers.Layer):
+        return [layer]
     return list(layer._flatten_layers(include_self=True, recursive=True))
+
+
+def stacked_sublayers(layer):
+    """The sublayers that `layer` applies one after another, each to the
+    previous one's output, when it is known to be such a stack; else None.
+
+    Why: keras-hub's `ViTEncoder` is one opaque layer of its backbone's
+    graph holding every transformer block, so its blocks cannot be tapped.
+    Its `call` is `dropout`, each of `encoder_layers`, then `layer_norm`
+    (keras-hub 0.32); tracing that stack instead of the layer taps each
+    block with the same weights and the same result.
+    """
+    # A ViTEncoder exists only once keras-hub is imported: never import it here.
+    vit_layers = sys.modules.get("keras_hub.src.models.vit.vit_layers")
+    if vit_layers is None or type(layer) is not vit_layers.ViTEncoder:
+        return None
+    return [layer.dropout, *layer.encoder_layers[:layer.num_layers], layer.layer_norm]
+
+
+def frozen_function(concrete_function):
+    """`concrete_function` (TensorFlow) with its variables and captured
+    tensors made constants of its graph.
+
+    Why: the ONNX export converts a frozen graph. tf2onnx's own
+    `from_function` (which Keras' exporter uses) lists every captured
+    tensor that is not a variable as one more model input (keras-hub's ViT
+    captures its constant position ids); freezing with TensorFlow's private
+    `convert_variables_to_constants_v2` first leaves only the real inputs.
+    Keras' `patch_tf2onnx` (private) makes tf2onnx work on numpy 2.
+    """
+    from keras.src.export.tf2onnx_lib import patch_tf2onnx
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    patch_tf2onnx()
+    return convert_variables_to_constants_v2(concrete_function, lower_control_flow=False,
+                                             aggressive_inlining=True)
 
 
 def regularization_loss(model):

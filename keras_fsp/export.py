@@ -1,7 +1,10 @@
 """Student export for serving: SavedModel, LiteRT, ONNX or a .keras file.
 
 Every format but "keras" goes through Keras' own exporters on the
-TensorFlow backend, and imports TensorFlow only when called.
+TensorFlow backend, and imports TensorFlow only when called. A network of
+one image input is served as `inputs` (float32); one of several inputs (a
+keras-hub text classifier's `token_ids`, `segment_ids`, `padding_mask`) by
+its inputs' own names and dtypes, integer token ids staying integers.
 """
 
 import os
@@ -160,6 +163,12 @@ def deployable(model, mean, std):
     """
     import numpy as np
 
+    if len(model.inputs) != 1 or not _is_float(model.inputs[0].dtype):
+        raise ValueError(
+            f"deployable normalises raw images, but {model.name!r} takes "
+            f"{[f'{t.name} ({t.dtype})' for t in model.inputs]}: token ids and masks are fed as "
+            "they are; export the model itself."
+        )
     mean = np.asarray(mean, "float32").reshape(-1)
     std = np.asarray(std, "float32").reshape(-1)
     inputs = keras.Input(model.input_shape[1:], name="inputs")
@@ -175,11 +184,27 @@ def output_name(model):
     return "probabilities" if taps.ends_in_softmax(model) else "logits"
 
 
+def _is_float(dtype):
+    return "float" in str(dtype)
+
+
 def _input_spec(student):
-    """The batch of float32 images every exported format takes, named `inputs`."""
+    """What every exported format takes: a float32 batch of images named
+    `inputs` for a network of one float input; else each input under its
+    own name with its dtype (float inputs as float32), in the network's
+    structure (a dict for a dict of inputs)."""
     import tensorflow as tf
 
-    return tf.TensorSpec((None,) + tuple(student.input_shape[1:]), tf.float32, name="inputs")
+    inputs = student.inputs
+    if len(inputs) == 1 and _is_float(inputs[0].dtype):
+        return tf.TensorSpec((None,) + tuple(inputs[0].shape[1:]), tf.float32, name="inputs")
+
+    def spec(t):
+        dtype = "float32" if _is_float(t.dtype) else t.dtype
+        return tf.TensorSpec((None,) + tuple(t.shape[1:]), dtype, name=t.name)
+
+    structure = student.input if isinstance(student.input, (dict, list, tuple)) else inputs
+    return keras.tree.map_structure(spec, structure)
 
 
 def _write_saved_model(student, path):
@@ -219,11 +244,60 @@ def _int8_options(representative_data):
     }
 
 
+def _convert_erfc_to_onnx():
+    """Teaches tf2onnx TensorFlow's `Erfc` as `1 - Erf(x)` (ONNX has no
+    Erfc), unless it knows it: TensorFlow computes the exact GELU of
+    transformers (keras-hub's ViT) with Erfc, which tf2onnx cannot convert
+    otherwise."""
+    import numpy as np
+    from tf2onnx import constants, handler, utils
+
+    opsets = handler.tf_op.get_opsets().get(constants.ONNX_DOMAIN, [])
+    if any("Erfc" in ops for ops in opsets):
+        return
+
+    @handler.tf_op("Erfc")
+    class Erfc:  # noqa: F841 (registered by the decorator)
+        @classmethod
+        def version_9(cls, ctx, node, **kwargs):
+            dtype = utils.map_onnx_to_numpy_type(ctx.get_dtype(node.input[0]))
+            one = ctx.make_const(utils.make_name(f"{node.name}_one"), np.array(1, dtype=dtype))
+            erf = ctx.make_node("Erf", [node.input[0]], op_name_scope=node.name, name="erf")
+            shapes, dtypes, output = node.output_shapes, node.output_dtypes, node.output[0]
+            ctx.remove_node(node.name)
+            ctx.make_node("Sub", [one.output[0], erf.output[0]], outputs=[output], name=node.name,
+                          shapes=shapes, dtypes=dtypes)
+
+
+def _write_onnx(student, path):
+    """The student as ONNX, its inputs named as `_input_spec` names them and
+    its output as `output_name`: its frozen graph converted by tf2onnx."""
+    import tensorflow as tf
+    import tf2onnx
+
+    from keras_fsp import compat
+
+    _convert_erfc_to_onnx()
+    spec, name = _input_spec(student), output_name(student)
+    serve = tf.function(lambda inputs: {name: student(inputs, training=False)}, input_signature=[spec])
+    frozen = compat.frozen_function(serve.get_concrete_function())
+    inputs = [t.name for t in frozen.inputs]
+    outputs = [t.name for t in frozen.outputs]
+    rename = dict(zip(inputs, [s.name for s in tf.nest.flatten(spec)]))
+    rename[outputs[0]] = name
+    with tf.device("/cpu:0"):
+        tf2onnx.convert.from_graph_def(frozen.graph.as_graph_def(add_shapes=True), name=student.name,
+                                       input_names=inputs, output_names=outputs,
+                                       tensors_to_rename=rename, output_path=path)
+
+
 def _write(student, path, format, representative_data, quantize):
     if format == "keras":
         student.save(path)
     elif format == "tf_saved_model":
         _write_saved_model(student, path)
+    elif format == "onnx":
+        _write_onnx(student, path)
     else:
         options = _int8_options(representative_data) if quantize == "int8" else {}
         student.export(path, format=format, input_signature=[_input_spec(student)],
@@ -251,7 +325,9 @@ def export_student(distiller_or_model, path, format="tf_saved_model", overwrite=
             `"keras"`: a `.keras` file of the student.
             All but `"keras"` need the TensorFlow backend; every format takes
             and returns float32 (the model's inputs: normalised as in
-            training, or raw images for a `deployable` model), and computes
+            training, or raw images for a `deployable` model; a network of
+            several or integer inputs takes each under its own name and
+            dtype, e.g. `token_ids`, `padding_mask`), and computes
             in float32 whatever dtype policy the student trained under
             (`float32_copy`).
         overwrite: replace an existing file or non-empty directory at `path`

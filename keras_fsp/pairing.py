@@ -116,7 +116,9 @@ def _trunk_points(model):
             "layers every path from its input to its output passes through): FSP, hints and "
             "attention transfer need features (batch, height, width, channels) or (batch, "
             "steps, channels) there, of a fixed input size (build the model, or its "
-            "backbone, for one). Or name the layers to tap explicitly."
+            "backbone, for one; a keras-hub text classifier: call it in a functional model "
+            "on keras.Input((steps,), dtype='int32', name=...) inputs). Or name the layers "
+            "to tap explicitly."
         )
     rank = len(points[-1][1])
     return [(name, size) for name, size in points if len(size) == rank]

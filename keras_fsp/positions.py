@@ -7,7 +7,9 @@ numbers of positions, the larger is pooled down to the smaller over
 non-overlapping groups of positions (`pooled_size`, `pool`): the papers'
 pooling of maps, and for tokens the average of each group of consecutive
 tokens (what one token of a coarser tokenisation stands for). Counts that
-do not divide one another cannot be pooled so: that is an error.
+do not divide one another cannot be pooled so: that is an error. Under a
+padding mask (`keras_fsp.masks`) a group is pooled over its valid positions
+only, and counts as valid if any of them is (`pool_mask`).
 """
 
 from keras import ops
@@ -59,17 +61,48 @@ def pooled_size(shape1, shape2, what="an FSP matrix"):
     return small
 
 
-def pool(x, size, pooling):
+def _groups(x, size):
+    """`x` `(batch, positions..., c)` reshaped so that each axis is
+    `(size, group)`, and the axes of the groups."""
+    split = []  # each axis as (size, group)
+    for n, s in zip(x.shape[1:-1], size):
+        split += [s, n // s]
+    return ops.reshape(x, (-1, *split, x.shape[-1])), tuple(range(2, 2 * len(size) + 1, 2))
+
+
+def pool(x, size, pooling, mask=None):
     """Non-overlapping max or average pooling of `x` down to the position
     counts `size`, written as a reshape and a reduction: the same values as a
     pooling op, and on GPUs a much cheaper gradient than XLA's
-    select-and-scatter."""
+    select-and-scatter.
+
+    With `mask` (`(batch, positions...)`, 1 at valid positions, 0 at
+    padding, at `x`'s positions), each group is pooled over its valid
+    positions only (the largest or the mean of their values), so that
+    padding never leaks into a group with a token; a group without a valid
+    position is 0 (also at `x`'s own size: padded positions are 0)."""
     counts = tuple(x.shape[1:-1])
+    if mask is None:
+        if counts == tuple(size):
+            return x
+        blocks, axes = _groups(x, size)
+        reduce = ops.max if pooling == "max" else ops.mean
+        return reduce(blocks, axis=axes)
+    m = ops.expand_dims(ops.cast(mask, x.dtype), -1)
     if counts == tuple(size):
-        return x
-    split = []  # each axis as (size, group)
-    for n, s in zip(counts, size):
-        split += [s, n // s]
-    blocks = ops.reshape(x, (-1, *split, x.shape[-1]))
-    reduce = ops.max if pooling == "max" else ops.mean
-    return reduce(blocks, axis=tuple(range(2, 2 * len(size) + 1, 2)))
+        return x * m
+    blocks, axes = _groups(x, size)
+    m, _ = _groups(m, size)
+    if pooling == "max":
+        valid = ops.max(m, axis=axes)
+        return ops.where(valid > 0, ops.max(ops.where(m > 0, blocks, float("-inf")), axis=axes), 0.0)
+    return ops.sum(blocks * m, axis=axes) / ops.maximum(ops.sum(m, axis=axes), 1.0)
+
+
+def pool_mask(mask, size):
+    """A padding mask `(batch, positions...)` brought to the position counts
+    `size`: a group of positions is valid (1) if any of its positions is."""
+    if tuple(mask.shape[1:]) == tuple(size):
+        return mask
+    blocks, axes = _groups(ops.expand_dims(mask, -1), size)
+    return ops.squeeze(ops.max(blocks, axis=axes), -1)

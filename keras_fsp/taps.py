@@ -17,7 +17,15 @@ nested model's name, then the layer's); a plain `"layer"` also finds it
 when no other layer has that name. Nested models are traced through only
 when their `call` is Keras' own (a subclass overriding `call` stays one
 opaque layer), and a nested model trains or freezes as a whole in stages
-that select trainable layers.
+that select trainable layers. A layer known to apply a stack of sublayers
+one after another (keras-hub's `ViTEncoder`, `compat.stacked_sublayers`)
+is traced as that stack, so that its blocks are tapped by path too
+(`"backbone/vit_encoder/transformer_block_1"`; the stack's own name taps
+its output).
+
+A model's inputs are tapped by `input_key(name)` (`"/input/padding_mask"`):
+what a term reads from the batch besides the features, e.g. a padding mask
+(`keras_fsp.masks`).
 """
 
 import difflib
@@ -32,6 +40,12 @@ from keras_fsp import compat
 from keras_fsp.finite import first_non_finite
 
 LOGITS = "/logits"
+_INPUT = "/input/"
+
+
+def input_key(name):
+    """The tap key of the model input called `name`."""
+    return _INPUT + name
 
 
 class Node(NamedTuple):
@@ -47,8 +61,14 @@ class Graph:
     """A functional model's layers as one flat graph: `inputs`, the single
     `output`, and `nodes`, `{name: Node}` in graph order."""
 
-    def __init__(self, model, inputs, output, nodes):
+    def __init__(self, model, inputs, output, nodes, aliases=None):
         self.model, self.inputs, self.output, self.nodes = model.name, inputs, output, nodes
+        # (A Sequential model has no `input` structure until it is called.)
+        structure = model.input if compat.is_graph_model(model) else inputs
+        self.input_structure = (inputs[0] if len(inputs) == 1 and isinstance(structure, list)
+                                else keras.tree.pack_sequence_as(structure, inputs))
+        # A layer traced as its stack of sublayers: its name -> its last part's.
+        self.aliases = aliases or {}
         self._producer = {id(n.output): name for name, n in nodes.items()}
         self._consumers = {name: [] for name in nodes}
         for name, node in nodes.items():
@@ -75,7 +95,10 @@ class Graph:
         """
         if name in self.nodes:
             return name
-        matches = [n for n in self.nodes if n.rsplit("/", 1)[-1] == name]
+        if name in self.aliases:
+            return self.aliases[name]
+        matches = [self.aliases.get(n, n) for n in [*self.nodes, *self.aliases]
+                   if n.rsplit("/", 1)[-1] == name]
         if len(matches) == 1:
             return matches[0]
         if matches:
@@ -91,6 +114,28 @@ class Graph:
             else f" Its layers are: {names[:30]}{' ...' if len(names) > 30 else ''}."
         )
         raise ValueError(f"The {role} {self.model!r} has no layer named {name!r}.{hint}")
+
+    def input_tensor(self, key, role="model"):
+        """The input that the tap `key` (`input_key(name)`) names.
+
+        Raises:
+            ValueError: naming the model's inputs when none is called so.
+        """
+        name = key[len(_INPUT):]
+        for tensor in self.inputs:
+            if tensor.name == name:
+                return tensor
+        raise ValueError(
+            f"The {role} {self.model!r} has no input named {name!r}; its inputs are "
+            f"{[t.name for t in self.inputs]}."
+        )
+
+    def tensor(self, name, role="model"):
+        """The symbolic tensor of the tap `name`: a layer's output, or an
+        input (`input_key`)."""
+        if name.startswith(_INPUT):
+            return self.input_tensor(name, role)
+        return self.nodes[self.resolve(name, role)].output
 
 
 # One graph per model: tracing through nested models calls their layers on
@@ -111,7 +156,8 @@ def graph(model, role="model"):
     """
     check_functional(model, role)
     if model not in _GRAPHS:
-        nested = any(compat.is_graph_model(layer) for layer in model.layers)
+        nested = any(compat.is_graph_model(layer) or compat.stacked_sublayers(layer)
+                     for layer in model.layers)
         _GRAPHS[model] = _traced(model) if nested else _as_built(model)
     return _GRAPHS[model]
 
@@ -128,7 +174,16 @@ def _as_built(model):
 
 
 def _traced(model):
-    nodes = {}
+    nodes, aliases = {}, {}
+
+    def recorded(layer, name, owner):
+        def call(*args, **kwargs):
+            output = layer(*args, **kwargs)
+            given = [t for t in keras.tree.flatten((args, kwargs)) if isinstance(t, keras.KerasTensor)]
+            nodes.setdefault(name, Node(layer, tuple(given), output, owner))
+            return output
+
+        return call
 
     def trace(net, tensors, prefix, top):
         def operation_fn(layer):
@@ -137,20 +192,26 @@ def _traced(model):
                 # The nested model's call arguments other than its inputs
                 # (training, mask) are the outer call's in a tap view.
                 return lambda *args, **kwargs: trace(layer, args[0], f"{prefix}{layer.name}/", owner)
+            stack = compat.stacked_sublayers(layer)
+            if stack:
+                path = f"{prefix}{layer.name}/"
+                aliases[prefix + layer.name] = path + stack[-1].name
 
-            def call(*args, **kwargs):
-                output = layer(*args, **kwargs)
-                given = [t for t in keras.tree.flatten((args, kwargs)) if isinstance(t, keras.KerasTensor)]
-                nodes.setdefault(prefix + layer.name, Node(layer, tuple(given), output, owner))
-                return output
+                def run_stack(x, **kwargs):
+                    for part in stack:
+                        x = recorded(part, path + part.name, owner)(x, **kwargs)
+                    return x
 
-            return call
+                return run_stack
+            return recorded(layer, prefix + layer.name, owner)
 
         return compat.run_through_graph(net, tensors, operation_fn)
 
-    inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype) for t in model.inputs]
+    # New inputs of the same shapes, names and structure (a dict of token
+    # ids and a padding mask is fed by name).
+    inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name) for t in model.inputs]
     output = trace(model, inputs, "", None)
-    return Graph(model, inputs, keras.tree.flatten(output)[0], nodes)
+    return Graph(model, inputs, keras.tree.flatten(output)[0], nodes, aliases)
 
 
 def get_layer(model, name, role="model"):
@@ -360,11 +421,10 @@ def tap_model(model, layer_names, include_logits=True, role="model"):
     for name in names:
         if name == LOGITS:
             continue
-        outputs[name] = g.output if name == _OUTPUT else g.nodes[g.resolve(name, role)].output
+        outputs[name] = g.output if name == _OUTPUT else g.tensor(name, role)
     if not outputs:
         raise ValueError("tap_model needs at least one output.")
-    inputs = g.inputs[0] if len(g.inputs) == 1 else g.inputs
-    return keras.Model(inputs, outputs, name=f"{model.name}_taps")
+    return keras.Model(g.input_structure, outputs, name=f"{model.name}_taps")
 
 
 # A nested model's view also gives its own output, which the outer graph
@@ -449,9 +509,9 @@ def top_level_layer(model, name, role="model"):
 
 
 def output_shape(model, name, role="model"):
-    """Static output shape of the layer `name` of `model`."""
-    g = graph(model, role)
-    return tuple(g.nodes[g.resolve(name, role)].output.shape)
+    """Static output shape of the layer `name` of `model` (or of the input
+    `input_key(name)`)."""
+    return tuple(graph(model, role).tensor(name, role).shape)
 
 
 def tap_shape(model, name, role="model"):

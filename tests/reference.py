@@ -18,6 +18,72 @@ def pool_steps(x, length, mode="avg"):
     return np.stack([reduce(x[:, k * r:(k + 1) * r], axis=1) for k in range(length)], axis=1)
 
 
+def mask_steps(mask, steps):
+    """A token mask `(batch, L)` at `steps` positions: a group of
+    consecutive tokens is valid if any of them is."""
+    mask = np.asarray(mask, bool)
+    r = mask.shape[1] // steps
+    return np.stack([mask[:, k * r:(k + 1) * r].any(axis=1) for k in range(steps)], axis=1)
+
+
+def masked_pool_steps(x, mask, length, mode="avg"):
+    """Sequences `(batch, steps, c)` pooled to `length` steps over their
+    valid steps only (`mask` `(batch, L)`, brought to the steps first), and
+    the pooled mask; a group without a valid step is 0."""
+    x = np.asarray(x, np.float64)
+    valid = mask_steps(mask, x.shape[1])
+    r = x.shape[1] // length
+    out = np.zeros((len(x), length, x.shape[2]))
+    for b in range(len(x)):
+        for k in range(length):
+            rows = [x[b, j] for j in range(k * r, (k + 1) * r) if valid[b, j]]
+            if rows:
+                out[b, k] = np.max(rows, axis=0) if mode == "max" else np.mean(rows, axis=0)
+    return out, mask_steps(mask, length)
+
+
+def masked_fsp(f1, f2, mask, mode="max"):
+    """The FSP matrix of sequences over their valid positions: the sum of
+    the products at valid positions over their number."""
+    length = min(np.shape(f1)[1], np.shape(f2)[1])
+    (p1, valid), (p2, _) = (masked_pool_steps(f, mask, length, mode) for f in (f1, f2))
+    out = np.zeros((len(p1), p1.shape[2], p2.shape[2]))
+    for b in range(len(p1)):
+        for p in range(length):
+            if valid[b, p]:
+                out[b] += np.outer(p1[b, p], p2[b, p])
+        out[b] /= max(valid[b].sum(), 1)
+    return out
+
+
+def masked_hint_loss(hint, guided, mask, normalize=False):
+    """Both sequences pooled to the shorter's length over valid steps;
+    1/2 the squared difference summed (mean: averaged) over the valid
+    positions, then over the batch."""
+    length = min(np.shape(hint)[1], np.shape(guided)[1])
+    (h, valid), (g, _) = (masked_pool_steps(f, mask, length) for f in (hint, guided))
+    per = np.array([0.5 * ((h[b] - g[b])[valid[b]] ** 2).sum() for b in range(len(h))])
+    if normalize:
+        per = per / np.maximum(valid.sum(1), 1) / h.shape[2]
+    return per.mean()
+
+
+def masked_attention_transfer_loss(t_maps, s_maps, mask, beta=1000.0, p=2):
+    """Mean-squared attention transfer over the valid positions: energies
+    of padded positions 0, groups averaging their valid steps."""
+    total = 0.0
+    for t, s in zip(t_maps, s_maps):
+        length = min(np.shape(t)[1], np.shape(s)[1])
+        maps = []
+        for f in (s, t):
+            q = (np.abs(np.asarray(f, np.float64)) ** p).sum(axis=-1, keepdims=True)
+            q, valid = masked_pool_steps(q, mask, length)
+            q = q[..., 0]
+            maps.append(q / np.linalg.norm(q, axis=1, keepdims=True))
+        total = total + ((maps[0] - maps[1]) ** 2).sum(axis=1) / np.maximum(valid.sum(1), 1)
+    return (beta / 2 * total).mean()
+
+
 def fsp(f1, f2, mode="max"):
     """Maps `(b, h, w, c)` or sequences `(b, steps, c)`."""
     f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)

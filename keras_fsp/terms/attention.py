@@ -5,13 +5,13 @@ import math
 
 from keras import ops
 
-from keras_fsp import pairing, positions, taps
+from keras_fsp import masks, pairing, positions, taps
 from keras_fsp.terms.base import DistillationTerm, announce, register_term
 
 REDUCTIONS = ("mean_squared", "l2")
 
 
-def attention_map(features, p=2, size=None):
+def attention_map(features, p=2, size=None, mask=None):
     """Attention of features over their positions: `sum_c |F_c|^p`,
     flattened and divided by its L2 norm.
 
@@ -24,14 +24,19 @@ def attention_map(features, p=2, size=None):
             groups of positions (the attention of a group of tokens is its
             tokens' mean energy: the same map, normalised, as their sum).
             `None`: the features' own positions.
+        mask: `None`, or the sequences' padding mask `(batch, steps)`
+            (`keras_fsp.masks`): padded positions are 0 before the
+            normalisation (a group of tokens averages its valid ones), so
+            the map spreads over the tokens only.
 
     Returns:
         float32 `(batch, positions)`, each row of unit L2 norm.
     """
     f = ops.cast(features, "float32")
     q = ops.sum(ops.power(ops.abs(f), p), axis=-1)
-    if size is not None and tuple(size) != tuple(f.shape[1:-1]):
-        q = positions.pool(ops.expand_dims(q, -1), size, "avg")
+    m = masks.at_positions(mask, f.shape)
+    if m is not None or (size is not None and tuple(size) != tuple(f.shape[1:-1])):
+        q = ops.squeeze(positions.pool(ops.expand_dims(q, -1), size or f.shape[1:-1], "avg", m), -1)
     q = ops.reshape(q, (ops.shape(q)[0], -1))
     norm = ops.sqrt(ops.sum(ops.square(q), axis=-1, keepdims=True))
     return q / ops.maximum(norm, 1e-12)
@@ -97,6 +102,10 @@ class AttentionTerm(DistillationTerm):
         self._sizes = [self._pooled_size(teacher, student, pair) for pair in self.pairs]
         self.teacher_taps = tuple(dict.fromkeys(t for t, _ in self.pairs))
         self.student_taps = tuple(dict.fromkeys(s for _, s in self.pairs))
+        mask = masks.mask_taps(teacher, student, self.teacher_taps, self.student_taps,
+                               "attention transfer")
+        self.teacher_taps += mask
+        self.student_taps += mask
         if auto:
             announce(f"keras_fsp: {teacher.name} -> {student.name}, {self.describe()}")
 
@@ -130,7 +139,8 @@ class AttentionTerm(DistillationTerm):
         return self._sizes or [(None, None)] * len(self.pairs)
 
     def teacher_targets(self, features):
-        return {key: attention_map(features[t], self.p, size) for t, key, size in self._targets()}
+        mask = features.get(masks.PADDING_MASK)
+        return {key: attention_map(features[t], self.p, size, mask) for t, key, size in self._targets()}
 
     def target_shapes(self, teacher):
         return {key: (math.prod(size or taps.output_shape(teacher, t, "teacher")[1:-1]),)
@@ -138,9 +148,15 @@ class AttentionTerm(DistillationTerm):
 
     def compute(self, student, teacher, y_true):
         total = 0.0
+        mask = student.get(masks.PADDING_MASK)  # the batch's (the teacher saw the same)
         for (_, s), (_, key, _), (_, s_size) in zip(self.pairs, self._targets(), self._pair_sizes()):
-            diff = attention_map(student[s], self.p, s_size) - teacher[key]
-            if self.reduction == "mean_squared":
+            diff = attention_map(student[s], self.p, s_size, mask) - teacher[key]
+            if self.reduction == "mean_squared" and mask is not None:
+                # The mean over the valid positions (padded ones are 0 in both maps).
+                m = masks.at_positions(mask, student[s].shape)
+                m = positions.pool_mask(m, s_size or tuple(student[s].shape[1:-1]))
+                total = total + ops.sum(ops.square(diff), axis=-1) / masks.valid_count(m)
+            elif self.reduction == "mean_squared":
                 total = total + ops.mean(ops.square(diff), axis=-1)
             else:
                 total = total + ops.sqrt(ops.sum(ops.square(diff), axis=-1) + 1e-24)

@@ -12,19 +12,21 @@ import math
 import keras
 from keras import ops
 
-from keras_fsp import pairing, positions, taps
+from keras_fsp import masks, pairing, positions, taps
 from keras_fsp.terms.base import DistillationTerm, announce, register_term
 
 POOLING_MODES = ("max", "avg")
 
 
-def fsp_matrix(f1, f2, pooling="max"):
+def fsp_matrix(f1, f2, pooling="max", mask=None):
     """FSP matrix between two features of one network, eq. (1).
 
     `G[b, i, j] = sum_p f1[b, p, i] * f2[b, p, j] / P` over the `P`
     positions `p` of the two: `h * w` pixels of feature maps `(batch, h, w,
     channels)`, or the tokens or time steps of sequences `(batch, steps,
-    channels)`.
+    channels)`. With a padding `mask` `(batch, steps)` (`keras_fsp.masks`),
+    the sum runs over the valid positions and `P` is their number, so the
+    matrix of a padded sequence is that of its tokens alone.
 
     When the position counts differ, the larger is pooled down to the
     smaller first over non-overlapping groups (`keras_fsp.positions`: max
@@ -37,6 +39,10 @@ def fsp_matrix(f1, f2, pooling="max"):
         f1: tensor `(batch, positions..., m)`, the earlier features.
         f2: tensor `(batch, positions..., n)`, the later features.
         pooling: `"max"` (default, the paper) or `"avg"`.
+        mask: `None`, or the sequences' padding mask `(batch, steps)` (1 at
+            a token), pooled with the features where they have fewer steps:
+            a group counts if any of its tokens does, and is pooled over
+            its valid tokens only.
 
     Returns:
         float32 tensor `(batch, m, n)`.
@@ -53,12 +59,16 @@ def fsp_matrix(f1, f2, pooling="max"):
     f1 = ops.convert_to_tensor(f1)
     f2 = ops.convert_to_tensor(f2)
     size = positions.pooled_size(f1.shape, f2.shape)
+    m1, m2 = masks.at_positions(mask, f1.shape), masks.at_positions(mask, f2.shape)
     # Pool in the input dtype (max pooling is exact), then accumulate in f32.
-    f1 = ops.cast(positions.pool(f1, size, pooling), "float32")
-    f2 = ops.cast(positions.pool(f2, size, pooling), "float32")
+    f1 = ops.cast(positions.pool(f1, size, pooling, m1), "float32")
+    f2 = ops.cast(positions.pool(f2, size, pooling, m2), "float32")
     axes = "hwdefgijkl"[:len(size)]  # "hw" for maps: the 4-D einsum as it always was
     g = ops.einsum(f"b{axes}m,b{axes}n->bmn", f1, f2)
-    return g / float(math.prod(size))
+    if mask is None:
+        return g / float(math.prod(size))
+    # Padded positions of f1 and f2 are 0: divide by the valid ones' number.
+    return g / ops.reshape(masks.valid_count(positions.pool_mask(m1, size)), (-1, 1, 1))
 
 
 def per_position_linear(channels, input_shape, name):
@@ -75,14 +85,16 @@ def per_position_linear(channels, input_shape, name):
 
 def fsp_matrices(features, pairs, pooling="max", projections=None):
     """FSP matrices of the layer `pairs` from a dict `{layer: feature map}`;
-    `projections` (`{layer: layer}`) map some of the maps first."""
+    `projections` (`{layer: layer}`) map some of the maps first. The
+    padding mask is the dict's `masks.PADDING_MASK`, where it has one."""
     projections = projections or {}
+    mask = features.get(masks.PADDING_MASK)
     out = []
     for a, b in pairs:
         fa, fb = features[a], features[b]
         fa = projections[a](fa) if a in projections else fa
         fb = projections[b](fb) if b in projections else fb
-        out.append(fsp_matrix(fa, fb, pooling=pooling))
+        out.append(fsp_matrix(fa, fb, pooling=pooling, mask=mask))
     return out
 
 
@@ -90,6 +102,7 @@ def fsp_matrices_of(model, pairs, x, pooling="max", projections=None, role="mode
     """FSP matrices of a functional `model` for its layer `pairs` on `x`
     (inference mode), as numpy arrays `(batch, m, n)`, one per pair."""
     names = list(dict.fromkeys(n for p in pairs for n in p))
+    names += [masks.PADDING_MASK] if masks.has_mask(model) else []
     features = taps.tap_model(model, names, include_logits=False, role=role)(x, training=False)
     return [ops.convert_to_numpy(g) for g in fsp_matrices(features, pairs, pooling, projections)]
 
@@ -223,6 +236,9 @@ class FSPTerm(DistillationTerm):
             raise (pairing.mismatch(teacher, student, str(e)) if auto else e) from None
         self.teacher_taps = tuple(dict.fromkeys(n for p in t_pairs for n in p))
         self.student_taps = tuple(dict.fromkeys(n for p in s_pairs for n in p))
+        mask = masks.mask_taps(teacher, student, self.teacher_taps, self.student_taps, "the FSP term")
+        self.teacher_taps += mask
+        self.student_taps += mask
         if auto or self.projections:
             announce(f"keras_fsp: {teacher.name} -> {student.name}, {self.describe()}")
 

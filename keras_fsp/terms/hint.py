@@ -3,11 +3,11 @@
 import keras
 from keras import ops
 
-from keras_fsp import pairing, positions, taps
+from keras_fsp import masks, pairing, positions, taps
 from keras_fsp.terms.base import DistillationTerm, announce, register_term
 
 
-def hint_distance(hint, guided, normalize=False):
+def hint_distance(hint, guided, normalize=False, mask=None):
     """`1/2 ||hint - guided||^2` per example.
 
     Args:
@@ -16,13 +16,20 @@ def hint_distance(hint, guided, normalize=False):
         normalize: `False` (the paper): the sum of squares over the whole
             map; `True`: their mean, which keeps the value independent of
             the map's size.
+        mask: `None`, or a float32 padding mask `(batch, steps)` at the
+            sequences' positions (`keras_fsp.masks`): the sum (the mean)
+            runs over the valid positions only, so what padding holds
+            never counts.
 
     Returns:
         float32 `(batch,)`.
     """
     sq = ops.square(ops.cast(hint, "float32") - ops.cast(guided, "float32"))
     axes = tuple(range(1, len(sq.shape)))
-    return 0.5 * (ops.mean(sq, axis=axes) if normalize else ops.sum(sq, axis=axes))
+    if mask is None:
+        return 0.5 * (ops.mean(sq, axis=axes) if normalize else ops.sum(sq, axis=axes))
+    total = ops.sum(sq * ops.expand_dims(mask, -1), axis=axes)
+    return 0.5 * (total / (masks.valid_count(mask) * sq.shape[-1]) if normalize else total)
 
 
 def hint_key(layer, size):
@@ -67,8 +74,10 @@ class HintTerm(DistillationTerm):
         if auto:
             ends = pairing.matched_section_ends(teacher, student)
             self.hint_layer, self.guided_layer = ends[(len(ends) - 1) // 2]
-        self.teacher_taps = (self.hint_layer,)
-        self.student_taps = (self.guided_layer,)
+        mask = masks.mask_taps(teacher, student, (self.hint_layer,), (self.guided_layer,),
+                               "the hint term")
+        self.teacher_taps = (self.hint_layer, *mask)
+        self.student_taps = (self.guided_layer, *mask)
         hint = taps.output_shape(teacher, self.hint_layer, "teacher")
         guided = taps.output_shape(student, self.guided_layer, "student")
         if hint == guided:
@@ -120,7 +129,10 @@ class HintTerm(DistillationTerm):
 
     def teacher_targets(self, features):
         hint, size = features[self.hint_layer], self._sizes[0]
-        return {self._target_key(): hint if size is None else positions.pool(hint, size, "avg")}
+        if size is not None:
+            mask = masks.at_positions(features.get(masks.PADDING_MASK), hint.shape)
+            hint = positions.pool(hint, size, "avg", mask)
+        return {self._target_key(): hint}
 
     def target_shapes(self, teacher):
         shape = taps.output_shape(teacher, self.hint_layer, "teacher")[1:]
@@ -129,11 +141,15 @@ class HintTerm(DistillationTerm):
 
     def compute(self, student, teacher, y_true):
         guided = student[self.guided_layer]
+        # The batch's padding mask (the student's; the teacher saw the same
+        # batch) at the guided features' positions, then at the compared ones.
+        mask = masks.at_positions(student.get(masks.PADDING_MASK), guided.shape)
         if self._sizes[1] is not None:
-            guided = positions.pool(guided, self._sizes[1], "avg")
+            guided = positions.pool(guided, self._sizes[1], "avg", mask)
+            mask = None if mask is None else positions.pool_mask(mask, self._sizes[1])
         if self.regressor is not None:
             guided = self.regressor(guided)
-        return hint_distance(teacher[self._target_key()], guided, self.normalize)
+        return hint_distance(teacher[self._target_key()], guided, self.normalize, mask)
 
     def get_config(self):
         return {

@@ -6,22 +6,29 @@ differ and no projection is learned. What RKD (`keras_fsp.terms.rkd`), PKT
 choice of the feature layers, and numerically safe helpers.
 
 Their values are batch-level (one number for the batch): sample weights do
-not apply, and the relations are those of each replica's batch. CRD
+not apply, and the relations are those of each replica's batch. Tapped on
+token features `(batch, steps, channels)` of networks with a padding mask
+(`keras_fsp.masks`), the padded positions' features are zero before the
+features are flattened, so what padding holds does not change the
+relations (the student's mask: both networks see the same batch). CRD
 (`keras_fsp.terms.crd`) shares the choice of layers too, but learns
 embeddings and has a value per example.
 """
 
 from keras import ops
 
-from keras_fsp import pairing, taps
+from keras_fsp import masks, pairing, taps
 from keras_fsp.terms.base import DistillationTerm, announce
 
 AUTO = "auto"
 
 
-def flat_features(features):
-    """`features` as float32 `(batch, -1)`."""
+def flat_features(features, mask=None):
+    """`features` as float32 `(batch, -1)`; with a padding `mask` `(batch,
+    steps)`, the padded positions of sequences are zero."""
     f = ops.cast(features, "float32")
+    if mask is not None:
+        f = f * ops.expand_dims(masks.at_positions(mask, f.shape), -1)
     return ops.reshape(f, (ops.shape(f)[0], -1))
 
 
@@ -92,19 +99,26 @@ class RelationalTerm(DistillationTerm):
             self.layers = (self.auto_layer(teacher, "teacher"), self.auto_layer(student, "student"))
             self.teacher_taps, self.student_taps = (self.layers[0],), (self.layers[1],)
         super().configure(teacher, student)
+        ranks = []
         for model, name, role in ((teacher, self.layers[0], "teacher"), (student, self.layers[1], "student")):
-            if len(taps.output_shape(model, name, role)) < 2:
+            ranks.append(len(taps.output_shape(model, name, role)))
+            if ranks[-1] < 2:
                 raise ValueError(
                     f"The {self.name!r} term relates examples by their features, but the "
                     f"{role}'s layer {name!r} gives {taps.output_shape(model, name, role)}: "
                     "choose a layer with a batch axis and features."
                 )
+        if ranks == [3, 3]:  # token features: the student's mask, for both
+            mask = masks.mask_taps(teacher, student, self.layers[:1], self.layers[1:],
+                                   f"the {self.name!r} term")
+            self.student_taps = (self.layers[1], *mask)
         if auto:
             announce(f"keras_fsp: {teacher.name} -> {student.name}, {self.describe()}")
 
     def compute(self, student, teacher, y_true):
         t, s = self.layers
-        return self.beta * self.relation(flat_features(teacher[t]), flat_features(student[s]))
+        mask = student.get(masks.PADDING_MASK)
+        return self.beta * self.relation(flat_features(teacher[t], mask), flat_features(student[s], mask))
 
     def relation(self, teacher, student):
         """The term's value from the two networks' `(batch, features)`
