@@ -402,7 +402,10 @@ def main(argv, plugins=()):
     if fv.dataset is None:
         fv.dataset = "cifar10" if name.startswith("cifar10") else "mnist"
     root = os.path.join(fv.runs_dir, name)
-    runs = table.runs(fv, root)
+    try:
+        runs = table.runs(fv, root)
+    except ValueError as e:  # an unknown --methods name
+        raise SystemExit(f"keras-fsp reproduce {name}: {e}") from None
     command = "keras-fsp reproduce " + " ".join(argv[1:])
     codes = {} if fv.summary_only else execute(runs, fv.parallel, fv.max_minutes, mps=fv.mps)
     summary = summarize(name, table, runs, command)
