@@ -6,7 +6,6 @@ In the TensorFlow suite: the scripts are backend-independent, and the
 library they train through (recipes, the loop, checkpoints) is tested on
 both backends by its own tests."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +16,8 @@ import keras
 import numpy as np
 import pytest
 
+from keras_fsp.apps.config import import_code
+
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
                                 reason="the example scripts run in the TensorFlow suite")
 
@@ -26,16 +27,7 @@ COMMON = dict(dataset=None, seed=0, batch_size=128, scale=1.0, max_minutes=None,
 
 def _load(name):
     """Imports examples/<name>.py once per process (absl flags are global)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(EXAMPLES, name + ".py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-    return sys.modules[name]
+    return import_code(os.path.join(EXAMPLES, name + ".py"), "examples")
 
 
 def _flags(run_dir, **kwargs):
