@@ -67,20 +67,47 @@ def _record(name, batch_size, seconds_per_step, **extra):
              "ms_per_step": round(1e3 * seconds_per_step, 3), **extra}
     RESULTS.append(entry)
     print(json.dumps(entry), flush=True)
-    if FLAGS.json_out:
-        with open(FLAGS.json_out, "w") as f:
+    if FLAGS.json_out:  # whole at every moment, even if the run is stopped while writing
+        with open(FLAGS.json_out + ".tmp", "w") as f:
             json.dump(RESULTS, f, indent=1)
+        os.replace(FLAGS.json_out + ".tmp", FLAGS.json_out)
 
 
 def _out_of_time():
     return time.time() - _START > FLAGS.max_seconds
 
 
-def _distiller(stage, teacher_depth, student_depth, augment=None, steps_per_execution=1,
-               batch_norm_groups=1):
+def compile_distiller(teacher, student, stage, augment=None, steps_per_execution=1, stages=None):
+    """`FSPDistiller` in `stage`, compiled with the benchmarks' SGD."""
     import keras
 
-    from keras_fsp import FSPDistiller, Stage, per_replica_batch_norm
+    from keras_fsp import FSPDistiller
+
+    model = FSPDistiller(teacher, student, stage=stage, augment=augment, stages=stages or {})
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+                  steps_per_execution=steps_per_execution)
+    return model
+
+
+def compile_student(net, augment=None, steps_per_execution=1, learning_rate=0.1):
+    """`net` trained alone on the labels (SGD, momentum 0.9), with the
+    scanned epochs of `keras_fsp.jax_steps`."""
+    import keras
+
+    from keras_fsp import jax_steps
+
+    if augment is not None:
+        inputs = keras.Input(net.inputs[0].shape[1:])
+        net = keras.Model(inputs, net(augment(inputs)))
+    net.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=0.9),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                steps_per_execution=steps_per_execution)
+    return jax_steps.install(net)
+
+
+def _distiller(stage, teacher_depth, student_depth, augment=None, steps_per_execution=1,
+               batch_norm_groups=1):
+    from keras_fsp import Stage, per_replica_batch_norm
     from keras_fsp.papers import cifar_resnet
 
     teacher, student = cifar_resnet(teacher_depth), cifar_resnet(student_depth)
@@ -91,28 +118,17 @@ def _distiller(stage, teacher_depth, student_depth, augment=None, steps_per_exec
         # (a small FSP weight: its cost does not depend on it, and SGD at 0.01
         # diverges on an FSP loss of 1e5 weighted 1e-3)
         stages = {"kd_fsp": Stage("kd_fsp", {"kd": 0.9, "task": 0.1, "fsp": 1e-6})}
-    model = FSPDistiller(teacher, student, stage=stage, augment=augment, stages=stages)
-    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-                  steps_per_execution=steps_per_execution)
-    return model
+    return compile_distiller(teacher, student, stage, augment, steps_per_execution, stages)
 
 
 def _student(depth, augment=None, steps_per_execution=1, batch_norm_groups=1):
-    import keras
-
-    from keras_fsp import jax_steps, per_replica_batch_norm
+    from keras_fsp import per_replica_batch_norm
     from keras_fsp.papers import cifar_resnet
 
     net = cifar_resnet(depth)
     if batch_norm_groups > 1:
         net = per_replica_batch_norm(net, batch_norm_groups)
-    if augment is not None:
-        inputs = keras.Input((32, 32, 3))
-        net = keras.Model(inputs, net(augment(inputs)))
-    net.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                steps_per_execution=steps_per_execution)
-    return jax_steps.install(net)
+    return compile_student(net, augment, steps_per_execution)
 
 
 def _device_batch(batch_size):
@@ -225,17 +241,46 @@ def _cifar10(dataset):
     return ((x - mean) / std).astype("float32"), y.astype("int32")
 
 
+def fit_seconds(model, x, y, batch_size, cached=False, profile_dir=None, cache_batch_size=1000):
+    """Seconds per step of `model.fit` over `x`, `y` held on the device
+    (`DeviceArrays`), timed over `--fit_epochs` epochs after one that
+    compiles, and `{"compile_seconds": the first epoch's time beyond a timed
+    one, "final_loss": ...}`. `cached`: on the teacher's outputs, computed first
+    (`teacher_cache_seconds`). With `profile_dir`, one more epoch is then
+    traced there (`jax.profiler`, with a Perfetto trace)."""
+    from keras_fsp.inputs import DeviceArrays
+
+    extra, inputs = {}, x
+    if cached:
+        start = time.perf_counter()
+        inputs = {"inputs": x, "teacher": model.teacher_outputs(x, batch_size=cache_batch_size)}
+        extra["teacher_cache_seconds"] = round(time.perf_counter() - start, 2)
+    data = DeviceArrays(inputs, y, batch_size=batch_size, seed=0, drop_remainder=True)
+    start = time.perf_counter()
+    model.fit(data, epochs=1, verbose=0)  # compiles
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    history = model.fit(data, epochs=FLAGS.fit_epochs, verbose=0).history
+    seconds = (time.perf_counter() - start) / (FLAGS.fit_epochs * len(data))
+    extra["compile_seconds"] = round(max(0.0, first - seconds * len(data)), 2)
+    extra["final_loss"] = float(history["loss"][-1])
+    if profile_dir:
+        import jax
+
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            model.fit(data, epochs=1, verbose=0)
+    return seconds, extra
+
+
 def time_fit(name, teacher_depth, student_depth, batch_size, x, y, batch_norm_groups=1,
              profile_dir=None):
     """`fit` over the device-resident training set with in-step augmentation;
-    seconds per step. With `profile_dir`, one more epoch is then traced there
-    (`jax.profiler`, with a Perfetto trace)."""
+    seconds per step (`fit_seconds`)."""
     import keras
 
     from keras_fsp.augment import PadCropFlip
-    from keras_fsp.inputs import DeviceArrays
 
-    what, extra = name, {}
+    what = name
     suffixes = {s: what.endswith("_" + s) for s in ("bf16", "cached", "noaug")}
     for suffix in suffixes:
         what = what[: -len(suffix) - 1] if what.endswith("_" + suffix) else what
@@ -251,22 +296,7 @@ def time_fit(name, teacher_depth, student_depth, batch_size, x, y, batch_norm_gr
                  if what == "student_alone"
                  else _distiller(what[len("stage_"):], teacher_depth, student_depth, augment, steps,
                                  batch_norm_groups))
-        inputs = x
-        if suffixes["cached"]:
-            start = time.perf_counter()
-            inputs = {"inputs": x, "teacher": model.teacher_outputs(x, batch_size=1000)}
-            extra["teacher_cache_seconds"] = round(time.perf_counter() - start, 2)
-        data = DeviceArrays(inputs, y, batch_size=batch_size, seed=0, drop_remainder=True)
-        model.fit(data, epochs=1, verbose=0)  # compiles
-        start = time.perf_counter()
-        model.fit(data, epochs=FLAGS.fit_epochs, verbose=0)
-        seconds = (time.perf_counter() - start) / (FLAGS.fit_epochs * len(data))
-        if profile_dir:
-            import jax
-
-            with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
-                model.fit(data, epochs=1, verbose=0)
-        return seconds, extra
+        return fit_seconds(model, x, y, batch_size, suffixes["cached"], profile_dir)
     finally:
         keras.config.set_dtype_policy("float32")
 

@@ -13,6 +13,10 @@ Two ways to run the step:
   warm-up on a side stream, and replayed on a static batch
   (`torch_graph_*`), in float32 or under bfloat16 autocast (`*_bf16`).
 
+`run_networks` times the KD step and the student alone for any networks
+returning logits (torchvision's, for `users_networks.py`): in a CUDA graph,
+eager, or `torch.compile`d, under bfloat16 autocast.
+
     python benchmarks/torch_reference.py   # prints milliseconds per step
 """
 
@@ -90,6 +94,54 @@ def kd_loss(t_logits, s_logits, y, temperature=4.0, weight=0.9):
     return weight * temperature ** 2 * soft + (1 - weight) * F.cross_entropy(s_logits, y)
 
 
+def _sgd(module):
+    return torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+
+def _timed(call, iters, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        call()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters
+
+
+def eager_seconds(step, optimizer, iters, warmup, device):
+    """Seconds per call of `step` (forward, backward, update), the gradients
+    cleared before each."""
+    def call():
+        optimizer.zero_grad(set_to_none=True)
+        step()
+
+    for _ in range(warmup):
+        call()
+    return _timed(call, iters, device)
+
+
+def graph_seconds(step, optimizer, iters, warmup):
+    """Seconds per replay of `step` (forward, backward, update on static
+    tensors) captured once in a CUDA graph after warm-up on a side stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (cuDNN autotuning, optimizer state) off the graph
+        for _ in range(warmup):
+            optimizer.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # Gradients set to None before capture: backward() then writes fresh
+    # .grad tensors from the graph's pool at every replay.
+    optimizer.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(warmup):
+        graph.replay()
+    return _timed(graph.replay, iters, torch.device("cuda"))
+
+
 def run(teacher_depth=26, student_depth=8, batch_size=128, iters=200, warmup=20):
     """Seconds per step of `torch_reference_kd`, `torch_reference_fsp` and
     `torch_student_alone` on the first CUDA device."""
@@ -101,7 +153,7 @@ def run(teacher_depth=26, student_depth=8, batch_size=128, iters=200, warmup=20)
     results = {}
     for name in ("torch_student_alone", "torch_reference_kd", "torch_reference_fsp"):
         student = CifarResNet(student_depth).to(dev, memory_format=torch.channels_last).train()
-        opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        opt = _sgd(student)
 
         def step():
             if name == "torch_student_alone":
@@ -112,18 +164,10 @@ def run(teacher_depth=26, student_depth=8, batch_size=128, iters=200, warmup=20)
                 s_logits, s_maps = student(x, logits=name.endswith("kd"))
                 loss = (kd_loss(t_logits, s_logits, y) if name.endswith("kd")
                         else fsp_loss(t_maps, s_maps))
-            opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
-        for _ in range(warmup):
-            step()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(iters):
-            step()
-        torch.cuda.synchronize()
-        results[name] = (time.perf_counter() - start) / iters
+        results[name] = eager_seconds(step, opt, iters, warmup, dev)
     return results
 
 
@@ -141,7 +185,7 @@ def run_graph(teacher_depth=26, student_depth=8, batch_size=128, iters=500, warm
     results = {}
     for kind in ("student_alone", "kd", "fsp"):
         student = CifarResNet(student_depth).to(dev, memory_format=torch.channels_last).train()
-        opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        opt = _sgd(student)
 
         def step():
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
@@ -158,28 +202,67 @@ def run_graph(teacher_depth=26, student_depth=8, batch_size=128, iters=500, warm
             loss.backward()
             opt.step()
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up (cuDNN autotuning, optimizer state) off the graph
-            for _ in range(warmup):
-                opt.zero_grad(set_to_none=True)
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # Gradients set to None before capture: backward() then writes fresh
-        # .grad tensors from the graph's pool at every replay.
-        opt.zero_grad(set_to_none=True)
-        with torch.cuda.graph(graph):
-            step()
-        for _ in range(warmup):
-            graph.replay()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(iters):
-            graph.replay()
-        torch.cuda.synchronize()
-        results[f"torch_graph_{kind}{suffix}"] = (time.perf_counter() - start) / iters
+        results[f"torch_graph_{kind}{suffix}"] = graph_seconds(step, opt, iters, warmup)
     return results
+
+
+def _network_seconds(how, kind, teacher, student, x, y, iters, warmup, bf16, compile_mode):
+    opt = _sgd(student)
+    if how == "compile":
+        torch._dynamo.reset()  # nothing kept from the other batch sizes' shapes
+        teacher, student = (torch.compile(m, mode=compile_mode, dynamic=False)
+                            for m in (teacher, student))
+
+    def step():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            if kind == "student_alone":
+                loss = F.cross_entropy(student(x).float(), y)
+            else:
+                with torch.no_grad():
+                    t_logits = teacher(x)
+                loss = kd_loss(t_logits.float(), student(x).float(), y)
+        loss.backward()
+        opt.step()
+
+    extra = {}
+    if how == "compile":
+        extra["compile_seconds"] = round(eager_seconds(step, opt, 1, 0, x.device), 2)
+    if how == "graph":
+        return graph_seconds(step, opt, iters, warmup), extra
+    return eager_seconds(step, opt, iters, warmup, x.device), extra
+
+
+def run_networks(teacher, make_student, x, y, ways=("graph_kd", "graph_student_alone", "eager_kd",
+                                                     "compile_kd"),
+                 iters=50, warmup=10, bf16=True, compile_mode="max-autotune-no-cudagraphs"):
+    """The KD step (and the student trained alone) for any networks returning
+    logits: `teacher` (an `nn.Module`) and a fresh student from
+    `make_student()` for each way, on the static batch `x` (channels-last),
+    `y`. Yields `(name, seconds per step, extra)` as each is measured, for
+    the ways
+
+    - `graph_kd`, `graph_student_alone`: the step captured in a CUDA graph;
+    - `eager_kd`, `eager_student_alone`: eager PyTorch;
+    - `compile_kd`, `compile_student_alone`: both networks `torch.compile`d
+      with `compile_mode` (`extra["compile_seconds"]`: the first step).
+
+    Under bfloat16 autocast with `bf16`. A way that needs CUDA (graph,
+    compile) yields `(name, None, {"skipped": why})` on another device."""
+    device = x.device
+    torch.backends.cudnn.benchmark = True
+    teacher = teacher.to(device, memory_format=torch.channels_last).eval()
+    for way in ways:
+        how, kind = way.split("_", 1)
+        if how in ("graph", "compile") and device.type != "cuda":
+            yield f"torch_{way}", None, {"skipped": f"{how} needs CUDA"}
+            continue
+        student = make_student().to(device, memory_format=torch.channels_last).train()
+        seconds, extra = _network_seconds(how, kind, teacher, student, x, y, iters, warmup, bf16,
+                                          compile_mode)
+        student = None
+        if device.type == "cuda":  # the last student's memory (and its graph's) back
+            torch.cuda.empty_cache()
+        yield f"torch_{way}", seconds, extra
 
 
 def main(argv):
