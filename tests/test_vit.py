@@ -31,6 +31,15 @@ def test_tokens_are_the_patch_grid_row_by_row_plus_a_position_each(vits):
     assert pairing.section_start(teacher) == "tokens"
 
 
+def test_vit_attention_never_takes_the_fused_kernel(vits):
+    # The fused bfloat16 kernel went to NaN training a ViT on a GPU
+    # (compat.without_fused_attention); the flag is Keras' private one.
+    for model in vits:
+        attention = [l for l in model.layers if isinstance(l, keras.layers.MultiHeadAttention)]
+        assert len(attention) == len([l for l in model.layers if l.name.endswith("_attention")])
+        assert attention and all(layer._flash_attention is False for layer in attention)
+
+
 def test_a_saved_vit_loads_and_gives_the_same_logits(vits, tmp_path):
     _, student = vits
     path = str(tmp_path / "vit.keras")

@@ -21,6 +21,8 @@ with any transformer) by depth with no layer named.
 import keras
 from keras import layers
 
+from keras_fsp import compat
+
 
 @keras.saving.register_keras_serializable(package="keras_fsp")
 class PositionEmbedding(keras.layers.Layer):
@@ -75,8 +77,9 @@ def cifar_vit(depth=6, width=256, heads=4, mlp_ratio=2, patch_size=4, num_classe
     x = PositionEmbedding(name="tokens")(x)
     for i in range(1, depth + 1):
         y = layers.LayerNormalization(epsilon=1e-6, name=f"block{i}_attention_norm")(x)
-        y = layers.MultiHeadAttention(heads, width // heads, dropout=dropout,
-                                      name=f"block{i}_attention")(y, y)
+        attention = compat.without_fused_attention(layers.MultiHeadAttention(
+            heads, width // heads, dropout=dropout, name=f"block{i}_attention"))
+        y = attention(y, y)
         x = layers.Add(name=f"block{i}_attention_residual")([x, y])
         y = layers.LayerNormalization(epsilon=1e-6, name=f"block{i}_mlp_norm")(x)
         y = layers.Dense(width * mlp_ratio, activation="gelu", name=f"block{i}_mlp_hidden")(y)
