@@ -363,6 +363,12 @@ def test_bad_inputs_give_one_line_and_touch_nothing(teacher_run, tmp_path, capsy
             ["distill", f"--dataset=npz:{_npz(tmp_path, classes=4)}",
              f"--teacher={teacher_dir / 'teacher.weights.h5'}", "--teacher_depth=8",
              f"--model_dir={tmp_path / 'd'}"],
+        # Same variables, another shape: the message names one and both shapes.
+        "1 layer(s) do not fit; e.g. logits/kernel has shape (64, 4) in the model and (64, 10) "
+        "in the file.":
+            ["distill", f"--dataset=npz:{_npz(tmp_path, classes=4)}",
+             f"--teacher={teacher_dir / 'teacher.weights.h5'}", "--teacher_depth=8",
+             f"--model_dir={tmp_path / 'd'}"],
         # A .keras file (a run folder's) is its own architecture.
         "teacher.keras takes (8, 8, 1) images and has 10 outputs; the dataset has (8, 8, 1) "
         "images and 4 classes":

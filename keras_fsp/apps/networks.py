@@ -20,6 +20,7 @@ import dataclasses
 import inspect
 import io
 import os
+import re
 import warnings
 import zipfile
 
@@ -205,6 +206,21 @@ def resolve_file(path, stems, flag):
     return path
 
 
+def _load_error(error):
+    """The reason in Keras' message for weights that do not load: which
+    variable, its shape in the model and in the file (the message's first
+    line names only a layer; the shapes come after a dump of its values)."""
+    text = str(error).strip()
+    shapes = re.search(r"variable\.shape=(\([^)]*\)), Received: value\.shape=(\([^)]*\))", text)
+    where = re.search(r"Target variable: <Variable path=([^,>]+)", text)
+    count = re.search(r"A total of (\d+) objects could not be loaded", text)
+    if shapes and where:
+        layers = f"{count.group(1)} layer(s) do not fit; e.g. " if count else ""
+        return (f"{layers}{where.group(1)} has shape {shapes.group(1)} in the model and "
+                f"{shapes.group(2)} in the file.")
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def load_weights_into(model, path, flag, what):
     """Loads `path` into `model`, turning any mismatch into a `CLIError`."""
     try:
@@ -219,8 +235,7 @@ def load_weights_into(model, path, flag, what):
         try:
             model.load_weights(path)
         except Exception as e:  # noqa: BLE001
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CLIError(f"--{flag} {path} does not match {what}: {first}") from None
+            raise CLIError(f"--{flag} {path} does not match {what}: {_load_error(e)}") from None
     skipped = [str(w.message) for w in caught if "skipping" in str(w.message).lower()]
     if skipped:  # Keras loads what it can and warns about the rest
         raise CLIError(f"--{flag} {path} does not match {what}: {skipped[0]}")
