@@ -39,6 +39,13 @@ without attention on such a trunk has one block per trunk point (its
 normalisation and activation with it). Teacher and student blocks are
 grouped evenly by depth: the shallower network's every block is paired
 with the deeper's block at the same relative depth (`i * B / n`, rounded).
+
+A transformer paired with a network in sections of several sizes (a ViT with
+a CNN, either way round) pairs by depth too: the sections whose maps its
+tokens, read as their grid of patches, can be pooled with
+(`keras_fsp.positions.token_grid`), and as many of its blocks at the same
+relative depths: a ResNet's three stages with blocks 2, 4 and 6 of a
+six-block ViT.
 """
 
 import keras
@@ -264,12 +271,7 @@ def matched_section_ends(teacher, student):
     t_ends, s_ends = section_ends(teacher), section_ends(student)
     t_blocks, s_blocks = _in_blocks(teacher), _in_blocks(student)
     if t_blocks != s_blocks:
-        blocks, sections = ("teacher", "student") if t_blocks else ("student", "teacher")
-        raise mismatch(
-            teacher, student,
-            f"The {blocks} computes in blocks over one sequence length and the {sections} in "
-            "sections of several sizes: their sections cannot be paired by size or depth.",
-        )
+        return _blocks_with_sections(teacher, student, t_ends, s_ends, t_blocks)
     if t_blocks:
         n = min(len(t_ends), len(s_ends))
         if not n:
@@ -279,6 +281,32 @@ def matched_section_ends(teacher, student):
     if not common:
         raise mismatch(teacher, student, "The teacher and the student share no section size to pair.")
     return [(t_ends[size], s_ends[size]) for size in common]
+
+
+def _blocks_with_sections(teacher, student, t_ends, s_ends, teacher_in_blocks):
+    """`matched_section_ends` of a transformer and a network in sections of
+    several sizes (see the module's docstring)."""
+    blocks, sections = (teacher, student) if teacher_in_blocks else (student, teacher)
+    b_ends, c_ends = (t_ends, s_ends) if teacher_in_blocks else (s_ends, t_ends)
+    tokens = taps.output_shape(blocks, next(iter(b_ends.values())))
+    usable = []
+    for size, name in c_ends.items():
+        try:
+            positions.pooled_size(tokens, (None, *size, 1))
+            usable.append(name)
+        except ValueError:
+            pass
+    n = min(len(usable), len(b_ends))
+    if not n:
+        raise mismatch(
+            teacher, student,
+            f"The {'teacher' if teacher_in_blocks else 'student'} computes in blocks over "
+            f"{tokens[1]} tokens and the {'student' if teacher_in_blocks else 'teacher'} in "
+            "sections of several sizes, none of whose maps those tokens, read as a grid of "
+            "patches, can be pooled with.",
+        )
+    b, c = _evenly(list(b_ends.values()), n), _evenly(usable, n)
+    return list(zip(b, c)) if teacher_in_blocks else list(zip(c, b))
 
 
 def matched_section_pairs(teacher, student):
@@ -302,7 +330,10 @@ def matched_section_pairs(teacher, student):
     s_pairs = list(zip([e[1] for e in ends[:-1]], [e[1] for e in ends[1:]]))
     t_start, s_start = section_start(teacher), section_start(student)
     first_t, first_s = ends[0]
-    same_first = _in_blocks(teacher) or next(iter(_sections(teacher))) == next(iter(_sections(student)))
+    # Both stems' outputs start a pair where the first sections line up: any
+    # transformer (its tokens, read as a grid, pool with a CNN's map).
+    same_first = (_in_blocks(teacher) or _in_blocks(student)
+                  or next(iter(_sections(teacher))) == next(iter(_sections(student))))
     if same_first and t_start not in (None, first_t) and s_start not in (None, first_s):
         t_pairs.insert(0, (t_start, first_t))
         s_pairs.insert(0, (s_start, first_s))

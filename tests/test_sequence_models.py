@@ -111,8 +111,14 @@ def test_sequence_lengths_that_do_not_divide_are_an_error_saying_what_to_do():
     with pytest.raises(ValueError, match=r"\(2, 6, 3\) and \(2, 4, 3\).*integer multiple.*"
                                          r"Tap layers whose sizes divide"):
         terms.fsp_matrix(np.ones((2, 6, 3)), np.ones((2, 4, 3)))
+    # Tokens beside a map are its grid of patches: 4 tokens with a 2 x 2 map; 3 make none.
+    tokens, grid = np.random.RandomState(0).rand(2, 4, 3), np.random.RandomState(1).rand(2, 2, 2, 3)
+    np.testing.assert_allclose(_np(terms.fsp_matrix(tokens, grid)),
+                               reference.fsp(tokens.reshape(2, 2, 2, 3), grid), rtol=1e-5)
+    with pytest.raises(ValueError, match="3 tokens with a map of 2 x 2 positions"):
+        terms.fsp_matrix(np.ones((2, 3, 3)), np.ones((2, 2, 2, 3)))
     with pytest.raises(ValueError, match="one rank"):
-        terms.fsp_matrix(np.ones((2, 4, 3)), np.ones((2, 2, 2, 3)))
+        terms.fsp_matrix(np.ones((2, 4, 3)), np.ones((2, 2, 2, 2, 3)))
 
 
 def test_attention_map_of_sequences_pools_groups_of_steps():
@@ -189,9 +195,17 @@ def test_networks_without_a_usable_trunk_or_of_different_kinds_are_refused():
     with pytest.raises(ValueError, match=r"'mlp' has no feature maps or sequences of known size on "
                                          r"its trunk.*name the layers"):
         FSPDistiller(mlp, keras.models.clone_model(mlp), stage="fsp")
+    # A transformer beside a network whose sections change length pairs by
+    # depth where the lengths pool (here 8 tokens with 32, 16 and 8 steps) ...
     teacher, student = transformer_pair()[0], conv1d_pair()[1]
-    with pytest.raises(ValueError, match="teacher computes in blocks over one sequence length"):
-        pairing.matched_section_ends(teacher, student)
+    assert pairing.matched_section_ends(teacher, student) == [
+        ("block0_add2", "relu0_0"), ("block2_add2", "relu1_0"), ("final_ln", "relu2_0")]
+    # ... and 8 tokens make no grid of a square map.
+    from keras_fsp.papers import cifar_resnet
+
+    with pytest.raises(ValueError, match="computes in blocks over 8 tokens and the student in "
+                                         "sections of several sizes, none of whose maps"):
+        pairing.matched_section_ends(teacher, cifar_resnet(8))
 
 
 def test_the_hint_layers_are_chosen_in_the_middle_when_none_are_named():

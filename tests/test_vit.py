@@ -131,3 +131,94 @@ def test_the_vit_tables_run_commands_the_cli_takes(tmp_path):
                                                                         ([4], "t.weights.h5"))
     _, resnet = configs("cifar10-vit-to-resnet8")
     assert (resnet["kd-seed0"].student_depth, resnet["kd-seed0"].optimizer) == (8, "sgd")
+
+
+# ------------------------------------------------- a CNN with a ViT, either way
+
+
+def _grid_pool(x, side):
+    """Numpy: maps `(batch, h, w[, c])` averaged over square groups down to
+    `side` x `side`."""
+    x = np.asarray(x, np.float64)
+    b, h, w = x.shape[:3]
+    return x.reshape(b, side, h // side, side, w // side, *x.shape[3:]).mean(axis=(2, 4))
+
+
+def test_tokens_are_read_as_their_patch_grid_beside_a_map():
+    from keras_fsp import positions
+
+    tokens = np.random.RandomState(2).rand(2, 64, 3).astype("float32")
+    # 64 tokens beside a 16 x 16 map are 8 x 8 patches, row by row; pooled to 4 x 4.
+    assert positions.pooled_size((None, 64, 5), (None, 16, 16, 7)) == (8, 8)
+    assert positions.pooled_size((None, 32, 32, 7), (None, 64, 5)) == (8, 8)
+    np.testing.assert_allclose(np.asarray(positions.pool(tokens, (4, 4), "avg")),
+                               _grid_pool(tokens.reshape(2, 8, 8, 3), 4), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(positions.pool(tokens, (8, 8), "avg")),
+                               tokens.reshape(2, 8, 8, 3))
+    with pytest.raises(ValueError, match=r"32 tokens with a map of 8 x 8 positions.*must form the "
+                                         r"map's shape"):
+        positions.pooled_size((None, 32, 5), (None, 8, 8, 7))
+
+
+@pytest.fixture(scope="module")
+def cnn_and_vit():
+    from keras_fsp.papers import cifar_resnet
+
+    return cifar_resnet(8, name="resnet8_x"), cifar_vit(depth=3, width=16, heads=2, name="vit_x")
+
+
+def test_a_cnn_and_a_vit_pair_by_depth_and_their_terms_equal_numpy_references(cnn_and_vit):
+    from keras_fsp import taps
+    from keras_fsp.terms import AttentionTerm, HintTerm
+
+    cnn, vit = cnn_and_vit
+    # The ResNet's three stages with the ViT's blocks at the same relative depth.
+    assert pairing.matched_section_ends(cnn, vit) == [("stage1", "block1"), ("stage2", "block2"),
+                                                      ("stage3", "norm")]
+    assert pairing.matched_section_ends(vit, cnn) == [("block1", "stage1"), ("block2", "stage2"),
+                                                      ("norm", "stage3")]
+    x = np.random.RandomState(3).rand(4, 32, 32, 3).astype("float32")
+    y = np.arange(4)
+
+    def values(term, teacher, student):
+        term.configure(teacher, student)
+        t = taps.tap_model(teacher, term.teacher_taps, False)(x, training=False)
+        s = taps.tap_model(student, term.student_taps, False)(x, training=False)
+        got = float(np.asarray(term.compute(s, term.teacher_targets(t), y)).mean())
+        return got, {k: np.asarray(v, np.float64) for k, v in t.items()}, \
+            {k: np.asarray(v, np.float64) for k, v in s.items()}
+
+    # Attention transfer, CNN teacher -> ViT student: each map's energy pooled
+    # to the 8 x 8 patch grid, the tokens' energies read row by row.
+    term = AttentionTerm()
+    got, t, s = values(term, cnn, vit)
+
+    def energy(f, grid):
+        q = (f ** 2).sum(axis=-1)
+        q = _grid_pool(q, 8).reshape(len(f), -1) if grid else q
+        return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+    want = sum(((energy(s[b], False) - energy(t[a], True)) ** 2).mean(axis=1)
+               for a, b in term.pairs)
+    assert got == pytest.approx(float((term.beta / 2 * want).mean()), rel=1e-4)
+
+    # A hint, ViT teacher -> CNN student: the ResNet's 16 x 16 stage pooled to
+    # the 8 x 8 grid of the ViT's tokens, then a per-position regressor.
+    term = HintTerm()
+    got, t, s = values(term, vit, cnn)
+    assert (term.hint_layer, term.guided_layer) == ("block2", "stage2")
+    guided = _grid_pool(s["stage2"], 8) @ np.asarray(term.regressor.kernel, np.float64) + \
+        np.asarray(term.regressor.bias, np.float64)
+    hint = t["block2"].reshape(4, 8, 8, 16)
+    assert got == pytest.approx(0.5 * ((hint - guided) ** 2).reshape(4, -1).sum(axis=1).mean(),
+                                rel=1e-4)
+
+
+@pytest.mark.parametrize("stage", ["fsp", "hint", "attention"])
+def test_a_cnn_teacher_and_a_vit_student_train_in_the_feature_stages(cnn_and_vit, stage):
+    cnn, vit = cnn_and_vit
+    x = np.random.RandomState(4).rand(8, 32, 32, 3).astype("float32")
+    d = FSPDistiller(cnn, keras.models.clone_model(vit), stage=stage)
+    d.compile(optimizer=keras.optimizers.Adam(1e-3))
+    losses = d.fit(x, np.arange(8) % 10, batch_size=8, epochs=3, shuffle=False, verbose=0).history
+    assert np.all(np.isfinite(losses["loss"])) and losses["loss"][-1] < losses["loss"][0], losses

@@ -135,10 +135,9 @@ def _cifar_table(student_depth, teacher_widths=(1,), default_methods=None):
 VIT_RECIPE = ("--optimizer", "adamw", "--cutout", 16)
 VIT_TEACHER = ("--teacher", "keras_fsp.papers.vit:vit_teacher", *VIT_RECIPE)
 VIT_STUDENT = ("--student", "keras_fsp.papers.vit:vit_student", *VIT_RECIPE)
-# Feature terms pair two transformers by depth; across a CNN and a ViT
-# only the logit methods apply.
+# Feature terms pair a ViT's blocks by depth, with a CNN's stages too (its
+# tokens read as their grid of patches: `keras_fsp.pairing`).
 VIT_METHODS = ("none", "kd", "fsp-kd", "fitnet", "at-kd", "ls-kd")
-LOGIT_METHODS = ("none", "kd", "ls-kd")
 
 
 def _example(script, *args):
@@ -206,11 +205,11 @@ TABLES = {
     "cifar10-resnet26x4-to-vit": Table(
         "A CNN teacher for a Vision Transformer, CIFAR-10: ResNet-26x4 -> ViT-4x128",
         _distill_table(VIT_STUDENT, ("--teacher_depth", 26, "--teacher_width", 4),
-                       ("--weight_decay", 5e-4), default_methods=LOGIT_METHODS)),
+                       ("--weight_decay", 5e-4), default_methods=VIT_METHODS)),
     "cifar10-vit-to-resnet8": Table(
         "A Vision Transformer teacher for a CNN, CIFAR-10: ViT-6x256 -> ResNet-8",
         _distill_table(("--student_depth", 8), VIT_TEACHER, teacher_schedule=2.0,
-                       default_methods=LOGIT_METHODS)),
+                       default_methods=VIT_METHODS)),
     "cifar10-two-teachers-to-resnet8": Table(
         "Two teachers, CIFAR-10: ResNet-26x4 + ResNet-26 -> ResNet-8 (the mean of their logits)",
         _cifar_table(8, (4, 1), default_methods=("kd",))),
