@@ -268,7 +268,7 @@ def _train_network(config, log, argv, role, method):
     import keras
 
     from keras_fsp import training
-    from keras_fsp.augment import Cutout, PadCropFlip
+    from keras_fsp.augment import Cutout, PadCropFlip, chain
     from keras_fsp.callbacks import NonFiniteLossError
 
     started = time.time()
@@ -287,8 +287,7 @@ def _train_network(config, log, argv, role, method):
         if config.cutout >= min(info["input_shape"][:2]):
             raise CLIError(f"--cutout {config.cutout} must be smaller than the images "
                            f"({tuple(info['input_shape'][:2])}).")
-        cutout = Cutout(config.cutout, seed=config.seed)
-        augment = cutout if augment is None else keras.Sequential([augment, cutout], name="augment")
+        augment = chain(augment, Cutout(config.cutout, seed=config.seed))
     steps = training.steps_per_epoch(len(x_train), config.batch_size)
     try:
         recipe = _recipe(config, role, method, teacher, network, steps, augment)

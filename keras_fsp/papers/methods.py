@@ -113,3 +113,6 @@ register_method("sp-kd", recipes.similarity_preserving_kd, "SP + KD (T 4, labels
 register_method("crd", recipes.crd, "CRD (beta 0.8, 16384 queued negatives, T 0.07) + labels")
 register_method("crd-kd", recipes.crd_kd, "CRD + KD (T 4, labels 1, KD 1, CRD beta 0.8)",
                 options=("temperature",))
+register_method("function-matching", recipes.function_matching,
+                "function matching (mixup, KD at T 1 without labels, 4x schedule)",
+                options=("temperature",))
