@@ -287,7 +287,9 @@ def _train_network(config, log, argv, role, method):
         if config.cutout >= min(info["input_shape"][:2]):
             raise CLIError(f"--cutout {config.cutout} must be smaller than the images "
                            f"({tuple(info['input_shape'][:2])}).")
-        augment = chain(augment, Cutout(config.cutout, seed=config.seed))
+        # Its own seed: with PadCropFlip's, the two would draw the same keys
+        # (a square's place tied to the crop's offset).
+        augment = chain(augment, Cutout(config.cutout, seed=config.seed + 1))
     steps = training.steps_per_epoch(len(x_train), config.batch_size)
     try:
         recipe = _recipe(config, role, method, teacher, network, steps, augment)
