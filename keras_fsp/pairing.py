@@ -346,6 +346,28 @@ def matched_section_pairs(teacher, student):
     return t_pairs, s_pairs
 
 
+_ACTIVATIONS = _layer_types("ReLU", "LeakyReLU", "PReLU", "ELU", "Activation")
+
+
+def preactivation(model, name, role="model"):
+    """The map that layer `name` of `model` activates: where `name` (behind
+    identities, such as a CIFAR ResNet's named section ends) is a
+    non-linear activation of one input, that input (a ResNet block's sum
+    before its ReLU: `"stage1_block1_add"` for `"stage1"`); else `name`
+    itself. ReviewKD compares the student with the teacher's features
+    before their last ReLU, which keep the negative part (`keras_fsp.terms.review`)."""
+    g = ensemble.feature_graph(model, role)
+    name = g.resolve(name, role)
+    node = g.nodes[name]
+    while isinstance(node.layer, keras.layers.Identity) and g.producer(node.inputs[0]) is not None:
+        node = g.nodes[g.producer(node.inputs[0])]
+    linear = getattr(node.layer, "activation", None) is keras.activations.linear
+    source = g.producer(node.inputs[0]) if len(node.inputs) == 1 else None
+    if isinstance(node.layer, _ACTIVATIONS) and not linear and source is not None:
+        return source
+    return name
+
+
 def penultimate(model, role="model"):
     """The layer whose output the classifier reads: the pooled features
     before the logits (`"pool"` of the CIFAR ResNets, `"avg_pool"` of

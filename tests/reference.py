@@ -298,3 +298,85 @@ def crd_loss(teacher, student, teacher_queue, student_queue, temperature=0.07):
 
     t, s = _flat(teacher), _flat(student)
     return info_nce(s, t, teacher_queue) + info_nce(t, s, student_queue)
+
+
+def adaptive_average_pool(x, size):
+    """PyTorch's `adaptive_avg_pool2d` of `(batch, h, w, c)` to `size x
+    size`: output cell `(i, j)` averages rows `floor(i h / size)` to
+    `ceil((i + 1) h / size)` (exclusive), columns likewise."""
+    x = np.asarray(x, np.float64)
+    b, h, w, c = x.shape
+    out = np.zeros((b, size, size, c))
+    for i in range(size):
+        r0, r1 = int(np.floor(i * h / size)), int(np.ceil((i + 1) * h / size))
+        for j in range(size):
+            c0, c1 = int(np.floor(j * w / size)), int(np.ceil((j + 1) * w / size))
+            out[:, i, j] = x[:, r0:r1, c0:c1].mean(axis=(1, 2))
+    return out
+
+
+def hcl_loss(student, teacher):
+    """ReviewKD's hierarchical context loss (the authors' `hcl`), per
+    example: per level, the MSE plus the MSEs after adaptive average pooling
+    to 4, 2, 1 (those below the height) weighted 1/2, 1/4, ... in turn,
+    over the weights' sum; summed over the levels."""
+    total = 0.0
+    for fs, ft in zip(student, teacher):
+        fs, ft = np.asarray(fs, np.float64), np.asarray(ft, np.float64)
+        loss = ((fs - ft) ** 2).mean(axis=(1, 2, 3))
+        cnt = tot = 1.0
+        for size in (4, 2, 1):
+            if size >= fs.shape[1]:
+                continue
+            cnt /= 2.0
+            diff = adaptive_average_pool(fs, size) - adaptive_average_pool(ft, size)
+            loss = loss + (diff ** 2).mean(axis=(1, 2, 3)) * cnt
+            tot += cnt
+        total = total + loss / tot
+    return total
+
+
+def nearest_upsample(x, size):
+    """PyTorch's `interpolate(mode="nearest")` of `(batch, h, w, c)` to
+    `size`: output row `i` is input row `floor(i * h / size[0])`."""
+    h, w = x.shape[1:3]
+    rows = [int(np.floor(i * h / size[0])) for i in range(size[0])]
+    cols = [int(np.floor(j * w / size[1])) for j in range(size[1])]
+    return np.asarray(x)[:, rows][:, :, cols]
+
+
+def conv2d_same(x, kernel, bias=None):
+    """Stride-1 convolution of `(batch, h, w, c)` by `(k, k, c, out)`, zero
+    padding `k // 2` (PyTorch's `padding=1` for 3x3)."""
+    x, kernel = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+    k, p = kernel.shape[0], kernel.shape[0] // 2
+    b, h, w, _ = x.shape
+    padded = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    out = np.zeros((b, h, w, kernel.shape[-1]))
+    for di in range(k):
+        for dj in range(k):
+            out += padded[:, di:di + h, dj:dj + w] @ kernel[di, dj]
+    return out if bias is None else out + np.asarray(bias, np.float64)
+
+
+def batch_norm_train(x, gamma, beta, epsilon=1e-5):
+    """Batch norm in training mode: each channel normalised by the batch's
+    mean and (biased) variance over examples and positions."""
+    mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+    return (x - mean) / np.sqrt(var + epsilon) * np.asarray(gamma) + np.asarray(beta)
+
+
+def abf(x, residual, weights, out_size):
+    """One ReviewKD ABF module's forward pass in training mode (the
+    authors' `ABF.forward`): `weights` holds `conv1` (kernel), `bn1`
+    (gamma, beta), `attention` (kernel, bias; absent at the deepest level),
+    `conv2` (kernel), `bn2` (gamma, beta). Returns `(output, fusion)`."""
+    x = batch_norm_train(conv2d_same(x, weights["conv1"][0]), *weights["bn1"])
+    if residual is not None:
+        residual = nearest_upsample(residual, x.shape[1:3])
+        z = conv2d_same(np.concatenate([x, residual], axis=-1), *weights["attention"])
+        z = 1.0 / (1.0 + np.exp(-z))
+        x = x * z[..., :1] + residual * z[..., 1:]
+    if tuple(x.shape[1:3]) != tuple(out_size):
+        x = nearest_upsample(x, out_size)
+    return batch_norm_train(conv2d_same(x, weights["conv2"][0]), *weights["bn2"]), x

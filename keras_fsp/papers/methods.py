@@ -114,5 +114,9 @@ register_method("crd", recipes.crd, "CRD (beta 0.8, 16384 queued negatives, T 0.
 register_method("crd-kd", recipes.crd_kd, "CRD + KD (T 4, labels 1, KD 1, CRD beta 0.8)",
                 options=("temperature",))
 register_method("function-matching", recipes.function_matching,
-                "function matching (mixup, KD at T 1 without labels, 4x schedule)",
+                "function matching (mixup, KD at T 1 without labels)",
                 options=("temperature",))
+register_method("reviewkd", recipes.review_kd,
+                "ReviewKD (ABF fusion, HCL weight 1, 20-epoch warm-up) + labels")
+register_method("reviewkd-kd", recipes.review_kd_with_kd,
+                "ReviewKD + KD (T 4, labels 1, KD 1, HCL weight 1)", options=("temperature",))

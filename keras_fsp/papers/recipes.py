@@ -28,8 +28,8 @@ from keras_fsp.ensemble import feature_member
 from keras_fsp.papers.cifar_resnet import dense_taps
 from keras_fsp.stages import UP_TO_TAPS, Stage
 from keras_fsp.terms import (AttentionTerm, CRDTerm, DecoupledKDTerm, DISTTerm, FSPTerm, HintTerm,
-                             PKTTerm, RKDTerm, SimilarityPreservingTerm, SoftTargetTerm,
-                             StandardizedKDTerm)
+                             PKTTerm, ReviewKDTerm, RKDTerm, SimilarityPreservingTerm,
+                             SoftTargetTerm, StandardizedKDTerm)
 
 
 STAGE1_OPTIMIZERS = ("sgd", "adam")
@@ -426,17 +426,26 @@ def attention_kd(teacher, student, steps_per_epoch, kd_weight=0.9, **kwargs):
     return attention_transfer(teacher, student, steps_per_epoch, kd_weight=kd_weight, **kwargs)
 
 
+def linear_warmup(term, epochs):
+    """The weight of `term` rising linearly to 1 over its first `epochs`
+    epochs: `(epoch + 1) / epochs` from epoch 0 (mdistiller's
+    `min(epoch / warmup, 1)` with epochs counted from 1), the papers'
+    warm-ups counted in epochs of the data as they are (DKD's, ReviewKD's:
+    20)."""
+    epochs = max(1, int(epochs))
+    return LossWeightSchedule(term, lambda epoch: min((epoch + 1) / epochs, 1.0))
+
+
 def decoupled_kd(teacher, student, steps_per_epoch, iterations=64000, alpha=1.0, beta=8.0,
                  temperature=4.0, warmup_epochs=20, lr=0.1, augment=None, scale=1.0):
     """Decoupled KD (Zhao et al. 2022): cross-entropy + `(alpha * TCKD + beta
     * NCKD) * T^2`, the DKD weight warmed up linearly over the first
     `warmup_epochs` epochs (the paper's CIFAR settings: alpha 1, beta 8,
     T 4, 20 epochs), on the student's usual schedule."""
-    warmup = max(1, int(warmup_epochs))
-    ramp = LossWeightSchedule("dkd", lambda epoch: min((epoch + 1) / warmup, 1.0))
     return single_stage(teacher, student, steps_per_epoch, {"dkd": 1.0, "task": 1.0}, "dkd",
                         [DecoupledKDTerm(alpha=alpha, beta=beta, temperature=temperature)],
-                        iterations, lr, augment, scale, callbacks=[ramp])
+                        iterations, lr, augment, scale,
+                        callbacks=[linear_warmup("dkd", warmup_epochs)])
 
 
 def standardized_kd(teacher, student, steps_per_epoch, iterations=64000, temperature=2.0,
@@ -485,10 +494,11 @@ def function_matching(teacher, student, steps_per_epoch, iterations=64000, tempe
                         [SoftTargetTerm(temperature)], iterations, lr, mixed, scale)
 
 
-def _relational(teacher, student, steps_per_epoch, term, kd_weight, task_weight=1.0,
-                temperature=4.0, iterations=64000, lr=0.1, augment=None, scale=1.0):
-    """One stage of `task_weight` times the labels plus the relational
-    `term` (weighted 1: its own weights are RepDistiller's `-b`), and with
+def _term_and_labels(teacher, student, steps_per_epoch, term, kd_weight, task_weight=1.0,
+                     temperature=4.0, iterations=64000, lr=0.1, augment=None, scale=1.0,
+                     callbacks=()):
+    """One stage of `task_weight` times the labels plus the feature `term`
+    (weighted 1: its own weight is its `beta`, RepDistiller's `-b`), and with
     `kd_weight > 0` Hinton's soft targets at `temperature` weighted
     `kd_weight`: RepDistiller's `-r 1 -a 1` combination with KD (T 4)."""
     terms, given = {term.name: 1.0, "task": task_weight}, [term]
@@ -497,7 +507,7 @@ def _relational(teacher, student, steps_per_epoch, term, kd_weight, task_weight=
         given.append(SoftTargetTerm(temperature))
     return single_stage(teacher, student, steps_per_epoch, terms,
                         f"{term.name}_kd" if kd_weight else term.name, given, iterations, lr,
-                        augment, scale)
+                        augment, scale, callbacks)
 
 
 def rkd(teacher, student, steps_per_epoch, distance_weight=25.0, angle_weight=50.0,
@@ -506,8 +516,8 @@ def rkd(teacher, student, steps_per_epoch, distance_weight=25.0, angle_weight=50
     losses on the penultimate features (`keras_fsp.terms.RKDTerm`; the
     paper's and RepDistiller's weights 25 and 50), one stage on the
     student's usual schedule; `kd_weight > 0` adds KD (`rkd-kd`)."""
-    return _relational(teacher, student, steps_per_epoch,
-                       RKDTerm(layers, distance_weight, angle_weight), kd_weight, **kwargs)
+    return _term_and_labels(teacher, student, steps_per_epoch,
+                            RKDTerm(layers, distance_weight, angle_weight), kd_weight, **kwargs)
 
 
 def pkt(teacher, student, steps_per_epoch, beta=30000.0, layers="auto", kd_weight=0.0, **kwargs):
@@ -515,8 +525,8 @@ def pkt(teacher, student, steps_per_epoch, beta=30000.0, layers="auto", kd_weigh
     the cosine-similarity probabilities of the penultimate features
     (`keras_fsp.terms.PKTTerm`; RepDistiller's beta 30000), one stage on the
     student's usual schedule; `kd_weight > 0` adds KD (`pkt-kd`)."""
-    return _relational(teacher, student, steps_per_epoch, PKTTerm(layers, beta), kd_weight,
-                       **kwargs)
+    return _term_and_labels(teacher, student, steps_per_epoch, PKTTerm(layers, beta), kd_weight,
+                            **kwargs)
 
 
 def similarity_preserving(teacher, student, steps_per_epoch, beta=3000.0, layers="auto",
@@ -526,8 +536,8 @@ def similarity_preserving(teacher, student, steps_per_epoch, beta=3000.0, layers
     (`keras_fsp.terms.SimilarityPreservingTerm`; RepDistiller's beta 3000),
     one stage on the student's usual schedule; `kd_weight > 0` adds KD
     (`sp-kd`)."""
-    return _relational(teacher, student, steps_per_epoch, SimilarityPreservingTerm(layers, beta),
-                       kd_weight, **kwargs)
+    return _term_and_labels(teacher, student, steps_per_epoch,
+                            SimilarityPreservingTerm(layers, beta), kd_weight, **kwargs)
 
 
 def crd(teacher, student, steps_per_epoch, beta=0.8, layers="auto", embedding_dim=128,
@@ -540,7 +550,7 @@ def crd(teacher, student, steps_per_epoch, beta=0.8, layers="auto", embedding_di
     `kd_weight > 0` adds KD (`crd-kd`: RepDistiller's `-r 1 -a 1 -b 0.8`,
     KD at `temperature` 4)."""
     term = CRDTerm(layers, beta, embedding_dim, nce_temperature, queue_size)
-    return _relational(teacher, student, steps_per_epoch, term, kd_weight, **kwargs)
+    return _term_and_labels(teacher, student, steps_per_epoch, term, kd_weight, **kwargs)
 
 
 def crd_kd(teacher, student, steps_per_epoch, kd_weight=1.0, **kwargs):
@@ -561,6 +571,24 @@ def pkt_kd(teacher, student, steps_per_epoch, kd_weight=1.0, **kwargs):
 def similarity_preserving_kd(teacher, student, steps_per_epoch, kd_weight=1.0, **kwargs):
     """SP with Hinton's soft targets in one stage (RepDistiller's weights)."""
     return similarity_preserving(teacher, student, steps_per_epoch, kd_weight=kd_weight, **kwargs)
+
+
+def review_kd(teacher, student, steps_per_epoch, beta=1.0, pairs="auto", warmup_epochs=20,
+              kd_weight=0.0, **kwargs):
+    """ReviewKD (Chen et al. 2021): the labels (weight 1) plus `beta` times
+    the hierarchical context loss of the student's levels fused by learned
+    ABF modules against the teacher's (`keras_fsp.terms.ReviewKDTerm`; the
+    authors' default and ResNet-110 -> ResNet-32 weight 1.0), its weight
+    warmed up linearly over the first `warmup_epochs` (20), one stage on
+    the student's usual schedule; `kd_weight > 0` adds Hinton's KD at
+    `temperature` (`reviewkd-kd`: the authors' `--use-kl`, T 4, weight 1)."""
+    return _term_and_labels(teacher, student, steps_per_epoch, ReviewKDTerm(pairs, beta), kd_weight,
+                            callbacks=[linear_warmup("reviewkd", warmup_epochs)], **kwargs)
+
+
+def review_kd_with_kd(teacher, student, steps_per_epoch, kd_weight=1.0, **kwargs):
+    """ReviewKD with Hinton's soft targets in one stage (the authors' `--use-kl`)."""
+    return review_kd(teacher, student, steps_per_epoch, kd_weight=kd_weight, **kwargs)
 
 
 def fsp_kd(teacher, student, steps_per_epoch, **kwargs):

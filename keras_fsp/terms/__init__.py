@@ -11,7 +11,10 @@ on features, batch-level (`keras_fsp.terms.relational`): `"rkd"` (`RKDTerm`,
 distances and angles), `"pkt"` (`PKTTerm`, cosine-similarity probabilities)
 and `"sp"` (`SimilarityPreservingTerm`, normalised Gram matrices); `"crd"`
 (`CRDTerm`, contrastive representation distillation: learned embeddings of
-the penultimate features, queues of negatives, one value per example).
+the penultimate features, queues of negatives, one value per example);
+`"reviewkd"` (`ReviewKDTerm`, knowledge review: the student's levels fused
+deepest first by learned attention-based fusion modules, each compared with
+the teacher's by the hierarchical context loss).
 """
 
 from keras_fsp.terms.attention import AttentionTerm, attention_map
@@ -31,6 +34,7 @@ from keras_fsp.terms.hint import HintTerm, hint_distance
 from keras_fsp.terms.logit_standardization import StandardizedKDTerm, standardize, standardized_kd
 from keras_fsp.terms.pkt import PKTTerm, pkt_loss
 from keras_fsp.terms.relational import RelationalTerm
+from keras_fsp.terms.review import ReviewKDTerm, hierarchical_context_loss
 from keras_fsp.terms.rkd import RKDTerm, rkd_loss
 from keras_fsp.terms.similarity import SimilarityPreservingTerm, similarity_preserving_loss
 from keras_fsp.terms.soft_targets import SoftTargetTerm, soft_target_loss
@@ -48,6 +52,7 @@ __all__ = [
     "PKTTerm",
     "RKDTerm",
     "RelationalTerm",
+    "ReviewKDTerm",
     "SimilarityPreservingTerm",
     "SoftTargetTerm",
     "StandardizedKDTerm",
@@ -60,6 +65,7 @@ __all__ = [
     "fsp_distance",
     "fsp_key",
     "fsp_matrix",
+    "hierarchical_context_loss",
     "hint_distance",
     "pkt_loss",
     "register_term",
