@@ -85,7 +85,7 @@ def time_step(name, teacher_depth, student_depth, devices, per_device_batch, ite
                  else g._distiller(name[len("stage_"):], teacher_depth, student_depth,
                                    batch_norm_groups=groups))
         if hasattr(model, "stage"):
-            model._apply_trainable(model.stage)
+            model._stages.apply_trainable()
         elif not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
         state = model._get_jax_state(trainable_variables=True, non_trainable_variables=True,

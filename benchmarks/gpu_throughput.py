@@ -22,10 +22,14 @@ Measurements (each a name in the JSON list `{"name", "batch_size",
   `fit_spe1_*`: the same `fit` one step per dispatch (Keras' own loop);
   `_noaug`: without augmentation; `_cached`: without augmentation, on a
   teacher cache (`teacher_outputs`, its time in `teacher_cache_seconds`),
-  so the teacher does not run.
+  so the teacher does not run; `_teacher_bf16` (also of `stage_*`): the
+  frozen teacher in bfloat16 (`keras_fsp.teacher_in_precision`: its
+  weights stored and its layers computing in bfloat16), the student as the
+  rest of the name says (float32, or `mixed_bfloat16` with `_bf16`).
 - `fsp_parts_*`: where an FSP step's time goes: the teacher's forward pass to
-  its last FSP map, the student's forward and backward pass to its last FSP
-  map, and the FSP matrices with their loss and gradient alone.
+  its last FSP map (`_bf16`: the teacher in bfloat16), the student's forward
+  and backward pass to its last FSP map, and the FSP matrices with their
+  loss and gradient alone.
 
 Every measurement is written to `--json_out` as soon as it is taken, and the
 run stops starting new ones after `--max_seconds`.
@@ -40,11 +44,14 @@ from absl import app, flags
 
 flags.DEFINE_list("batch_sizes", ["128", "512"], "Batch sizes.")
 flags.DEFINE_string("pair", "26:8", "teacher_depth:student_depth.")
-flags.DEFINE_list("steps", ["student_alone", "stage_kd", "stage_fsp", "stage_kd_fsp", "stage_task"],
+flags.DEFINE_list("steps", ["student_alone", "stage_kd", "stage_fsp", "stage_kd_fsp", "stage_task",
+                            "stage_kd_teacher_bf16", "stage_fsp_teacher_bf16"],
                   "Compiled steps to time.")
 flags.DEFINE_list("fits", ["fit_student_alone", "fit_stage_kd", "fit_stage_fsp",
                            "fit_spe1_stage_kd", "fit_spe1_student_alone",
-                           "fit_student_alone_bf16", "fit_stage_kd_bf16", "fit_stage_fsp_bf16"],
+                           "fit_student_alone_bf16", "fit_stage_kd_bf16", "fit_stage_fsp_bf16",
+                           "fit_stage_kd_teacher_bf16", "fit_stage_fsp_teacher_bf16",
+                           "fit_stage_kd_bf16_teacher_bf16", "fit_stage_fsp_bf16_teacher_bf16"],
                   "fit paths to time.")
 flags.DEFINE_bool("fsp_parts", True, "Time the parts of an FSP step.")
 flags.DEFINE_bool("torch", True, "Also time the PyTorch peers.")
@@ -59,6 +66,25 @@ FLAGS = flags.FLAGS
 
 _START = time.time()
 RESULTS = []
+# What a measurement name's suffixes change (`variants`).
+VARIANTS = ("teacher_bf16", "bf16", "cached", "noaug")
+TEACHER_PRECISIONS = {"teacher_bf16": "bfloat16"}
+
+
+def variants(name):
+    """`(name without its VARIANTS suffixes, the set of them)`:
+    `fit_stage_kd_bf16_teacher_bf16` -> `("fit_stage_kd", {"bf16", "teacher_bf16"})`."""
+    found = set()
+    while True:
+        suffix = next((v for v in VARIANTS if name.endswith("_" + v)), None)
+        if suffix is None:
+            return name, found
+        name, found = name[: -len(suffix) - 1], found | {suffix}
+
+
+def teacher_precision(found):
+    """The teacher precision that the `variants` `found` ask for (None: as built)."""
+    return next((TEACHER_PRECISIONS[v] for v in found if v in TEACHER_PRECISIONS), None)
 
 
 def _record(name, batch_size, seconds_per_step, **extra):
@@ -106,11 +132,12 @@ def compile_student(net, augment=None, steps_per_execution=1, learning_rate=0.1)
 
 
 def _distiller(stage, teacher_depth, student_depth, augment=None, steps_per_execution=1,
-               batch_norm_groups=1):
-    from keras_fsp import Stage, per_replica_batch_norm
+               batch_norm_groups=1, precision=None):
+    from keras_fsp import Stage, per_replica_batch_norm, teacher_in_precision
     from keras_fsp.papers import cifar_resnet
 
     teacher, student = cifar_resnet(teacher_depth), cifar_resnet(student_depth)
+    teacher = teacher_in_precision(teacher, precision)
     if batch_norm_groups > 1:
         student = per_replica_batch_norm(student, batch_norm_groups)
     stages = {}
@@ -160,10 +187,12 @@ def time_compiled_step(name, teacher_depth, student_depth, batch_size):
     import jax
 
     x, y = _device_batch(batch_size)
+    name, found = variants(name)
     model = (_student(student_depth) if name == "student_alone"
-             else _distiller(name[len("stage_"):], teacher_depth, student_depth))
+             else _distiller(name[len("stage_"):], teacher_depth, student_depth,
+                             precision=teacher_precision(found)))
     if hasattr(model, "stage"):
-        model._apply_trainable(model.stage)  # what `fit` does: the stage's variables train
+        model._stages.apply_trainable()  # what `fit` does: the stage's variables train
     elif not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
     state = model._get_jax_state(trainable_variables=True, non_trainable_variables=True,
@@ -185,7 +214,7 @@ def time_fsp_parts(teacher_depth, student_depth, batch_size):
     import jax
     import jax.numpy as jnp
 
-    from keras_fsp import taps
+    from keras_fsp import taps, teacher_in_precision
     from keras_fsp.terms import fsp_matrix
     from keras_fsp.papers import cifar_resnet
 
@@ -195,12 +224,17 @@ def time_fsp_parts(teacher_depth, student_depth, batch_size):
     teacher, student = cifar_resnet(teacher_depth), cifar_resnet(student_depth)
     t_view = taps.tap_model(teacher, names, include_logits=False)
     s_view = taps.tap_model(student, names, include_logits=False)
-    tv, tn = [v.value for v in t_view.trainable_variables], [v.value for v in t_view.non_trainable_variables]
     sv, sn = [v.value for v in s_view.trainable_variables], [v.value for v in s_view.non_trainable_variables]
 
-    def teacher_fwd(x):
-        out, _ = t_view.stateless_call(tv, tn, x, training=False)
-        return out
+    def forward(view):
+        """The jitted inference pass of `view` (its variables as constants)."""
+        t = [v.value for v in view.trainable_variables]
+        n = [v.value for v in view.non_trainable_variables]
+        return jax.jit(lambda x: view.stateless_call(t, n, x, training=False)[0])
+
+    teacher_fwd = forward(t_view)
+    low = teacher_in_precision(teacher, "bfloat16")
+    low_view = taps.tap_model(low, names, include_logits=False)
 
     def fsp_loss(maps_s, maps_t):
         total = 0.0
@@ -216,11 +250,12 @@ def time_fsp_parts(teacher_depth, student_depth, batch_size):
             return sum(jnp.mean(v) for v in out.values())
         return jax.grad(loss)(sv)
 
-    maps_t = jax.jit(teacher_fwd)(x)
+    maps_t = teacher_fwd(x)
     s_maps, _ = jax.jit(lambda sv, x: s_view.stateless_call(sv, sn, x, training=True))(sv, x)
     fsp_grad = jax.jit(jax.grad(fsp_loss))
     return {
-        "fsp_parts_teacher_forward": _time(jax.jit(teacher_fwd), (x,), FLAGS.iters),
+        "fsp_parts_teacher_forward": _time(teacher_fwd, (x,), FLAGS.iters),
+        "fsp_parts_teacher_forward_bf16": _time(forward(low_view), (x,), FLAGS.iters),
         "fsp_parts_student_forward_backward": _time(jax.jit(student_fwd_bwd), (sv, x), FLAGS.iters),
         "fsp_parts_matrices_loss_gradient": _time(fsp_grad, (s_maps, maps_t), FLAGS.iters),
     }
@@ -280,23 +315,20 @@ def time_fit(name, teacher_depth, student_depth, batch_size, x, y, batch_norm_gr
 
     from keras_fsp.augment import PadCropFlip
 
-    what = name
-    suffixes = {s: what.endswith("_" + s) for s in ("bf16", "cached", "noaug")}
-    for suffix in suffixes:
-        what = what[: -len(suffix) - 1] if what.endswith("_" + suffix) else what
+    what, found = variants(name)
     one_per_dispatch = what.startswith("fit_spe1_")
     what = what[len("fit_spe1_"):] if one_per_dispatch else what[len("fit_"):]
-    keras.config.set_dtype_policy("mixed_bfloat16" if suffixes["bf16"] else "float32")
+    keras.config.set_dtype_policy("mixed_bfloat16" if "bf16" in found else "float32")
     try:
         steps = 1 if one_per_dispatch else len(x) // batch_size
         # A teacher cache needs fixed inputs: no augmentation there.
-        fixed = suffixes["cached"] or suffixes["noaug"]
+        fixed = bool(found & {"cached", "noaug"})
         augment = None if fixed else PadCropFlip(pad=4, flip=True, seed=0)
         model = (_student(student_depth, augment, steps, batch_norm_groups)
                  if what == "student_alone"
                  else _distiller(what[len("stage_"):], teacher_depth, student_depth, augment, steps,
-                                 batch_norm_groups))
-        return fit_seconds(model, x, y, batch_size, suffixes["cached"], profile_dir)
+                                 batch_norm_groups, teacher_precision(found)))
+        return fit_seconds(model, x, y, batch_size, "cached" in found, profile_dir)
     finally:
         keras.config.set_dtype_policy("float32")
 

@@ -30,6 +30,12 @@ Measurements (each a record `{"name", "pair", "batch_size", "ms_per_step",
   teacher does not run;
 - `teacher_forward`: the frozen teacher's inference pass alone, jitted, on
   one device batch: the part of a `kd` step that the cache removes;
+- `..._teacher_bf16`, `..._teacher_int8` (of `fit_stage_kd`,
+  `fit_stage_fsp`, `teacher_forward`): the same with the frozen teacher in
+  bfloat16 or int8 (`keras_fsp.teacher_in_precision`; the student as
+  `--dtype_policy` says). int8 quantizes the Dense layers of a teacher
+  (ConvNeXt's pointwise layers) and refuses a convolutional one (ResNet50):
+  that refusal is printed in one line and the measurement skipped;
 - `torch_graph_kd`, `torch_graph_student_alone`, `torch_eager_kd`,
   `torch_compile_kd`: the same networks from torchvision, the same KD loss
   (`torch_reference.kd_loss`: the soft cross-entropy, whose gradients are
@@ -40,8 +46,9 @@ Measurements (each a record `{"name", "pair", "batch_size", "ms_per_step",
   takes the GPU's memory; without torch or torchvision they are skipped.
 
 At the end a table per pair and batch size, with `kd` against the fastest
-PyTorch `kd` step (`torch ms / keras_fsp ms`: above 1, keras_fsp is faster)
-and what the `fsp` stage costs against `kd`. `--max_seconds` stops starting
+PyTorch `kd` step (`torch ms / keras_fsp ms`: above 1, keras_fsp is faster),
+what the `fsp` stage costs against `kd`, and `kd` with the teacher in
+bfloat16 and in int8 against `kd`. `--max_seconds` stops starting
 new measurements (the PyTorch ones included).
 """
 
@@ -59,7 +66,8 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_throughput as g  # noqa: E402  (its fit timing; its --batch_sizes, --fit_epochs, --iters, --torch, --max_seconds, --json_out)
 
-flags.DEFINE_list("pairs", ["ResNet50:MobileNetV2", "ResNet50:EfficientNetB0"],
+flags.DEFINE_list("pairs", ["ResNet50:MobileNetV2", "ResNet50:EfficientNetB0",
+                           "ConvNeXtTiny:MobileNetV2"],
                   "keras.applications teacher:student pairs (the same names in torchvision: "
                   "resnet50, mobilenet_v2, efficientnet_b0, ...).")
 flags.DEFINE_integer("image_size", 224, "Height and width of the images.")
@@ -71,7 +79,10 @@ flags.DEFINE_integer("steps_per_execution", 20, "compile(steps_per_execution=...
 flags.DEFINE_integer("train_examples", None, "Training images held on the device (default: "
                      "steps_per_execution batches).", allow_override=True)
 flags.DEFINE_list("measurements", ["fit_stage_kd", "fit_stage_fsp", "fit_student_alone",
-                                   "teacher_forward", "fit_stage_kd_cached"],
+                                   "teacher_forward", "fit_stage_kd_cached",
+                                   "teacher_forward_teacher_bf16", "fit_stage_kd_teacher_bf16",
+                                   "fit_stage_fsp_teacher_bf16", "teacher_forward_teacher_int8",
+                                   "fit_stage_kd_teacher_int8", "fit_stage_fsp_teacher_int8"],
                   "keras_fsp measurements to take, in this order.")
 flags.DEFINE_list("torch_ways", ["graph_kd", "graph_student_alone", "eager_kd", "compile_kd"],
                   "PyTorch measurements (torch_reference.run_networks ways).")
@@ -86,6 +97,8 @@ FLAGS.set_default("batch_sizes", ["128", "256"])
 FLAGS.set_default("iters", 50)
 
 TORCH_KD = ("torch_graph_kd", "torch_eager_kd", "torch_compile_kd")
+# A measurement's suffix -> the precision of its teacher (`teacher_in_precision`).
+TEACHER_PRECISIONS = {"_teacher_bf16": "bfloat16", "_teacher_int8": "int8"}
 
 
 def _pairs():
@@ -248,8 +261,34 @@ def teacher_forward(teacher, x):
         "compile_seconds": compile_seconds}
 
 
-def measure(name, teacher, student_name, x, y, batch_size):
+class Teachers:
+    """One pair's frozen teacher in each precision, each made once (a
+    refusal too: it is raised again for each measurement asking for it)."""
+
+    def __init__(self, teacher):
+        self.made = {None: teacher}
+
+    def split(self, name):
+        """`(name without its precision suffix, the teacher it measures)`."""
+        from keras_fsp import teacher_in_precision
+
+        suffix = next((s for s in TEACHER_PRECISIONS if name.endswith(s)), None)
+        if suffix is None:
+            return name, self.made[None]
+        precision = TEACHER_PRECISIONS[suffix]
+        if precision not in self.made:
+            try:
+                self.made[precision] = teacher_in_precision(self.made[None], precision)
+            except ValueError as e:
+                self.made[precision] = e
+        if isinstance(self.made[precision], ValueError):
+            raise self.made[precision]
+        return name[: -len(suffix)], self.made[precision]
+
+
+def measure(name, teachers, student_name, x, y, batch_size):
     """Seconds per step of keras_fsp measurement `name`, and its extra fields."""
+    name, teacher = teachers.split(name)
     if name == "teacher_forward":
         return teacher_forward(teacher, x[:batch_size])
     student = application(student_name, "student")
@@ -280,6 +319,7 @@ def run_keras():
         pair = _pair_name(t_name, s_name)
         teacher = application(t_name, "teacher")  # frozen: one for every measurement
         teacher_params = trainable_params(teacher)
+        teachers = Teachers(teacher)
         for b in batch_sizes:
             x, y = x_all[:_examples(b)], y_all[:_examples(b)]
             for name in FLAGS.measurements:
@@ -287,7 +327,7 @@ def run_keras():
                     print(f"--max_seconds reached: {name} {pair} {b} not measured", flush=True)
                     continue
                 try:
-                    seconds, extra = measure(name, teacher, s_name, x, y, b)
+                    seconds, extra = measure(name, teachers, s_name, x, y, b)
                 except Exception as e:  # noqa: BLE001 (one failed measurement, not the run)
                     print(f"{name} {pair} {b}: {type(e).__name__}: {e}", flush=True)
                     continue
@@ -327,10 +367,13 @@ def summary(results):
                       f"{ratio('torch_graph_student_alone', 'fit_student_alone')} | "
                       f"{ratio('fit_stage_fsp', 'fit_stage_kd')} | "
                       f"{ratio('teacher_forward', 'fit_stage_kd')} | "
-                      f"{ratio('fit_stage_kd_cached', 'fit_stage_kd')} |")
+                      f"{ratio('fit_stage_kd_cached', 'fit_stage_kd')} | "
+                      f"{ratio('fit_stage_kd_teacher_bf16', 'fit_stage_kd')} | "
+                      f"{ratio('fit_stage_kd_teacher_int8', 'fit_stage_kd')} |")
     lines += ["", "| pair | batch | keras kd speed: fastest torch kd ms / keras ms | student alone: "
               "torch graph ms / keras ms | fsp / kd time | teacher forward / kd time | "
-              "kd cached / kd time |", "| --- | --- | --- | --- | --- | --- | --- |", *ratios]
+              "kd cached / kd time | kd, bf16 teacher / kd time | kd, int8 teacher / kd time |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |", *ratios]
     return "\n".join(lines)
 
 

@@ -5,7 +5,8 @@ targets, attention transfer and decoupled KD.
 The library (this package): `FSPDistiller`, the loss `terms` (one module per
 method, registered by name), `stages`, `callbacks`, `taps` and automatic
 `pairing`, `losses` and `keras_distillation` (adapters for Keras' loss APIs),
-`teacher_cache`, `ensemble` (several teachers as one), `augment`,
+`teacher_cache`, `ensemble` (several teachers as one), `teacher_precision`
+(the frozen teacher in bfloat16, float16 or int8), `augment`,
 `inputs`, `kernel_norms`, `export`, `replica_batch_norm`, `training` (run
 folders, checkpoints and the one training loop) and `papers` (the papers' networks, recipes and the method
 table). `keras_fsp.apps` holds the applications built on it (the
@@ -43,6 +44,7 @@ from keras_fsp import (  # noqa: E402
     stages,
     taps,
     teacher_cache,
+    teacher_precision,
     terms,
     training,
 )
@@ -53,6 +55,7 @@ from keras_fsp.losses import FSPLoss, HintLoss, SoftTargetLoss
 from keras_fsp.papers import recipes
 from keras_fsp.replica_batch_norm import ReplicaBatchNormalization, per_replica_batch_norm
 from keras_fsp.stages import Stage
+from keras_fsp.teacher_precision import teacher_in_precision
 from keras_fsp.terms import fsp_matrix
 
 __version__ = "0.3.0"
@@ -83,6 +86,8 @@ __all__ = [
     "taps",
     "teacher_cache",
     "teacher_ensemble",
+    "teacher_in_precision",
+    "teacher_precision",
     "terms",
     "training",
 ]

@@ -279,6 +279,19 @@ def without_fused_attention(layer):
     return layer
 
 
+def keep_unsaved_settings(layer, copy):
+    """`copy` (a layer made from `layer`'s config) with the settings of
+    `layer` that its config does not hold; returns `copy`.
+
+    Why: a copy of a network layer by layer (`keras_fsp.teacher_precision`)
+    should compute as the original, but `without_fused_attention` sets the
+    private `_flash_attention`, which no config saves.
+    """
+    if getattr(layer, "_flash_attention", None) is False and hasattr(copy, "_flash_attention"):
+        without_fused_attention(copy)
+    return copy
+
+
 def state_sharding_spec(model):
     """The shardings of a JAX model's training state under a Keras
     distribution (what its compiled step must return).

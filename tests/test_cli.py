@@ -71,7 +71,7 @@ def test_train_teacher_writes_config_metrics_logs_checkpoints_and_export(teacher
         "checkpoint_seconds": None, "dtype_policy": "float32", "plugins": [],
         "optimizer": "sgd", "cutout": 0,
         "allow_weak_teacher": False, "raw_inputs": True, "student": None, "image_size": [],
-        "validation_split": 0.2, "teacher_weights": [],
+        "validation_split": 0.2, "teacher_weights": [], "teacher_precision": None,
         "compilation_cache_dir": os.path.join("~", ".cache", "keras_fsp", "jax"),
         "history": [{"from_epoch": 0, "learning_rate_scale": 1.0}],
     }
@@ -147,25 +147,36 @@ def test_distill_stops_at_epochs_then_resumes_at_the_right_epoch(teacher_run, tm
     assert _snapshot(model_dir) == before
 
 
-def test_mixed_bfloat16_trains_exports_float32_and_resumes_only_under_its_policy(
-        teacher_run, tmp_path):
+@pytest.mark.parametrize("flag, refused", [
+    ("--dtype_policy=mixed_bfloat16", r"--dtype_policy='float32' \(was 'mixed_bfloat16'\)"),
+    # The checkpoints hold the bfloat16 teacher's weights: a resumed run makes
+    # the same teacher to load them into.
+    ("--teacher_precision=bfloat16", r"--teacher_precision=None \(was 'bfloat16'\)")],
+    ids=["dtype_policy", "teacher_precision"])
+def test_bfloat16_trains_exports_float32_and_resumes_only_under_its_setting(
+        teacher_run, tmp_path, flag, refused):
     teacher_dir, _ = teacher_run
     model_dir = tmp_path / "distill-kd-bf16"
     args = ["distill", "--method=kd", *TINY, f"--teacher={teacher_dir}", f"--model_dir={model_dir}",
-            "--dtype_policy=mixed_bfloat16"]
+            flag]
     first = _run(*args, "--epochs=1")
     assert keras.config.dtype_policy().name == "float32"  # restored after the run
-    with pytest.raises(cli.CLIError, match=r"--dtype_policy='float32' \(was 'mixed_bfloat16'\)"):
+    name, value = flag[2:].split("=")
+    assert json.loads((model_dir / "config.json").read_text())[name] == value
+    if name == "teacher_precision":  # the teacher checked as it teaches
+        assert "teacher.keras in bfloat16: " in (model_dir / "log.txt").read_text()
+    with pytest.raises(cli.CLIError, match=refused):
         _run(*args[:-1])
     result = _run(*args)
     assert first["epochs_done"] == 1 and result["complete"] and result["initial_epoch"] == 1
+    assert 0.0 <= result["teacher_test_accuracy"] <= 1.0
     student = keras.saving.load_model(result["files"]["keras"], compile=False)
     assert {layer.compute_dtype for layer in student.layers} == {"float32"}
+    assert {v.dtype for v in student.weights} == {"float32"}
     (_, _), (x, y), info = data.load_arrays("digits")
     # The reported accuracy is that of the exported (float32) network.
     accuracy = np.mean(np.argmax(student.predict(_normalize(x, info), verbose=0), 1) == y)
     assert accuracy == pytest.approx(result["test_accuracy"], abs=1e-9)
-
 
 
 # One method of each kind of recipe through the command line (fsp and none

@@ -165,3 +165,14 @@ def test_reattach_state_on_error_puts_the_given_state_back():
     with pytest.raises(ValueError, match="cannot be traced"):
         compat.reattach_state_on_error(model, fails)(state, None)
     assert [v.shape for v in model.get_weights()] == [(3, 2), (2,)]
+
+
+def test_keep_unsaved_settings_carries_the_fused_attention_switch_to_a_copy():
+    layer = compat.without_fused_attention(keras.layers.MultiHeadAttention(2, 4))
+    assert layer._flash_attention is False
+    copy = keras.layers.MultiHeadAttention.from_config(layer.get_config())
+    assert copy._flash_attention is not False  # what the config loses
+    assert compat.keep_unsaved_settings(layer, copy) is copy and copy._flash_attention is False
+    dense = keras.layers.Dense(2, name="d")
+    copy = compat.keep_unsaved_settings(dense, keras.layers.Dense.from_config(dense.get_config()))
+    assert copy.get_config() == dense.get_config()

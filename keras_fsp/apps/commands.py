@@ -40,7 +40,7 @@ HISTORY_SETTINGS = ("learning_rate_scale",)
 LATER_FLAG_DEFAULTS = {"dtype_policy": "float32", "plugins": [], "allow_weak_teacher": False,
                        "raw_inputs": True, "student": None, "image_size": [],
                        "validation_split": 0.2, "teacher_weights": [], "optimizer": "sgd",
-                       "cutout": 0}
+                       "cutout": 0, "teacher_precision": None}
 # What each `--formats` value asks `export_student` for, and the module it
 # needs beyond TensorFlow.
 EXPORTERS = {"keras": ("keras", None), "saved_model": ("tf_saved_model", None),
@@ -353,6 +353,7 @@ def _teacher(config, info, x, y, log):
     loaded = []
     for index in range(len(config.teachers)):
         teacher, path = networks.load_teacher(config, info, index)
+        teacher = _in_precision(config, teacher, path)
         _check_teacher(config, teacher, path, x, y, info, log)
         loaded.append((teacher, path))
     if len(loaded) == 1:
@@ -368,6 +369,17 @@ def _teacher(config, info, x, y, log):
     log(f"teachers {what}: their ensemble scores {_accuracy(teacher, x, y)[1]:.1%} on {len(x)} "
         "training images")
     return teacher, what
+
+
+def _in_precision(config, teacher, path):
+    """`teacher` in `--teacher_precision` (checked, as it teaches, next)."""
+    from keras_fsp.teacher_precision import teacher_in_precision
+
+    try:
+        return teacher_in_precision(teacher, config.teacher_precision)
+    except ValueError as e:
+        raise CLIError(f"--teacher_precision {config.teacher_precision} (--teacher {path}): "
+                       f"{e}") from None
 
 
 def _accuracy(teacher, x, y):
@@ -402,7 +414,8 @@ def _check_teacher(config, teacher, path, x, y, info, log):
                 "its run folder" if untrained else
                 "pass --allow_weak_teacher to distil from it anyway") + ".")
         log(f"warning: {message} (--allow_weak_teacher)", echo=True)
-    log(f"teacher {path}: {accuracy:.1%} on {len(x)} training images")
+    precision = f" in {config.teacher_precision}" if config.teacher_precision else ""
+    log(f"teacher {path}{precision}: {accuracy:.1%} on {len(x)} training images")
 
 
 def _command(argv, **flags):

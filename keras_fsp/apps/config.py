@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Optional, Tuple, Union
 
+from keras_fsp import teacher_precision
 from keras_fsp.papers import methods
 from keras_fsp.training.run_folder import EXPORT_FILES, RunFolder
 
@@ -116,6 +117,14 @@ class Config:
                               "training (variables, terms and FSP matrices stay float32); "
                               "mixed_bfloat16 is the faster setting on recent GPUs.",
                               choices=DTYPE_POLICIES)
+    teacher_precision: Optional[str] = _flag(
+        "enum", None, "distill: run the frozen teacher in a lower precision than the student "
+        "(keras_fsp.teacher_precision): bfloat16 or float16 (its weights stored and its layers "
+        "computing in that dtype, its batch-norm statistics in float32), or int8 (Keras' int8 "
+        "quantization of its Dense, EinsumDense and Embedding layers, the rest in bfloat16: for "
+        "transformer teachers; a convolutional teacher is refused). The student, its training "
+        "and its export are unchanged; default: the teacher as --dtype_policy builds it.",
+        choices=teacher_precision.PRECISIONS)
     optimizer: str = _flag("enum", "sgd", "The optimizer of every stage: sgd (the papers': "
                            "momentum 0.9, their piecewise-constant rates) or adamw (rate 1e-3 "
                            "times --learning_rate_scale, weight decay 0.05 but not on biases, "
@@ -319,7 +328,7 @@ FLAG_SUBCOMMANDS = {
     **{name: ("distill",) for name in ("method", "student_depth", "student_width", "student",
                                        "temperature", "allow_weak_teacher")},
     **{name: TRAINING for name in ("teacher_depth", "teacher_width")},
-    "teacher_weights": ("distill",),
+    "teacher_weights": ("distill",), "teacher_precision": ("distill",),
     "teacher": (*TRAINING, "visualize"),
     "model": ("evaluate", "export", "visualize"),
     "formats": ("export",), "raw_inputs": ("export",),

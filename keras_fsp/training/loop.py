@@ -24,6 +24,7 @@ import numpy as np
 
 from keras_fsp.callbacks import NonFiniteLossError
 from keras_fsp.export import deployable, export_student, float32_copy
+from keras_fsp.teacher_precision import precision_of
 from keras_fsp.training import callbacks as run_callbacks
 from keras_fsp.training.device import device_name, on_accelerator
 from keras_fsp.training.curves import draw_curves
@@ -126,6 +127,13 @@ def _fingerprint(model):
     """A cheap summary of a model's weights, to see whether they changed."""
     return [float(np.sum(np.abs(keras.ops.convert_to_numpy(v)), dtype="float64"))
             for v in model.weights]
+
+
+def _teaching(teacher):
+    """The teacher as its accuracy is reported: in float32 (a mixed policy's
+    float32 variables lose nothing), or in the lower precision it teaches in
+    (`keras_fsp.teacher_precision`: its weights are rounded or quantized)."""
+    return teacher if precision_of(teacher) else float32_copy(teacher)
 
 
 def train(recipe, train_data, test_data, run_dir, batch_size=128, seed=0, epochs=None,
@@ -292,7 +300,7 @@ def train(recipe, train_data, test_data, run_dir, batch_size=128, seed=0, epochs
             **(fields or {}),
         }
         result["teacher_test_accuracy"] = (
-            None if teacher is None else accuracy_and_loss(float32_copy(teacher), *test_data)["accuracy"])
+            None if teacher is None else accuracy_and_loss(_teaching(teacher), *test_data)["accuracy"])
         for name, (x, y) in (extra_tests or {}).items():
             result[f"{name}_accuracy"] = accuracy_and_loss(scored, x, y)["accuracy"]
         if scores is not None:
