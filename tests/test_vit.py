@@ -126,9 +126,13 @@ def test_the_vit_tables_run_commands_the_cli_takes(tmp_path):
     fsp = vit["fsp-kd-seed0"]
     assert (fsp.student, fsp.teacher, fsp.optimizer, fsp.schedule_scale) == (
         "keras_fsp.papers.vit:vit_student", runs[0].run_dir, "adamw", 0.25)
-    _, cnn = configs("cifar10-resnet26x4-to-vit", "--teacher=t.weights.h5")
+    _, cnn = configs("cifar10-resnet26x4-to-vit", "--teacher=t.weights.h5",
+                     "--teacher_precision=bfloat16")
     assert (cnn["kd-seed0"].teacher_width, cnn["kd-seed0"].teacher) in ((4, "t.weights.h5"),
                                                                         ([4], "t.weights.h5"))
+    # --teacher_precision reaches every run that has a teacher, and only those.
+    assert (cnn["kd-seed0"].teacher_precision, cnn["none-seed0"].teacher_precision) == (
+        "bfloat16", None)
     _, resnet = configs("cifar10-vit-to-resnet8")
     assert (resnet["kd-seed0"].student_depth, resnet["kd-seed0"].optimizer) == (8, "sgd")
 

@@ -31,6 +31,7 @@ import sys
 import time
 from typing import List, Optional
 
+from keras_fsp import teacher_precision
 from keras_fsp.papers import methods
 from keras_fsp.training.run_folder import PROCESS_LOG, RunFolder
 
@@ -111,6 +112,8 @@ def _distill_table(student, teacher=("--teacher_depth", 26), teacher_training=()
                             "--model_dir", run_dir)
                 if not alone:
                     argv += [str(a) for a in (*loading, *[x for t in given for x in ("--teacher", t)])]
+                    if flags.teacher_precision:
+                        argv += ["--teacher_precision", flags.teacher_precision]
                 out.append(Run(method, seed, argv, run_dir, None if alone else needs))
         return out
 
@@ -376,6 +379,9 @@ def _flags(argv):
     flags.DEFINE_enum("dtype_policy", "float32", ["float32", "mixed_bfloat16", "mixed_float16"],
                       "CIFAR tables: every run's --dtype_policy (mixed_bfloat16 on a recent "
                       "GPU).", **d)
+    flags.DEFINE_enum("teacher_precision", None, list(teacher_precision.PRECISIONS),
+                      "CIFAR and ViT tables: every distillation's --teacher_precision (the frozen "
+                      "teacher in a lower precision than the student).", **d)
     flags.DEFINE_boolean("summary_only", False, "Write the table from the runs done, run nothing.", **d)
     flags.DEFINE_list("plugins", [], "Files or modules of your own methods (passed to each run).",
                       **d)
