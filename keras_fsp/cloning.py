@@ -3,6 +3,8 @@ given function (nested models included) and the original's weights."""
 
 import keras
 
+from keras_fsp import compat
+
 
 def _inputs_like(model):
     """New inputs of `model`'s shapes, dtypes and structure, named as its
@@ -32,3 +34,28 @@ def rebuilt_copy(model, rebuild_layer):
     # Cast on the host: each variable of the copy may have another dtype.
     copy.set_weights([w.astype(v.dtype) for w, v in zip(model.get_weights(), copy.weights)])
     return copy
+
+
+def with_dtype_policies(model, policy_of):
+    """A copy of `model` (`rebuilt_copy`) whose each layer is rebuilt from its
+    config under the dtype policy `policy_of(layer)`, with `model`'s weights
+    cast to its variables' dtypes, and the settings no config saves
+    (`compat.keep_unsaved_settings`: a ViT's plain attention).
+
+    Raises:
+        ValueError: naming a layer that does not rebuild from its own config.
+    """
+    def rebuild(layer):
+        config = {**layer.get_config(), "dtype": policy_of(layer)}
+        # The weights are set next: no initializer needs to run (on JAX a
+        # random one compiles for each new shape and dtype).
+        config = {k: "zeros" if k.endswith("_initializer") and v is not None else v
+                  for k, v in config.items()}
+        try:
+            copy = layer.__class__.from_config(config)
+        except (TypeError, ValueError):
+            raise ValueError(f"its layer {layer.name!r} ({type(layer).__name__}) does not "
+                             "rebuild from its own config") from None
+        return compat.keep_unsaved_settings(layer, copy)
+
+    return rebuilt_copy(model, rebuild)

@@ -14,7 +14,7 @@ import tempfile
 
 import keras
 
-from keras_fsp.cloning import rebuilt_copy
+from keras_fsp.cloning import with_dtype_policies
 
 # format -> the file suffix it needs (None: a directory).
 FORMATS = {"tf_saved_model": None, "litert": ".tflite", "onnx": ".onnx", "keras": ".keras"}
@@ -130,8 +130,7 @@ def float32_copy(model):
     if all(layer.compute_dtype == "float32" for layer in [model, *layers(model)]):
         return model
 
-    return rebuilt_copy(model, lambda layer: layer.__class__.from_config(
-        {**layer.get_config(), "dtype": "float32"}))
+    return with_dtype_policies(model, lambda layer: "float32")
 
 
 @keras.saving.register_keras_serializable(package="keras_fsp")

@@ -52,7 +52,7 @@ included); a subclassed one is refused.
 import keras
 
 from keras_fsp import compat, taps
-from keras_fsp.cloning import rebuilt_copy
+from keras_fsp.cloning import with_dtype_policies
 
 PRECISIONS = ("bfloat16", "float16", "int8")
 # Keras quantizes these layers (exactly these classes: `quantize` refuses
@@ -115,24 +115,16 @@ def _copy(model, compute, precision, quantized=()):
     float32 variables."""
     mixed, quantized = f"mixed_{compute}", {id(layer) for layer in quantized}
 
-    def rebuild(layer):
+    def policy_of(layer):
         keep = isinstance(layer, keras.layers.BatchNormalization) or any(
             id(sub) in quantized for sub in compat.sublayers(layer))
-        config = {**layer.get_config(), "dtype": mixed if keep else compute}
-        # The weights are set next: no initializer needs to run (on JAX a
-        # random one compiles for each new shape and dtype).
-        config = {k: "zeros" if k.endswith("_initializer") and v is not None else v
-                  for k, v in config.items()}
-        try:
-            copy = layer.__class__.from_config(config)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"the teacher {model.name!r} cannot be copied into {precision}: its layer "
-                f"{layer.name!r} ({type(layer).__name__}) does not rebuild from its own config; "
-                f"{_built_as(precision)} instead.") from None
-        return compat.keep_unsaved_settings(layer, copy)
+        return mixed if keep else compute
 
-    return rebuilt_copy(model, rebuild)
+    try:
+        return with_dtype_policies(model, policy_of)
+    except ValueError as e:
+        raise ValueError(f"the teacher {model.name!r} cannot be copied into {precision}: {e}; "
+                         f"{_built_as(precision)} instead.") from None
 
 
 def teacher_in_precision(teacher, precision):
