@@ -14,7 +14,9 @@ command again after an interruption (or a `--max_minutes` stop) and finished
 runs are skipped, unfinished ones continue from their last checkpoint. With
 `--parallel N`, N runs share the machine (on one GPU, each gets 1/N of its
 memory; `--mps` starts NVIDIA's multi-process service so their kernels
-overlap). At the end the results JSON (`--results_dir/<table>.json`: every
+overlap; on JAX with a GPU, a method's later seeds start once its first run
+has trained an epoch, and load its compiled programs from JAX's compilation
+cache: `--compile_first`). At the end the results JSON (`--results_dir/<table>.json`: every
 seed's last-epoch test accuracy, mean and standard deviation, train time) and
 the Markdown table (`<table>.md`) are written and the table printed.
 
@@ -245,10 +247,29 @@ def _stop_mps():
     subprocess.run(["nvidia-cuda-mps-control"], input=b"quit\n", capture_output=True)
 
 
-def execute(runs, parallel=1, max_minutes=None, log=print, mps=False):
+def _compiles_on_accelerator():
+    """Whether the runs will compile with JAX for a GPU or TPU (and so keep
+    their programs in JAX's compilation cache): asked of a short process of
+    its own, so that this one never takes a GPU's memory."""
+    if os.environ.get("KERAS_BACKEND") != "jax":
+        return False
+    probe = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
+                           capture_output=True, text=True)
+    return probe.returncode == 0 and probe.stdout.strip() not in ("", "cpu")
+
+
+def _first_epoch_done(run_dir):
+    return _complete(run_dir) or bool(RunFolder(run_dir).metrics_rows())
+
+
+def execute(runs, parallel=1, max_minutes=None, log=print, mps=False, compile_first=False):
     """Runs `runs` (skipping complete ones), at most `parallel` at a time,
-    each after the run it needs. Returns `{run name: exit code}` of the runs
-    started."""
+    each after the run it needs. With `compile_first`, while a run of a
+    method has not finished its first epoch no other run of that method
+    starts: the seeds of a method compile the same programs, and the later
+    ones then load them from JAX's compilation cache instead of compiling
+    them all at once (which leaves a GPU idle while they share the host's
+    cores). Returns `{run name: exit code}` of the runs started."""
     started_at = time.time()
     pending = [r for r in runs if not _complete(r.run_dir)]
     for r in runs:
@@ -271,6 +292,9 @@ def execute(runs, parallel=1, max_minutes=None, log=print, mps=False):
                     del running[name]
             left = None if max_minutes is None else max_minutes - (time.time() - started_at) / 60
             ready = [r for r in pending if r.needs is None or _complete(r.needs)]
+            compiling = {run.method for run, _, _ in running.values()
+                         if compile_first and not _first_epoch_done(run.run_dir)}
+            ready = [r for r in ready if r.method not in compiling]
             blocked = [r for r in pending if r.needs is not None and r.needs in
                        {x.run_dir for x in runs if x.name in codes and codes[x.name] != 0}]
             for r in blocked:
@@ -278,6 +302,10 @@ def execute(runs, parallel=1, max_minutes=None, log=print, mps=False):
                 pending.remove(r)
             while ready and len(running) < parallel and (left is None or left > 1.5):
                 run = ready.pop(0)
+                if run.method in compiling:
+                    continue
+                if compile_first:
+                    compiling.add(run.method)
                 pending.remove(run)
                 argv = list(run.argv) + ([] if left is None else ["--max_minutes", f"{left - 1:.1f}"])
                 os.makedirs(run.run_dir, exist_ok=True)
@@ -293,7 +321,7 @@ def execute(runs, parallel=1, max_minutes=None, log=print, mps=False):
                 for r in pending:
                     log(f"{r.name}: waits for {r.needs}, which is not complete")
                 break
-            time.sleep(2)
+            time.sleep(1)
     finally:
         for _, proc, out in running.values():
             proc.terminate()
@@ -382,6 +410,10 @@ def _flags(argv):
     flags.DEFINE_enum("teacher_precision", None, list(teacher_precision.PRECISIONS),
                       "CIFAR and ViT tables: every distillation's --teacher_precision (the frozen "
                       "teacher in a lower precision than the student).", **d)
+    flags.DEFINE_boolean("compile_first", None, "Start one seed of each method first and its "
+                         "other seeds once it has trained an epoch, so that they load its compiled "
+                         "programs from JAX's compilation cache instead of all compiling at once "
+                         "(default: with --parallel on JAX with a GPU or TPU).", **d)
     flags.DEFINE_boolean("summary_only", False, "Write the table from the runs done, run nothing.", **d)
     flags.DEFINE_list("plugins", [], "Files or modules of your own methods (passed to each run).",
                       **d)
@@ -412,7 +444,12 @@ def main(argv, plugins=()):
     except ValueError as e:  # an unknown --methods name
         raise SystemExit(f"keras-fsp reproduce {name}: {e}") from None
     command = "keras-fsp reproduce " + " ".join(argv[1:])
-    codes = {} if fv.summary_only else execute(runs, fv.parallel, fv.max_minutes, mps=fv.mps)
+    compile_first = fv.compile_first
+    if compile_first is None:  # only where it helps: several seeds at once, a compilation cache
+        seeds_at_once = fv.parallel > 1 and len({r.method for r in runs}) < len(runs)
+        compile_first = seeds_at_once and not fv.summary_only and _compiles_on_accelerator()
+    codes = {} if fv.summary_only else execute(runs, fv.parallel, fv.max_minutes, mps=fv.mps,
+                                               compile_first=compile_first)
     summary = summarize(name, table, runs, command)
     os.makedirs(fv.results_dir, exist_ok=True)
     stem = os.path.join(fv.results_dir, name.replace("-", "_"))
