@@ -502,14 +502,17 @@ def test_a_method_in_one_file_runs_from_the_command_line(plugin_registries, teac
         _run("--plugins=nowhere.py", "distill", "--method=kd")
 
 
-def test_the_strong_teacher_table_runs_a_wide_teacher_under_the_given_policy(tmp_path):
+@pytest.mark.parametrize("table, depth", [("cifar10-resnet26x4-to-resnet8", 8),
+                                          ("cifar10-resnet26x4-to-resnet20", 20)])
+def test_the_strong_teacher_tables_run_a_wide_teacher_under_the_given_policy(tmp_path, table,
+                                                                            depth):
     from keras_fsp.apps import reproduce
 
-    argv = ["reproduce", "cifar10-resnet26x4-to-resnet8", "--methods=none,kd", "--seeds=0,1",
+    argv = ["reproduce", table, "--methods=none,kd", "--seeds=0,1",
             "--dtype_policy=mixed_bfloat16", "--dataset=digits"]
     flags, _ = reproduce._flags(argv)
     flags.seeds = [0, 1]
-    runs = reproduce.TABLES["cifar10-resnet26x4-to-resnet8"].runs(flags, str(tmp_path))
+    runs = reproduce.TABLES[table].runs(flags, str(tmp_path))
     assert [(r.method, r.seed) for r in runs] == [
         ("teacher", 0), ("none", 0), ("none", 1), ("kd", 0), ("kd", 1)]
     # Each command line is one the CLI takes, with the wide teacher's settings.
@@ -519,7 +522,8 @@ def test_the_strong_teacher_table_runs_a_wide_teacher_under_the_given_policy(tmp
         4, 5e-4, "mixed_bfloat16")
     kd = configs["kd", 1]
     assert (kd.teacher_width, kd.student_depth, kd.teacher, kd.weight_decay) == (
-        4, 8, runs[0].run_dir, 1e-4)
+        4, depth, runs[0].run_dir, 1e-4)
+    assert configs["none", 1].student_depth == depth
     assert runs[3].needs == runs[0].run_dir and configs["none", 0].teacher is None
 
 

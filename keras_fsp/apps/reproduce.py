@@ -203,6 +203,8 @@ TABLES = {
         "Network minimization, CIFAR-10: ResNet-26 -> ResNet-14", _cifar_table(14)),
     "cifar10-resnet26x4-to-resnet8": Table(
         "A strong teacher, CIFAR-10: ResNet-26x4 -> ResNet-8", _cifar_table(8, (4,))),
+    "cifar10-resnet26x4-to-resnet20": Table(
+        "A strong teacher, CIFAR-10: ResNet-26x4 -> ResNet-20", _cifar_table(20, (4,))),
     "cifar10-vit-to-vit": Table(
         "Vision Transformers, CIFAR-10: ViT-6x256 -> ViT-4x128",
         _distill_table(VIT_STUDENT, VIT_TEACHER, teacher_schedule=2.0,
