@@ -543,3 +543,36 @@ def test_verbosity_a_bar_at_1_nothing_at_0_a_line_per_epoch_at_2(teacher_run, tm
     assert len(lines) == 1 and all(" [kd] " in line and "kd_loss=" in line for line in lines)
     assert "stage_index" not in (tmp_path / "run" / "log.txt").read_text()
     assert (tmp_path / "run" / "log.txt").read_text().count("epoch 1/") == 1  # each epoch logged
+
+
+def test_method_options_set_the_recipe_and_are_checked_before_anything_runs(tmp_path):
+    config = cli.parse(["keras-fsp", "distill", "--method=dkd",
+                        "--method_options=beta=1,warmup_epochs=5"])
+    assert config.method_settings == {"beta": 1.0, "warmup_epochs": 5}
+    assert config.as_json()["method_options"] == ["beta=1", "warmup_epochs=5"]
+    with pytest.raises(cli.CLIError, match=r"--method_options for --method kd: kd has no setting "
+                                           r"'beta'; its settings \(with their defaults\): "
+                                           r"iterations=64000, temperature=4.0, kd_weight=0.9"):
+        cli.parse(["keras-fsp", "distill", "--method=kd", "--method_options=beta=1"])
+    with pytest.raises(cli.CLIError, match="give the temperature once"):
+        cli.parse(["keras-fsp", "distill", "--method=kd", "--temperature=2",
+                   "--method_options=temperature=3"])
+
+
+def test_reproduce_runs_a_method_with_settings_as_a_row_of_its_own(tmp_path):
+    from keras_fsp.apps import reproduce
+
+    argv = ["reproduce", "cifar10-resnet26-to-resnet8", "--methods=dkd,dkd:beta=1:warmup_epochs=5",
+            "--seeds=0", "--teacher=t.weights.h5", "--dataset=digits"]
+    flags, _ = reproduce._flags(argv)
+    flags.seeds = [0]
+    runs = reproduce.TABLES["cifar10-resnet26-to-resnet8"].runs(flags, str(tmp_path))
+    assert [r.method for r in runs] == ["dkd", "dkd:beta=1:warmup_epochs=5"]
+    assert os.path.basename(runs[1].run_dir) == "dkd_beta-1_warmup_epochs-5-seed0"
+    configs = [cli.parse(["keras-fsp", *r.argv[3:]]) for r in runs]
+    assert [c.method for c in configs] == ["dkd", "dkd"]
+    assert [c.method_settings for c in configs] == [{}, {"beta": 1.0, "warmup_epochs": 5}]
+    assert reproduce.label(runs[1].method) == "dkd, beta=1, warmup_epochs=5"
+    flags.methods = ["dkd:gamma=1"]
+    with pytest.raises(ValueError, match="dkd has no setting 'gamma'"):
+        reproduce.TABLES["cifar10-resnet26-to-resnet8"].runs(flags, str(tmp_path))

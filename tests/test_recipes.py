@@ -152,8 +152,10 @@ def test_every_method_of_the_table_builds_and_each_stage_computes_its_loss(digit
     # gives a finite, positive loss with the terms it names.
     method = methods.get(name)
     teacher, student = digit_pair
+    # Every setting `--method_options` offers, given at its default: each is
+    # one the recipe (or the recipe it passes it on to) takes.
     recipe = method.build(teacher if method.uses_teacher else None, student, steps_per_epoch=2,
-                          scale=0.001)
+                          scale=0.001, **method.settings())
     assert recipe.name == name and recipe.epochs >= len(recipe.schedule)
     if not recipe.schedule:  # the student alone: a plain Keras model, no stages
         assert recipe.model is student and not method.uses_teacher
@@ -167,3 +169,44 @@ def test_every_method_of_the_table_builds_and_each_stage_computes_its_loss(digit
         loss = float(model.compute_loss(x, y, model(x, training=True)))
         assert np.isfinite(loss) and loss > 0, (name, stage.name, loss)
         assert {t.name for t in model.active_terms()} == set(stage.terms), (name, stage.name)
+
+
+def test_method_options_reach_the_terms_through_the_recipes_they_pass_through(digit_pair):
+    teacher, student = digit_pair
+    dkd = methods.get("dkd")
+    recipe = dkd.build(teacher, student, 2, scale=0.001, **dkd.parse_settings(["beta=0.5"]))
+    term = recipe.model.terms["dkd"]
+    assert (term.alpha, term.beta) == (1.0, 0.5)
+    # at-kd passes beta on to attention_transfer; rkd-kd passes task_weight
+    # through rkd to the stage it builds.
+    at_kd = methods.get("at-kd")
+    recipe = at_kd.build(teacher, student, 2, scale=0.001, **at_kd.parse_settings(["beta=250"]))
+    term = recipe.model.terms["attention"]
+    assert term.beta == 250.0
+    rkd_kd = methods.get("rkd-kd")
+    recipe = rkd_kd.build(teacher, student, 2, scale=0.001,
+                          **rkd_kd.parse_settings(["task_weight=0.25", "kd_weight=2"]))
+    (stage,) = recipe.schedule.values()
+    assert (stage.terms["task"], stage.terms["kd"]) == (0.25, 2.0)
+
+
+def test_method_options_are_refused_with_the_settings_the_method_has():
+    dkd = methods.get("dkd")
+    assert dkd.parse_settings(["warmup_epochs=5", "beta = 2"]) == {"warmup_epochs": 5, "beta": 2.0}
+    for items, message in ((["gamma=1"], r"dkd has no setting 'gamma'; its settings \(with their "
+                                         r"defaults\): iterations=64000, alpha=1.0, beta=8.0, "),
+                           (["beta"], r"'beta': give NAME=VALUE"),
+                           (["warmup_epochs=2.5"], r"warmup_epochs=2.5: give a whole number"),
+                           (["beta=high"], r"beta=high: give a number \(its default is 8.0\)"),
+                           (["beta=1", "beta=2"], "beta is given twice")):
+        with pytest.raises(ValueError, match=message):
+            dkd.parse_settings(items)
+    fsp = methods.get("fsp")
+    assert fsp.parse_settings(["restore_kernel_norms=false", "stage1_clipnorm=5",
+                               "pairs=all"]) == {"restore_kernel_norms": False,
+                                                 "stage1_clipnorm": 5.0, "pairs": "all"}
+    # A setting whose default is None takes a number, none or a string.
+    assert methods.get("dense-fsp").parse_settings(["stage1_clipnorm=2"]) == {"stage1_clipnorm": 2}
+    assert methods.get("fitnet").parse_settings(["hint_layer=none", "guided_layer=stage_2"]) == {
+        "hint_layer": None, "guided_layer": "stage_2"}
+    assert "stage2" not in methods.get("fsp-kd").settings()  # fsp-kd sets it itself

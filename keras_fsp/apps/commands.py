@@ -40,7 +40,7 @@ HISTORY_SETTINGS = ("learning_rate_scale",)
 LATER_FLAG_DEFAULTS = {"dtype_policy": "float32", "plugins": [], "allow_weak_teacher": False,
                        "raw_inputs": True, "student": None, "image_size": [],
                        "validation_split": 0.2, "teacher_weights": [], "optimizer": "sgd",
-                       "cutout": 0, "teacher_precision": None}
+                       "cutout": 0, "teacher_precision": None, "method_options": []}
 # What each `--formats` value asks `export_student` for, and the module it
 # needs beyond TensorFlow.
 EXPORTERS = {"keras": ("keras", None), "saved_model": ("tf_saved_model", None),
@@ -255,6 +255,7 @@ def _recipe(config, role, method, teacher, network, steps, augment):
     else:
         if config.temperature is not None and "temperature" in method.options:
             kw["temperature"] = config.temperature
+        kw.update(config.method_settings)
         recipe = method.build(teacher, network, steps, **kw)
     if config.optimizer == "adamw":
         recipe = recipes.with_adamw(recipe, steps)

@@ -68,6 +68,10 @@ class Config:
                                      "runs/<subcommand>-<dataset> (distill: "
                                      "runs/distill-<method>-<dataset>).")
     method: str = _flag("string", "fsp", _methods_help)
+    method_options: Tuple[str, ...] = _flag(
+        "list", (), "distill: settings of the method's recipe as NAME=VALUE pairs separated by "
+        "commas, each read as its default's type, e.g. --method_options beta=1,warmup_epochs=5 "
+        "for dkd (a wrong name is refused with the method's settings and their defaults).")
     teacher_depth: Union[int, Tuple[int, ...]] = _flag(
         "list", 26, "Depth of the teacher CIFAR ResNet (6n+2); with several --teacher, one "
         "value for all or one per teacher (26,26): the depth of each .weights.h5 teacher.",
@@ -179,7 +183,7 @@ class Config:
             CLIError: naming the flag and what it takes.
         """
         given = {f.name: values[f.name].value for f in _flag_fields()}
-        for name in ("formats", "plugins", "image_size"):
+        for name in ("formats", "plugins", "image_size", "method_options"):
             given[name] = tuple(given[name] or ())
         teachers = tuple(t for v in given["teacher"] or () for t in v.split(",") if t)
         given["teacher"] = teachers[0] if len(teachers) == 1 else (teachers or None)
@@ -200,6 +204,10 @@ class Config:
             methods.get(self.method)
         except ValueError as e:
             raise CLIError(e) from None
+        settings = self.method_settings
+        if "temperature" in settings and self.temperature is not None:
+            raise CLIError("--temperature and --method_options temperature=...: give the "
+                           "temperature once.")
         for name in ("schedule_scale", "learning_rate_scale", "weight_decay", "max_minutes",
                      "temperature", "checkpoint_seconds"):
             value = getattr(self, name)
@@ -305,6 +313,18 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     @property
+    def method_settings(self):
+        """`--method_options` as the recipe's keyword arguments.
+
+        Raises:
+            CLIError: naming what was wrong and the method's settings.
+        """
+        try:
+            return methods.get(self.method).parse_settings(self.method_options)
+        except ValueError as e:
+            raise CLIError(f"--method_options for --method {self.method}: {e}") from None
+
+    @property
     def image_hw(self):
         """`--image_size` as `(height, width)`, or None."""
         if not self.image_size:
@@ -325,8 +345,9 @@ _TRAINING_FLAGS = ("schedule_scale", "epochs", "max_minutes", "checkpoint_second
                    "weight_decay", "overwrite", "tensorboard", "optimizer", "cutout")
 FLAG_SUBCOMMANDS = {
     **{name: TRAINING for name in _TRAINING_FLAGS},
-    **{name: ("distill",) for name in ("method", "student_depth", "student_width", "student",
-                                       "temperature", "allow_weak_teacher")},
+    **{name: ("distill",) for name in ("method", "method_options", "student_depth",
+                                       "student_width", "student", "temperature",
+                                       "allow_weak_teacher")},
     **{name: TRAINING for name in ("teacher_depth", "teacher_width")},
     "teacher_weights": ("distill",), "teacher_precision": ("distill",),
     "teacher": (*TRAINING, "visualize"),

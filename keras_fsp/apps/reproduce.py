@@ -39,9 +39,17 @@ from keras_fsp.training.run_folder import PROCESS_LOG, RunFolder
 
 
 def label(method):
-    """A results table's row label for a run called `method`."""
+    """A results table's row label for a run called `method` (a method of
+    the table, with settings: `dkd:beta=1` -> "dkd, beta=1")."""
     known = methods.METHODS.get(method)
-    return known.label if known is not None else method
+    if known is not None:
+        return known.label
+    base, settings = methods.split_variant(method)
+    return ", ".join([base, *settings]) if settings else method
+
+
+def _folder_name(method):
+    return method.replace(":", "_").replace("=", "-")
 
 
 @dataclasses.dataclass
@@ -103,13 +111,16 @@ def _distill_table(student, teacher=("--teacher_depth", 26), teacher_training=()
             given = [needs]
         loading = [] if "--teacher" in teacher else list(teacher)  # a spec: trained into a folder
         for method in flags.methods or default_methods or list(methods.METHODS):
-            if method not in methods.METHODS:
-                raise ValueError(f"--methods: {method!r} is not one of "
+            base, settings = methods.split_variant(method)
+            if base not in methods.METHODS:
+                raise ValueError(f"--methods: {base!r} is not one of "
                                  f"{', '.join(methods.METHODS)}.")
-            alone = not methods.get(method).uses_teacher
+            methods.get(base).parse_settings(settings)  # refused here, before any run starts
+            options = ["--method_options", ",".join(settings)] if settings else []
+            alone = not methods.get(base).uses_teacher
             for seed in flags.seeds:
-                run_dir = os.path.join(root, f"{method}-seed{seed}")
-                argv = _cli(flags, "distill", "--method", method, *common, *student,
+                run_dir = os.path.join(root, f"{_folder_name(method)}-seed{seed}")
+                argv = _cli(flags, "distill", "--method", base, *options, *common, *student,
                             "--schedule_scale", flags.schedule_scale, "--seed", seed,
                             "--model_dir", run_dir)
                 if not alone:
@@ -391,7 +402,10 @@ def _flags(argv):
     fv = flags.FlagValues()
     d = dict(flag_values=fv)
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every method.", **d)
-    flags.DEFINE_list("methods", None, "Only these methods (default: the table's).", **d)
+    flags.DEFINE_list("methods", None, "Only these methods (default: the table's); a method "
+                      "with settings of its recipe as NAME:SETTING=VALUE[:SETTING=VALUE], e.g. "
+                      "dkd:beta=1:warmup_epochs=5 (distill's --method_options), is a row of "
+                      "its own.", **d)
     flags.DEFINE_string("dataset", None, "The data: npz:PATH (arrays x_train, y_train, x_test, "
                         "y_test), or cifar10 through tensorflow-datasets.", **d)
     flags.DEFINE_multi_string("teacher", None, "CIFAR tables: the teacher's weights (.weights.h5 "
@@ -443,7 +457,7 @@ def main(argv, plugins=()):
     root = os.path.join(fv.runs_dir, name)
     try:
         runs = table.runs(fv, root)
-    except ValueError as e:  # an unknown --methods name
+    except ValueError as e:  # an unknown --methods name or setting
         raise SystemExit(f"keras-fsp reproduce {name}: {e}") from None
     command = "keras-fsp reproduce " + " ".join(argv[1:])
     compile_first = fv.compile_first

@@ -47,11 +47,74 @@ class Method:
     uses_teacher: bool = True
     options: Tuple[str, ...] = ()
 
+    def settings(self):
+        """`{name: default}` of what `--method_options` may set: the keyword
+        arguments of the recipe (`keras_fsp.papers.recipes.settings`)."""
+        return recipes.settings(self.recipe)
+
+    def parse_settings(self, items):
+        """`items` ("NAME=VALUE" strings) as the recipe's keyword arguments,
+        each VALUE read as its default's type.
+
+        Raises:
+            ValueError: naming the item and the settings the method has.
+        """
+        known, out = self.settings(), {}
+        for item in items:
+            name, equals, text = (part.strip() for part in item.partition("="))
+            if not equals or not name or not text:
+                raise ValueError(f"{item!r}: give NAME=VALUE, e.g. {_example(known)}.")
+            if name not in known:
+                listed = ", ".join(f"{k}={v}" for k, v in known.items()) or "none"
+                raise ValueError(f"{self.name} has no setting {name!r}; its settings (with "
+                                 f"their defaults): {listed}.")
+            if name in out:
+                raise ValueError(f"{name} is given twice.")
+            out[name] = _read(name, text, known[name])
+        return out
+
     def build(self, teacher, student, steps_per_epoch, **kwargs):
         """The method's recipe for these networks, named after the method."""
         recipe = self.recipe(teacher, student, steps_per_epoch, **kwargs)
         recipe.name = self.name
         return recipe
+
+
+def _example(known):
+    name, default = next(iter(known.items()), ("beta", 1.0))
+    return f"{name}={default}"
+
+
+def _read(name, text, default):
+    """`text` as a value of the type of `default`."""
+    kind = type(default)
+    if isinstance(default, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+    elif default is None:  # any number, None or a string
+        if text.lower() == "none":
+            return None
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text
+    elif kind in (int, float, str):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    raise ValueError(f"{name}={text}: give {'true or false' if kind is bool else 'a whole number' if kind is int else 'a number'} (its default is {default}).")
+
+
+def split_variant(text):
+    """`"dkd:beta=1:warmup_epochs=5"` -> `("dkd", ["beta=1", "warmup_epochs=5"])`:
+    a method with settings, as `keras-fsp reproduce --methods` names one."""
+    name, *items = text.split(":")
+    return name, items
 
 
 METHODS = {}
@@ -82,6 +145,7 @@ def get(name):
     return METHODS[name]
 
 
+@recipes.passes_on(recipes.student_alone)
 def _student_alone(teacher, student, steps_per_epoch, **kwargs):
     return recipes.student_alone(student, steps_per_epoch, **kwargs)
 

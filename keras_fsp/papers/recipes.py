@@ -15,6 +15,7 @@ boundaries count from the stage's start. Weight decay is the models' own
 """
 
 import dataclasses
+import inspect
 import math
 from typing import Dict, List, Optional
 
@@ -237,6 +238,39 @@ def _stage_callbacks(schedule, restore_kernel_norms):
     return callbacks
 
 
+def passes_on(to, *sets):
+    """Marks a recipe that passes its other keyword arguments on to the recipe
+    `to`, setting `sets` of them itself, so that `settings` finds every
+    keyword argument it takes."""
+
+    def mark(recipe):
+        recipe.passes_on = (to, sets)
+        return recipe
+
+    return mark
+
+
+# Set by the command line itself (`--schedule_scale`, the data's augmentation).
+_NOT_SETTINGS = ("teacher", "student", "steps_per_epoch", "augment", "scale")
+
+
+def settings(recipe):
+    """`{name: default}` of the keyword arguments of `recipe` that a command
+    line can set (a None, bool, number or string default), those it passes
+    on included."""
+    out = {}
+    for p in inspect.signature(recipe).parameters.values():
+        if (p.default is not p.empty and p.name not in _NOT_SETTINGS
+                and (p.default is None or isinstance(p.default, (bool, int, float, str)))):
+            out[p.name] = p.default
+    to, sets = getattr(recipe, "passes_on", (None, ()))
+    if to is not None:
+        for name, default in settings(to).items():
+            if name not in sets:
+                out.setdefault(name, default)
+    return out
+
+
 def fsp_paper(teacher, student, steps_per_epoch, stage1_iterations=21000,
               stage2_iterations=64000, pairs="sections", pooling="max",
               projection="auto", restore_kernel_norms=True, stage1_weight_decay=True,
@@ -421,6 +455,7 @@ def attention_transfer(teacher, student, steps_per_epoch, iterations=64000, beta
                         given, iterations, lr, augment, scale)
 
 
+@passes_on(attention_transfer)
 def attention_kd(teacher, student, steps_per_epoch, kd_weight=0.9, **kwargs):
     """Attention transfer with Hinton's soft targets in one stage."""
     return attention_transfer(teacher, student, steps_per_epoch, kd_weight=kd_weight, **kwargs)
@@ -510,6 +545,7 @@ def _term_and_labels(teacher, student, steps_per_epoch, term, kd_weight, task_we
                         augment, scale, callbacks)
 
 
+@passes_on(_term_and_labels)
 def rkd(teacher, student, steps_per_epoch, distance_weight=25.0, angle_weight=50.0,
         layers="auto", kd_weight=0.0, **kwargs):
     """RKD (Park et al. 2019): the labels plus the distance- and angle-wise
@@ -520,6 +556,7 @@ def rkd(teacher, student, steps_per_epoch, distance_weight=25.0, angle_weight=50
                             RKDTerm(layers, distance_weight, angle_weight), kd_weight, **kwargs)
 
 
+@passes_on(_term_and_labels)
 def pkt(teacher, student, steps_per_epoch, beta=30000.0, layers="auto", kd_weight=0.0, **kwargs):
     """PKT (Passalis & Tefas 2018): the labels plus `beta` times the KL of
     the cosine-similarity probabilities of the penultimate features
@@ -529,6 +566,7 @@ def pkt(teacher, student, steps_per_epoch, beta=30000.0, layers="auto", kd_weigh
                             **kwargs)
 
 
+@passes_on(_term_and_labels)
 def similarity_preserving(teacher, student, steps_per_epoch, beta=3000.0, layers="auto",
                           kd_weight=0.0, **kwargs):
     """SP (Tung & Mori 2019): the labels plus `beta` times the distance of
@@ -540,6 +578,7 @@ def similarity_preserving(teacher, student, steps_per_epoch, beta=3000.0, layers
                             SimilarityPreservingTerm(layers, beta), kd_weight, **kwargs)
 
 
+@passes_on(_term_and_labels)
 def crd(teacher, student, steps_per_epoch, beta=0.8, layers="auto", embedding_dim=128,
         nce_temperature=0.07, queue_size=16384, kd_weight=0.0, **kwargs):
     """CRD (Tian et al. 2020): the labels plus `beta` times the contrastive
@@ -553,26 +592,31 @@ def crd(teacher, student, steps_per_epoch, beta=0.8, layers="auto", embedding_di
     return _term_and_labels(teacher, student, steps_per_epoch, term, kd_weight, **kwargs)
 
 
+@passes_on(crd)
 def crd_kd(teacher, student, steps_per_epoch, kd_weight=1.0, **kwargs):
     """CRD with Hinton's soft targets in one stage (RepDistiller's weights)."""
     return crd(teacher, student, steps_per_epoch, kd_weight=kd_weight, **kwargs)
 
 
+@passes_on(rkd)
 def rkd_kd(teacher, student, steps_per_epoch, kd_weight=1.0, **kwargs):
     """RKD with Hinton's soft targets in one stage (RepDistiller's weights)."""
     return rkd(teacher, student, steps_per_epoch, kd_weight=kd_weight, **kwargs)
 
 
+@passes_on(pkt)
 def pkt_kd(teacher, student, steps_per_epoch, kd_weight=1.0, **kwargs):
     """PKT with Hinton's soft targets in one stage (RepDistiller's weights)."""
     return pkt(teacher, student, steps_per_epoch, kd_weight=kd_weight, **kwargs)
 
 
+@passes_on(similarity_preserving)
 def similarity_preserving_kd(teacher, student, steps_per_epoch, kd_weight=1.0, **kwargs):
     """SP with Hinton's soft targets in one stage (RepDistiller's weights)."""
     return similarity_preserving(teacher, student, steps_per_epoch, kd_weight=kd_weight, **kwargs)
 
 
+@passes_on(_term_and_labels, "callbacks")
 def review_kd(teacher, student, steps_per_epoch, beta=1.0, pairs="auto", warmup_epochs=20,
               kd_weight=0.0, **kwargs):
     """ReviewKD (Chen et al. 2021): the labels (weight 1) plus `beta` times
@@ -586,16 +630,19 @@ def review_kd(teacher, student, steps_per_epoch, beta=1.0, pairs="auto", warmup_
                             callbacks=[linear_warmup("reviewkd", warmup_epochs)], **kwargs)
 
 
+@passes_on(review_kd)
 def review_kd_with_kd(teacher, student, steps_per_epoch, kd_weight=1.0, **kwargs):
     """ReviewKD with Hinton's soft targets in one stage (the authors' `--use-kl`)."""
     return review_kd(teacher, student, steps_per_epoch, kd_weight=kd_weight, **kwargs)
 
 
+@passes_on(fsp_paper, "stage2")
 def fsp_kd(teacher, student, steps_per_epoch, **kwargs):
     """FSP stage 1 (`fsp_paper`'s), then KD instead of the task alone."""
     return fsp_paper(teacher, student, steps_per_epoch, stage2="kd", **kwargs)
 
 
+@passes_on(dense_fsp, "stage2")
 def dense_fsp_kd(teacher, student, steps_per_epoch, **kwargs):
     """Dense sequential FSP stage 1 (`dense_fsp`'s), then KD."""
     return dense_fsp(teacher, student, steps_per_epoch, stage2="kd", **kwargs)
