@@ -16,9 +16,10 @@ runs are skipped, unfinished ones continue from their last checkpoint. With
 memory; `--mps` starts NVIDIA's multi-process service so their kernels
 overlap; on JAX with a GPU, a method's later seeds start once its first run
 has trained an epoch, and load its compiled programs from JAX's compilation
-cache: `--compile_first`). At the end the results JSON (`--results_dir/<table>.json`: every
-seed's last-epoch test accuracy, mean and standard deviation, train time) and
-the Markdown table (`<table>.md`) are written and the table printed.
+cache: `--compile_first`). At the end the results JSON
+(`--results_dir/<table>.json`: every seed's last-epoch test accuracy, mean
+and standard deviation, train time) and the Markdown table (`<table>.md`)
+are written and the table printed.
 
 Run it from the repository's root (the MNIST and transfer tables run the
 example scripts in `examples/`).

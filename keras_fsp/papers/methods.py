@@ -107,7 +107,8 @@ def _read(name, text, default):
             return kind(text)
         except ValueError:
             pass
-    raise ValueError(f"{name}={text}: give {'true or false' if kind is bool else 'a whole number' if kind is int else 'a number'} (its default is {default}).")
+    wanted = {bool: "true or false", int: "a whole number"}.get(kind, "a number")
+    raise ValueError(f"{name}={text}: give {wanted} (its default is {default}).")
 
 
 def split_variant(text):
