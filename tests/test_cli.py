@@ -66,7 +66,7 @@ def test_train_teacher_writes_config_metrics_logs_checkpoints_and_export(teacher
         "student_depth": 8, "teacher_width": 1, "student_width": 1, "batch_size": 432, "verbose": 0, "schedule_scale": 0.0001,
         "model_dir": str(model_dir), "seed": 0, "epochs": None, "learning_rate_scale": 1.0,
         "weight_decay": 1e-4, "temperature": None, "data_dir": None, "overwrite": False,
-        "method": "fsp", "teacher": None, "model": None, "num_images": 6,
+        "method": "fsp", "method_options": [], "teacher": None, "model": None, "num_images": 6,
         "max_minutes": None, "tensorboard": False, "formats": ["keras", "saved_model"],
         "checkpoint_seconds": None, "dtype_policy": "float32", "plugins": [],
         "optimizer": "sgd", "cutout": 0,
