@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
                                 reason="no Keras in it; run once")
 
 # A stand-in for one training: it logs its start, writes its first epoch's
-# row of metrics.csv after a second, then its result.
+# row of metrics.csv after 0.6 s, then its result.
 FAKE = """
 import json, os, sys, time
 run_dir, events = sys.argv[1], sys.argv[2]
@@ -25,11 +25,11 @@ def note(what):
     with open(events, "a") as f:
         f.write(json.dumps([what, os.path.basename(run_dir), time.time()]) + "\\n")
 note("start")
-time.sleep(1.0)
+time.sleep(0.6)
+note("epoch")  # (before the row: a run that waits for the row starts after this note)
 with open(os.path.join(run_dir, "metrics.csv"), "w") as f:
     f.write("epoch,loss\\n1,0.5\\n")
-note("epoch")
-time.sleep(0.5)
+time.sleep(0.2)
 with open(os.path.join(run_dir, "metrics.json"), "w") as f:
     json.dump({"complete": True, "test_accuracy": 0.5}, f)
 """

@@ -335,7 +335,7 @@ def execute(runs, parallel=1, max_minutes=None, log=print, mps=False, compile_fi
                 for r in pending:
                     log(f"{r.name}: waits for {r.needs}, which is not complete")
                 break
-            time.sleep(1)
+            time.sleep(0.5)
     finally:
         for _, proc, out in running.values():
             proc.terminate()
