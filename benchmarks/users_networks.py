@@ -45,6 +45,11 @@ Measurements (each a record `{"name", "pair", "batch_size", "ms_per_step",
   its first step). They run first, in a process of their own, before JAX
   takes the GPU's memory; without torch or torchvision they are skipped.
 
+With `--profile_dir`, each `fit` measurement traces one more epoch there
+(`jax.profiler`); `trace_summary.py` then says where each one's GPU time
+goes and which kernels differ between two (e.g. `fit_stage_fsp` against
+`fit_stage_kd`).
+
 At the end a table per pair and batch size, with `kd` against the fastest
 PyTorch `kd` step (`torch ms / keras_fsp ms`: above 1, keras_fsp is faster),
 what the `fsp` stage costs against `kd`, and `kd` with the teacher in
@@ -88,6 +93,9 @@ flags.DEFINE_list("torch_ways", ["graph_kd", "graph_student_alone", "eager_kd", 
                   "PyTorch measurements (torch_reference.run_networks ways).")
 flags.DEFINE_bool("torch_compile", True, "Include the torch.compile ways.")
 flags.DEFINE_string("torch_compile_mode", "max-autotune-no-cudagraphs", "torch.compile mode.")
+flags.DEFINE_string("profile_dir", None, "Trace one more epoch of each fit measurement into "
+                    "PROFILE_DIR/<name>-<student>-<batch> (jax.profiler, Perfetto trace; summarise "
+                    "them with trace_summary.py).")
 flags.DEFINE_bool("torch_process", False, "Take the PyTorch measurements here and print them "
                   "as JSON lines (what this script runs in a process of its own).")
 flags.DEFINE_float("torch_deadline", None, "With --torch_process: start nothing after this time "
@@ -288,6 +296,8 @@ class Teachers:
 
 def measure(name, teachers, student_name, x, y, batch_size):
     """Seconds per step of keras_fsp measurement `name`, and its extra fields."""
+    profile = FLAGS.profile_dir and os.path.join(
+        FLAGS.profile_dir, f"{name}-{student_name}-{batch_size}")
     name, teacher = teachers.split(name)
     if name == "teacher_forward":
         return teacher_forward(teacher, x[:batch_size])
@@ -300,7 +310,7 @@ def measure(name, teachers, student_name, x, y, batch_size):
         stage = name[len("fit_stage_"):].removesuffix("_cached")
         model = g.compile_distiller(teacher, student, stage, steps_per_execution=spe)
     seconds, extra = g.fit_seconds(model, x, y, batch_size, cached=name.endswith("_cached"),
-                                   cache_batch_size=batch_size)
+                                   profile_dir=profile, cache_batch_size=batch_size)
     return seconds, {"student_params": params, "train_examples": len(x), **extra}
 
 

@@ -72,3 +72,26 @@ def test_unknown_pooling():
     f1, f2 = _maps((1, 4, 4, 2), (1, 4, 4, 2))
     with pytest.raises(ValueError, match="pooling"):
         fsp_matrix(f1, f2, pooling="median")
+
+
+@pytest.mark.parametrize("mode", ["max", "avg"])
+@pytest.mark.parametrize("shapes", [((2, 8, 8, 3), (2, 4, 4, 5)), ((2, 4, 4, 3), (2, 8, 8, 5)),
+                                    ((2, 4, 4, 3), (2, 4, 4, 5)), ((2, 12, 3), (2, 6, 5))])
+def test_projections_give_the_matrices_of_the_projected_features(mode, shapes):
+    """Projections applied to the matrix where pooling allows it give the
+    FSP matrices of the projected features, as defined."""
+    from keras_fsp.terms.fsp import fsp_matrices, per_position_linear
+
+    f1, f2 = _maps(*shapes, seed=3)
+    projections = {name: per_position_linear(c, shape, f"p_{name}")
+                   for name, c, shape in (("a", 7, shapes[0]), ("b", 9, shapes[1]))}
+    for name, p in projections.items():  # not the initialiser's small values
+        p.kernel.assign(np.random.default_rng(len(name)).normal(size=p.kernel.shape))
+    kernels = {n: ops.convert_to_numpy(p.kernel).reshape(p.kernel.shape[-2:])
+               for n, p in projections.items()}
+    for chosen in ({"a"}, {"b"}, {"a", "b"}):
+        used = {n: projections[n] for n in chosen}
+        (g,) = fsp_matrices({"a": f1, "b": f2}, [("a", "b")], mode, used)
+        want = reference.fsp(f1 @ kernels["a"] if "a" in chosen else f1,
+                             f2 @ kernels["b"] if "b" in chosen else f2, mode)
+        np.testing.assert_allclose(ops.convert_to_numpy(g), want, rtol=1e-4, atol=1e-4)

@@ -83,18 +83,45 @@ def per_position_linear(channels, input_shape, name):
     return layer
 
 
+def _kernel_matrix(projection):
+    """A `per_position_linear` layer's kernel as a float32 `(c_in, c_out)`."""
+    kernel = projection.kernel
+    return ops.reshape(ops.cast(kernel, "float32"), tuple(kernel.shape[-2:]))
+
+
 def fsp_matrices(features, pairs, pooling="max", projections=None):
     """FSP matrices of the layer `pairs` from a dict `{layer: feature map}`;
     `projections` (`{layer: layer}`) map some of the maps first. The
-    padding mask is the dict's `masks.PADDING_MASK`, where it has one."""
+    padding mask is the dict's `masks.PADDING_MASK`, where it has one.
+
+    A projection `W` (linear, no bias) of a feature that is not max-pooled
+    is applied to the matrix instead, `G(f1 W1, f2 W2) = W1^T G(f1, f2) W2`:
+    the same value, without mapping every position to the teacher's wider
+    channels (on ImageNet-sized pairs that mapping and the wide product cost
+    more than the rest of the term). Max pooling does not commute with `W`,
+    so a feature it reduces is projected first, as the definition says."""
     projections = projections or {}
     mask = features.get(masks.PADDING_MASK)
     out = []
     for a, b in pairs:
         fa, fb = features[a], features[b]
-        fa = projections[a](fa) if a in projections else fa
-        fb = projections[b](fb) if b in projections else fb
-        out.append(fsp_matrix(fa, fb, pooling=pooling, mask=mask))
+        size = positions.pooled_size(fa.shape, fb.shape)
+        after = {}
+        for side, name in (("a", a), ("b", b)):
+            if name not in projections:
+                continue
+            f = fa if side == "a" else fb
+            if pooling == "max" and math.prod(positions.positions_of(f.shape)) != math.prod(size):
+                f = projections[name](f)
+                fa, fb = (f, fb) if side == "a" else (fa, f)
+            else:
+                after[side] = _kernel_matrix(projections[name])
+        g = fsp_matrix(fa, fb, pooling=pooling, mask=mask)
+        if "a" in after:
+            g = ops.einsum("mi,bmn->bin", after["a"], g)
+        if "b" in after:
+            g = ops.einsum("bmn,nj->bmj", g, after["b"])
+        out.append(g)
     return out
 
 
