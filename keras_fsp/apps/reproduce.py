@@ -116,9 +116,10 @@ def _distill_table(student, teacher=("--teacher_depth", 26), teacher_training=()
             if base not in methods.METHODS:
                 raise ValueError(f"--methods: {base!r} is not one of "
                                  f"{', '.join(methods.METHODS)}.")
-            methods.get(base).parse_settings(settings)  # refused here, before any run starts
+            method_spec = methods.get(base)
+            method_spec.parse_settings(settings)  # refused here, before any run starts
             options = ["--method_options", ",".join(settings)] if settings else []
-            alone = not methods.get(base).uses_teacher
+            alone = not method_spec.uses_teacher
             for seed in flags.seeds:
                 run_dir = os.path.join(root, f"{_folder_name(method)}-seed{seed}")
                 argv = _cli(flags, "distill", "--method", base, *options, *common, *student,
