@@ -78,3 +78,20 @@ def test_paper_schedule_timeline_splits_device_host_and_first_epochs():
     assert got["by_stage"]["task"]["median_epoch_device_seconds"] == 0.5
     assert got["by_stage"]["task"]["first_epoch_device_seconds"] == 4.0
     assert set(got["callbacks"]) == {"NaNGuard"}
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the stacked seeds are jax.vmap")
+def test_stacked_seeds_train_as_separate_runs():
+    """`stacked_seeds.py` times seeds trained in one vmapped program; its
+    check: two seeds trained stacked end where each trained alone ends."""
+    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=ROOT)
+    done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "stacked_seeds.py"), "--check",
+                           "--pair", "8:8", "--stacks", "1,2", "--batch_size", "8",
+                           "--scan_steps", "2", "--models", "stage_fsp"],
+                          env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    lines = [line for line in done.stdout.splitlines() if "largest relative difference" in line]
+    assert [line.split(":")[0] for line in lines] == ["stage_fsp"]
+    for line in lines:  # the weights trained, and the two ways agree
+        worst, moved = (float(part.split()[-1]) for part in line.split(":")[1].split(";"))
+        assert worst < 1e-4 and moved > 1e-5, line
