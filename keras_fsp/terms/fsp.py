@@ -97,30 +97,29 @@ def fsp_matrices(features, pairs, pooling="max", projections=None):
     A projection `W` (linear, no bias) of a feature that is not max-pooled
     is applied to the matrix instead, `G(f1 W1, f2 W2) = W1^T G(f1, f2) W2`:
     the same value, without mapping every position to the teacher's wider
-    channels (on ImageNet-sized pairs that mapping and the wide product cost
-    more than the rest of the term). Max pooling does not commute with `W`,
-    so a feature it reduces is projected first, as the definition says."""
+    channels (on ImageNet-sized pairs, most of the term's FLOPs). Max
+    pooling does not commute with `W`, so a feature it reduces is projected
+    first, as the definition says."""
     projections = projections or {}
     mask = features.get(masks.PADDING_MASK)
     out = []
-    for a, b in pairs:
-        fa, fb = features[a], features[b]
-        size = positions.pooled_size(fa.shape, fb.shape)
-        after = {}
-        for side, name in (("a", a), ("b", b)):
+    for pair in pairs:
+        maps = [features[name] for name in pair]
+        size = positions.pooled_size(maps[0].shape, maps[1].shape)
+        on_matrix = [None, None]  # the kernels applied to the matrix, per side
+        for side, name in enumerate(pair):
             if name not in projections:
                 continue
-            f = fa if side == "a" else fb
-            if pooling == "max" and math.prod(positions.positions_of(f.shape)) != math.prod(size):
-                f = projections[name](f)
-                fa, fb = (f, fb) if side == "a" else (fa, f)
+            pooled = math.prod(positions.positions_of(maps[side].shape)) != math.prod(size)
+            if pooling == "max" and pooled:
+                maps[side] = projections[name](maps[side])
             else:
-                after[side] = _kernel_matrix(projections[name])
-        g = fsp_matrix(fa, fb, pooling=pooling, mask=mask)
-        if "a" in after:
-            g = ops.einsum("mi,bmn->bin", after["a"], g)
-        if "b" in after:
-            g = ops.einsum("bmn,nj->bmj", g, after["b"])
+                on_matrix[side] = _kernel_matrix(projections[name])
+        g = fsp_matrix(*maps, pooling=pooling, mask=mask)
+        if on_matrix[0] is not None:
+            g = ops.einsum("mi,bmn->bin", on_matrix[0], g)
+        if on_matrix[1] is not None:
+            g = ops.einsum("bmn,nj->bmj", g, on_matrix[1])
         out.append(g)
     return out
 
