@@ -46,8 +46,9 @@ def _flag(kind, default, help, **extra):
 
 def _methods_help():
     return (f"distill: one of {', '.join(methods.METHODS)} (none: the student alone). "
-            "Measured best on CIFAR-10 (RESULTS.md): kd or at-kd for a CNN student, ls-kd "
-            "when the teacher is far larger than the student, fitnet for a ViT student.")
+            "Measured best on CIFAR-10 (RESULTS.md): kd or at-kd for a CNN student; dkd with "
+            "--method_options beta=0.5, or ls-kd, when the teacher is far larger than the "
+            "student; fitnet for a ViT student.")
 
 
 @dataclasses.dataclass(frozen=True)
