@@ -55,6 +55,9 @@ def test_summary_tables_hold_percentages():
       "teacher_finetuned": "teacher_finetuned", "fitnet": "fitnet", "fsp": "fsp", "at": "at"}),
     ("cifar10_resnet26_to_resnet8.json", "cifar10_resnet26_to_resnet8_at_kd.json",
      {"at_kd": "at-kd"}),
+    ("cifar10_resnet26_to_resnet8.json", "cifar10_resnet26_to_resnet8.json",
+     {"kd_reproduce": "kd", "at": "at", "dkd": "dkd", "fsp_kd": "fsp-kd",
+      "dense_fsp_kd": "dense-fsp-kd"}),
 ])
 def test_summary_tables_are_the_reproduced_runs(summary, reproduced, rows):
     with open(os.path.join(RESULTS, summary), encoding="utf-8") as f:
