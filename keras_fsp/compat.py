@@ -7,6 +7,7 @@ training step. setup.py pins the Keras minor version these were checked on.
 """
 
 import sys
+import weakref
 
 import keras
 
@@ -322,16 +323,83 @@ def weights_h5_bytes(model):
     broken file object is freed. Keras' own writer into memory (the private
     `H5IOStore` over a `BytesIO`, as `.keras` archives use) lets the caller
     check the free space first and write the bytes with plain Python I/O.
+
+    Keras' private `_save_state` finds what to write by walking every
+    attribute of every layer (`dir` and `getattr`). Its result, which
+    object saves itself under which group, is kept per model and replayed
+    while the model's, its optimizer's and its metrics' variables are the
+    same objects: each object's own `save_own_variables` into the same
+    groups, in the same order, so the same file.
     """
     import io
 
     from keras.src.saving import saving_lib
 
+    variables = _saved_variables(model)
+    plan = _WRITE_PLANS.get(model)
+    if (plan is None or not _same_objects(plan[0], variables)
+            or (plan[1] is not None and any(saveable() is None for saveable, _, _ in plan[1]))):
+        plan = (variables, _write_plan(model))
+        _WRITE_PLANS[model] = plan
     buffer = io.BytesIO()
     store = saving_lib.H5IOStore(buffer, mode="w")
     try:
-        saving_lib._save_state(model, weights_store=store, assets_store=None, inner_path="",
-                               visited_saveables=set())
+        if plan[1] is None:
+            saving_lib._save_state(model, weights_store=store, assets_store=None, inner_path="",
+                                   visited_saveables=set())
+        else:
+            for saveable, path, metadata in plan[1]:
+                saveable().save_own_variables(store.make(path, metadata=metadata))
     finally:
         store.close()
     return buffer.getvalue()
+
+
+# model -> (the variables its plan was made for, the plan: `(weak reference
+# to the saveable, path, metadata)` per `make` call of Keras' walk, or None
+# where it was not found). Weak, so that the plan does not keep its model.
+_WRITE_PLANS = weakref.WeakKeyDictionary()
+
+
+def _saved_variables(model):
+    optimizer = getattr(model, "optimizer", None)
+    return [*model.variables, *getattr(model, "metrics_variables", ()),
+            *(optimizer.variables if optimizer is not None else ())]
+
+
+def _same_objects(a, b):
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def _write_plan(model):
+    """Keras' walk of `model`, as `(saveable, path, metadata)` per object
+    that saves its variables, or None if the walk did not go as expected."""
+    from keras.src.saving import saving_lib
+
+    class Recorder(saving_lib.H5IOStore):  # `_save_state` accepts only its stores
+        def __init__(self):  # no file
+            self.mode, self.calls = "w", []
+
+        def __bool__(self):
+            return True
+
+        def make(self, path, metadata=None):
+            # The caller is `_save_state(saveable, ...)`, about to call
+            # `saveable.save_own_variables(<this store>)`.
+            saveable = sys._getframe(1).f_locals.get("saveable")
+            self.calls.append((saveable, path, metadata))
+            return _Discard()
+
+    recorder = Recorder()
+    try:
+        saving_lib._save_state(model, weights_store=recorder, assets_store=None, inner_path="",
+                               visited_saveables=set())
+    except Exception:  # a saveable that reads its store back: walk at every save
+        return None
+    if any(not hasattr(saveable, "save_own_variables") for saveable, _, _ in recorder.calls):
+        return None
+    return [(weakref.ref(saveable), path, metadata) for saveable, path, metadata in recorder.calls]
+
+
+class _Discard(dict):
+    """What a saveable writes into while its place is recorded."""

@@ -14,6 +14,18 @@ if os.environ["KERAS_BACKEND"] == "jax":
 import keras  # noqa: E402
 import pytest  # noqa: E402
 
+if keras.backend.backend() == "jax":
+    import jax
+
+    # One compilation cache for the suite's processes (tests/run_all.sh makes
+    # it): many tests compile the same programs (the same small networks,
+    # steps and batch shapes), and a later one loads them instead. Set here,
+    # not through JAX's environment variables, so that the processes the
+    # tests start choose their own cache.
+    if os.environ.get("KERAS_FSP_TEST_JAX_CACHE"):
+        jax.config.update("jax_compilation_cache_dir", os.environ["KERAS_FSP_TEST_JAX_CACHE"])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
 if keras.backend.backend() == "tensorflow":
     import tensorflow as tf
 

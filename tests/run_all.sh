@@ -8,8 +8,11 @@ cd "$(dirname "$0")/.."
 # kept in one process so that its module fixtures are made once.
 workers="${PYTEST_WORKERS:-$(python -c 'import os; print(max(1, min(4, os.cpu_count() or 1)))')}"
 status=0
+# The JAX suite's processes share one compilation cache (tests/conftest.py).
+cache="$(mktemp -d "${TMPDIR:-/tmp}/keras-fsp-test-jax-cache.XXXXXX")"
+trap 'rm -rf "$cache"' EXIT
 python -m pytest -q -n "$workers" --dist loadfile "$@" || status=1
-KERAS_BACKEND=jax python -m pytest -q -n "$workers" --dist loadfile "$@" || status=1
+KERAS_BACKEND=jax KERAS_FSP_TEST_JAX_CACHE="$cache" python -m pytest -q -n "$workers" --dist loadfile "$@" || status=1
 if [ "$status" -ne 0 ]; then
   echo "run_all: at least one suite failed (see above)" >&2
 fi

@@ -176,3 +176,57 @@ def test_keep_unsaved_settings_carries_the_fused_attention_switch_to_a_copy():
     dense = keras.layers.Dense(2, name="d")
     copy = compat.keep_unsaved_settings(dense, keras.layers.Dense.from_config(dense.get_config()))
     assert copy.get_config() == dense.get_config()
+
+
+def _h5_contents(source):
+    """Every group and dataset of an HDF5 file (a path or its bytes): name ->
+    (values or None, attributes)."""
+    import io
+
+    import h5py
+
+    contents = {}
+    with h5py.File(io.BytesIO(source) if isinstance(source, bytes) else source, "r") as f:
+        f.visititems(lambda name, obj: contents.__setitem__(name, (
+            np.asarray(obj) if isinstance(obj, h5py.Dataset) else None, dict(obj.attrs))))
+    return contents
+
+
+def _assert_same_h5(got, expected):
+    assert list(got) == list(expected)
+    for name, (values, attrs) in expected.items():
+        assert got[name][1] == attrs, name
+        if values is None:
+            assert got[name][0] is None, name
+        else:
+            np.testing.assert_array_equal(got[name][0], values, err_msg=name)
+
+
+def test_weights_h5_bytes_are_the_file_save_weights_writes_as_the_model_changes(tmp_path):
+    from keras_fsp import FSPDistiller
+    from keras_fsp.callbacks import StageSchedule
+    from keras_fsp.terms import HintTerm
+
+    teacher, student = small_pair()
+    x, y = data(16)
+    schedule = StageSchedule({0: "fsp", 1: "kd"}, verbose=0)
+    for d in (FSPDistiller(teacher, student),
+              FSPDistiller(teacher, student, terms=[HintTerm("stage2", "stage1")], stage="hint")):
+        sizes = []
+        # Compiled, trained (a stage switch within the fit), then compiled
+        # again with an optimizer of more variables: a new plan.
+        for step in ("sgd", "fit", "adam"):
+            if step == "fit":
+                d.fit(x, y, batch_size=8, epochs=2, verbose=0,
+                      callbacks=[schedule] if d.stage.name == "fsp" else [])
+            else:
+                d.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9) if step == "sgd"
+                          else keras.optimizers.Adam(1e-3))
+            path = str(tmp_path / f"{step}.weights.h5")
+            d.save_weights(path)
+            written = compat.weights_h5_bytes(d)
+            _assert_same_h5(_h5_contents(written), _h5_contents(path))
+            assert compat._WRITE_PLANS[d][1] is not None  # the walk's plan was replayed
+            assert compat.weights_h5_bytes(d) == written  # and is again
+            sizes.append(len(_h5_contents(written)))
+        assert sizes[0] == sizes[1] < sizes[2]
