@@ -372,8 +372,9 @@ def _same_objects(a, b):
 
 
 def _write_plan(model):
-    """Keras' walk of `model`, as `(saveable, path, metadata)` per object
-    that saves its variables, or None if the walk did not go as expected."""
+    """Keras' walk of `model`, as `(weak reference to the saveable, path,
+    metadata)` per group it makes, or None if the walk did not go as
+    expected."""
     from keras.src.saving import saving_lib
 
     class Recorder(saving_lib.H5IOStore):  # `_save_state` accepts only its stores
