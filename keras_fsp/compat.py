@@ -389,7 +389,7 @@ def _write_plan(model):
             # `saveable.save_own_variables(<this store>)`.
             saveable = sys._getframe(1).f_locals.get("saveable")
             self.calls.append((saveable, path, metadata))
-            return _Discard()
+            return {}  # what it writes is not kept
 
     recorder = Recorder()
     try:
@@ -400,7 +400,3 @@ def _write_plan(model):
     if any(not hasattr(saveable, "save_own_variables") for saveable, _, _ in recorder.calls):
         return None
     return [(weakref.ref(saveable), path, metadata) for saveable, path, metadata in recorder.calls]
-
-
-class _Discard(dict):
-    """What a saveable writes into while its place is recorded."""

@@ -26,6 +26,20 @@ def data(n=32, seed=0):
     return rng.normal(size=(n,) + SHAPE).astype("float32"), rng.integers(0, 10, n)
 
 
+def h5_contents(source):
+    """Every group and dataset of an HDF5 file (a path or its bytes): name ->
+    (the dataset's value, or None for a group; its attributes)."""
+    import io
+
+    import h5py
+
+    contents = {}
+    with h5py.File(io.BytesIO(source) if isinstance(source, bytes) else source, "r") as f:
+        f.visititems(lambda name, obj: contents.__setitem__(name, (
+            obj[()] if isinstance(obj, h5py.Dataset) else None, dict(obj.attrs))))
+    return contents
+
+
 def weights_of(model):
     return [np.array(keras.ops.convert_to_numpy(v)) for v in model.weights]
 

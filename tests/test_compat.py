@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from keras_fsp import compat
-from tests.helpers import data, small_pair
+from tests.helpers import data, h5_contents, small_pair
 
 
 def test_keras_version_is_one_these_internals_were_checked_on():
@@ -178,20 +178,6 @@ def test_keep_unsaved_settings_carries_the_fused_attention_switch_to_a_copy():
     assert copy.get_config() == dense.get_config()
 
 
-def _h5_contents(source):
-    """Every group and dataset of an HDF5 file (a path or its bytes): name ->
-    (values or None, attributes)."""
-    import io
-
-    import h5py
-
-    contents = {}
-    with h5py.File(io.BytesIO(source) if isinstance(source, bytes) else source, "r") as f:
-        f.visititems(lambda name, obj: contents.__setitem__(name, (
-            np.asarray(obj) if isinstance(obj, h5py.Dataset) else None, dict(obj.attrs))))
-    return contents
-
-
 def _assert_same_h5(got, expected):
     assert list(got) == list(expected)
     for name, (values, attrs) in expected.items():
@@ -225,8 +211,9 @@ def test_weights_h5_bytes_are_the_file_save_weights_writes_as_the_model_changes(
             path = str(tmp_path / f"{step}.weights.h5")
             d.save_weights(path)
             written = compat.weights_h5_bytes(d)
-            _assert_same_h5(_h5_contents(written), _h5_contents(path))
+            contents = h5_contents(written)
+            _assert_same_h5(contents, h5_contents(path))
             assert compat._WRITE_PLANS[d][1] is not None  # the walk's plan was replayed
             assert compat.weights_h5_bytes(d) == written  # and is again
-            sizes.append(len(_h5_contents(written)))
+            sizes.append(len(contents))
         assert sizes[0] == sizes[1] < sizes[2]

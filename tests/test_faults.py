@@ -38,6 +38,7 @@ from keras_fsp.apps import cli  # noqa: E402
 from keras_fsp.training import checkpoints, files, run_folder  # noqa: E402
 from tests.helpers import checkpoints_of as _checkpoints  # noqa: E402
 from tests.helpers import start_fault_worker  # noqa: E402
+from tests.helpers import h5_contents  # noqa: E402
 from keras_fsp.callbacks import StageSchedule  # noqa: E402
 from keras_fsp.papers import cifar_resnet  # noqa: E402
 
@@ -57,12 +58,7 @@ def _values(variables):
 
 
 def _h5_arrays(path):
-    import h5py
-
-    found = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda k, v: found.__setitem__(k, v[()]) if isinstance(v, h5py.Dataset) else None)
-    return found
+    return {name: value for name, (value, _) in h5_contents(path).items() if value is not None}
 
 
 def _assert_same_weights(path, reference):
