@@ -136,6 +136,28 @@ def test_clipped_stage1_step_moves_the_student_by_lr_times_the_clip_norm():
     assert moved == pytest.approx(1e-3 * 0.1, rel=1e-2)
 
 
+def test_fitnets_hint_step_is_clipped_by_default_and_unclipped_as_published():
+    teacher, student = small_pair()
+    default = recipes.fitnets(teacher, student, steps_per_epoch=100)
+    assert default.schedule[0].optimizer.global_clipnorm == 10.0
+    published = recipes.fitnets(teacher, student, steps_per_epoch=100, hint_clipnorm=None)
+    assert published.schedule[0].optimizer.global_clipnorm is None
+    assert methods.get("fitnet").parse_settings(["hint_clipnorm=2"]) == {"hint_clipnorm": 2.0}
+    assert methods.get("fitnet").parse_settings(["hint_clipnorm=none"]) == {"hint_clipnorm": None}
+    assert methods.get("fsp").parse_settings(["stage1_clipnorm=None"]) == {"stage1_clipnorm": None}
+    r = recipes.fitnets(teacher, student, steps_per_epoch=1, stage1_iterations=1,
+                        stage2_iterations=1, hint_clipnorm=1.0)
+    r.compile()
+    before = [np.array(v, dtype="float64") for v in student.trainable_variables]
+    x, y = data(n=16)
+    r.model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # stage "hint": one step
+    moved = np.sqrt(sum(((np.array(v, dtype="float64") - b) ** 2).sum()
+                        for v, b in zip(student.trainable_variables, before)))
+    # one SGD step (no momentum history yet) of the gradient clipped to norm
+    # 1 at the hint stage's rate 1e-4 (the hint's gradient is far larger)
+    assert moved == pytest.approx(1e-4 * 1.0, rel=1e-2)
+
+
 @pytest.fixture(scope="module")
 def digit_pair():
     from keras_fsp.papers import cifar_resnet

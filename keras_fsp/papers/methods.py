@@ -88,6 +88,8 @@ def _example(known):
 def _read(name, text, default):
     """`text` as a value of the type of `default`."""
     kind = type(default)
+    if name.endswith("clipnorm") and text.lower() == "none":  # a clip norm of none: unclipped
+        return None
     if isinstance(default, bool):
         if text.lower() in ("true", "1", "yes"):
             return True
