@@ -74,3 +74,19 @@ def test_a_first_run_that_fails_before_its_first_epoch_lets_the_next_seed_start(
     assert codes == {"a-seed0": 3, "a-seed1": 0}
     assert _events(events)["start", "a-seed1"] >= started
     assert not os.path.exists(os.path.join(runs[0].run_dir, "metrics.csv"))
+
+
+def test_each_ended_run_is_one_line_that_says_whether_it_failed_stopped_or_completed(tmp_path):
+    runs, _ = _runs(tmp_path)
+    stopped = ("import json, os, sys; json.dump({'complete': False}, "
+               "open(os.path.join(sys.argv[1], 'metrics.json'), 'w'))")
+    runs[1].argv = [sys.executable, "-c", stopped, runs[1].run_dir]
+    runs[2].argv = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    lines = []
+    codes = reproduce.execute(runs[:3], parallel=3, log=lines.append)
+    assert codes == {"a-seed0": 0, "a-seed1": 0, "a-seed2": 3}
+    ended = sorted(line for line in lines if not line.endswith(": started"))
+    assert ended == [
+        "a-seed0: complete, test accuracy 0.5, None s",
+        "a-seed1: stopped before its last epoch (--max_minutes); run the command again to resume it",
+        "a-seed2: failed, exit 3 (its process.log says why)"]

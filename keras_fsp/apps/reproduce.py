@@ -277,6 +277,17 @@ def _first_epoch_done(run_dir):
     return _complete(run_dir) or bool(RunFolder(run_dir).metrics_rows())
 
 
+def _ended(name, code, result):
+    """The line that says how a run's process ended: a failure, a run that
+    stopped before its last epoch (its --max_minutes) or its result."""
+    if code != 0:
+        return f"{name}: failed, exit {code} (its {PROCESS_LOG} says why)"
+    if not result.get("complete"):
+        return f"{name}: stopped before its last epoch (--max_minutes); run the command again to resume it"
+    return (f"{name}: complete, test accuracy {result.get('test_accuracy')}, "
+            f"{result.get('train_seconds')} s")
+
+
 def execute(runs, parallel=1, max_minutes=None, log=print, mps=False, compile_first=False):
     """Runs `runs` (skipping complete ones), at most `parallel` at a time,
     each after the run it needs. With `compile_first`, while a run of a
@@ -301,9 +312,7 @@ def execute(runs, parallel=1, max_minutes=None, log=print, mps=False, compile_fi
                 if proc.poll() is not None:
                     out.close()
                     codes[name] = proc.returncode
-                    result = RunFolder(run.run_dir).read_result() or {}
-                    log(f"{name}: exit {proc.returncode}, test accuracy "
-                        f"{result.get('test_accuracy')}, {result.get('train_seconds')} s")
+                    log(_ended(name, proc.returncode, RunFolder(run.run_dir).read_result() or {}))
                     del running[name]
             left = None if max_minutes is None else max_minutes - (time.time() - started_at) / 60
             ready = [r for r in pending if r.needs is None or _complete(r.needs)]
